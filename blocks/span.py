@@ -1,0 +1,102 @@
+"""A contiguous span of a model's decoder layers, run exactly as the whole model would run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from blocks import family
+from blocks.checkpoint import load_config, read_tensors
+
+
+class BlockSpan:
+    """Decoder layers [start, end) of a checkpoint, holding only their own weights.
+
+    Layers keep their global indices: a cache is indexed by them and a layer's attention kind
+    (full or sliding) depends on them.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        config = load_config(model_path)
+        if not 0 <= start < end <= config.num_hidden_layers:
+            raise ValueError(f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} layers")
+        model = family.skeleton(config)
+        self.config = model.config
+        self.start, self.end = start, end
+        self.num_layers = end - start
+        self.hidden_size: int = config.hidden_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        self.layers = nn.ModuleList(model.model.layers[start:end])
+        names = {
+            f"{i}.{key}": family.layer_prefix(start + i) + key
+            for i, layer in enumerate(self.layers)
+            for key in layer.state_dict()
+        }
+        tensors = read_tensors(model_path, names.values(), dtype, self.device)
+        self.layers.load_state_dict({local: tensors[name] for local, name in names.items()}, strict=True, assign=True)
+        self.layers.eval()
+        # Rotary buffers are computed at init, so the meta skeleton's cannot be loaded: build anew.
+        with self.device:
+            self.rotary_emb = type(model.model.rotary_emb)(config=self.config)
+
+        self.layer_types = family.layer_types(self.config)[start:end]
+        # Masks are sized from the cache, so each kind is sized by one of *our* layers of that kind.
+        self._mask_layer = {kind: start + self.layer_types.index(kind) for kind in dict.fromkeys(self.layer_types)}
+
+    def new_cache(self) -> Cache:
+        """A fresh per-session KV cache; indexed by global layer, only this span's layers fill."""
+        return DynamicCache(config=self.config)
+
+    def forward(self, hidden: torch.Tensor, *, cache: Cache | None = None, position: int = 0) -> torch.Tensor:
+        """Hidden states [b, t, h] of tokens at positions [position, position + t) through the span.
+
+        Without a cache it is a cache-less pass over a whole sequence (position 0); with one,
+        `position` must equal the tokens the cache already holds, and the new ones are appended.
+        """
+        with torch.inference_mode():
+            return self._forward(hidden, cache, position)
+
+    def _forward(self, hidden: torch.Tensor, cache: Cache | None, position: int) -> torch.Tensor:
+        """The computation itself, under whatever grad mode the caller chose."""
+        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"expected hidden states [batch, tokens, {self.hidden_size}], got {list(hidden.shape)}")
+        seen = cache.get_seq_length(self.start) if cache is not None else 0
+        if position != seen:
+            raise ValueError(f"position {position} does not follow the {seen} tokens already seen")
+        position_ids = torch.arange(position, position + hidden.shape[1], device=hidden.device).unsqueeze(0)
+        masks = {
+            kind: family.MASK_FUNCTIONS[kind](
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=None,
+                past_key_values=cache,
+                position_ids=position_ids,
+                layer_idx=layer_idx,
+            )
+            for kind, layer_idx in self._mask_layer.items()
+        }
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        for layer, kind in zip(self.layers, self.layer_types):
+            hidden = layer(
+                hidden,
+                attention_mask=masks[kind],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        return hidden

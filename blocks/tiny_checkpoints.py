@@ -1,0 +1,205 @@
+"""Small random-weight checkpoints of real architectures, with a real (tiny) tokenizer.
+
+Tests, benchmarks and `swarmgate up` need a model that loads through the same code paths as a
+downloaded one (config.json, safetensors, tokenizer files, chat template) but builds offline in
+seconds. Everything is deterministic in its arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+Family = Literal["llama", "mistral", "qwen2"]
+
+PAD, BOS, EOS, IM_START, END_OF_TEXT = "<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|endoftext|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, END_OF_TEXT]
+TOKENIZER_VOCAB = 768
+# Qwen2's (and Llama 3's style of) pre-tokenization; `AutoTokenizer` rebuilds a Qwen2 tokenizer
+# with exactly this, so training with it keeps every family's loaded tokenizer equal to ours.
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+DEFAULT_MODEL = "default-model-v1"
+DEFAULT_CONFIG = dict(
+    family="llama", num_layers=8, hidden_size=256, intermediate_size=768, num_heads=8, num_kv_heads=2
+)
+# ~100M parameters; the vocabulary is padded past the tokenizer's (extra ids are never produced).
+BENCHMARK_CONFIG = dict(
+    family="llama",
+    num_layers=12,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_heads=12,
+    num_kv_heads=4,
+    vocab_size=32000,
+    tie_word_embeddings=True,
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog while the farmer watches from the gate.
+Once upon a time there was a small village by the sea, and the people there were fishermen.
+Every morning they went out in their boats and every evening they came back with fish.
+A computer program is a list of instructions that tells a machine what to do and when.
+Networks of computers share work: each one does a part, and together they finish the whole.
+The model reads the text one token at a time and guesses which word should come next.
+Hello! How are you today? I am fine, thank you. What would you like to talk about?
+Please write a short poem about the moon, the stars and the quiet night over the hills.
+The weather is cold in winter and warm in summer; in spring the flowers open again.
+She opened the door, looked around the room, and said that nothing had changed at all.
+Learning is easier when you practice a little every day instead of a lot once a week.
+The server answered the request quickly because the cache already held the result.
+Water boils at one hundred degrees, and it freezes when the temperature falls to zero.
+They walked along the river, talking about books, music, friends and their families.
+A good answer is short, clear and correct; a great answer also explains the reason why.
+In the beginning the system was simple, but over the years it grew larger and larger.
+Numbers like one, two, three, four, five, six, seven, eight, nine and ten are easy to read.
+The teacher asked the students to write their names at the top of the paper and begin.
+If you want to travel far, go together; if you want to travel fast, go alone, they say.
+Thank you for your help. You are welcome, it was a pleasure to work with you on this.
+The little girl found an old map in the attic and decided to follow it into the forest.
+Scientists study the world by asking questions, making careful measurements, and testing ideas.
+My favourite food is fresh bread with butter, but my brother prefers rice with vegetables.
+The train leaves the station at nine in the morning and arrives in the city before noon.
+Write a function that returns the sum of two numbers, then explain how it works step by step.
+The assistant should be helpful, honest and harmless, and it should answer in plain English.
+Birds build their nests in spring; later the young birds learn to fly and leave the nest.
+When the sun goes down the sky turns orange, then purple, and finally dark blue and black.
+He remembered the song his mother used to sing, and he hummed it softly while he worked.
+Good software is tested often, reviewed by others, and changed in small careful steps.
+What is the capital of France? The capital of France is Paris, a large and famous city.
+Can you summarize this story in three sentences? Sure, here is a short summary for you.
+Mountains are high and rivers are long; the ocean is deep and covers most of the planet.
+The library was quiet except for the sound of pages turning and someone typing slowly.
+"""
+
+
+def train_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the embedded corpus, with ChatML-style chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=[IM_START, END_OF_TEXT],
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_checkpoint(
+    out_dir: str | Path,
+    *,
+    family: Family = "llama",
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int | None = None,
+    max_position_embeddings: int = 2048,
+    sliding_window: int | None = None,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write config, random weights, tokenizer and generation config of a small model to `out_dir`.
+
+    `vocab_size` defaults to the tokenizer's size and may only exceed it. `sliding_window` gives
+    Mistral sliding attention on every layer and Qwen2 on its upper half of layers (as Qwen2's
+    `max_window_layers` does); Llama ignores it.
+    """
+    out = Path(out_dir)
+    tokenizer = train_tokenizer()
+    vocab_size = vocab_size or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    per_family = {
+        "llama": {},
+        "mistral": dict(sliding_window=sliding_window),
+        "qwen2": dict(
+            use_sliding_window=sliding_window is not None,
+            sliding_window=sliding_window,
+            max_window_layers=num_layers // 2,
+        ),
+    }[family]
+    config = AutoConfig.for_model(
+        family,
+        num_hidden_layers=num_layers,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
+        **per_family,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[END_OF_TEXT]], pad_token_id=ids[PAD]
+    )
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tokenizer.model_max_length = max_position_embeddings
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def default_model_path(cache_dir: Path | None = None) -> Path:
+    """The embedded default model (Llama, 8 layers, hidden 256, GQA), built once and cached.
+
+    Cached under `cache_dir`, else `$SWARMGATE_CACHE`, else `~/.cache/swarmgate`; built in a temp
+    folder and renamed into place, so concurrent callers never see a half-written model.
+    """
+    root = Path(cache_dir or os.environ.get("SWARMGATE_CACHE") or Path.home() / ".cache" / "swarmgate")
+    path = root / DEFAULT_MODEL
+    if path.exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=root))
+    try:
+        build_checkpoint(tmp, **DEFAULT_CONFIG)
+        os.rename(tmp, path)
+    except OSError:
+        if not path.exists():  # a concurrent builder that won the rename is fine; anything else is not
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

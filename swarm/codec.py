@@ -1,0 +1,121 @@
+"""Tensor <-> wire encoding: raw bytes plus dtype and shape, optionally compressed.
+
+Hidden states dominate the traffic, so they travel as 8-bit blockwise-quantized values
+(bitsandbytes' dynamic map, one float32 absmax per block: ~1.002 bytes per element) unless a
+lossless or half-precision codec is asked for. Decoding validates everything before touching
+the bytes; nothing here can execute data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+CODECS = ("none", "float16", "bfloat16", "int8")
+INT8_BLOCKSIZE = 2048
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class CodecError(ValueError):
+    """A tensor message is malformed or breaks a limit."""
+
+
+def _bnb():
+    import bitsandbytes.functional as bnb_functional  # imported lazily: slow, and noisy on CPU
+
+    return bnb_functional
+
+
+_dynamic_code: torch.Tensor | None = None
+
+
+def _code() -> torch.Tensor:
+    global _dynamic_code
+    if _dynamic_code is None:
+        _dynamic_code = _bnb().create_dynamic_map(signed=True)
+    return _dynamic_code
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def encode(tensor: torch.Tensor, codec: str) -> dict[str, Any]:
+    """Encode a floating tensor for the wire; the original dtype is restored on decode."""
+    if codec not in CODECS:
+        raise CodecError(f"unknown codec {codec!r}; expected one of {CODECS}")
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise CodecError(f"cannot send dtype {tensor.dtype}")
+    tensor = tensor.detach().to("cpu")
+    message: dict[str, Any] = {
+        "codec": codec,
+        "dtype": _DTYPE_NAMES[tensor.dtype],
+        "shape": list(tensor.shape),
+    }
+    if codec == "none":
+        message["data"] = _raw_bytes(tensor)
+    elif codec in ("float16", "bfloat16"):
+        message["data"] = _raw_bytes(tensor.to(_DTYPES[codec]))
+    else:
+        flat = tensor.reshape(-1).float()
+        quantized, state = _bnb().quantize_blockwise(flat, code=_code(), blocksize=INT8_BLOCKSIZE)
+        message["data"] = _raw_bytes(quantized)
+        message["absmax"] = _raw_bytes(state.absmax.float())
+    return message
+
+
+def _field(message: dict[str, Any], key: str, kind: type) -> Any:
+    value = message.get(key)
+    if not isinstance(value, kind):
+        raise CodecError(f"tensor field {key!r} must be {kind.__name__}")
+    return value
+
+
+def decode(message: Any, *, max_elements: int) -> torch.Tensor:
+    """Decode and validate a tensor message (sizes are checked before any byte is interpreted)."""
+    if not isinstance(message, dict):
+        raise CodecError("tensor must be a map")
+    codec = _field(message, "codec", str)
+    dtype_name = _field(message, "dtype", str)
+    shape = _field(message, "shape", list)
+    data = _field(message, "data", bytes)
+    if codec not in CODECS:
+        raise CodecError(f"unknown codec {codec!r}")
+    if dtype_name not in _DTYPES:
+        raise CodecError(f"unsupported dtype {dtype_name!r}")
+    if len(shape) > 4 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CodecError(f"bad shape {shape!r}")
+    numel = math.prod(shape)
+    if numel > max_elements:
+        raise CodecError(f"tensor of {numel} elements exceeds the limit of {max_elements}")
+    dtype = _DTYPES[dtype_name]
+
+    if codec == "int8":
+        absmax = _field(message, "absmax", bytes)
+        blocks = math.ceil(numel / INT8_BLOCKSIZE)
+        if len(data) != numel or len(absmax) != 4 * blocks:
+            raise CodecError("int8 tensor payload does not match its shape")
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        quantized = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        scales = torch.frombuffer(bytearray(absmax), dtype=torch.float32)
+        values = _bnb().dequantize_blockwise(
+            quantized, absmax=scales, code=_code(), blocksize=INT8_BLOCKSIZE
+        )
+        return values.reshape(shape).to(dtype)
+
+    wire_dtype = dtype if codec == "none" else _DTYPES[codec]
+    if len(data) != numel * wire_dtype.itemsize:
+        raise CodecError("tensor payload does not match its shape and dtype")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    values = torch.frombuffer(bytearray(data), dtype=wire_dtype).reshape(shape)
+    return values.to(dtype)

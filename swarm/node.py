@@ -1,0 +1,200 @@
+"""A swarm member: a libp2p host (TCP, noise, yamux) plus the shared view of server records.
+
+Every process in a swarm — block server, gateway, health probe — runs one ``SwarmNode``.
+Discovery is gossipsub: servers publish signed records on one topic and every node keeps the
+live ones in a ``RecordTable``; a node that joins also pulls the records its first peer knows,
+so it does not wait a whole announce interval to see the swarm (ARCHITECTURE.md says why).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Sequence
+
+import cbor2
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from swarm import protocol
+from swarm.protocol import ProtocolError
+from swarm.records import RecordTable, ServerRecord
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+MAX_RECORD_FRAME = 4 * 1024 * 1024
+_ADDR_TTL = 3600
+
+
+def _signed_payload(wire: dict[str, Any]) -> bytes:
+    return cbor2.dumps({k: v for k, v in wire.items() if k != "signature"}, canonical=True)
+
+
+class SwarmNode:
+    def __init__(self, host: Any, pubsub: Pubsub, key_pair: KeyPair) -> None:
+        self.host = host
+        self.pubsub = pubsub
+        self.key_pair = key_pair
+        self.records = RecordTable()
+        self._raw_records: dict[str, dict[str, Any]] = {}
+        self._rtt: dict[str, float] = {}
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.get_id().to_base58()
+
+    def multiaddrs(self) -> list[str]:
+        """Full dialable addresses, ``/p2p/<peer id>`` included."""
+        suffix = f"/p2p/{self.peer_id}"
+        return [str(a) if str(a).endswith(suffix) else f"{a}{suffix}" for a in self.host.get_addrs()]
+
+    # -- connections ---------------------------------------------------------------------------
+    async def connect(self, address: str) -> str:
+        """Dial a full multiaddr; returns the peer id."""
+        info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        with trio.fail_after(CONNECT_TIMEOUT):
+            await self.host.connect(info)
+        return info.peer_id.to_base58()
+
+    async def open_stream(
+        self, peer_id: str, proto: TProtocol, addrs: Sequence[str] = (), timeout: float = CONNECT_TIMEOUT
+    ) -> Any:
+        peer = ID.from_base58(peer_id)
+        if addrs:
+            self.host.get_peerstore().add_addrs(peer, [multiaddr.Multiaddr(a) for a in addrs], _ADDR_TTL)
+        with trio.fail_after(timeout):
+            return await self.host.new_stream(peer, [proto])
+
+    def observe_rtt(self, peer_id: str, seconds: float) -> None:
+        previous = self._rtt.get(peer_id)
+        self._rtt[peer_id] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def rtt(self, peer_id: str) -> float | None:
+        return self._rtt.get(peer_id)
+
+    # -- records -------------------------------------------------------------------------------
+    def sign_record(self, record: ServerRecord) -> dict[str, Any]:
+        wire = record.to_wire()
+        wire["signature"] = self.key_pair.private_key.sign(_signed_payload(wire))
+        return wire
+
+    async def announce(self, record: ServerRecord) -> None:
+        wire = self.sign_record(record)
+        self._accept(wire)
+        await self.pubsub.publish(protocol.RECORDS_TOPIC, cbor2.dumps(wire))
+
+    def _accept(self, wire: Any) -> None:
+        """Validate a record (signed by the peer it describes) and store it."""
+        record = ServerRecord.from_wire(wire, received_at=time.monotonic())
+        signature = wire.get("signature")
+        public_key = ID.from_base58(record.peer_id).extract_public_key()
+        if (
+            not isinstance(signature, bytes)
+            or public_key is None
+            or not public_key.verify(_signed_payload(wire), signature)
+        ):
+            raise ProtocolError(f"record of {record.peer_id} has a bad signature")
+        self.records.add(record)
+        self._raw_records[record.peer_id] = wire
+        if record.peer_id != self.peer_id:
+            self.host.get_peerstore().add_addrs(
+                ID.from_base58(record.peer_id), [multiaddr.Multiaddr(a) for a in record.addrs], _ADDR_TTL
+            )
+
+    def forget(self, peer_id: str) -> None:
+        self.records.remove(peer_id)
+        self._raw_records.pop(peer_id, None)
+
+    async def _receive_records(self, subscription: Any) -> None:
+        while True:
+            message = await subscription.get()
+            try:
+                self._accept(cbor2.loads(message.data))
+            except Exception as error:  # a bad record never stops discovery
+                logger.warning("dropped a bad record: %s", error)
+
+    async def _serve_records(self, stream: Any) -> None:
+        try:
+            await protocol.read_frame(stream, max_bytes=1024)
+            live = {r.peer_id for r in self.records.live()}
+            wires = [w for p, w in self._raw_records.items() if p in live]
+            await protocol.write_frame(stream, {"type": "records", "records": wires})
+        except Exception as error:
+            logger.debug("records request failed: %s", error)
+        finally:
+            await stream.close()
+
+    async def pull_records(self, peer_id: str) -> int:
+        """Ask one peer for all records it knows; returns how many were accepted."""
+        stream = await self.open_stream(peer_id, protocol.RECORDS)
+        try:
+            await protocol.write_frame(stream, {"type": "records?"})
+            with trio.fail_after(CONNECT_TIMEOUT):
+                reply = protocol.expect(await protocol.read_frame(stream, max_bytes=MAX_RECORD_FRAME), "records")
+        finally:
+            await stream.close()
+        accepted = 0
+        for wire in protocol.field(reply, "records", list):
+            try:
+                self._accept(wire)
+                accepted += 1
+            except Exception as error:
+                logger.warning("dropped a bad pulled record: %s", error)
+        return accepted
+
+
+@asynccontextmanager
+async def start_node(
+    *,
+    listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    initial_peers: Sequence[str] = (),
+    key_pair: KeyPair | None = None,
+    psk: str | None = None,
+) -> AsyncIterator[SwarmNode]:
+    """Run a node until the context exits: listen, join through ``initial_peers``, discover."""
+    key_pair = key_pair or create_new_key_pair()
+    host = new_host(key_pair=key_pair, psk=psk)
+    gossipsub = GossipSub(
+        protocols=[GOSSIPSUB_PROTOCOL], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1
+    )
+    pubsub = Pubsub(host, gossipsub)
+    node = SwarmNode(host, pubsub, key_pair)
+    host.set_stream_handler(protocol.RECORDS, node._serve_records)
+    async with host.run([multiaddr.Multiaddr(a) for a in listen]):
+        async with background_trio_service(pubsub), background_trio_service(gossipsub):
+            await pubsub.wait_until_ready()
+            subscription = await pubsub.subscribe(protocol.RECORDS_TOPIC)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node._receive_records, subscription)
+                await _join(node, initial_peers)
+                try:
+                    yield node
+                finally:
+                    nursery.cancel_scope.cancel()
+
+
+async def _join(node: SwarmNode, initial_peers: Sequence[str]) -> None:
+    if not initial_peers:
+        return
+    errors = []
+    for address in initial_peers:
+        try:
+            peer_id = await node.connect(address)
+            await node.pull_records(peer_id)
+        except Exception as error:
+            errors.append(f"{address}: {error!r}")
+            logger.warning("could not join through %s: %r", address, error)
+    if len(errors) == len(initial_peers):
+        raise ConnectionError("could not reach any initial peer: " + "; ".join(errors))

@@ -1,0 +1,109 @@
+"""The wire protocol: versioned protocol ids and size-checked, CBOR-encoded frames.
+
+A frame is a 4-byte big-endian length followed by a CBOR map with a string ``type``. The length
+is checked against a limit before the payload is read, and the payload must decode to a map:
+nothing on the wire is ever unpickled or executed.
+
+Protocols (one libp2p stream each):
+- ``INFERENCE``: a client's long-lived stream for one session on one server:
+  ``open`` -> ``opened``; then ``step`` -> ``output`` (many); closing the stream ends the session.
+- ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain.
+- ``FORWARD``: one cache-less ``forward`` -> ``output`` over a full sequence.
+- ``RECORDS``: ask a peer for every server record it knows (fast start for a new node).
+Any request may be answered by ``error`` with a human-readable ``message``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+from libp2p.custom_types import TProtocol
+
+PROTOCOL_VERSION = "1.0.0"
+INFERENCE = TProtocol(f"/swarmgate/inference/{PROTOCOL_VERSION}")
+PUSH = TProtocol(f"/swarmgate/push/{PROTOCOL_VERSION}")
+FORWARD = TProtocol(f"/swarmgate/forward/{PROTOCOL_VERSION}")
+RECORDS = TProtocol(f"/swarmgate/records/{PROTOCOL_VERSION}")
+RECORDS_TOPIC = "swarmgate/records/1"
+
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+_HEADER = 4
+
+
+class ProtocolError(Exception):
+    """The peer sent something that breaks the protocol (or closed the stream early)."""
+
+
+class RemoteError(Exception):
+    """The peer answered with an ``error`` frame."""
+
+
+async def _read_exactly(stream: Any, size: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining:
+        chunk = await stream.read(remaining)
+        if not chunk:
+            raise ProtocolError("stream closed mid-frame")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def pack_frame(message: dict[str, Any]) -> bytes:
+    payload = cbor2.dumps(message)
+    return len(payload).to_bytes(_HEADER, "big") + payload
+
+
+async def write_frame(stream: Any, message: dict[str, Any]) -> None:
+    await stream.write(pack_frame(message))
+
+
+async def read_frame(stream: Any, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> dict[str, Any]:
+    """Read one frame; raises EOFError on a cleanly closed stream, ProtocolError on bad input."""
+    try:
+        header = await stream.read(_HEADER)
+    except Exception as error:  # libp2p raises its own EOF/reset types
+        raise EOFError(str(error)) from error
+    if not header:
+        raise EOFError("stream closed")
+    if len(header) < _HEADER:
+        header += await _read_exactly(stream, _HEADER - len(header))
+    size = int.from_bytes(header, "big")
+    if size > max_bytes:
+        raise ProtocolError(f"frame of {size} bytes exceeds the limit of {max_bytes}")
+    try:
+        payload = await _read_exactly(stream, size)
+    except ProtocolError:
+        raise
+    except Exception as error:
+        raise ProtocolError(f"stream failed mid-frame: {error}") from error
+    try:
+        message = cbor2.loads(payload)
+    except Exception as error:
+        raise ProtocolError(f"frame is not valid CBOR: {error}") from error
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("frame must be a map with a string 'type'")
+    return message
+
+
+def error_frame(message: str) -> dict[str, Any]:
+    return {"type": "error", "message": message}
+
+
+def expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Return ``message`` if it has the expected type; turn ``error`` frames into RemoteError."""
+    if message["type"] == "error":
+        raise RemoteError(str(message.get("message", "remote error")))
+    if message["type"] != kind:
+        raise ProtocolError(f"expected {kind!r}, got {message['type']!r}")
+    return message
+
+
+def field(message: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """A required field of a given type (bools are not ints here)."""
+    value = message.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProtocolError(f"field {key!r} missing or not {getattr(kind, '__name__', kind)}")
+    return value

@@ -1,0 +1,94 @@
+"""Server records: what each block server announces, and the table of live ones.
+
+A record is short-lived: its ``expires_at`` is the announcer's clock plus a TTL, converted to
+the receiver's clock on arrival (TTL relative), so a server that stops refreshing vanishes by
+itself and clock skew between machines does not matter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from swarm.protocol import PROTOCOL_VERSION, ProtocolError
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    peer_id: str
+    addrs: tuple[str, ...]
+    model: str
+    checkpoint: str
+    start: int
+    end: int
+    throughput: float  # tokens/s through the whole span, measured by the server
+    free_tokens: int
+    sessions: int
+    ttl: float
+    version: str = PROTOCOL_VERSION
+    received_at: float = field(default=0.0, compare=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def expired(self, now: float) -> bool:
+        return now > self.received_at + self.ttl
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire.pop("received_at")
+        wire["addrs"] = list(self.addrs)
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Any, *, received_at: float) -> "ServerRecord":
+        if not isinstance(wire, dict):
+            raise ProtocolError("record must be a map")
+        try:
+            record = cls(
+                peer_id=str(wire["peer_id"]),
+                addrs=tuple(str(a) for a in wire["addrs"]),
+                model=str(wire["model"]),
+                checkpoint=str(wire["checkpoint"]),
+                start=int(wire["start"]),
+                end=int(wire["end"]),
+                throughput=float(wire["throughput"]),
+                free_tokens=int(wire["free_tokens"]),
+                sessions=int(wire["sessions"]),
+                ttl=min(float(wire["ttl"]), 600.0),
+                version=str(wire["version"]),
+                received_at=received_at,
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ProtocolError(f"malformed record: {error}") from error
+        if not 0 <= record.start < record.end:
+            raise ProtocolError(f"record has an empty span [{record.start}, {record.end})")
+        return record
+
+
+class RecordTable:
+    """The live records this node knows, one per server peer."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._records: dict[str, ServerRecord] = {}
+
+    def add(self, record: ServerRecord) -> None:
+        self._records[record.peer_id] = record
+
+    def remove(self, peer_id: str) -> None:
+        self._records.pop(peer_id, None)
+
+    def live(self, model: str | None = None) -> list[ServerRecord]:
+        now = self._clock()
+        for peer_id in [p for p, r in self._records.items() if r.expired(now)]:
+            del self._records[peer_id]
+        return [r for r in self._records.values() if model is None or r.model == model]
+
+    def models(self) -> dict[str, list[ServerRecord]]:
+        grouped: dict[str, list[ServerRecord]] = {}
+        for record in self.live():
+            grouped.setdefault(record.model, []).append(record)
+        return grouped
