@@ -18,7 +18,9 @@ class ModelHead:
     `lm_head.weight`).
     """
 
-    def __init__(self, model_path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self, model_path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ):
         config = load_config(model_path)
         model = family.skeleton(config)
         self.config = model.config
@@ -29,7 +31,8 @@ class ModelHead:
         self.device = torch.device(device)
 
         tied = config.tie_word_embeddings
-        tensors = read_tensors(model_path, [family.EMBED, family.NORM] + ([] if tied else [family.LM_HEAD]), dtype, device)
+        names = [family.EMBED, family.NORM] + ([] if tied else [family.LM_HEAD])
+        tensors = read_tensors(model_path, names, dtype, device)
         self.embed_tokens: nn.Module = model.model.embed_tokens
         self.norm: nn.Module = model.model.norm
         self.lm_head: nn.Module = model.lm_head
@@ -47,6 +50,6 @@ class ModelHead:
             return self.embed_tokens(input_ids.to(self.device))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Last span's hidden states [b, t, h] -> float32 logits [b, t, vocab]."""
+        """Last span's hidden states [b, t, h] (any float dtype) -> float32 logits [b, t, vocab]."""
         with torch.inference_mode():
-            return self.lm_head(self.norm(hidden)).float()
+            return self.lm_head(self.norm(hidden.to(self.device, self.dtype))).float()

@@ -49,8 +49,7 @@ async def run(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             logger.info("serving blocks [%d, %d) of %s at %.1f tokens/s", start, end, server.model, server.throughput)
-            for address in node.multiaddrs():
-                print(f"swarmgate server ready at {address}", flush=True)
+            print(f"swarmgate server ready at {' '.join(node.multiaddrs())}", flush=True)
 
 
 def main(args: argparse.Namespace) -> None:

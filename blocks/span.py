@@ -72,8 +72,11 @@ class BlockSpan:
 
     def _forward(self, hidden: torch.Tensor, cache: Cache | None, position: int) -> torch.Tensor:
         """The computation itself, under whatever grad mode the caller chose."""
-        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"expected hidden states [batch, tokens, {self.hidden_size}], got {list(hidden.shape)}")
+        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size or hidden.dtype != self.dtype:
+            raise ValueError(
+                f"expected {self.dtype} hidden states [batch, tokens, {self.hidden_size}], "
+                f"got {hidden.dtype} {list(hidden.shape)}"
+            )
         seen = cache.get_seq_length(self.start) if cache is not None else 0
         if position != seen:
             raise ValueError(f"position {position} does not follow the {seen} tokens already seen")

@@ -17,16 +17,15 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
+# `AutoTokenizer` rebuilds a Qwen2 checkpoint's tokenizer with Qwen2's own pre-tokenization, so the
+# tiny tokenizer is trained with exactly that one: every family then loads the tokenizer we saved.
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
 Family = Literal["llama", "mistral", "qwen2"]
 
 PAD, BOS, EOS, IM_START, END_OF_TEXT = "<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, END_OF_TEXT]
 TOKENIZER_VOCAB = 768
-# Qwen2's (and Llama 3's style of) pre-tokenization; `AutoTokenizer` rebuilds a Qwen2 tokenizer
-# with exactly this, so training with it keeps every family's loaded tokenizer equal to ours.
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -34,11 +33,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-DEFAULT_MODEL = "default-model-v1"
+DEFAULT_MODEL = "default-model-v1"  # bump whenever the builder's output changes: it names the cache
 DEFAULT_CONFIG = dict(
     family="llama", num_layers=8, hidden_size=256, intermediate_size=768, num_heads=8, num_kv_heads=2
 )
-# ~100M parameters; the vocabulary is padded past the tokenizer's (extra ids are never produced).
+# ~100M parameters (tied embeddings). The vocabulary is padded past the tokenizer's, as real models'
+# are; sampled ids beyond the tokenizer decode to nothing.
 BENCHMARK_CONFIG = dict(
     family="llama",
     num_layers=12,
@@ -139,8 +139,10 @@ def build_checkpoint(
 
     `vocab_size` defaults to the tokenizer's size and may only exceed it. `sliding_window` gives
     Mistral sliding attention on every layer and Qwen2 on its upper half of layers (as Qwen2's
-    `max_window_layers` does); Llama ignores it.
+    `max_window_layers` does); Llama has none.
     """
+    if family == "llama" and sliding_window is not None:
+        raise ValueError("Llama has no sliding-window attention; use family='mistral' or 'qwen2'")
     out = Path(out_dir)
     tokenizer = train_tokenizer()
     vocab_size = vocab_size or len(tokenizer)

@@ -1,0 +1,158 @@
+"""The one place where asyncio meets trio (DESIGN.md §2).
+
+py-libp2p runs on trio, FastAPI on asyncio. ``SwarmBridge`` runs a ``SwarmNode`` and a
+``SwarmClient`` on a trio loop in a thread of their own; asyncio code awaits swarm operations
+through it, and cancelling the awaiting asyncio task (a client that disconnects) cancels the
+trio work too. Blocking callers (tests, scripts) use ``call``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import torch
+import trio
+
+from swarm.client import InferenceSession, SwarmClient
+from swarm.node import start_node
+from swarm.records import ServerRecord
+
+T = TypeVar("T")
+
+
+class SwarmBridge:
+    def __init__(
+        self,
+        *,
+        initial_peers: Sequence[str],
+        listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        psk: str | None = None,
+        step_timeout: float = 60.0,
+    ) -> None:
+        self._node_args = dict(listen=listen, initial_peers=initial_peers, psk=psk)
+        self._step_timeout = step_timeout
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop: trio.Event | None = None
+        self.client: SwarmClient | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> "SwarmBridge":
+        self._thread = threading.Thread(target=self._run_trio, name="swarm", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("swarm node did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._token is not None and self._stop is not None:
+            try:
+                self._token.run_sync_soon(self._stop.set)
+            except trio.RunFinishedError:
+                pass
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _run_trio(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as error:
+            self._error = error
+        finally:
+            self._started.set()
+
+    async def _main(self) -> None:
+        async with start_node(**self._node_args) as node:
+            self.client = SwarmClient(node, step_timeout=self._step_timeout)
+            self._stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._token = trio.lowlevel.current_trio_token()
+                self._started.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+    # -- calling into trio -------------------------------------------------------------------------
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run a trio coroutine function from any non-trio thread and wait for it."""
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def snapshot(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a plain function on the trio thread (reads of swarm state without races)."""
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Await a trio coroutine function from asyncio; asyncio cancellation reaches trio."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        scope = trio.CancelScope()
+
+        def settle(result: Any = None, error: BaseException | None = None) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        async def task() -> None:
+            try:
+                with scope:
+                    result = await fn(*args)
+                    loop.call_soon_threadsafe(settle, result)
+                    return
+            except Exception as error:
+                loop.call_soon_threadsafe(settle, None, error)
+                return
+            finally:
+                # Still unsettled here: cancelled by asyncio (harmless) or the bridge is stopping.
+                loop.call_soon_threadsafe(settle, None, ConnectionError("swarm client stopped"))
+
+        assert self._token is not None and self._nursery is not None, "bridge not started"
+        self._token.run_sync_soon(self._nursery.start_soon, task)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._token.run_sync_soon(scope.cancel)
+            raise
+
+    # -- the swarm, for asyncio callers ------------------------------------------------------------
+    async def open_session(self, model: str, num_blocks: int, **kwargs: Any) -> "BridgedSession":
+        assert self.client is not None
+        session = await self.run(lambda: self.client.open_session(model, num_blocks, **kwargs))
+        return BridgedSession(self, session)
+
+    async def forward(self, model: str, num_blocks: int, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        assert self.client is not None
+        return await self.run(lambda: self.client.forward(model, num_blocks, hidden, **kwargs))
+
+    def servers(self, model: str | None = None) -> list[ServerRecord]:
+        assert self.client is not None
+        return self.snapshot(lambda: self.client.node.records.live(model))
+
+
+class BridgedSession:
+    """An ``InferenceSession`` seen from asyncio."""
+
+    def __init__(self, bridge: SwarmBridge, session: InferenceSession) -> None:
+        self._bridge = bridge
+        self._session = session
+
+    @property
+    def chain(self) -> list[ServerRecord]:
+        return self._session.chain
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        return await self._bridge.run(self._session.step, hidden)
+
+    async def close(self) -> None:
+        await asyncio.shield(self._bridge.run(self._session.close))
+
+    async def __aenter__(self) -> "BridgedSession":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,109 @@
+"""Start and stop ``swarmgate server`` child processes (for ``swarmgate up`` and the tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+READY_PREFIX = "swarmgate server ready at "
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    blocks: str
+    addrs: list[str] = field(default_factory=list)
+
+    @property
+    def peer_id(self) -> str:
+        return self.addrs[0].rsplit("/p2p/", 1)[1]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def split_blocks(num_blocks: int, servers: int) -> list[str]:
+    """Contiguous, nearly equal spans covering every block: 8 over 3 -> 0:3, 3:6, 6:8."""
+    servers = max(1, min(servers, num_blocks))
+    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
+    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
+
+
+def start_server(
+    model: str | Path,
+    blocks: str,
+    *,
+    initial_peers: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 120.0,
+    log_file: Path | None = None,
+) -> ServerProcess:
+    """Spawn a server and wait until it prints its addresses."""
+    command = [sys.executable, "-m", "swarmgate.cli", "server", "--model", str(model), "--blocks", blocks]
+    if initial_peers:
+        command += ["--initial-peers", *initial_peers]
+    command += list(extra_args)
+    stderr = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    server = ServerProcess(process, blocks)
+    ready = threading.Event()
+
+    def read_stdout() -> None:  # keeps draining so the child never blocks on a full pipe
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith(READY_PREFIX):
+                server.addrs.extend(line[len(READY_PREFIX):].split())
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    deadline = time.monotonic() + ready_timeout
+    while not ready.wait(0.1):
+        if time.monotonic() > deadline:
+            server.stop(signal.SIGKILL)
+            raise TimeoutError(f"server for blocks {blocks} did not start in {ready_timeout:.0f} s")
+    if not server.addrs:
+        raise RuntimeError(f"server for blocks {blocks} exited with code {process.wait()} before it was ready")
+    return server
+
+
+def start_swarm(
+    model: str | Path,
+    spans: Sequence[str],
+    *,
+    extra_args: Sequence[str] = (),
+    log_dir: Path | None = None,
+) -> list[ServerProcess]:
+    """One server per span; the first is the swarm's entry point for the others."""
+    servers: list[ServerProcess] = []
+    try:
+        for index, blocks in enumerate(spans):
+            log_file = log_dir / f"server-{index}.log" if log_dir else None
+            peers = servers[0].addrs if servers else ()
+            servers.append(start_server(model, blocks, initial_peers=peers, extra_args=extra_args, log_file=log_file))
+    except BaseException:
+        stop_all(servers)
+        raise
+    return servers
+
+
+def stop_all(servers: Sequence[ServerProcess]) -> None:
+    for server in servers:
+        server.stop()

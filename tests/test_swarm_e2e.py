@@ -1,0 +1,269 @@
+"""Distributed inference through real server processes on loopback, checked against local HF."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from blocks.head import ModelHead
+from swarm import codec, protocol
+from swarm.protocol import RemoteError
+from tests.swarm_harness import reference_model, running_swarm, swarm_greedy
+
+MAX_CACHE_TOKENS = 8192
+
+
+@pytest.fixture(scope="module")
+def llama_swarm(tiny_models, tmp_path_factory):
+    path = tiny_models["llama"]
+    logs = tmp_path_factory.mktemp("llama-logs")
+    with running_swarm(path, ["0:2", "2:4"], extra_args=["--max-cache-tokens", str(MAX_CACHE_TOKENS)],
+                       log_dir=logs) as (servers, bridge):
+        yield path, servers, bridge
+
+
+@pytest.fixture(scope="module")
+def qwen_swarm(tiny_models):
+    path = tiny_models["qwen2"]
+    with running_swarm(path, ["0:1", "1:4"]) as (servers, bridge):
+        yield path, servers, bridge
+
+
+def _prompt(length: int, vocab: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=generator)
+
+
+@pytest.mark.parametrize("swarm_name", ["llama_swarm", "qwen_swarm"])
+def test_greedy_tokens_equal_transformers_generate(swarm_name, request):
+    path, _, bridge = request.getfixturevalue(swarm_name)
+    head = ModelHead(path)
+    prompt = _prompt(12, head.vocab_size)
+    tokens, first_logits = swarm_greedy(bridge, head, path.name, prompt, 20, wire_codec="none")
+
+    model = reference_model(path)
+    expected = model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert tokens == expected[:, prompt.shape[1]:].tolist()
+    with torch.no_grad():
+        local_logits = model(prompt).logits[:, -1]
+    torch.testing.assert_close(first_logits, local_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_codec_keeps_logits_close(llama_swarm):
+    """Stated tolerance: int8 blockwise activations move logits by < 2% of their spread."""
+    path, _, bridge = llama_swarm
+    head = ModelHead(path)
+    prompt = _prompt(32, head.vocab_size, seed=1)
+    _, logits = swarm_greedy(bridge, head, path.name, prompt, 1, wire_codec="int8")
+    with torch.no_grad():
+        local = reference_model(path)(prompt).logits[:, -1]
+    error = (logits - local).abs().max().item()
+    assert error < 0.02 * local.std().item() * 10, error  # within 0.2 standard deviations
+    assert logits.argmax() == local.argmax()
+
+
+def test_long_prefill_and_batch(llama_swarm):
+    path, _, bridge = llama_swarm
+    head = ModelHead(path)
+    prompt = _prompt(600, head.vocab_size, seed=2).repeat(2, 1)
+    tokens, first_logits = swarm_greedy(bridge, head, path.name, prompt, 5, wire_codec="none")
+    model = reference_model(path)
+    expected = model.generate(prompt[:1], max_new_tokens=5, do_sample=False, min_new_tokens=5)[0, 600:].tolist()
+    assert tokens == [expected, expected]
+    with torch.no_grad():
+        local = model(prompt[:1]).logits[:, -1]
+    torch.testing.assert_close(first_logits, local.expand(2, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_concurrent_sessions_stay_independent(llama_swarm):
+    path, _, bridge = llama_swarm
+    head = ModelHead(path)
+    prompts = [_prompt(8 + i, head.vocab_size, seed=10 + i) for i in range(3)]
+    results: dict[int, list[int]] = {}
+
+    async def one(index: int) -> None:
+        session = await bridge.client.open_session(path.name, 4, max_length=40, wire_codec="none")
+        async with session:
+            logits = head.logits(await session.step(head.embed(prompts[index])))[:, -1]
+            out = []
+            for _ in range(10):
+                token = logits.argmax(-1, keepdim=True)
+                out.append(int(token))
+                await trio.sleep(0.001 * index)  # interleave the sessions' steps
+                logits = head.logits(await session.step(head.embed(token)))[:, -1]
+            results[index] = out
+
+    async def all_sessions() -> None:
+        async with trio.open_nursery() as nursery:
+            for index in range(3):
+                nursery.start_soon(one, index)
+
+    bridge.call(all_sessions)
+    model = reference_model(path)
+    for index, prompt in enumerate(prompts):
+        expected = model.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+        assert results[index] == expected[0, prompt.shape[1]:].tolist()
+
+
+def test_cacheless_forward_equals_local(llama_swarm):
+    path, _, bridge = llama_swarm
+    head = ModelHead(path)
+    prompt = _prompt(16, head.vocab_size, seed=3)
+    hidden = bridge.call(lambda: bridge.client.forward(path.name, 4, head.embed(prompt), wire_codec="none"))
+    with torch.no_grad():
+        local = reference_model(path)(prompt).logits
+    torch.testing.assert_close(head.logits(hidden), local, atol=1e-4, rtol=1e-4)
+
+
+# -- bad input: an error reply or a closed stream, and the server keeps serving ----------------------
+
+def _first_server(bridge, model: str):
+    return min(bridge.servers(model), key=lambda r: r.start)
+
+
+def _raw_exchange(bridge, record, proto, payloads: list[bytes], read: bool = True):
+    """Send raw bytes on a fresh stream; return the reply frame, or None if the stream closed."""
+
+    async def exchange():
+        stream = await bridge.client.node.open_stream(record.peer_id, proto, record.addrs)
+        try:
+            for payload in payloads:
+                await stream.write(payload)
+            if not read:
+                return None
+            with trio.fail_after(10):
+                try:
+                    return await protocol.read_frame(stream)
+                except (EOFError, protocol.ProtocolError):
+                    return None
+        finally:
+            await stream.close()
+
+    return bridge.call(exchange)
+
+
+def _assert_still_serves(bridge, path: Path) -> None:
+    head = ModelHead(path)
+    prompt = _prompt(5, head.vocab_size, seed=4)
+    tokens, _ = swarm_greedy(bridge, head, path.name, prompt, 3, wire_codec="none")
+    expected = reference_model(path).generate(prompt, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    assert tokens == expected[:, 5:].tolist()
+
+
+def test_oversized_frame_is_refused(llama_swarm):
+    path, _, bridge = llama_swarm
+    record = _first_server(bridge, path.name)
+    reply = _raw_exchange(bridge, record, protocol.INFERENCE, [(2**31).to_bytes(4, "big") + b"x" * 100])
+    assert reply is not None and reply["type"] == "error" and "exceeds the limit" in reply["message"]
+    _assert_still_serves(bridge, path)
+
+
+def test_garbage_bytes_are_refused(llama_swarm):
+    path, _, bridge = llama_swarm
+    record = _first_server(bridge, path.name)
+    garbage = os.urandom(64)
+    reply = _raw_exchange(bridge, record, protocol.INFERENCE, [len(garbage).to_bytes(4, "big") + garbage])
+    assert reply is None or reply["type"] == "error"
+    reply = _raw_exchange(bridge, record, protocol.FORWARD, [protocol.pack_frame({"type": "forward"})])
+    assert reply["type"] == "error" and "codec" in reply["message"]
+    _assert_still_serves(bridge, path)
+
+
+def test_wrong_shape_and_dtype_get_clear_errors(llama_swarm):
+    path, _, bridge = llama_swarm
+    record = _first_server(bridge, path.name)
+    hidden = ModelHead(path).hidden_size
+    steps = [
+        (codec.encode(torch.zeros(1, 3, hidden + 1), "none"), 0),  # wrong hidden size
+        (codec.encode(torch.zeros(1, 3, hidden), "none") | {"dtype": "int64"}, 0),  # wrong dtype
+        (codec.encode(torch.randn(1, 3, hidden), "none"), 5),  # wrong position
+        (codec.encode(torch.randn(1, 3, hidden), "none"), 0),  # fine
+    ]
+
+    async def session_replies() -> list[str]:
+        stream = await bridge.client.node.open_stream(record.peer_id, protocol.INFERENCE, record.addrs)
+        try:
+            await protocol.write_frame(stream, {"type": "open", "session": "raw-session-0001", "batch": 1,
+                                                "max_length": 16, "codec": "none"})
+            assert (await protocol.read_frame(stream))["type"] == "opened"
+            replies = []
+            for wire, position in steps:
+                await protocol.write_frame(stream, {"type": "step", "position": position, "hidden": wire})
+                reply = await protocol.read_frame(stream)
+                replies.append(reply.get("message", reply["type"]))
+            return replies
+        finally:
+            await stream.close()
+
+    wrong_shape, wrong_dtype, wrong_position, ok = bridge.call(session_replies)
+    assert "hidden states must be" in wrong_shape
+    assert "unsupported dtype" in wrong_dtype
+    assert "position 5" in wrong_position
+    assert ok == "output"  # the session survived its bad steps
+    _assert_still_serves(bridge, path)
+
+
+def test_unknown_session_push_is_dropped(llama_swarm):
+    path, _, bridge = llama_swarm
+    record = max(bridge.servers(path.name), key=lambda r: r.start)
+    hidden = ModelHead(path).hidden_size
+    push = {"type": "step", "session": "no-such-session", "position": 0,
+            "hidden": codec.encode(torch.zeros(1, 1, hidden), "none"), "route": []}
+    _raw_exchange(bridge, record, protocol.PUSH, [protocol.pack_frame(push)], read=False)
+    _assert_still_serves(bridge, path)
+
+
+def test_full_server_refuses_new_session(llama_swarm):
+    path, _, bridge = llama_swarm
+
+    async def open_two() -> str:
+        first = await bridge.client.open_session(path.name, 4, batch=3, max_length=MAX_CACHE_TOKENS // 6 + 1)
+        try:
+            with pytest.raises(RemoteError) as refused:
+                await bridge.client.open_session(path.name, 4, batch=3, max_length=MAX_CACHE_TOKENS // 6 + 1)
+        finally:
+            await first.close()
+        second = await bridge.client.open_session(path.name, 4, batch=3, max_length=MAX_CACHE_TOKENS // 6 + 1)
+        await second.close()
+        return str(refused.value)
+
+    assert "not enough cache" in bridge.call(open_two)
+
+
+def test_client_that_disappears_frees_its_session(llama_swarm, tmp_path):
+    path, servers, bridge = llama_swarm
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        "from swarm.bridge import SwarmBridge\n"
+        "bridge = SwarmBridge(initial_peers=sys.argv[1:]).start()\n"
+        "while len(bridge.servers()) < 2: time.sleep(0.1)\n"
+        f"session = bridge.call(lambda: bridge.client.open_session({path.name!r}, 4, max_length=2000))\n"
+        f"bridge.call(session.step, torch.randn(1, 100, {ModelHead(path).hidden_size}))\n"
+        "print('in session', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    client = subprocess.Popen([sys.executable, str(script), *servers[0].addrs], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parent.parent)
+    try:
+        assert client.stdout.readline().strip() == "in session"
+        _wait_for_free_tokens(bridge, path.name, lambda free: free <= MAX_CACHE_TOKENS - 2000)
+    finally:
+        client.kill()
+        client.wait()
+    _wait_for_free_tokens(bridge, path.name, lambda free: free == MAX_CACHE_TOKENS)
+    _assert_still_serves(bridge, path)
+
+
+def _wait_for_free_tokens(bridge, model: str, condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(condition(r.free_tokens) for r in bridge.servers(model)):
+        assert time.monotonic() < deadline, [r.free_tokens for r in bridge.servers(model)]
+        time.sleep(0.2)
