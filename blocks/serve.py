@@ -52,6 +52,24 @@ async def run(args: argparse.Namespace) -> None:
             print(f"swarmgate server ready at {' '.join(node.multiaddrs())}", flush=True)
 
 
+def add_command(commands: argparse._SubParsersAction) -> None:
+    from swarmgate.cli import add_option, add_swarm_options
+
+    server = commands.add_parser("server", help="serve a span of a model's layers to the swarm")
+    add_option(server, "--model", required=True, help="Hugging Face checkpoint folder")
+    add_option(server, "--model-name", default=None, help="name announced to the swarm (default: folder name)")
+    add_option(server, "--blocks", required=True, metavar="START:END", help="layers to serve, end exclusive")
+    add_swarm_options(server)
+    add_option(server, "--device", default="cpu", choices=["cpu", "cuda"])
+    add_option(server, "--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_option(server, "--max-sessions", type=int, default=64)
+    add_option(server, "--max-cache-tokens", type=int, default=65536)
+    add_option(server, "--session-idle-timeout", type=float, default=120.0)
+    add_option(server, "--announce-interval", type=float, default=5.0, help="seconds between record refreshes")
+    add_option(server, "--torch-threads", type=int, default=0, help="0: torch's default")
+    server.set_defaults(run=main)
+
+
 def main(args: argparse.Namespace) -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

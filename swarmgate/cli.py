@@ -43,22 +43,13 @@ def add_swarm_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from blocks import serve
+
     parser = argparse.ArgumentParser(prog="swarmgate", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get(env_name("--log-level"), "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
-
-    server = commands.add_parser("server", help="serve a span of a model's layers to the swarm")
-    add_option(server, "--model", required=True, help="Hugging Face checkpoint folder")
-    add_option(server, "--model-name", default=None, help="name announced to the swarm (default: folder name)")
-    add_option(server, "--blocks", required=True, metavar="START:END", help="layers to serve, end exclusive")
-    add_swarm_options(server)
-    add_option(server, "--device", default="cpu", choices=["cpu", "cuda"])
-    add_option(server, "--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    add_option(server, "--max-sessions", type=int, default=64)
-    add_option(server, "--max-cache-tokens", type=int, default=65536)
-    add_option(server, "--session-idle-timeout", type=float, default=120.0)
-    add_option(server, "--announce-interval", type=float, default=5.0, help="seconds between record refreshes")
-    add_option(server, "--torch-threads", type=int, default=0, help="0: torch's default")
+    for module in (serve,):  # each subcommand lives with the code it runs
+        module.add_command(commands)
     return parser
 
 
@@ -68,10 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("libp2p").setLevel(logging.WARNING)
-    if args.command == "server":
-        from blocks.serve import main as serve_main
-
-        serve_main(args)
+    args.run(args)
 
 
 if __name__ == "__main__":
