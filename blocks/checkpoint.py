@@ -109,3 +109,30 @@ def _header(file: Path) -> dict[str, dict]:
         header = json.loads(f.read(_header_length(f)))
     header.pop("__metadata__", None)
     return header
+
+
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+def resolve_model(path_or_id: str | Path, *, cache_dir: Path | None = None) -> Path:
+    """A local checkpoint folder as is, or a Hugging Face hub id downloaded once (config,
+    tokenizer and safetensors only: no pickled weights)."""
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_absolute() or str(path_or_id).startswith("."):
+        raise FileNotFoundError(f"no checkpoint folder at {local}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=_HUB_FILES, cache_dir=cache_dir))
+    except Exception as error:
+        raise FileNotFoundError(
+            f"{path_or_id!r} is neither a local folder nor a downloadable hub model: {error}"
+        ) from error
+
+
+def default_model_name(path_or_id: str | Path) -> str:
+    """The name a model is announced and requested by: a hub id as is, else the folder's name."""
+    local = Path(path_or_id).expanduser()
+    return local.resolve().name if local.is_dir() else str(path_or_id)

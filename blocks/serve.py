@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 import torch
 import trio
 
-from blocks.checkpoint import checkpoint_hash
+from blocks.checkpoint import checkpoint_hash, default_model_name, resolve_model
 from blocks.server import BlockServer, ServerLimits
 from blocks.span import BlockSpan
 from swarm.node import start_node
@@ -27,7 +26,7 @@ def parse_blocks(text: str) -> tuple[int, int]:
 
 async def run(args: argparse.Namespace) -> None:
     start, end = parse_blocks(args.blocks)
-    model_path = Path(args.model)
+    model_path = await trio.to_thread.run_sync(resolve_model, args.model)
     dtype = getattr(torch, args.dtype)
     span = await trio.to_thread.run_sync(
         lambda: BlockSpan(model_path, start, end, dtype=dtype, device=args.device)
@@ -41,7 +40,7 @@ async def run(args: argparse.Namespace) -> None:
         server = BlockServer(
             node,
             span,
-            model=args.model_name or model_path.resolve().name,
+            model=args.model_name or default_model_name(args.model),
             checkpoint=checkpoint_hash(model_path),
             limits=limits,
             announce_interval=args.announce_interval,

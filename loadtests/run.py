@@ -1,0 +1,97 @@
+"""Headless load test: streamed chat completions at several concurrency levels.
+
+    python loadtests/run.py                      # starts `swarmgate up` on the default model
+    python loadtests/run.py --base-url http://127.0.0.1:8000 --api-key sk-... --model NAME
+
+For each user count it runs locust headless for ``--duration`` and prints requests/s,
+time-to-first-token p50/p95, completion tokens/s and the error count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def start_swarm(servers: int, port: int) -> tuple[subprocess.Popen, str, str, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "swarmgate.cli", "up", "--servers", str(servers), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    fields: dict[str, str] = {}
+    assert process.stdout is not None
+    for line in process.stdout:
+        if match := re.match(r"\s*(base URL|API key|model):\s*(\S+)", line):
+            fields[match.group(1)] = match.group(2)
+        if len(fields) == 3:
+            break
+    if len(fields) < 3:
+        raise RuntimeError(f"swarmgate up exited with {process.wait()} before it was ready")
+    return process, fields["base URL"].removesuffix("/v1"), fields["API key"], fields["model"]
+
+
+def run_locust(base_url: str, api_key: str, model: str, users: int, duration: str, max_tokens: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "run")
+        env = {**os.environ, "SWARMGATE_LOADTEST_KEY": api_key, "SWARMGATE_LOADTEST_MODEL": model,
+               "SWARMGATE_LOADTEST_MAX_TOKENS": str(max_tokens)}
+        subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "-u", str(users),
+             "-r", str(users), "-t", duration, "--host", base_url, "--csv", prefix, "--only-summary"],
+            env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        with open(f"{prefix}_stats.csv") as f:
+            rows = {row["Name"]: row for row in csv.DictReader(f)}
+    chat, ttft = rows.get("chat stream", {}), rows.get("TTFT", {})
+    seconds = float(duration.rstrip("s"))
+    requests = int(chat.get("Request Count", 0) or 0)
+    return {
+        "users": users,
+        "requests/s": float(chat.get("Requests/s", 0) or 0),
+        "ttft p50 ms": float(ttft.get("50%", "nan") or "nan"),
+        "ttft p95 ms": float(ttft.get("95%", "nan") or "nan"),
+        "tokens/s": requests * float(chat.get("Average Content Size", 0) or 0) / seconds,
+        "errors": int(chat.get("Failure Count", 0) or 0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--duration", default="30s", help="per user count, in seconds (e.g. 30s)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--base-url")
+    parser.add_argument("--api-key", default="")
+    parser.add_argument("--model", default="")
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+
+    process = None
+    base_url, api_key, model = args.base_url, args.api_key, args.model
+    if base_url is None:
+        process, base_url, api_key, model = start_swarm(args.servers, args.port)
+    try:
+        results = [run_locust(base_url, api_key, model, users, args.duration, args.max_tokens)
+                   for users in args.users]
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(30)
+    columns = ["users", "requests/s", "ttft p50 ms", "ttft p95 ms", "tokens/s", "errors"]
+    print("".join(f"{c:>14}" for c in columns))
+    for result in results:
+        print("".join(f"{result[c]:>14.1f}" if isinstance(result[c], float) else f"{result[c]:>14}"
+                      for c in columns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""``swarmgate up``: a whole local swarm in one command — N block servers plus the gateway.
+
+Prints the base URL and an API key once every block is covered; on Ctrl-C or SIGTERM it stops
+every child it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from blocks.checkpoint import default_model_name, load_config, resolve_model
+from blocks.tiny_checkpoints import default_model_path
+from swarmgate.launcher import split_blocks, start_swarm, stop_all
+
+logger = logging.getLogger(__name__)
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    from gateway.serve import add_gateway_options
+    from swarmgate.cli import add_option
+
+    up = commands.add_parser("up", help="start a local swarm (block servers + gateway) in one command")
+    add_option(up, "--model", default=None,
+               help="checkpoint folder or Hugging Face hub id (default: the embedded tiny model)")
+    add_option(up, "--servers", type=int, default=2, help="block server processes to start")
+    add_gateway_options(up)
+    up.set_defaults(run=main)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(args: argparse.Namespace) -> None:
+    from gateway.serve import run_gateway
+
+    model_path = resolve_model(args.model) if args.model else default_model_path()
+    name = default_model_name(args.model) if args.model else model_path.name
+    num_blocks = load_config(model_path).num_hidden_layers
+    data_dir = Path(args.data_dir)
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    spans = split_blocks(num_blocks, args.servers)
+    print(f"starting {len(spans)} block servers for {name} ({num_blocks} blocks: {', '.join(spans)}); "
+          f"logs in {log_dir}", flush=True)
+    servers = start_swarm(model_path, spans, extra_args=["--model-name", name], log_dir=log_dir)
+    try:
+        args.model = str(model_path)
+        args.model_name = name
+        args.initial_peers = servers[0].addrs
+        run_gateway(args, on_ready=_print_ready)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping the swarm", file=sys.stderr, flush=True)
+        stop_all(servers)
+
+
+def _print_ready(base_url: str, api_key: str, model: str) -> None:
+    print(f"swarmgate is up\n  base URL: {base_url}\n  API key:  {api_key}\n  model:    {model}\n"
+          f"try:\n  curl -N {base_url}/chat/completions -H 'Authorization: Bearer {api_key}' "
+          f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"stream\": true, "
+          f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'", flush=True)
+
