@@ -43,6 +43,7 @@ class ModelHead:
         ):
             module.load_state_dict({"weight": tensors[name]}, strict=True, assign=True)
             module.eval()
+            module.requires_grad_(False)  # frozen: fine-tuning trains LoRA weights only
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [b, t] -> hidden states [b, t, h]."""
@@ -52,4 +53,8 @@ class ModelHead:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last span's hidden states [b, t, h] (any float dtype) -> float32 logits [b, t, vocab]."""
         with torch.inference_mode():
-            return self.lm_head(self.norm(hidden.to(self.device, self.dtype))).float()
+            return self.differentiable_logits(hidden)
+
+    def differentiable_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`logits` under the caller's grad mode: fine-tuning backpropagates a loss into `hidden`."""
+        return self.lm_head(self.norm(hidden.to(self.device, self.dtype))).float()

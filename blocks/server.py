@@ -17,8 +17,11 @@ from typing import Any
 import torch
 import trio
 
+from blocks.adapter_cache import UnknownAdapterError
 from blocks.cache import SessionCaches, SessionLimitError, UnknownSessionError
+from blocks.lora import SpanLora
 from blocks.span import BlockSpan
+from blocks.training import TrainingService
 from swarm import codec, protocol
 from swarm.node import SwarmNode
 from swarm.protocol import ProtocolError, field as require
@@ -36,6 +39,8 @@ class ServerLimits:
     max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES
     max_forward_tokens: int = 16384  # batch * length of one cache-less forward
     open_timeout: float = 30.0
+    max_train_tokens: int = 4096  # batch * length of one training forward/backward
+    adapter_cache_bytes: int = 256 * 2**20  # LoRA adapters kept by digest (LRU)
 
 
 @dataclass
@@ -48,6 +53,7 @@ class _LiveSession:
     inbox: trio.MemorySendChannel
     cancel: trio.CancelScope
     next_hops: dict[str, Any] = field(default_factory=dict)  # peer id -> push stream
+    adapter: SpanLora | None = None  # LoRA applied to every step of the session
 
 
 class BlockServer:
@@ -71,6 +77,7 @@ class BlockServer:
         self.throughput = 0.0
         self._live: dict[str, _LiveSession] = {}
         self._compute = trio.CapacityLimiter(1)
+        self.training = TrainingService(span, limits, self._compute)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -80,6 +87,7 @@ class BlockServer:
         host.set_stream_handler(protocol.INFERENCE, self._handle_inference)
         host.set_stream_handler(protocol.PUSH, self._handle_push)
         host.set_stream_handler(protocol.FORWARD, self._handle_forward)
+        host.set_stream_handler(protocol.TRAIN, self.training.handle)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._announce_forever)
             nursery.start_soon(self._expire_forever)
@@ -98,6 +106,8 @@ class BlockServer:
             free_tokens=self.caches.free_tokens,
             sessions=self.caches.num_sessions,
             ttl=3 * self.announce_interval,
+            block_bytes=self.span.block_bytes,
+            quant=self.span.quant,
         )
 
     async def announce(self) -> None:
@@ -136,13 +146,19 @@ class BlockServer:
             with trio.fail_after(self.limits.open_timeout):
                 request = protocol.expect(await self._read(stream), "open")
             session_id, batch, max_length, wire_codec = self._validate_open(request)
+            adapter = self.training.session_adapter(request)
             self.caches.open(session_id, batch=batch, max_length=max_length, cache=self.span.new_cache())
             try:
                 await protocol.write_frame(stream, {"type": "opened", "session": session_id})
-                await self._run_session(session_id, stream, wire_codec)
+                await self._run_session(session_id, stream, wire_codec, adapter)
             finally:
                 self.caches.close(session_id)
-        except (ProtocolError, protocol.RemoteError, SessionLimitError, ValueError) as error:
+        except SessionLimitError as error:
+            logger.info("inference stream from %s refused: %s", peer, error)
+            await _try_send(stream, protocol.error_frame(str(error), protocol.BUSY))
+        except UnknownAdapterError as error:
+            await _try_send(stream, protocol.error_frame(str(error), protocol.UNKNOWN_ADAPTER))
+        except (ProtocolError, protocol.RemoteError, ValueError) as error:
             logger.info("inference stream from %s refused: %s", peer, error)
             await _try_send(stream, protocol.error_frame(str(error)))
         except (EOFError, trio.TooSlowError) as error:
@@ -171,10 +187,10 @@ class BlockServer:
             raise ProtocolError(f"checkpoint mismatch: server has {self.checkpoint}, client {checkpoint}")
         return session_id, batch, max_length, wire_codec
 
-    async def _run_session(self, session_id: str, stream: Any, wire_codec: str) -> None:
+    async def _run_session(self, session_id: str, stream: Any, wire_codec: str, adapter: SpanLora | None) -> None:
         inbox_send, inbox = trio.open_memory_channel[dict[str, Any]](64)
         with trio.CancelScope() as cancel:
-            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel)
+            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter)
             self._live[session_id] = live
             try:
                 async with trio.open_nursery() as nursery:
@@ -248,7 +264,8 @@ class BlockServer:
         session.advance(tokens)  # raises ValueError past max_length, before any compute
         hidden = hidden.to(device=self.span.device, dtype=self.span.dtype)
         output = await trio.to_thread.run_sync(
-            lambda: self.span.forward(hidden, cache=session.cache, position=position), limiter=self._compute
+            lambda: self.span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter),
+            limiter=self._compute,
         )
         return codec.encode(output, live.codec)
 

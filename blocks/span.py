@@ -9,8 +9,9 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from blocks import family
+from blocks import family, lora
 from blocks.checkpoint import load_config, read_tensors
+from blocks.quant import check_quant, quantize_linears, weight_bytes
 
 
 class BlockSpan:
@@ -28,7 +29,9 @@ class BlockSpan:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        quant: str = "none",
     ):
+        check_quant(quant, device)
         config = load_config(model_path)
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} layers")
@@ -46,9 +49,17 @@ class BlockSpan:
             for i, layer in enumerate(self.layers)
             for key in layer.state_dict()
         }
-        tensors = read_tensors(model_path, names.values(), dtype, self.device)
+        # Quantized weights are read to the CPU: bitsandbytes quantizes them on their way to the GPU.
+        tensors = read_tensors(model_path, names.values(), dtype, self.device if quant == "none" else "cpu")
         self.layers.load_state_dict({local: tensors[name] for local, name in names.items()}, strict=True, assign=True)
+        if quant != "none":
+            quantize_linears(self.layers, quant, dtype)
+            self.layers.to(self.device)
         self.layers.eval()
+        self.layers.requires_grad_(False)  # frozen: only LoRA weights supplied per request are trained
+        self.lora_targets = lora.attach(self.layers, start)  # module prefix -> module, per-request LoRA
+        self.quant = quant
+        self.block_bytes = weight_bytes(self.layers) // self.num_layers  # announced: memory per block
         # Rotary buffers are computed at init, so the meta skeleton's cannot be loaded: build anew.
         with self.device:
             self.rotary_emb = type(model.model.rotary_emb)(config=self.config)
@@ -61,14 +72,40 @@ class BlockSpan:
         """A fresh per-session KV cache; indexed by global layer, only this span's layers fill."""
         return DynamicCache(config=self.config)
 
-    def forward(self, hidden: torch.Tensor, *, cache: Cache | None = None, position: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        *,
+        cache: Cache | None = None,
+        position: int = 0,
+        adapter: lora.SpanLora | None = None,
+    ) -> torch.Tensor:
         """Hidden states [b, t, h] of tokens at positions [position, position + t) through the span.
 
         Without a cache it is a cache-less pass over a whole sequence (position 0); with one,
         `position` must equal the tokens the cache already holds, and the new ones are appended.
+        `adapter` applies LoRA for this call only.
         """
-        with torch.inference_mode():
+        with torch.inference_mode(), lora.applied(adapter):
             return self._forward(hidden, cache, position)
+
+    def backward(
+        self, hidden: torch.Tensor, grad_output: torch.Tensor, adapter: lora.SpanLora
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Gradients of a cache-less forward with `adapter`, given the gradient of its output.
+
+        Returns the gradient for `hidden` and for each LoRA tensor (PEFT names). The forward is
+        recomputed here, so nothing is kept between a client's forward and backward requests.
+        """
+        if grad_output.shape != hidden.shape:
+            raise ValueError(f"output gradient {list(grad_output.shape)} does not match the input {list(hidden.shape)}")
+        trainable = adapter.trainable()
+        names, leaves = zip(*trainable.named_tensors())
+        hidden = hidden.detach().requires_grad_(True)
+        with torch.enable_grad(), lora.applied(trainable):
+            output = self._forward(hidden, None, 0)
+        grad_input, *grads = torch.autograd.grad(output, [hidden, *leaves], grad_output.to(output.dtype))
+        return grad_input, dict(zip(names, grads))
 
     def _forward(self, hidden: torch.Tensor, cache: Cache | None, position: int) -> torch.Tensor:
         """The computation itself, under whatever grad mode the caller chose."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Collection, Sequence, TypeVar
 
 import torch
 import trio
+from libp2p.crypto.keys import KeyPair
 
 from swarm.client import InferenceSession, SwarmClient
 from swarm.node import start_node
@@ -29,9 +30,13 @@ class SwarmBridge:
         initial_peers: Sequence[str],
         listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
         psk: str | None = None,
+        key_pair: KeyPair | None = None,
+        allow_peers: Collection[str] | None = None,
         step_timeout: float = 60.0,
     ) -> None:
-        self._node_args = dict(listen=listen, initial_peers=initial_peers, psk=psk)
+        self._node_args = dict(
+            listen=listen, initial_peers=initial_peers, psk=psk, key_pair=key_pair, allow_peers=allow_peers
+        )
         self._step_timeout = step_timeout
         self._thread: threading.Thread | None = None
         self._started = threading.Event()

@@ -17,9 +17,11 @@ import torch
 import trio
 
 from swarm import codec, protocol
+from swarm.lora import LoraWeights
 from swarm.node import SwarmNode
 from swarm.records import ServerRecord
 from swarm.routing import choose_chain
+from swarm.uploads import AdapterUploads
 
 DEFAULT_STEP_TIMEOUT = 60.0
 MAX_REPLY_FRAME = 1024 * 1024 * 1024
@@ -104,6 +106,7 @@ class SwarmClient:
     def __init__(self, node: SwarmNode, *, step_timeout: float = DEFAULT_STEP_TIMEOUT):
         self.node = node
         self.step_timeout = step_timeout
+        self.uploads = AdapterUploads(node, timeout=step_timeout)
 
     def servers(self, model: str) -> list[ServerRecord]:
         return sorted(self.node.records.live(model), key=lambda r: (r.start, r.end, r.peer_id))
@@ -120,18 +123,21 @@ class SwarmClient:
         max_length: int,
         wire_codec: str = "int8",
         checkpoint: str | None = None,
+        adapter: LoraWeights | None = None,  # LoRA on every span; each server gets its span's tensors
     ) -> InferenceSession:
         hops: list[_Hop] = []
         try:
             for record in self.chain(model, num_blocks):
-                hops.append(await self._open_hop(record, batch, max_length, wire_codec, checkpoint))
+                hops.append(await self.uploads.run(record, adapter, lambda digest: self._open_hop(
+                    record, batch, max_length, wire_codec, checkpoint, digest)))
         except BaseException:
             await InferenceSession(self, hops, batch=batch, max_length=max_length, wire_codec=wire_codec).close()
             raise
         return InferenceSession(self, hops, batch=batch, max_length=max_length, wire_codec=wire_codec)
 
     async def _open_hop(
-        self, record: ServerRecord, batch: int, max_length: int, wire_codec: str, checkpoint: str | None
+        self, record: ServerRecord, batch: int, max_length: int, wire_codec: str, checkpoint: str | None,
+        adapter: str | None,
     ) -> _Hop:
         session = secrets.token_hex(16)
         stream = await self.node.open_stream(record.peer_id, protocol.INFERENCE, record.addrs)
@@ -140,6 +146,8 @@ class SwarmClient:
                        "codec": wire_codec}
             if checkpoint is not None:
                 request["checkpoint"] = checkpoint
+            if adapter is not None:
+                request["adapter"] = adapter
             await protocol.write_frame(stream, request)
             with trio.fail_after(self.step_timeout):
                 protocol.expect(await protocol.read_frame(stream), "opened")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Collection, Sequence
 
 import cbor2
 import multiaddr
@@ -43,10 +43,20 @@ def _signed_payload(wire: dict[str, Any]) -> bytes:
 
 
 class SwarmNode:
-    def __init__(self, host: Any, pubsub: Pubsub, key_pair: KeyPair) -> None:
+    def __init__(
+        self,
+        host: Any,
+        pubsub: Pubsub,
+        key_pair: KeyPair,
+        *,
+        announce_addrs: Sequence[str] = (),
+        allow_peers: Collection[str] | None = None,
+    ) -> None:
         self.host = host
         self.pubsub = pubsub
         self.key_pair = key_pair
+        self.announce_addrs = list(announce_addrs)  # public addresses, when the listen ones are not
+        self.allow_peers = None if allow_peers is None else frozenset(allow_peers)
         self.records = RecordTable()
         self._raw_records: dict[str, dict[str, Any]] = {}
         self._rtt: dict[str, float] = {}
@@ -56,9 +66,10 @@ class SwarmNode:
         return self.host.get_id().to_base58()
 
     def multiaddrs(self) -> list[str]:
-        """Full dialable addresses, ``/p2p/<peer id>`` included."""
+        """Full dialable addresses, ``/p2p/<peer id>`` included: the announced ones if given."""
         suffix = f"/p2p/{self.peer_id}"
-        return [str(a) if str(a).endswith(suffix) else f"{a}{suffix}" for a in self.host.get_addrs()]
+        addrs = self.announce_addrs or self.host.get_addrs()
+        return [str(a) if str(a).endswith(suffix) else f"{a}{suffix}" for a in addrs]
 
     # -- connections ---------------------------------------------------------------------------
     async def connect(self, address: str) -> str:
@@ -106,6 +117,9 @@ class SwarmNode:
             or not public_key.verify(_signed_payload(wire), signature)
         ):
             raise ProtocolError(f"record of {record.peer_id} has a bad signature")
+        if self.allow_peers is not None and record.peer_id not in self.allow_peers | {self.peer_id}:
+            logger.debug("ignored the record of %s: not in the allowed peers", record.peer_id)
+            return
         self.records.add(record)
         self._raw_records[record.peer_id] = wire
         if record.peer_id != self.peer_id:
@@ -162,15 +176,21 @@ async def start_node(
     initial_peers: Sequence[str] = (),
     key_pair: KeyPair | None = None,
     psk: str | None = None,
+    announce_addrs: Sequence[str] = (),
+    allow_peers: Collection[str] | None = None,
 ) -> AsyncIterator[SwarmNode]:
-    """Run a node until the context exits: listen, join through ``initial_peers``, discover."""
+    """Run a node until the context exits: listen, join through ``initial_peers``, discover.
+
+    ``key_pair`` is the node's identity (swarm/identity.py), ``psk`` a private swarm's key
+    (swarm/pnet.py); ``allow_peers``, when given, limits the servers this node routes through.
+    """
     key_pair = key_pair or create_new_key_pair()
     host = new_host(key_pair=key_pair, psk=psk)
     gossipsub = GossipSub(
         protocols=[GOSSIPSUB_PROTOCOL], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1
     )
     pubsub = Pubsub(host, gossipsub)
-    node = SwarmNode(host, pubsub, key_pair)
+    node = SwarmNode(host, pubsub, key_pair, announce_addrs=announce_addrs, allow_peers=allow_peers)
     host.set_stream_handler(protocol.RECORDS, node._serve_records)
     async with host.run([multiaddr.Multiaddr(a) for a in listen]):
         async with background_trio_service(pubsub), background_trio_service(gossipsub):

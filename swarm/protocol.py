@@ -10,6 +10,8 @@ Protocols (one libp2p stream each):
 - ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain.
 - ``FORWARD``: one cache-less ``forward`` -> ``output`` over a full sequence.
 - ``RECORDS``: ask a peer for every server record it knows (fast start for a new node).
+- ``TRAIN``: LoRA on a span (blocks/training.py): ``upload`` -> ``stored``, ``forward`` ->
+  ``output``, ``backward`` -> ``grads``; any number of requests per stream.
 Any request may be answered by ``error`` with a human-readable ``message``.
 """
 
@@ -25,6 +27,7 @@ INFERENCE = TProtocol(f"/swarmgate/inference/{PROTOCOL_VERSION}")
 PUSH = TProtocol(f"/swarmgate/push/{PROTOCOL_VERSION}")
 FORWARD = TProtocol(f"/swarmgate/forward/{PROTOCOL_VERSION}")
 RECORDS = TProtocol(f"/swarmgate/records/{PROTOCOL_VERSION}")
+TRAIN = TProtocol(f"/swarmgate/train/{PROTOCOL_VERSION}")
 RECORDS_TOPIC = "swarmgate/records/1"
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -36,7 +39,11 @@ class ProtocolError(Exception):
 
 
 class RemoteError(Exception):
-    """The peer answered with an ``error`` frame."""
+    """The peer answered with an ``error`` frame; ``code`` says what kind (e.g. ``busy``)."""
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 async def _read_exactly(stream: Any, size: int) -> bytes:
@@ -88,14 +95,18 @@ async def read_frame(stream: Any, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
     return message
 
 
-def error_frame(message: str) -> dict[str, Any]:
-    return {"type": "error", "message": message}
+BUSY = "busy"  # error code: the server is full now; another server or a retry later may work
+UNKNOWN_ADAPTER = "unknown_adapter"  # error code: upload the span's adapter tensors, then retry
+
+
+def error_frame(message: str, code: str = "error") -> dict[str, Any]:
+    return {"type": "error", "message": message, "code": code}
 
 
 def expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
     """Return ``message`` if it has the expected type; turn ``error`` frames into RemoteError."""
     if message["type"] == "error":
-        raise RemoteError(str(message.get("message", "remote error")))
+        raise RemoteError(str(message.get("message", "remote error")), str(message.get("code", "error")))
     if message["type"] != kind:
         raise ProtocolError(f"expected {kind!r}, got {message['type']!r}")
     return message

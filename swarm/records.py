@@ -27,6 +27,8 @@ class ServerRecord:
     sessions: int
     ttl: float
     version: str = PROTOCOL_VERSION
+    block_bytes: int = 0  # weight memory per block on the server, as loaded (quantized or not); 0: unknown
+    quant: str = "none"  # weight quantization: none, int8, nf4
     received_at: float = field(default=0.0, compare=False)
 
     @property
@@ -59,6 +61,8 @@ class ServerRecord:
                 sessions=int(wire["sessions"]),
                 ttl=min(float(wire["ttl"]), 600.0),
                 version=str(wire["version"]),
+                block_bytes=int(wire.get("block_bytes", 0)),  # absent from older servers' records
+                quant=str(wire.get("quant", "none")),
                 received_at=received_at,
             )
         except (KeyError, TypeError, ValueError) as error:

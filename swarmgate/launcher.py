@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 READY_PREFIX = "swarmgate server ready at "
+# Settings that must differ between nodes: children never inherit them (a container's
+# SWARMGATE_IDENTITY would give every server of `swarmgate up` one peer id, its port one address).
+NODE_UNIQUE_ENV = ("SWARMGATE_IDENTITY", "SWARMGATE_LISTEN", "SWARMGATE_ANNOUNCE_ADDRS")
 
 
 @dataclass
@@ -57,9 +60,21 @@ def start_server(
     if initial_peers:
         command += ["--initial-peers", *initial_peers]
     command += list(extra_args)
+    return start_process(command, blocks, env=env, ready_timeout=ready_timeout, log_file=log_file)
+
+
+def start_process(
+    command: Sequence[str],
+    blocks: str,
+    *,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 120.0,
+    log_file: Path | None = None,
+) -> ServerProcess:
+    """Spawn any command line that runs a server (a container's entrypoint too); wait until it is ready."""
     stderr = open(log_file, "ab") if log_file else subprocess.DEVNULL
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})},
+        command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=_child_env(env),
         start_new_session=True,
     )
     server = ServerProcess(process, blocks)
@@ -82,6 +97,11 @@ def start_server(
     if not server.addrs:
         raise RuntimeError(f"server for blocks {blocks} exited with code {process.wait()} before it was ready")
     return server
+
+
+def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
+    inherited = {k: v for k, v in os.environ.items() if k not in NODE_UNIQUE_ENV}
+    return {**inherited, **(extra or {})}
 
 
 def start_swarm(

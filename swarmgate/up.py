@@ -15,6 +15,7 @@ from types import FrameType
 
 from blocks.checkpoint import default_model_name, load_config, resolve_model
 from blocks.tiny_checkpoints import default_model_path
+from gateway.tenants import DEFAULT_TENANT, KeyStore
 from swarmgate.launcher import split_blocks, start_swarm, stop_all
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ def main(args: argparse.Namespace) -> None:
         args.model = str(model_path)
         args.model_name = name
         args.initial_peers = servers[0].addrs
-        run_gateway(args, on_ready=_print_ready)
+        api_key = args.api_key or KeyStore(data_dir).create_key(DEFAULT_TENANT)
+        run_gateway(args, on_ready=lambda base_url, model: _print_ready(base_url, api_key, model),
+                    wait_for_coverage=60.0)
     except KeyboardInterrupt:
         pass
     finally:

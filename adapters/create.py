@@ -1,0 +1,59 @@
+"""A fresh LoRA adapter for a base checkpoint, initialised exactly as ``peft`` would.
+
+PEFT itself builds it: ``get_peft_model`` runs on the model's meta skeleton whose target
+projections get stand-in CPU weights of zero stride (shape, no memory), so PEFT's own
+initialisation draws from the RNG in its own order and the LoRA weights land on the CPU. So
+``torch.manual_seed(seed); get_peft_model(model, config)`` on the real model gives the same
+tensors, whatever PEFT's init scheme and version, and no base weight is ever read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from torch import nn
+
+from adapters.adapter import LoraAdapter, canonical_config
+from blocks import family
+from blocks.checkpoint import load_config
+from swarm.lora import ATTENTION_MODULES, SUPPORTED_MODULES
+
+
+def lora_config(
+    base_name: str, *, r: int = 8, alpha: float = 16, target_modules: Sequence[str] = ATTENTION_MODULES
+) -> LoraConfig:
+    """The PEFT config of a swarm-trainable adapter (dropout off: servers apply none)."""
+    if not target_modules or not set(target_modules) <= set(SUPPORTED_MODULES):
+        raise ValueError(f"target_modules must be among {', '.join(SUPPORTED_MODULES)}; got {list(target_modules)}")
+    return LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=sorted(target_modules), lora_dropout=0.0, bias="none",
+        task_type="CAUSAL_LM", base_model_name_or_path=base_name,
+    )
+
+
+def create_adapter(
+    base_path: str | Path,
+    *,
+    base_name: str,
+    r: int = 8,
+    alpha: float = 16,
+    target_modules: Sequence[str] = ATTENTION_MODULES,
+    seed: int = 0,
+) -> LoraAdapter:
+    """A new adapter for the checkpoint at `base_path` (announced as `base_name`); the caller's RNG is untouched."""
+    config = lora_config(base_name, r=r, alpha=alpha, target_modules=target_modules)
+    skeleton = family.skeleton(load_config(base_path))
+    for name, module in skeleton.named_modules():
+        if name.rsplit(".", 1)[-1] in config.target_modules and isinstance(module, nn.Linear):
+            stand_in = torch.zeros((), dtype=torch.float32).expand(module.out_features, module.in_features)
+            module.weight = nn.Parameter(stand_in, requires_grad=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(skeleton, config)
+    tensors = {name: t.detach().clone() for name, t in get_peft_model_state_dict(model).items()}
+    written = config.to_dict()
+    written["inference_mode"] = True  # as peft's save_pretrained writes it
+    return LoraAdapter(canonical_config(written), tensors)

@@ -1,0 +1,153 @@
+"""The TRAIN protocol of a block server: adapter uploads, and forward/backward with LoRA.
+
+Stateless between requests: ``backward`` carries the span's input again and the server
+recomputes the forward (activation recomputation: one more forward per step) rather than
+keeping activations from the client's ``forward`` until its ``backward``. So nothing has to
+expire, a client that vanishes costs nothing, memory is bounded per request, and any server of
+the same span can answer a backward.
+
+Requests, any number per stream, each answered by one frame:
+- ``upload`` {adapter: digest, scaling, tensors: {PEFT name: tensor (codec none)}} -> ``stored``
+- ``forward`` {adapter, codec, hidden} -> ``output`` {hidden}
+- ``backward`` {adapter, codec, hidden, grad} -> ``grads`` {grad_input, grads: {name: tensor}}
+A request naming an adapter this server does not hold is answered by an ``error`` with code
+``unknown_adapter``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+import trio
+
+from blocks.adapter_cache import AdapterCache, UnknownAdapterError
+from blocks.lora import LoraError, SpanLora
+from blocks.span import BlockSpan
+from swarm import codec, protocol
+from swarm.lora import LoraWeights
+from swarm.protocol import ProtocolError, field as require
+
+if TYPE_CHECKING:
+    from blocks.server import ServerLimits
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingService:
+    def __init__(self, span: BlockSpan, limits: "ServerLimits", compute: trio.CapacityLimiter) -> None:
+        self.span = span
+        self.limits = limits
+        self.compute = compute  # shared with inference: one computation at a time
+        self.adapters = AdapterCache(limits.adapter_cache_bytes)
+
+    def session_adapter(self, request: dict[str, Any]) -> SpanLora | None:
+        """The adapter an ``open`` frame names in its optional ``adapter`` field, held by the session."""
+        digest = request.get("adapter")
+        if digest is None:
+            return None
+        if not isinstance(digest, str):
+            raise ProtocolError("field 'adapter' must be an adapter digest")
+        return self.adapters.get(digest)
+
+    async def handle(self, stream: Any) -> None:
+        try:
+            while True:
+                request = await protocol.read_frame(stream, max_bytes=self.limits.max_frame_bytes)
+                await protocol.write_frame(stream, await self._answer(request))
+        except EOFError:
+            pass
+        except ProtocolError as error:  # an unreadable frame: the stream is out of step, end it
+            try:
+                await protocol.write_frame(stream, protocol.error_frame(str(error)))
+            except Exception:
+                pass
+        except Exception as error:
+            logger.info("train stream ended: %r", error)
+        finally:
+            try:
+                await stream.close()
+            except Exception:
+                pass
+
+    async def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        handlers = {"upload": self._upload, "forward": self._forward, "backward": self._backward}
+        try:
+            if request["type"] not in handlers:
+                raise ProtocolError(f"unknown request {request['type']!r}; expected one of {', '.join(handlers)}")
+            return await handlers[request["type"]](request)
+        except UnknownAdapterError as error:
+            return protocol.error_frame(str(error), protocol.UNKNOWN_ADAPTER)
+        except (ProtocolError, ValueError) as error:  # codec and LoRA errors are ValueErrors too
+            return protocol.error_frame(str(error))
+        except Exception as error:
+            logger.exception("training request failed")
+            return protocol.error_frame(f"training request failed: {error!r}")
+
+    async def _upload(self, request: dict[str, Any]) -> dict[str, Any]:
+        claimed = require(request, "adapter", str)
+        scaling = require(request, "scaling", float)
+        wires = require(request, "tensors", dict)
+        if len(wires) > 2 * len(self.span.lora_targets):
+            raise LoraError(f"{len(wires)} tensors, but this span has {len(self.span.lora_targets)} LoRA targets")
+        tensors = {}
+        for name, wire in wires.items():
+            if not isinstance(name, str) or not isinstance(wire, dict) or wire.get("codec") != "none":
+                raise ProtocolError("tensors must map names to uncompressed tensors (codec 'none')")
+            tensors[name] = codec.decode(wire, max_elements=self.limits.max_frame_bytes)
+        weights = LoraWeights(tensors, scaling)
+
+        def check() -> SpanLora:
+            if weights.digest != claimed:
+                raise ProtocolError(f"adapter digest mismatch: the tensors hash to {weights.digest}, not {claimed}")
+            return SpanLora.build(self.span.lora_targets, weights, self.span.device)
+
+        self.adapters.put(claimed, await trio.to_thread.run_sync(check))
+        return {"type": "stored", "adapter": claimed}
+
+    async def _forward(self, request: dict[str, Any]) -> dict[str, Any]:
+        adapter = self.adapters.get(require(request, "adapter", str))
+        wire_codec = _codec(request)
+        hidden = self._hidden(request, "hidden")
+        output = await trio.to_thread.run_sync(
+            lambda: self.span.forward(hidden, adapter=adapter), limiter=self.compute
+        )
+        return {"type": "output", "hidden": codec.encode(output, wire_codec)}
+
+    async def _backward(self, request: dict[str, Any]) -> dict[str, Any]:
+        adapter = self.adapters.get(require(request, "adapter", str))
+        wire_codec = _codec(request)
+        hidden = self._hidden(request, "hidden")
+        grad = self._hidden(request, "grad")
+        if grad.shape != hidden.shape:
+            raise ProtocolError(f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
+        grad_input, grads = await trio.to_thread.run_sync(
+            lambda: self.span.backward(hidden, grad, adapter), limiter=self.compute
+        )
+        return {
+            "type": "grads",
+            "grad_input": codec.encode(grad_input, wire_codec),
+            "grads": {name: codec.encode(g, "none") for name, g in grads.items()},
+        }
+
+    def _hidden(self, request: dict[str, Any], key: str) -> torch.Tensor:
+        """Hidden states (or their gradient) [batch, tokens, hidden] within the per-request token limit."""
+        # The frame limit already bounds the bytes; the token limit bounds the compute's memory.
+        hidden = codec.decode(require(request, key, dict), max_elements=self.limits.max_frame_bytes)
+        if hidden.dim() != 3 or hidden.shape[1] == 0 or hidden.shape[2] != self.span.hidden_size:
+            raise ProtocolError(f"{key} must be [batch, tokens, {self.span.hidden_size}], got {list(hidden.shape)}")
+        tokens = hidden.shape[0] * hidden.shape[1]
+        if tokens > self.limits.max_train_tokens:
+            raise ProtocolError(
+                f"{tokens} tokens (batch x length) exceed this server's limit of {self.limits.max_train_tokens} "
+                "per training request: split the batch"
+            )
+        return hidden.to(device=self.span.device, dtype=self.span.dtype)
+
+
+def _codec(request: dict[str, Any]) -> str:
+    wire_codec = require(request, "codec", str)
+    if wire_codec not in codec.CODECS:
+        raise ProtocolError(f"unknown codec {wire_codec!r}; this server speaks {codec.CODECS}")
+    return wire_codec

@@ -1,0 +1,100 @@
+"""The FastAPI application: OpenAI-compatible routes over an `InferenceBackend`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from blocks.head import ModelHead
+from gateway import chat, completions
+from gateway.backend import InferenceBackend
+from gateway.errors import install_error_handlers
+from gateway.models import HeadLoader, ModelRegistry, ServedModel
+from gateway.schemas import ErrorResponse, Health, Model, ModelList
+from gateway.settings import Settings
+from gateway.state import Gateway, GatewayDep, TenantDep
+from gateway.tenants import Authenticator, ConcurrencyLimiter, KeyStore
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
+}
+
+
+class ModelCoverage(BaseModel):
+    id: str
+    num_blocks: int
+    missing_blocks: list[int]
+    complete: bool
+
+
+class SwarmView(BaseModel):
+    models: list[ModelCoverage]
+    swarm: dict[str, Any]
+
+
+def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: HeadLoader | None = None) -> FastAPI:
+    """Load each served model's head and tokenizer, and wire the routes to `backend`.
+
+    `head_loader` builds a model's head from its checkpoint folder; by default
+    `blocks.head.ModelHead` on `settings.head_device` in `settings.head_dtype`.
+    """
+    gateway = Gateway(
+        settings=settings,
+        models=ModelRegistry.load(settings.models, head_loader or _model_head_loader(settings)),
+        backend=backend,
+        auth=_authenticator(settings),
+        limiter=ConcurrencyLimiter(settings.max_concurrent_requests),
+    )
+    app = FastAPI(title="swarmgate", summary="OpenAI-compatible API over a swarm of block servers")
+    app.state.gateway = gateway
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Health:
+        return Health()
+
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def list_models(gateway: GatewayDep, _: TenantDep) -> ModelList:
+        return ModelList(data=[_model(model) for model in gateway.models])
+
+    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+    async def retrieve_model(model_id: str, gateway: GatewayDep, _: TenantDep) -> Model:
+        return _model(gateway.models.get(model_id))
+
+    @app.get("/v1/swarm", responses=ERROR_RESPONSES)
+    async def swarm(gateway: GatewayDep, _: TenantDep) -> SwarmView:
+        """Block coverage of every served model and the backend's own view of the swarm."""
+        coverage = [(model.id, gateway.backend.coverage(model.id)) for model in gateway.models]
+        return SwarmView(
+            models=[
+                ModelCoverage(id=id, num_blocks=c.num_blocks, missing_blocks=sorted(c.missing), complete=c.complete)
+                for id, c in coverage
+            ],
+            swarm=gateway.backend.swarm_state(),
+        )
+
+    app.include_router(chat.router, responses=ERROR_RESPONSES)
+    app.include_router(completions.router, responses=ERROR_RESPONSES)
+    return app
+
+
+def _model(model: ServedModel) -> Model:
+    return Model(id=model.id, created=model.created, max_model_len=model.context_length)
+
+
+def _authenticator(settings: Settings) -> Authenticator:
+    if settings.api_key is not None:
+        return Authenticator(static_key=settings.api_key)
+    if settings.require_auth:
+        return Authenticator(keys=KeyStore(settings.data_dir))
+    return Authenticator()
+
+
+def _model_head_loader(settings: Settings) -> HeadLoader:
+    def load(path: Path) -> ModelHead:
+        return ModelHead(path, dtype=settings.torch_dtype, device=settings.head_device)
+
+    return load

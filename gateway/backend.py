@@ -1,0 +1,84 @@
+"""What the gateway needs from the swarm, as small asyncio-facing interfaces.
+
+The gateway keeps tokens, embeddings, LM head and sampling; everything between embeddings and
+LM head runs behind `InferenceBackend`. Coding against these Protocols keeps the API layer
+testable with an in-process backend and free of any trio/libp2p knowledge (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which of a model's transformer blocks some live server currently serves."""
+
+    num_blocks: int
+    missing: tuple[int, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def describe_missing(self) -> str:
+        """Missing blocks as compact ranges ("3, 5-7"), for error messages people read."""
+        ranges = []
+        for _, run in groupby(enumerate(sorted(set(self.missing))), key=lambda pair: pair[1] - pair[0]):
+            blocks = [block for _, block in run]
+            ranges.append(str(blocks[0]) if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}")
+        return ", ".join(ranges)
+
+
+class InferenceSession(Protocol):
+    """One generation's path through the swarm; the servers keep its attention caches."""
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [b, t, h] in, last block's output [b, t, h] out (before the final norm).
+
+        The first call is the prefill (t >= 1), later calls feed one token per row (t = 1); the
+        session tracks positions itself.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Free the servers' caches; called exactly once, also after failures and cancellation."""
+        ...
+
+
+class InferenceBackend(Protocol):
+    async def open_session(self, model: str, *, batch: int, max_length: int) -> InferenceSession:
+        """Reserve a chain for `batch` rows of up to `max_length` tokens each.
+
+        Raises `SwarmBusy` when no chain has room now and `BlocksUnavailable` when no chain
+        covers the model.
+        """
+        ...
+
+    def coverage(self, model: str) -> Coverage:
+        """The model's block coverage right now (cheap, non-blocking)."""
+        ...
+
+    def swarm_state(self) -> dict[str, Any]:
+        """A JSON-serializable view of the swarm for `GET /v1/swarm`."""
+        ...
+
+
+class BackendError(Exception):
+    """Base of the failures a backend reports in terms the API can answer with."""
+
+
+class SwarmBusy(BackendError):
+    """Every chain that could serve the request is at capacity; worth retrying later (429)."""
+
+
+class BlocksUnavailable(BackendError):
+    """No chain of live servers covers the model (503)."""
+
+    def __init__(self, model: str, coverage: Coverage):
+        super().__init__(f"No chain of servers covers model '{model}': blocks {coverage.describe_missing()} are not served")
+        self.coverage = coverage

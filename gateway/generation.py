@@ -1,0 +1,158 @@
+"""The generation loop: embed -> swarm step -> logits -> sample, for `n` choices at once.
+
+Choices are the rows of one batch in one swarm session, so they share the prompt's prefill.
+All head compute (embeddings, LM head, sampling, detokenization) runs in a worker thread, one
+hop per step, so the event loop keeps serving other requests and streams. `steps()` yields the
+same per-step deltas to the streaming and the non-streaming path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import torch
+from anyio.to_thread import run_sync
+
+from gateway.backend import InferenceBackend, InferenceSession
+from gateway.models import ServedModel
+from gateway.sampling import SampledToken, Sampler, SamplingParams
+from gateway.schemas import FinishReason, Usage
+from gateway.stops import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """A validated request: what to generate, decided before any swarm resource is taken."""
+
+    model: ServedModel
+    prompt_ids: list[int]
+    n: int
+    max_tokens: int
+    params: SamplingParams
+    stops: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """What one step added to one choice."""
+
+    index: int
+    text: str
+    tokens: tuple[SampledToken, ...]  # the step's token (not EOS), for logprobs
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class ChoiceResult:
+    """A whole choice, for non-streaming responses."""
+
+    text: str = ""
+    tokens: list[SampledToken] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+class Generation:
+    """One generation's swarm session and loop: `open()`, then `steps()` or `collect()`, `close()`.
+
+    `close()` is idempotent, shielded from cancellation and runs `on_close` (e.g. releasing the
+    tenant's concurrency slot), so every exit path may call it.
+    """
+
+    def __init__(self, job: GenerationJob, backend: InferenceBackend, *, on_close: Callable[[], None] | None = None):
+        self.job = job
+        self._backend = backend
+        self._on_close = on_close
+        self._session: InferenceSession | None = None
+        self._closed = False
+        model = job.model
+        self._sampler = Sampler(
+            job.params,
+            prompt_ids=job.prompt_ids,
+            batch=job.n,
+            vocab_size=model.head.vocab_size,
+            eos_token_ids=model.eos_token_ids,
+        )
+        decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        self._streams = [TextStream(decode, job.stops) for _ in range(job.n)]
+        self._finished: list[FinishReason | None] = [None] * job.n
+        self._completion_tokens = [0] * job.n
+
+    async def open(self) -> None:
+        """Reserve the swarm chain; `SwarmBusy`/`BlocksUnavailable` surface here, before any output."""
+        self._session = await self._backend.open_session(
+            self.job.model.id, batch=self.job.n, max_length=len(self.job.prompt_ids) + self.job.max_tokens
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        session, self._session = self._session, None
+        try:
+            if session is not None:
+                with anyio.CancelScope(shield=True):
+                    await session.close()
+        except Exception:
+            log.warning("closing the inference session failed", exc_info=True)
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    def usage(self) -> Usage:
+        """Exact usage so far: the prompt once, completion tokens (EOS included) over all choices."""
+        prompt, completion = len(self.job.prompt_ids), sum(self._completion_tokens)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def steps(self) -> AsyncIterator[list[ChoiceDelta]]:
+        """Run to the end, yielding each step's deltas (only for choices that changed)."""
+        assert self._session is not None, "open() the generation first"
+        prompt = torch.tensor([self.job.prompt_ids] * self.job.n, dtype=torch.long)
+        hidden = await run_sync(self.job.model.head.embed, prompt)
+        while hidden is not None:
+            output = await self._session.step(hidden)
+            deltas, hidden = await run_sync(self._advance, output)
+            if deltas:
+                yield deltas
+
+    async def collect(self) -> list[ChoiceResult]:
+        """Run to the end and return the whole choices."""
+        results = [ChoiceResult() for _ in range(self.job.n)]
+        async for deltas in self.steps():
+            for delta in deltas:
+                result = results[delta.index]
+                result.text += delta.text
+                result.tokens.extend(delta.tokens)
+                result.finish_reason = delta.finish_reason or result.finish_reason
+        return results
+
+    def _advance(self, output: torch.Tensor) -> tuple[list[ChoiceDelta], torch.Tensor | None]:
+        """Worker thread: sample from the last position, update the choices, embed what comes next."""
+        head = self.job.model.head
+        sampled = self._sampler.sample(head.logits(output[:, -1:, :])[:, -1, :])
+        deltas = [delta for row, token in enumerate(sampled) if (delta := self._update(row, token))]
+        if all(self._finished):
+            return deltas, None
+        next_ids = torch.tensor([[token.token_id] for token in sampled], dtype=torch.long)
+        return deltas, head.embed(next_ids)
+
+    def _update(self, row: int, token: SampledToken) -> ChoiceDelta | None:
+        if self._finished[row]:
+            return None  # the row keeps running with the others; its tokens are discarded
+        self._completion_tokens[row] += 1
+        count, stream, params = self._completion_tokens[row], self._streams[row], self.job.params
+        finish: FinishReason | None = None
+        if token.token_id in self.job.model.eos_token_ids and not params.ignore_eos:
+            text, tokens, finish = stream.flush(), (), "stop"
+        else:
+            text, tokens = stream.push(token.token_id, check_stops=count >= params.min_tokens), (token,)
+            if stream.stopped:
+                finish = "stop"
+            elif count >= self.job.max_tokens:
+                text, finish = text + stream.flush(), "length"
+        self._finished[row] = finish
+        return ChoiceDelta(row, text, tokens, finish) if text or tokens or finish else None

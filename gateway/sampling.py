@@ -1,0 +1,127 @@
+"""Turning one step's logits into tokens, per request, with OpenAI's and vLLM's semantics.
+
+Order follows vLLM: EOS suppression (min_tokens / ignore_eos) and logit_bias, then penalties
+(repetition over prompt and output, presence/frequency over output), then greedy argmax when
+temperature is 0, else temperature, min_p, top_k, top_p and a draw from the request's own
+`torch.Generator` (same seed, same logits -> same tokens).
+
+Logprobs are the *raw* model log-probabilities (log_softmax of the logits before any of the
+processing above), as vLLM's default `raw_logprobs` mode reports them: they describe the model,
+not the sampling settings, and stay comparable across temperatures.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+GREEDY_BELOW = 1e-5  # temperatures below this mean argmax, as in vLLM
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # <= 0 disables (vLLM's -1)
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # alternatives reported per token; None reports no logprobs
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None  # None unless logprobs were asked for
+    top: tuple[tuple[int, float], ...] = ()  # most likely alternatives, best first
+
+
+class Sampler:
+    """Sampling state of one request whose `batch` rows are its `n` choices.
+
+    Rows share the prompt; they differ in what they generated, which the penalties track.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        *,
+        prompt_ids: Sequence[int],
+        batch: int,
+        vocab_size: int,
+        eos_token_ids: Collection[int],
+    ):
+        self.params = params
+        self.generated = 0
+        self._counts = torch.zeros(batch, vocab_size)
+        self._in_prompt = torch.zeros(vocab_size, dtype=torch.bool)
+        self._in_prompt[torch.tensor(list(prompt_ids), dtype=torch.long)] = True
+        self._bias = torch.zeros(vocab_size)
+        for token_id, bias in params.logit_bias.items():
+            self._bias[token_id] = bias
+        self._eos = torch.tensor([t for t in eos_token_ids if t < vocab_size], dtype=torch.long)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor) -> list[SampledToken]:
+        """One token per row from float logits [batch, vocab]."""
+        logits = logits.detach().to("cpu", torch.float32).clone()
+        raw = torch.log_softmax(logits, dim=-1) if self.params.logprobs is not None else None
+        logits = self._process(logits)
+        if self.params.greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(self._truncate(logits / self.params.temperature), dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
+        self._counts[torch.arange(len(tokens)), tokens] += 1
+        self.generated += 1
+        return [self._describe(row, int(token), raw) for row, token in enumerate(tokens)]
+
+    def _process(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if (p.ignore_eos or self.generated < p.min_tokens) and len(self._eos):
+            logits[:, self._eos] = float("-inf")
+        logits += self._bias
+        if p.repetition_penalty != 1.0:
+            seen = self._in_prompt | (self._counts > 0)
+            penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(seen, penalized, logits)
+        if p.frequency_penalty or p.presence_penalty:
+            logits -= p.frequency_penalty * self._counts + p.presence_penalty * (self._counts > 0).float()
+        return logits
+
+    def _truncate(self, logits: torch.Tensor) -> torch.Tensor:
+        """min_p, then top_k, then top_p: mask the unlikely tail with -inf (never the best token)."""
+        p = self.params
+        if p.min_p > 0:
+            probs = torch.softmax(logits, dim=-1)
+            logits = logits.masked_fill(probs < p.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+        if 0 < p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly better tokens
+            drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= p.top_p)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits
+
+    def _describe(self, row: int, token: int, raw: torch.Tensor | None) -> SampledToken:
+        if raw is None:
+            return SampledToken(token, None)
+        k = self.params.logprobs or 0
+        values, ids = torch.topk(raw[row], k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        return SampledToken(token, float(raw[row, token]), tuple(zip(ids.tolist(), values.tolist())))

@@ -1,0 +1,60 @@
+"""The gateway's shared state and the FastAPI dependencies that hand it to routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from gateway.backend import BlocksUnavailable, InferenceBackend
+from gateway.generation import Generation, GenerationJob
+from gateway.models import ModelRegistry
+from gateway.settings import Settings
+from gateway.tenants import Authenticator, ConcurrencyLimiter
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    models: ModelRegistry
+    backend: InferenceBackend
+    auth: Authenticator
+    limiter: ConcurrencyLimiter
+
+    async def start(self, job: GenerationJob, tenant: str) -> Generation:
+        """Take a tenant slot and a swarm session for `job`; the caller must `close()` the result.
+
+        Refusals (503 uncovered model, 429 tenant limit or full swarm) happen here, before any
+        response has started, so streaming requests get real status codes for them too.
+        """
+        coverage = self.backend.coverage(job.model.id)
+        if not coverage.complete:
+            raise BlocksUnavailable(job.model.id, coverage)
+        lease = self.limiter.acquire(tenant)
+        generation = Generation(job, self.backend, on_close=lease.release)
+        try:
+            await generation.open()
+        except BaseException:
+            await generation.close()
+            raise
+        return generation
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer sk-...`")
+
+
+def _tenant(
+    gateway: Annotated[Gateway, Depends(_gateway)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    return gateway.auth.tenant(credentials.credentials if credentials else None)
+
+
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+TenantDep = Annotated[str, Depends(_tenant)]

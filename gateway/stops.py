@@ -1,0 +1,81 @@
+"""Generated tokens to text deltas, ending at stop strings that may span token boundaries.
+
+Each step decodes the whole generated id list and emits what is new: decoding tokens one at a
+time would break characters split across tokens and tokenizers that merge spaces. Text is held
+back while it is (a) an incomplete UTF-8 sequence (decode ends in U+FFFD) or (b) a prefix of
+some stop string, so a streamed client never sees text that a later stop match removes. The stop
+string itself is never part of the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+REPLACEMENT = "\ufffd"
+
+
+class TextStream:
+    """The text of one choice, fed one token at a time."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()):
+        self._decode = decode
+        self._stops = [s for s in stops if s]
+        self._ids: list[int] = []
+        self._text = ""  # decoded text so far (complete characters only)
+        self._emitted = 0  # characters of _text already handed out
+        self._searched = 0  # characters of _text already searched for stops
+        self.stopped = False  # a stop string was found; the stream takes no more tokens
+
+    @property
+    def text(self) -> str:
+        """All text handed out so far."""
+        return self._text[: self._emitted]
+
+    def push(self, token_id: int, *, check_stops: bool = True) -> str:
+        """Add a token; return the text that became safe to show (maybe "").
+
+        `check_stops=False` (min_tokens not reached yet) lets stop strings pass as plain text.
+        """
+        if self.stopped:
+            raise RuntimeError("stream already stopped")
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        if text.endswith(REPLACEMENT):
+            return ""  # wait for the rest of the character
+        self._text = text
+        if check_stops:
+            end = self._find_stop()
+            if end is not None:
+                self.stopped = True
+                return self._emit_until(end)
+        self._searched = len(text)
+        return self._emit_until(len(text) - self._held_back())
+
+    def flush(self) -> str:
+        """At the end of generation: everything not yet emitted, also held-back text."""
+        if self.stopped:
+            return ""
+        text = self._decode(self._ids)
+        self._text = text
+        return self._emit_until(len(text))
+
+    def _find_stop(self) -> int | None:
+        """Start of the earliest stop string in the new text (and what could overlap it)."""
+        longest = max((len(s) for s in self._stops), default=0)
+        start = max(0, self._searched - longest + 1)
+        found = [i for s in self._stops if (i := self._text.find(s, start)) >= 0]
+        return min(found) if found else None
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that a later token could complete into a stop string."""
+        text = self._text
+        return max(
+            (k for s in self._stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+            default=0,
+        )
+
+    def _emit_until(self, end: int) -> str:
+        end = max(end, self._emitted)
+        delta = self._text[self._emitted : end]
+        self._emitted = end
+        return delta

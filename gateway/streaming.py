@@ -1,0 +1,40 @@
+"""Server-sent events exactly as OpenAI streams them: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+
+from gateway.errors import error_body, from_exception
+
+PING_SECONDS = 15  # keep-alive comments (`: ping`), which SSE clients ignore
+
+
+def sse_response(
+    chunks: AsyncIterator[BaseModel], close: Callable[[], Awaitable[None]], *, with_usage: bool
+) -> EventSourceResponse:
+    """Stream `chunks`, then `[DONE]`; `close` runs on every exit, disconnects included.
+
+    `close` runs before `[DONE]` so that a client that sends its next request on `[DONE]`
+    finds its tenant slot free. An error after the stream started can only be reported in the
+    stream: as an OpenAI error object, which the SDKs raise. Without `with_usage` the chunks
+    carry no `usage` key at all, as OpenAI's do.
+    """
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            try:
+                async for chunk in chunks:
+                    yield chunk.model_dump_json(exclude=None if with_usage else {"usage"})
+            except Exception as exc:
+                yield json.dumps(error_body(from_exception(exc)))
+        finally:
+            await close()
+        yield "[DONE]"
+
+    # If the client leaves before the body starts, only the background task still runs.
+    return EventSourceResponse(events(), sep="\n", ping=PING_SECONDS, background=BackgroundTask(close))

@@ -1,0 +1,50 @@
+"""``InferenceBackend`` over the real swarm, through ``swarm.bridge.SwarmBridge``.
+
+Translates the swarm's failures into the backend's vocabulary: no chain covering the model ->
+``BlocksUnavailable`` (503), every candidate server full -> ``SwarmBusy`` (429).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.backend import BlocksUnavailable, Coverage, InferenceSession, SwarmBusy
+from swarm.bridge import SwarmBridge
+from swarm.protocol import BUSY, RemoteError
+from swarm.routing import NoChainError, missing_blocks
+
+
+@dataclass(frozen=True)
+class SwarmModel:
+    name: str
+    num_blocks: int
+    checkpoint: str
+
+
+class SwarmBackend:
+    def __init__(self, bridge: SwarmBridge, models: list[SwarmModel], *, wire_codec: str = "int8") -> None:
+        self.bridge = bridge
+        self.models = {model.name: model for model in models}
+        self.wire_codec = wire_codec
+
+    async def open_session(self, model: str, *, batch: int, max_length: int) -> InferenceSession:
+        served = self.models[model]
+        try:
+            return await self.bridge.open_session(
+                model, served.num_blocks, batch=batch, max_length=max_length,
+                wire_codec=self.wire_codec, checkpoint=served.checkpoint,
+            )
+        except NoChainError as error:
+            raise BlocksUnavailable(model, Coverage(served.num_blocks, tuple(error.missing))) from error
+        except RemoteError as error:
+            if error.code == BUSY:
+                raise SwarmBusy(f"the swarm has no capacity for this request now: {error}") from error
+            raise
+
+    def coverage(self, model: str) -> Coverage:
+        served = self.models[model]
+        return Coverage(served.num_blocks, tuple(missing_blocks(self.bridge.servers(model), served.num_blocks)))
+
+    def swarm_state(self) -> dict[str, Any]:
+        return {"servers": [record.to_wire() for record in self.bridge.servers()]}

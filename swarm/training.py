@@ -1,0 +1,160 @@
+"""LoRA training through the swarm, client side (trio): forward and backward over a chain of spans.
+
+The gateway holds the adapter and its optimizer state (DESIGN.md §6); servers compute.
+``forward`` sends hidden states span by span with the adapter applied and keeps what went into
+each span; ``backward`` walks the chain in reverse, sending each span its input again with the
+gradient of its output, and collects the gradient of the input and of that span's LoRA tensors.
+``remote_blocks`` wraps the pair as an autograd function, so a local loop calls
+``loss.backward()`` and finds the gradients on its LoRA tensors. Exact by default: float32 on
+the wire (codec ``none``). Batches are right-padded (the blocks see no padding mask; causal
+attention keeps real tokens blind to the padding after them, and the loss must ignore it).
+From asyncio, await these through ``SwarmBridge.run``; from a plain thread, ``SwarmBridge.call``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import trio
+
+from swarm import codec, protocol
+from swarm.client import MAX_REPLY_FRAME, SwarmClient
+from swarm.lora import LoraWeights
+from swarm.records import ServerRecord
+
+Runner = Callable[[Callable[[], Awaitable[Any]]], Any]  # e.g. SwarmBridge.call
+
+
+@dataclass(frozen=True)
+class _Hop:
+    record: ServerRecord
+    inputs: dict[str, Any]  # the wire tensor sent into this span
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What ``backward`` needs from ``forward``: the chain, each span's input, the adapter."""
+
+    client: SwarmClient
+    adapter: LoraWeights
+    hops: tuple[_Hop, ...]
+    wire_codec: str
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+async def forward(
+    client: SwarmClient,
+    model: str,
+    num_blocks: int,
+    hidden: torch.Tensor,
+    adapter: LoraWeights,
+    *,
+    wire_codec: str = "none",
+) -> tuple[torch.Tensor, TrainContext]:
+    """Hidden states [b, t, h] through every block with `adapter` applied; no gradients kept here."""
+    if hidden.dim() != 3:
+        raise ValueError(f"expected hidden states [batch, tokens, hidden], got {list(hidden.shape)}")
+    wire = codec.encode(hidden, wire_codec)
+    hops = []
+    for record in client.chain(model, num_blocks):
+        hops.append(_Hop(record, wire))
+        request = {"type": "forward", "codec": wire_codec, "hidden": wire}
+        reply = await _call(client, record, adapter, request, "output")
+        wire = protocol.field(reply, "hidden", dict)
+    output = _decode(wire, hidden.shape, hidden.dtype)
+    return output, TrainContext(client, adapter, tuple(hops), wire_codec, hidden.shape, hidden.dtype)
+
+
+async def backward(context: TrainContext, grad_output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradients for the forward's input and for every LoRA tensor of the adapter (PEFT names)."""
+    if grad_output.shape != context.shape:
+        raise ValueError(f"grad_output {list(grad_output.shape)} must have the output's shape {list(context.shape)}")
+    grad = codec.encode(grad_output.to(context.dtype), context.wire_codec)
+    grads: dict[str, torch.Tensor] = {}
+    for hop in reversed(context.hops):
+        request = {"type": "backward", "codec": context.wire_codec, "hidden": hop.inputs, "grad": grad}
+        reply = await _call(context.client, hop.record, context.adapter, request, "grads")
+        grad = protocol.field(reply, "grad_input", dict)
+        expected = context.adapter.span(hop.record.start, hop.record.end).tensors
+        received = protocol.field(reply, "grads", dict)
+        if set(received) != set(expected):
+            raise protocol.ProtocolError(f"server {hop.record.peer_id} returned gradients for other tensors")
+        for name, wire in received.items():
+            grads[name] = _decode(wire, expected[name].shape, expected[name].dtype)
+    return _decode(grad, context.shape, context.dtype), grads
+
+
+def remote_blocks(
+    run: Runner,
+    client: SwarmClient,
+    model: str,
+    num_blocks: int,
+    hidden: torch.Tensor,
+    adapter: LoraWeights,
+    *,
+    wire_codec: str = "none",
+) -> torch.Tensor:
+    """The swarm's blocks as a differentiable function of `hidden` and `adapter.tensors`.
+
+    `run` executes a trio coroutine function from the calling thread and returns its result
+    (``SwarmBridge.call``); forward and backward each make one pass along the chain.
+    """
+    names = tuple(adapter.tensors)
+    spec = _Spec(run, client, model, num_blocks, names, adapter.scaling, wire_codec)
+    return _RemoteBlocks.apply(spec, hidden, *(adapter.tensors[n] for n in names))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    run: Runner
+    client: SwarmClient
+    model: str
+    num_blocks: int
+    names: tuple[str, ...]
+    scaling: float
+    wire_codec: str
+
+
+class _RemoteBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, spec: _Spec, hidden: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        adapter = LoraWeights(dict(zip(spec.names, (t.detach() for t in tensors))), spec.scaling)
+        output, context = spec.run(
+            lambda: forward(spec.client, spec.model, spec.num_blocks, hidden.detach(), adapter, wire_codec=spec.wire_codec)
+        )
+        ctx.spec, ctx.context = spec, context
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        spec, context = ctx.spec, ctx.context
+        grad_input, grads = spec.run(lambda: backward(context, grad_output))
+        return (None, grad_input, *(grads[name] for name in spec.names))
+
+
+async def _call(
+    client: SwarmClient, record: ServerRecord, adapter: LoraWeights, request: dict[str, Any], reply_type: str
+) -> dict[str, Any]:
+    """One TRAIN request to `record`'s server naming its span of `adapter`, uploaded if need be."""
+
+    async def attempt(digest: str | None) -> dict[str, Any]:
+        stream = await client.node.open_stream(record.peer_id, protocol.TRAIN, record.addrs)
+        try:
+            await protocol.write_frame(stream, {**request, "adapter": digest})
+            with trio.fail_after(client.step_timeout):
+                return protocol.expect(await protocol.read_frame(stream, max_bytes=MAX_REPLY_FRAME), reply_type)
+        finally:
+            await stream.close()
+
+    return await client.uploads.run(record, adapter, attempt)
+
+
+def _decode(wire: Any, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    tensor = codec.decode(wire, max_elements=shape.numel())
+    if tensor.shape != shape:
+        raise protocol.ProtocolError(f"expected a tensor of shape {list(shape)}, got {list(tensor.shape)}")
+    return tensor.to(dtype)

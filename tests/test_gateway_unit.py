@@ -1,0 +1,738 @@
+"""Gateway API layer against an in-process backend that runs the model's layers locally.
+
+Most end-to-end tests use the official `openai` SDK against a real uvicorn in a thread, so the
+wire format is checked by the client that matters; raw SSE framing is checked with httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from blocks.head import ModelHead
+from blocks.tiny_checkpoints import build_checkpoint
+from gateway.app import create_app
+from gateway.backend import Coverage, SwarmBusy
+from gateway.sampling import Sampler, SamplingParams
+from gateway.settings import Settings
+from gateway.stops import TextStream
+from gateway.tenants import KeyStore
+from gateway.tokens import TokenPieces
+
+MODEL = "tiny-llama"
+CONTEXT = 256
+
+
+# --- in-process backend ---------------------------------------------------------------------------
+
+
+class LocalSession:
+    def __init__(self, backend: LocalBackend, batch: int, max_length: int):
+        self.backend = backend
+        self.batch = batch
+        self.max_length = max_length
+        self.length = 0
+        self.steps = 0
+        self.closed = False
+        self.cache = DynamicCache()
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert not self.closed and hidden.shape[0] == self.batch
+        self.length += hidden.shape[1]
+        assert self.length <= self.max_length, "gateway fed more tokens than it reserved"
+        self.steps += 1
+        if self.backend.step_delay:
+            await asyncio.sleep(self.backend.step_delay)
+        if self.backend.fail_at_step == self.steps:
+            raise RuntimeError("secret internal detail")
+        with torch.inference_mode():
+            out = self.backend.model.model(inputs_embeds=hidden, past_key_values=self.cache, use_cache=True)
+        return out.last_hidden_state
+
+    async def close(self) -> None:
+        assert not self.closed, "session closed twice"
+        self.closed = True
+
+
+class LocalBackend:
+    """All decoder layers of the checkpoint, in this process.
+
+    The model's final norm is replaced by identity: a backend returns the last block's output and
+    the gateway's head applies the norm.
+    """
+
+    def __init__(self, path: Path):
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model.model.norm = torch.nn.Identity()
+        self.num_blocks = self.model.config.num_hidden_layers
+        self.sessions: list[LocalSession] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.missing: tuple[int, ...] = ()
+        self.busy = False
+        self.step_delay = 0.0
+        self.fail_at_step: int | None = None
+
+    async def open_session(self, model: str, *, batch: int, max_length: int) -> LocalSession:
+        assert model == MODEL
+        if self.busy:
+            raise SwarmBusy("All chains for this model are at capacity.")
+        session = LocalSession(self, batch, max_length)
+        self.sessions.append(session)
+        return session
+
+    def coverage(self, model: str) -> Coverage:
+        return Coverage(self.num_blocks, self.missing)
+
+    def swarm_state(self) -> dict[str, Any]:
+        return {"servers": [{"peer": "local", "blocks": [0, self.num_blocks]}]}
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Run `app` on a real uvicorn in a thread; yields its base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("gateway") / "tiny", max_position_embeddings=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint: Path):
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path):
+    """The unmodified HF model, for `generate` comparisons."""
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint: Path) -> LocalBackend:
+    return LocalBackend(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def head_loader(checkpoint: Path):
+    head = ModelHead(checkpoint)
+    return lambda path: head
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def app(checkpoint: Path, backend: LocalBackend, head_loader, data_dir: Path) -> FastAPI:
+    settings = Settings(models={MODEL: checkpoint}, data_dir=data_dir, max_concurrent_requests=2, max_n=4)
+    return create_app(settings, backend, head_loader=head_loader)
+
+
+@pytest.fixture(scope="module")
+def api_key(app: FastAPI, data_dir: Path) -> str:
+    return KeyStore(data_dir).create_key("acme")
+
+
+@pytest.fixture(scope="module")
+def base_url(app: FastAPI) -> Iterator[str]:
+    with serve(app) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend(backend: LocalBackend) -> Iterator[None]:
+    yield
+    backend.reset()
+
+
+@pytest.fixture
+def client(base_url: str, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def http(base_url: str, api_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http:
+        yield http
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the sea."}]
+
+
+def hf_greedy(reference, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, bool]:
+    """HF `generate`'s greedy text and whether it ended with EOS."""
+    with torch.inference_mode():
+        out = reference.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    eos = set(reference.generation_config.eos_token_id)
+    ended = bool(new) and new[-1] in eos
+    return tokenizer.decode(new, skip_special_tokens=True), ended
+
+
+def small_id(tokenizer) -> int:
+    """A token that is a whole word, to force with logit_bias."""
+    (token_id,) = tokenizer.encode(" small")
+    return token_id
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+# --- chat and completions -------------------------------------------------------------------------
+
+
+def test_chat_greedy_matches_hf_generate(client, reference, tokenizer):
+    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    prompt_ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    expected, ended = hf_greedy(reference, tokenizer, prompt_ids, 20)
+    choice = response.choices[0]
+    assert response.object == "chat.completion" and response.model == MODEL and response.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content == expected and expected
+    assert choice.finish_reason == ("stop" if ended else "length")
+    assert response.usage.prompt_tokens == len(prompt_ids)
+    assert response.usage.completion_tokens == 20 or ended
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_chat_stream_matches_non_stream(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0)
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    first, finish, usage = chunks[0], chunks[-2], chunks[-1]
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
+    assert finish.choices[0].finish_reason == full.choices[0].finish_reason
+    assert finish.choices[0].delta.content is None and finish.choices[0].delta.role is None
+    assert usage.choices == [] and usage.usage == full.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == full.choices[0].message.content
+
+
+def test_chat_content_parts_equal_string_content(client):
+    parts = [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "about the sea."}]
+    a = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0
+    )
+    b = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me\nabout the sea."}], max_tokens=8, temperature=0
+    )
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage == b.usage
+
+
+def test_completion_greedy_matches_hf_generate_and_stream(client, reference, tokenizer):
+    prompt = "Once upon a time there was"
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    expected, ended = hf_greedy(reference, tokenizer, prompt_ids, 12)
+    assert response.object == "text_completion" and response.id.startswith("cmpl-")
+    assert response.choices[0].text == expected
+    assert response.choices[0].finish_reason == ("stop" if ended else "length")
+    assert response.usage.prompt_tokens == len(prompt_ids)
+
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == expected
+    assert chunks[-2].choices[0].finish_reason == response.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == response.usage
+
+
+def test_completion_default_max_tokens_is_16_and_token_prompt(client, tokenizer):
+    ids = tokenizer("The weather is")["input_ids"]
+    by_text = client.completions.create(model=MODEL, prompt="The weather is", temperature=0, extra_body={"ignore_eos": True})
+    by_ids = client.completions.create(model=MODEL, prompt=ids, temperature=0, extra_body={"ignore_eos": True})
+    assert by_text.usage.completion_tokens == 16 and by_text.choices[0].finish_reason == "length"
+    assert by_ids.choices[0].text == by_text.choices[0].text
+
+
+def test_chat_default_max_tokens_fills_the_context(client, tokenizer):
+    response = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True}
+    )
+    prompt = response.usage.prompt_tokens
+    assert response.usage.completion_tokens == CONTEXT - prompt
+    assert response.choices[0].finish_reason == "length"
+
+
+def test_raw_sse_framing(http):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: {") and "\n" not in event and "\r" not in event
+        chunk = json.loads(event.removeprefix("data: "))
+        assert "usage" not in chunk  # only with stream_options.include_usage
+        assert set(chunk) == {"id", "object", "created", "model", "choices", "system_fingerprint"}
+    last = json.loads(events[-3].removeprefix("data: "))
+    assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_stop_string_spanning_token_boundary(client, tokenizer):
+    # Forcing " small" makes the output " small small ..."; the stop "ll s" spans two tokens.
+    kwargs = dict(model=MODEL, prompt="The quick brown fox", max_tokens=8, logit_bias={str(small_id(tokenizer)): 100})
+    stopped = client.completions.create(**kwargs, stop=["ll s", "never-there"])
+    assert stopped.choices[0].text == " sma" and stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == 2  # the token completing the stop counts
+
+    deltas = [c.choices[0].text for c in client.completions.create(**kwargs, stop="ll s", stream=True)]
+    assert "".join(deltas) == " sma" and not any("l" in d for d in deltas)  # "ll" was held back
+
+    not_matched = client.completions.create(**kwargs, stop="ll sx")
+    assert not_matched.choices[0].text == " small" * 8 and not_matched.choices[0].finish_reason == "length"
+
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
+    content = chat.choices[0].message.content
+    stop = content[2:4]
+    cut = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, stop=stop)
+    assert cut.choices[0].message.content == content[: content.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_seed_reproducibility(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=1.0, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(**kwargs, seed=1234)
+    b = client.chat.completions.create(**kwargs, seed=1234)
+    c = client.chat.completions.create(**kwargs, seed=4321)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.choices[0].message.content != c.choices[0].message.content
+
+
+def test_n_choices_share_a_session_and_sum_usage(client, backend):
+    before = len(backend.sessions)
+    response = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, n=2, seed=7, logprobs=True, extra_body={"ignore_eos": True}
+    )
+    assert len(backend.sessions) == before + 1 and backend.sessions[-1].batch == 2
+    assert [c.index for c in response.choices] == [0, 1]
+    assert response.choices[0].message.content != response.choices[1].message.content
+    assert all(len(c.logprobs.content) == 8 for c in response.choices)
+    assert response.usage.completion_tokens == 16
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=8, n=2, seed=7, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
+    for index, choice in enumerate(response.choices):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+
+
+def test_chat_logprobs_shape(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = response.choices[0].logprobs.content
+    joined = b"".join(bytes(t.bytes) for t in content).decode(errors="replace")
+    assert content and joined == response.choices[0].message.content
+    for entry in content:
+        assert entry.logprob <= 0 and (entry.bytes == list(entry.token.encode()) or "\\x" in entry.token)
+        assert len(entry.top_logprobs) == 3
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob  # greedy
+
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0, logprobs=True)
+    assert all(entry.top_logprobs == [] for entry in plain.choices[0].logprobs.content)
+    none = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert none.choices[0].logprobs is None
+
+    streamed = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True
+        )
+    )
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.model_dump() for t in tokens] == [t.model_dump() for t in content]
+
+
+def test_completion_logprobs_shape(client):
+    response = client.completions.create(model=MODEL, prompt="Hello!", max_tokens=6, temperature=0, logprobs=2)
+    lp = response.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert len(lp.tokens) == response.usage.completion_tokens or response.choices[0].finish_reason == "stop"
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 3 and top[token] == logprob == max(top.values())
+
+    streamed = list(client.completions.create(model=MODEL, prompt="Hello!", max_tokens=6, temperature=0, logprobs=2, stream=True))
+    offsets = [o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
+
+
+def test_logit_bias_forces_a_token(client, tokenizer):
+    response = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=5, logit_bias={str(small_id(tokenizer)): 100}
+    )
+    assert response.choices[0].message.content == " small" * 5
+
+
+def test_penalties_and_vllm_extras_are_accepted(client):
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        seed=3,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2, "min_tokens": 8, "ignore_eos": False},
+    )
+    assert response.usage.completion_tokens == 8 and response.choices[0].finish_reason == "length"
+
+
+# --- models, health, swarm ------------------------------------------------------------------------
+
+
+def test_models_health_and_swarm(client, http, base_url, backend):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL] and models.data[0].object == "model"
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}  # no key needed
+    backend.missing = (2,)
+    view = http.get("/v1/swarm").json()
+    assert view["models"] == [{"id": MODEL, "num_blocks": 4, "missing_blocks": [2], "complete": False}]
+    assert view["swarm"] == backend.swarm_state()
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def assert_error(response: httpx.Response, status: int, type_: str, param: str | None = None, code: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == type_ and error["param"] == param and error["code"] == code
+    return error
+
+
+def test_validation_errors_are_openai_400s(http):
+    def post(body: Any) -> httpx.Response:
+        return http.post("/v1/chat/completions", json=body)
+
+    assert_error(post({"model": MODEL, "messages": MESSAGES, "temperature": 5}), 400, "invalid_request_error", "temperature")
+    assert_error(post({"model": MODEL}), 400, "invalid_request_error", "messages")
+    assert_error(post({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}), 400, "invalid_request_error", "messages[0].role")
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert_error(post({"model": MODEL, "messages": image}), 400, "invalid_request_error", "messages[0].content[0].type")
+    assert_error(post({"model": MODEL, "messages": MESSAGES, "top_logprobs": 2}), 400, "invalid_request_error")
+    assert_error(post({"model": MODEL, "messages": MESSAGES, "logit_bias": {"99999": 5}}), 400, "invalid_request_error", "logit_bias")
+    assert_error(post({"model": MODEL, "messages": MESSAGES, "n": 5}), 400, "invalid_request_error", "n")
+    bad_json = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(bad_json, 400, "invalid_request_error")
+    echo = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "echo": True})
+    assert_error(echo, 400, "invalid_request_error", "echo")
+
+
+def test_prompt_too_long_is_400(client, http):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=MODEL, prompt="hello " * CONTEXT, max_tokens=4)
+    assert raised.value.code == "context_length_exceeded" and raised.value.param == "prompt"
+    too_much = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": CONTEXT})
+    error = assert_error(too_much, 400, "invalid_request_error", "messages", "context_length_exceeded")
+    assert f"maximum context length is {CONTEXT} tokens" in error["message"]
+
+
+def test_authentication_errors(base_url, http):
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "Basic abc"}):
+        response = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}, headers=headers)
+        assert_error(response, 401, "invalid_request_error", code="invalid_api_key")
+    bad = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_unknown_model_is_404(client, http):
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    assert raised.value.code == "model_not_found"
+    assert_error(http.get("/v1/models/gpt-9"), 404, "invalid_request_error", "model", "model_not_found")
+    assert_error(http.get("/v1/nothing-here"), 404, "invalid_request_error")
+
+
+def test_uncovered_model_is_503_naming_missing_blocks(client, backend):
+    backend.missing = (1, 2, 3)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    assert raised.value.status_code == 503 and "blocks 1-3" in raised.value.message
+
+
+def test_tenant_limit_and_swarm_capacity_are_429(client, base_url, http, backend, app):
+    backend.step_delay = 0.05
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 100, "stream": True, "ignore_eos": True}
+    limiter = app.state.gateway.limiter
+    with ExitStack() as stack:
+        for _ in range(2):  # the tenant's limit is 2
+            response = stack.enter_context(http.stream("POST", "/v1/chat/completions", json=body))
+            lines = response.iter_lines()  # keep it: a dropped iterator disconnects
+            stack.callback(lines.close)
+            assert next(lines).startswith("data: {")
+        with pytest.raises(openai.RateLimitError) as raised:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+        assert raised.value.code == "rate_limit_exceeded"
+        other = KeyStore(app.state.gateway.settings.data_dir).create_key("other-tenant")
+        other_client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=other, max_retries=0)
+        assert other_client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
+    wait_for(lambda: limiter.active("acme") == 0)
+
+    backend.step_delay = 0.0
+    backend.busy = True
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert raised.value.code == "swarm_busy"
+    assert limiter.active("acme") == 0
+
+
+def test_internal_errors_do_not_leak(client, http, backend):
+    backend.fail_at_step = 2
+    response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4})
+    error = assert_error(response, 500, "server_error")
+    assert "secret" not in response.text and "Traceback" not in response.text
+    assert backend.sessions[-1].closed
+
+    with http.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": True}) as streamed:
+        events = [line for line in streamed.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["message"] == error["message"]
+    assert "secret" not in "".join(events) and backend.sessions[-1].closed
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, stream=True))
+
+
+def test_disconnect_mid_stream_closes_the_session(base_url, api_key, backend, app):
+    backend.step_delay = 0.02
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            for _ in range(6):
+                next(lines)
+            session = backend.sessions[-1]
+            assert not session.closed
+    wait_for(lambda: session.closed)
+    assert session.steps < 200
+    wait_for(lambda: app.state.gateway.limiter.active("acme") == 0)
+
+
+def test_static_api_key_mode(checkpoint, backend, head_loader, tmp_path):
+    settings = Settings(models={MODEL: checkpoint}, data_dir=tmp_path, api_key="sk-static")
+    app = create_app(settings, backend, head_loader=head_loader)
+    transport = httpx.ASGITransport(app=app)
+
+    async def go() -> tuple[int, int, int]:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            ok = await http.get("/v1/models", headers={"Authorization": "Bearer sk-static"})
+            wrong = await http.get("/v1/models", headers={"Authorization": "Bearer sk-other"})
+            missing = await http.get("/v1/models")
+            return ok.status_code, wrong.status_code, missing.status_code
+
+    assert asyncio.run(go()) == (200, 401, 401)
+    assert not (tmp_path / "gateway.sqlite3").exists()
+
+
+def test_keys_are_stored_hashed(tmp_path):
+    store = KeyStore(tmp_path)
+    key = store.create_key("acme")
+    assert key.startswith("sk-") and len(key) > 40
+    assert store.tenant_for_key(key) == "acme" and store.tenant_for_key(key + "x") is None
+    assert store.create_key("acme") != key
+    db = sqlite3.connect(store.path)
+    dump = "\n".join(db.iterdump())
+    assert db.execute("SELECT count(*) FROM keys WHERE tenant = 'acme'").fetchone() == (2,)
+    db.close()
+    assert key not in dump and key[3:] not in dump
+
+
+# --- stops.py -------------------------------------------------------------------------------------
+
+
+def feed(stream: TextStream, ids: list[int]) -> list[str]:
+    """Push ids until the stream stops; the deltas."""
+    deltas = []
+    for token_id in ids:
+        if stream.stopped:
+            break
+        deltas.append(stream.push(token_id))
+    return deltas
+
+
+def test_text_stream_without_stops_matches_decode(tokenizer):
+    ids = tokenizer("Hello! How are you today? 你好 🙂")["input_ids"]
+    decode = lambda x: tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
+    stream = TextStream(decode)
+    assert "".join(feed(stream, ids)) + stream.flush() == decode(ids)
+
+
+def test_text_stream_waits_for_complete_utf8(tokenizer):
+    ids = tokenizer.encode("a😀")
+    decode = lambda x: tokenizer.decode(x)  # noqa: E731
+    assert len(ids) > 2 and "\ufffd" in decode(ids[:2])
+    deltas = feed(TextStream(decode), ids)
+    assert deltas[1:-1] == [""] * (len(ids) - 2) and "".join(deltas) == "a😀"
+
+
+def test_text_stream_stop_across_tokens_and_hold_back(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = tokenizer.encode(text)
+    decode = lambda x: tokenizer.decode(x)  # noqa: E731
+    stream = TextStream(decode, ["fox jum", "zzz"])
+    deltas = feed(stream, ids)
+    assert "".join(deltas) == "The quick brown " == stream.text
+    assert not any("fox" in d for d in deltas)
+    with pytest.raises(RuntimeError):
+        stream.push(ids[-1])
+
+
+def test_text_stream_earliest_stop_and_flush_of_held_text(tokenizer):
+    decode = lambda x: tokenizer.decode(x)  # noqa: E731
+    stream = TextStream(decode, ["dog", "lazy"])
+    out = "".join(feed(stream, tokenizer.encode("over the lazy dog")))
+    assert out == "over the " and stream.stopped
+
+    held = TextStream(decode, ["the lazy cat"])
+    deltas = feed(held, tokenizer.encode("over the lazy"))
+    assert "".join(deltas) == "over " and held.flush() == "the lazy"  # a prefix of the stop, never matched
+
+
+def test_text_stream_ignores_stops_until_allowed(tokenizer):
+    decode = lambda x: tokenizer.decode(x)  # noqa: E731
+    stream = TextStream(decode, [" the"])
+    ids = tokenizer.encode(" the cat and the dog")
+    assert decode(ids[:1]) == " the"
+    first = stream.push(ids[0], check_stops=False)
+    rest = "".join(feed(stream, ids[1:]))
+    assert first == " the" and first + rest == " the cat and"
+
+
+def test_token_pieces_report_exact_bytes(tokenizer):
+    pieces = TokenPieces(tokenizer)
+    ids = tokenizer.encode("😀")
+    joined = b"".join(pieces.piece(i)[1] for i in ids)
+    assert joined == "😀".encode() and "\\x" in pieces.piece(ids[0])[0]
+    assert pieces.piece(small_id(tokenizer)) == (" small", b" small")
+
+
+# --- sampling.py ----------------------------------------------------------------------------------
+
+
+def sampler(vocab: int = 6, prompt: tuple[int, ...] = (), eos: tuple[int, ...] = (), batch: int = 1, **params) -> Sampler:
+    return Sampler(SamplingParams(**params), prompt_ids=list(prompt), batch=batch, vocab_size=vocab, eos_token_ids=eos)
+
+
+def draw(s: Sampler, logits: list[float], steps: int = 1) -> list[int]:
+    return [s.sample(torch.tensor([logits]))[0].token_id for _ in range(steps)]
+
+
+def test_greedy_and_top_k_1_take_the_argmax():
+    logits = [0.1, 3.0, 2.9, -1.0, 0.0, 0.0]
+    assert draw(sampler(temperature=0), logits, 3) == [1, 1, 1]
+    assert draw(sampler(top_k=1, seed=0), logits, 5) == [1] * 5
+
+
+def test_logit_bias_forces_and_forbids():
+    logits = [0.1, 3.0, 2.9, -1.0, 0.0, 0.0]
+    assert draw(sampler(temperature=0, logit_bias={3: 100}), logits) == [3]
+    assert draw(sampler(temperature=0, logit_bias={1: -100}), logits) == [2]
+
+
+def test_repetition_penalty_follows_vllm():
+    # prompt token 0: positive logit divided, negative multiplied
+    assert draw(sampler(prompt=[0], temperature=0, repetition_penalty=2.0), [2.0, 1.5, 0, 0, 0, 0]) == [1]
+    assert draw(sampler(prompt=[0], temperature=0, repetition_penalty=1.1), [2.0, 1.5, 0, 0, 0, 0]) == [0]
+    assert draw(sampler(prompt=[1], temperature=0, repetition_penalty=2.0), [-1.0, -0.6, -5, -5, -5, -5]) == [0]
+
+
+def test_presence_and_frequency_penalties_count_output_tokens():
+    logits = [1.0, 0.5, -9, -9, -9, -9]
+    assert draw(sampler(prompt=[0], temperature=0, frequency_penalty=0.3), logits, 3) == [0, 0, 1]
+    assert draw(sampler(prompt=[0], temperature=0, presence_penalty=0.6), logits, 3) == [0, 1, 0]
+
+
+def test_min_tokens_and_ignore_eos_suppress_eos():
+    logits = [9.0, 1.0, 0, 0, 0, 0]
+    assert draw(sampler(eos=[0], temperature=0, min_tokens=2), logits, 3) == [1, 1, 0]
+    assert draw(sampler(eos=[0], temperature=0, ignore_eos=True), logits, 3) == [1, 1, 1]
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)).tolist()
+    runs = []
+    for seed in (11, 11, 12):
+        s = Sampler(SamplingParams(seed=seed), prompt_ids=[0], batch=2, vocab_size=50, eos_token_ids=[])
+        runs.append([[t.token_id for t in s.sample(torch.tensor(logits))] for _ in range(20)])
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_truncation_top_p_min_p_top_k():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **p: torch.isfinite(sampler(vocab=4, **p)._truncate(logits.clone()))[0].tolist()  # noqa: E731
+    assert kept(top_p=0.6) == [True, True, False, False]
+    assert kept(top_p=0.5) == [True, False, False, False]
+    assert kept(min_p=0.25) == [True, True, True, False]
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept() == [True] * 4
+    s = sampler(vocab=4, top_p=0.6, seed=0)
+    assert set(draw(s, logits[0].tolist(), 200)) == {0, 1}
+
+
+def test_logprobs_are_raw_model_logprobs():
+    logits = [2.0, 1.0, 0.5, 0.0, -1.0, -2.0]
+    raw = torch.log_softmax(torch.tensor(logits), -1)
+    for temperature in (0.0, 0.3, 1.5):
+        token = sampler(temperature=temperature, logprobs=2, logit_bias={4: 50}, seed=0).sample(torch.tensor([logits]))[0]
+        assert token.token_id == 4 and token.logprob == pytest.approx(float(raw[4]))
+        assert [i for i, _ in token.top] == [0, 1]
+        assert [lp for _, lp in token.top] == pytest.approx(raw[:2].tolist())
+    assert sampler(temperature=0).sample(torch.tensor([logits]))[0].logprob is None
