@@ -46,6 +46,7 @@ def create_adapter(
     """A new adapter for the checkpoint at `base_path` (announced as `base_name`); the caller's RNG is untouched."""
     config = lora_config(base_name, r=r, alpha=alpha, target_modules=target_modules)
     skeleton = family.skeleton(load_config(base_path))
+    skeleton.name_or_path = base_name  # what peft records as the base (else the folder's path)
     for name, module in skeleton.named_modules():
         if name.rsplit(".", 1)[-1] in config.target_modules and isinstance(module, nn.Linear):
             stand_in = torch.zeros((), dtype=torch.float32).expand(module.out_features, module.in_features)
@@ -53,7 +54,8 @@ def create_adapter(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(skeleton, config)
-    tensors = {name: t.detach().clone() for name, t in get_peft_model_state_dict(model).items()}
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)  # False: no hub look-up
+    tensors = {name: t.detach().clone() for name, t in state.items()}
     written = config.to_dict()
     written["inference_mode"] = True  # as peft's save_pretrained writes it
     return LoraAdapter(canonical_config(written), tensors)

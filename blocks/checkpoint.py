@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -136,3 +137,8 @@ def default_model_name(path_or_id: str | Path) -> str:
     """The name a model is announced and requested by: a hub id as is, else the folder's name."""
     local = Path(path_or_id).expanduser()
     return local.resolve().name if local.is_dir() else str(path_or_id)
+
+
+def cache_root() -> Path:
+    """Where swarmgate keeps what it builds or measures once: `$SWARMGATE_CACHE`, else `~/.cache/swarmgate`."""
+    return Path(os.environ.get("SWARMGATE_CACHE") or Path.home() / ".cache" / "swarmgate")

@@ -5,6 +5,12 @@ second task per session runs them in order. Steps arrive either from the client 
 replay) or pushed by the previous server of the chain (decode), and each output goes both to
 the next server of the step's route and back to the client, so a token costs one pass along
 the chain. Compute runs in a worker thread (one at a time) so the host keeps serving.
+
+Failures elsewhere are the normal case (DESIGN.md §7): a step at a position the session already
+holds is a client's replay after a failure upstream, and is dropped; every output names the
+session it was pushed to, so the client can send a step itself where a push did not happen. The
+server can move to another span (``move_to``, rebalancing): sessions opened on the old span keep
+it until they end or a drain timeout fails them, and their clients replay elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import trio
 from blocks.adapter_cache import UnknownAdapterError
 from blocks.cache import SessionCaches, SessionLimitError, UnknownSessionError
 from blocks.lora import SpanLora
+from blocks.metrics import ServerMetrics
 from blocks.span import BlockSpan
+from blocks.throughput import ThroughputCache, span_throughput
 from blocks.training import TrainingService
 from swarm import codec, protocol
 from swarm.node import SwarmNode
@@ -39,6 +47,8 @@ class ServerLimits:
     max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES
     max_forward_tokens: int = 16384  # batch * length of one cache-less forward
     open_timeout: float = 30.0
+    push_timeout: float = 30.0  # a next server that takes longer to accept a push counts as unreachable
+    drain_timeout: float = 60.0  # after a move, sessions on the old span may run this long
     max_train_tokens: int = 4096  # batch * length of one training forward/backward
     adapter_cache_bytes: int = 256 * 2**20  # LoRA adapters kept by digest (LRU)
 
@@ -54,6 +64,7 @@ class _LiveSession:
     cancel: trio.CancelScope
     next_hops: dict[str, Any] = field(default_factory=dict)  # peer id -> push stream
     adapter: SpanLora | None = None  # LoRA applied to every step of the session
+    span: BlockSpan | None = None  # the span the session was opened on, even after a move
 
 
 class BlockServer:
@@ -66,6 +77,8 @@ class BlockServer:
         checkpoint: str,
         limits: ServerLimits = ServerLimits(),
         announce_interval: float = 5.0,
+        throughput_cache: ThroughputCache | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.node = node
         self.span = span
@@ -75,24 +88,57 @@ class BlockServer:
         self.announce_interval = announce_interval
         self.caches = SessionCaches(limits.max_sessions, limits.max_tokens, limits.idle_timeout)
         self.throughput = 0.0
+        self.throughput_cache = throughput_cache
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.sessions.set_function(lambda: self.caches.num_sessions)
         self._live: dict[str, _LiveSession] = {}
+        self._nursery: trio.Nursery | None = None
         self._compute = trio.CapacityLimiter(1)
         self.training = TrainingService(span, limits, self._compute)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Register the protocols, announce, and run until cancelled."""
-        self.throughput = await trio.to_thread.run_sync(self._measure_throughput)
+        await self._measure(self.span)
+        # bitsandbytes loads on the first int8 message; pay that here, not in a client's step (or replay).
+        await trio.to_thread.run_sync(codec.encode, torch.zeros(1, 1, 8), "int8")
         host = self.node.host
         host.set_stream_handler(protocol.INFERENCE, self._handle_inference)
         host.set_stream_handler(protocol.PUSH, self._handle_push)
         host.set_stream_handler(protocol.FORWARD, self._handle_forward)
         host.set_stream_handler(protocol.TRAIN, self.training.handle)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._announce_forever)
             nursery.start_soon(self._expire_forever)
             await self.announce()
             task_status.started()
+
+    async def _measure(self, span: BlockSpan) -> None:
+        self.throughput = await trio.to_thread.run_sync(
+            span_throughput, span, self.checkpoint, self.throughput_cache, limiter=self._compute
+        )
+        self.metrics.throughput.set(self.throughput)
+        self.metrics.span_start.set(span.start)
+        self.metrics.span_end.set(span.end)
+
+    async def move_to(self, span: BlockSpan) -> None:
+        """Serve `span` from now on and say so at once; sessions on the old span may finish
+        within the drain timeout, then they are failed and their clients replay elsewhere."""
+        old = self.span
+        await self._measure(span)
+        self.span = self.training.span = span
+        await self.announce()
+        self.metrics.moves.inc()
+        logger.info("moved from blocks [%d, %d) to [%d, %d)", old.start, old.end, span.start, span.end)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._drain, old)
+
+    async def _drain(self, span: BlockSpan) -> None:
+        await trio.sleep(self.limits.drain_timeout)
+        for live in [live for live in self._live.values() if live.span is span]:
+            logger.info("session %s on the old span [%d, %d) ended by the move", live.id, span.start, span.end)
+            live.cancel.cancel()
 
     def record(self) -> ServerRecord:
         return ServerRecord(
@@ -108,6 +154,7 @@ class BlockServer:
             ttl=3 * self.announce_interval,
             block_bytes=self.span.block_bytes,
             quant=self.span.quant,
+            model_blocks=self.span.config.num_hidden_layers,
         )
 
     async def announce(self) -> None:
@@ -129,16 +176,6 @@ class BlockServer:
                 if (live := self._live.get(session_id)) is not None:
                     live.cancel.cancel()
 
-    def _measure_throughput(self) -> float:
-        """Single-token decode speed of the whole span (tokens/s), announced for routing."""
-        hidden = torch.randn(1, 1, self.span.hidden_size, dtype=self.span.dtype, device=self.span.device)
-        cache = self.span.new_cache()
-        self.span.forward(hidden, cache=cache, position=0)
-        started, steps = time.perf_counter(), 4
-        for position in range(1, steps + 1):
-            self.span.forward(hidden, cache=cache, position=position)
-        return steps / max(time.perf_counter() - started, 1e-6)
-
     # -- inference sessions ----------------------------------------------------------------------
     async def _handle_inference(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
@@ -147,10 +184,11 @@ class BlockServer:
                 request = protocol.expect(await self._read(stream), "open")
             session_id, batch, max_length, wire_codec = self._validate_open(request)
             adapter = self.training.session_adapter(request)
-            self.caches.open(session_id, batch=batch, max_length=max_length, cache=self.span.new_cache())
+            span = self.span  # the session keeps it, whatever moves come later
+            self.caches.open(session_id, batch=batch, max_length=max_length, cache=span.new_cache())
             try:
                 await protocol.write_frame(stream, {"type": "opened", "session": session_id})
-                await self._run_session(session_id, stream, wire_codec, adapter)
+                await self._run_session(session_id, stream, wire_codec, adapter, span)
             finally:
                 self.caches.close(session_id)
         except SessionLimitError as error:
@@ -185,12 +223,24 @@ class BlockServer:
             raise ProtocolError(f"unknown codec {wire_codec!r}; this server speaks {codec.CODECS}")
         if checkpoint is not None and checkpoint != self.checkpoint:
             raise ProtocolError(f"checkpoint mismatch: server has {self.checkpoint}, client {checkpoint}")
+        if (moved := self._moved(request)) is not None:
+            raise ProtocolError(moved)
         return session_id, batch, max_length, wire_codec
 
-    async def _run_session(self, session_id: str, stream: Any, wire_codec: str, adapter: SpanLora | None) -> None:
+    def _moved(self, request: dict[str, Any]) -> str | None:
+        """Why a request naming other blocks than ours is refused: the client chose this server
+        from a record older than a move, and would get the wrong layers' output."""
+        blocks = request.get("blocks")
+        if blocks is None or blocks == [self.span.start, self.span.end]:
+            return None
+        return f"this server serves blocks [{self.span.start}, {self.span.end}) now, not {blocks}"
+
+    async def _run_session(
+        self, session_id: str, stream: Any, wire_codec: str, adapter: SpanLora | None, span: BlockSpan
+    ) -> None:
         inbox_send, inbox = trio.open_memory_channel[dict[str, Any]](64)
         with trio.CancelScope() as cancel:
-            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter)
+            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter, span=span)
             self._live[session_id] = live
             try:
                 async with trio.open_nursery() as nursery:
@@ -239,53 +289,72 @@ class BlockServer:
             try:
                 output = await self._step(live, message)
             except (ProtocolError, codec.CodecError, UnknownSessionError, ValueError) as error:
+                self.metrics.errors.labels("bad_step").inc()
                 await protocol.write_frame(live.client, protocol.error_frame(str(error)))
                 continue
             except Exception as error:  # a compute failure leaves the cache unusable: end the session
                 logger.exception("step failed")
+                self.metrics.errors.labels("compute").inc()
                 await protocol.write_frame(live.client, protocol.error_frame(f"step failed: {error!r}"))
                 raise
-            await self._deliver(live, message, output)
+            if output is not None:
+                await self._deliver(live, message, output)
 
-    async def _step(self, live: _LiveSession, message: dict[str, Any]) -> dict[str, Any]:
+    async def _step(self, live: _LiveSession, message: dict[str, Any]) -> dict[str, Any] | None:
+        """The step's output, or None for a step the session already holds (a replay's duplicate)."""
         session = self.caches.get(live.id)
+        span = live.span or self.span
         position = require(message, "position", int)
+        if position < session.position:
+            logger.debug("session %s: step at %d dropped, already at %d", live.id, position, session.position)
+            return None
         hidden = codec.decode(
             require(message, "hidden", dict),
-            max_elements=session.batch * session.max_length * self.span.hidden_size,
+            max_elements=session.batch * session.max_length * span.hidden_size,
         )
         tokens = hidden.shape[1] if hidden.dim() == 3 else 0
-        if hidden.dim() != 3 or hidden.shape[0] != session.batch or hidden.shape[2] != self.span.hidden_size:
+        if hidden.dim() != 3 or hidden.shape[0] != session.batch or hidden.shape[2] != span.hidden_size:
             raise ProtocolError(
-                f"hidden states must be [{session.batch}, tokens, {self.span.hidden_size}], got {list(hidden.shape)}"
+                f"hidden states must be [{session.batch}, tokens, {span.hidden_size}], got {list(hidden.shape)}"
             )
         if position != session.position:
             raise ProtocolError(f"step at position {position}, but the session is at {session.position}")
         session.advance(tokens)  # raises ValueError past max_length, before any compute
-        hidden = hidden.to(device=self.span.device, dtype=self.span.dtype)
+        hidden = hidden.to(device=span.device, dtype=span.dtype)
+        started = time.perf_counter()
         output = await trio.to_thread.run_sync(
-            lambda: self.span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter),
+            lambda: span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter),
             limiter=self._compute,
         )
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.steps.inc()
+        self.metrics.tokens.inc(tokens * session.batch)
         return codec.encode(output, live.codec)
 
     async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: dict[str, Any]) -> None:
-        """Push to the next server first (it is on the critical path), then report to the client."""
+        """Push to the next server first (it is on the critical path), then report to the client.
+
+        The reply names the session the push reached (``pushed``); without it the client sends
+        the step on itself.
+        """
         position = message["position"]
         route = message.get("route") or []
+        reply = {"type": "output", "position": position, "hidden": output}
         if route:
             hop = route[0]
             try:
-                stream = await self._next_hop(live, hop)
-                frame = {"type": "step", "session": hop["session"], "position": position,
-                         "hidden": output, "route": route[1:]}
-                await protocol.write_frame(stream, frame)
+                with trio.fail_after(self.limits.push_timeout):
+                    stream = await self._next_hop(live, hop)
+                    frame = {"type": "step", "session": hop["session"], "position": position,
+                             "hidden": output, "route": route[1:]}
+                    await protocol.write_frame(stream, frame)
+                reply["pushed"] = hop["session"]
             except Exception as error:
-                live.next_hops.pop(str(hop.get("peer")), None)
-                await protocol.write_frame(
-                    live.client, protocol.error_frame(f"could not push to next server {hop.get('peer')}: {error!r}")
-                )
-        await protocol.write_frame(live.client, {"type": "output", "position": position, "hidden": output})
+                self.metrics.errors.labels("push").inc()
+                logger.info("session %s: could not push step %d on: %r", live.id, position, error)
+                if isinstance(hop, dict) and (stale := live.next_hops.pop(str(hop.get("peer")), None)) is not None:
+                    await _try_close(stale)
+        await protocol.write_frame(live.client, reply)
 
     async def _next_hop(self, live: _LiveSession, hop: Any) -> Any:
         if not isinstance(hop, dict):
@@ -301,6 +370,9 @@ class BlockServer:
     async def _handle_forward(self, stream: Any) -> None:
         try:
             request = protocol.expect(await self._read(stream), "forward")
+            if (moved := self._moved(request)) is not None:
+                await _try_send(stream, protocol.error_frame(moved))  # not invalid: another server may do
+                return
             wire_codec = require(request, "codec", str)
             if wire_codec not in codec.CODECS:
                 raise ProtocolError(f"unknown codec {wire_codec!r}")
@@ -314,7 +386,8 @@ class BlockServer:
             output = await trio.to_thread.run_sync(lambda: self.span.forward(hidden), limiter=self._compute)
             await protocol.write_frame(stream, {"type": "output", "hidden": codec.encode(output, wire_codec)})
         except (ProtocolError, codec.CodecError, ValueError) as error:
-            await _try_send(stream, protocol.error_frame(str(error)))
+            self.metrics.errors.labels("bad_forward").inc()
+            await _try_send(stream, protocol.error_frame(str(error), protocol.INVALID))
         except Exception as error:
             logger.info("forward stream ended: %r", error)
         finally:

@@ -90,7 +90,7 @@ class BlockSpan:
             return self._forward(hidden, cache, position)
 
     def backward(
-        self, hidden: torch.Tensor, grad_output: torch.Tensor, adapter: lora.SpanLora
+        self, hidden: torch.Tensor, grad_output: torch.Tensor, adapter: lora.SpanLora | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Gradients of a cache-less forward with `adapter`, given the gradient of its output.
 
@@ -99,13 +99,13 @@ class BlockSpan:
         """
         if grad_output.shape != hidden.shape:
             raise ValueError(f"output gradient {list(grad_output.shape)} does not match the input {list(hidden.shape)}")
-        trainable = adapter.trainable()
-        names, leaves = zip(*trainable.named_tensors())
-        hidden = hidden.detach().requires_grad_(True)
+        trainable = adapter.trainable() if adapter is not None else None
+        leaves = dict(trainable.named_tensors()) if trainable is not None else {}
+        hidden = hidden.detach().clone().requires_grad_(True)  # a leaf, even from an inference tensor
         with torch.enable_grad(), lora.applied(trainable):
             output = self._forward(hidden, None, 0)
-        grad_input, *grads = torch.autograd.grad(output, [hidden, *leaves], grad_output.to(output.dtype))
-        return grad_input, dict(zip(names, grads))
+        grad_input, *grads = torch.autograd.grad(output, [hidden, *leaves.values()], grad_output.to(output.dtype))
+        return grad_input, dict(zip(leaves, grads))
 
     def _forward(self, hidden: torch.Tensor, cache: Cache | None, position: int) -> torch.Tensor:
         """The computation itself, under whatever grad mode the caller chose."""

@@ -21,6 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 # tiny tokenizer is trained with exactly that one: every family then loads the tokenizer we saved.
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from blocks.checkpoint import cache_root
+
 Family = Literal["llama", "mistral", "qwen2"]
 
 PAD, BOS, EOS, IM_START, END_OF_TEXT = "<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|endoftext|>"
@@ -190,7 +192,7 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
     Cached under `cache_dir`, else `$SWARMGATE_CACHE`, else `~/.cache/swarmgate`; built in a temp
     folder and renamed into place, so concurrent callers never see a half-written model.
     """
-    root = Path(cache_dir or os.environ.get("SWARMGATE_CACHE") or Path.home() / ".cache" / "swarmgate")
+    root = Path(cache_dir) if cache_dir else cache_root()
     path = root / DEFAULT_MODEL
     if path.exists():
         return path

@@ -10,8 +10,11 @@ Requests, any number per stream, each answered by one frame:
 - ``upload`` {adapter: digest, scaling, tensors: {PEFT name: tensor (codec none)}} -> ``stored``
 - ``forward`` {adapter, codec, hidden} -> ``output`` {hidden}
 - ``backward`` {adapter, codec, hidden, grad} -> ``grads`` {grad_input, grads: {name: tensor}}
-A request naming an adapter this server does not hold is answered by an ``error`` with code
-``unknown_adapter``.
+(``adapter`` null: the span has no LoRA tensors, e.g. an adapter limited to other layers.)
+Every request may carry ``blocks`` [start, end], the span the client believes it addresses; a
+server that has moved since refuses it (code ``error``: another server may do). A request naming
+an adapter this server does not hold gets code ``unknown_adapter``; a malformed or oversized one
+code ``invalid``.
 """
 
 from __future__ import annotations
@@ -37,13 +40,25 @@ logger = logging.getLogger(__name__)
 
 class TrainingService:
     def __init__(self, span: BlockSpan, limits: "ServerLimits", compute: trio.CapacityLimiter) -> None:
-        self.span = span
         self.limits = limits
         self.compute = compute  # shared with inference: one computation at a time
-        self.adapters = AdapterCache(limits.adapter_cache_bytes)
+        self.span = span
+
+    @property
+    def span(self) -> BlockSpan:
+        return self._span
+
+    @span.setter
+    def span(self, span: BlockSpan) -> None:
+        """Serve another span (the server moved): adapters built for the old one's layers go."""
+        self._span = span
+        self.adapters = AdapterCache(self.limits.adapter_cache_bytes)
 
     def session_adapter(self, request: dict[str, Any]) -> SpanLora | None:
-        """The adapter an ``open`` frame names in its optional ``adapter`` field, held by the session."""
+        """The adapter an ``open`` frame (or a training request) names in its ``adapter`` field.
+
+        None where the field is absent or null: a span the adapter has no tensors for runs bare.
+        """
         digest = request.get("adapter")
         if digest is None:
             return None
@@ -73,6 +88,9 @@ class TrainingService:
 
     async def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
         handlers = {"upload": self._upload, "forward": self._forward, "backward": self._backward}
+        blocks = request.get("blocks")
+        if blocks is not None and blocks != [self.span.start, self.span.end]:
+            return protocol.error_frame(f"this server serves blocks [{self.span.start}, {self.span.end}) now, not {blocks}")
         try:
             if request["type"] not in handlers:
                 raise ProtocolError(f"unknown request {request['type']!r}; expected one of {', '.join(handlers)}")
@@ -80,17 +98,18 @@ class TrainingService:
         except UnknownAdapterError as error:
             return protocol.error_frame(str(error), protocol.UNKNOWN_ADAPTER)
         except (ProtocolError, ValueError) as error:  # codec and LoRA errors are ValueErrors too
-            return protocol.error_frame(str(error))
+            return protocol.error_frame(str(error), protocol.INVALID)
         except Exception as error:
             logger.exception("training request failed")
             return protocol.error_frame(f"training request failed: {error!r}")
 
     async def _upload(self, request: dict[str, Any]) -> dict[str, Any]:
+        span, adapters = self.span, self.adapters  # a pair, even if the server moves meanwhile
         claimed = require(request, "adapter", str)
         scaling = require(request, "scaling", float)
         wires = require(request, "tensors", dict)
-        if len(wires) > 2 * len(self.span.lora_targets):
-            raise LoraError(f"{len(wires)} tensors, but this span has {len(self.span.lora_targets)} LoRA targets")
+        if len(wires) > 2 * len(span.lora_targets):
+            raise LoraError(f"{len(wires)} tensors, but this span has {len(span.lora_targets)} LoRA targets")
         tensors = {}
         for name, wire in wires.items():
             if not isinstance(name, str) or not isinstance(wire, dict) or wire.get("codec") != "none":
@@ -101,29 +120,27 @@ class TrainingService:
         def check() -> SpanLora:
             if weights.digest != claimed:
                 raise ProtocolError(f"adapter digest mismatch: the tensors hash to {weights.digest}, not {claimed}")
-            return SpanLora.build(self.span.lora_targets, weights, self.span.device)
+            return SpanLora.build(span.lora_targets, weights, span.device)
 
-        self.adapters.put(claimed, await trio.to_thread.run_sync(check))
+        adapters.put(claimed, await trio.to_thread.run_sync(check))
         return {"type": "stored", "adapter": claimed}
 
     async def _forward(self, request: dict[str, Any]) -> dict[str, Any]:
-        adapter = self.adapters.get(require(request, "adapter", str))
+        span, adapter = self.span, self.session_adapter(request)
         wire_codec = _codec(request)
-        hidden = self._hidden(request, "hidden")
-        output = await trio.to_thread.run_sync(
-            lambda: self.span.forward(hidden, adapter=adapter), limiter=self.compute
-        )
+        hidden = self._hidden(request, "hidden", span)
+        output = await trio.to_thread.run_sync(lambda: span.forward(hidden, adapter=adapter), limiter=self.compute)
         return {"type": "output", "hidden": codec.encode(output, wire_codec)}
 
     async def _backward(self, request: dict[str, Any]) -> dict[str, Any]:
-        adapter = self.adapters.get(require(request, "adapter", str))
+        span, adapter = self.span, self.session_adapter(request)
         wire_codec = _codec(request)
-        hidden = self._hidden(request, "hidden")
-        grad = self._hidden(request, "grad")
+        hidden = self._hidden(request, "hidden", span)
+        grad = self._hidden(request, "grad", span)
         if grad.shape != hidden.shape:
             raise ProtocolError(f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
         grad_input, grads = await trio.to_thread.run_sync(
-            lambda: self.span.backward(hidden, grad, adapter), limiter=self.compute
+            lambda: span.backward(hidden, grad, adapter), limiter=self.compute
         )
         return {
             "type": "grads",
@@ -131,19 +148,19 @@ class TrainingService:
             "grads": {name: codec.encode(g, "none") for name, g in grads.items()},
         }
 
-    def _hidden(self, request: dict[str, Any], key: str) -> torch.Tensor:
+    def _hidden(self, request: dict[str, Any], key: str, span: BlockSpan) -> torch.Tensor:
         """Hidden states (or their gradient) [batch, tokens, hidden] within the per-request token limit."""
         # The frame limit already bounds the bytes; the token limit bounds the compute's memory.
         hidden = codec.decode(require(request, key, dict), max_elements=self.limits.max_frame_bytes)
-        if hidden.dim() != 3 or hidden.shape[1] == 0 or hidden.shape[2] != self.span.hidden_size:
-            raise ProtocolError(f"{key} must be [batch, tokens, {self.span.hidden_size}], got {list(hidden.shape)}")
+        if hidden.dim() != 3 or hidden.shape[1] == 0 or hidden.shape[2] != span.hidden_size:
+            raise ProtocolError(f"{key} must be [batch, tokens, {span.hidden_size}], got {list(hidden.shape)}")
         tokens = hidden.shape[0] * hidden.shape[1]
         if tokens > self.limits.max_train_tokens:
             raise ProtocolError(
                 f"{tokens} tokens (batch x length) exceed this server's limit of {self.limits.max_train_tokens} "
                 "per training request: split the batch"
             )
-        return hidden.to(device=self.span.device, dtype=self.span.dtype)
+        return hidden.to(device=span.device, dtype=span.dtype)
 
 
 def _codec(request: dict[str, Any]) -> str:

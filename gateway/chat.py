@@ -7,9 +7,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
+from gateway.disconnect import unless_disconnected
 from gateway.generation import Generation
 from gateway.logprobs import chat_logprobs
 from gateway.prepare import chat_job
@@ -34,25 +35,25 @@ router = APIRouter()
     responses={200: {"content": {"text/event-stream": {}}, "description": "With `stream`: chat.completion.chunk events"}},
 )
 async def create_chat_completion(
-    request: ChatCompletionRequest, gateway: GatewayDep, tenant: TenantDep
+    body: ChatCompletionRequest, gateway: GatewayDep, tenant: TenantDep, request: Request
 ) -> ChatCompletion | EventSourceResponse:
-    model = gateway.models.get(request.model)
-    job = await chat_job(request, model, gateway.settings)
+    model = gateway.models.get(body.model)
+    job = await chat_job(body, model, gateway.settings)
     generation = await gateway.start(job, tenant)
     meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model.id)
-    if request.stream:
-        with_usage = bool(request.stream_options and request.stream_options.include_usage)
-        chunks = _chunks(generation, meta, logprobs=request.logprobs, with_usage=with_usage)
+    if body.stream:
+        with_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _chunks(generation, meta, logprobs=body.logprobs, with_usage=with_usage)
         return sse_response(chunks, generation.close, with_usage=with_usage)
     try:
-        results = await generation.collect()
+        results = await unless_disconnected(request, generation.collect())
     finally:
         await generation.close()
     choices = [
         ChatChoice(
             index=index,
             message=AssistantMessage(content=result.text),
-            logprobs=chat_logprobs(result.tokens, model.pieces) if request.logprobs else None,
+            logprobs=chat_logprobs(result.tokens, model.pieces) if body.logprobs else None,
             finish_reason=result.finish_reason,
         )
         for index, result in enumerate(results)

@@ -7,9 +7,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
+from gateway.disconnect import unless_disconnected
 from gateway.generation import Generation
 from gateway.logprobs import completion_logprobs
 from gateway.prepare import completion_job
@@ -26,25 +27,25 @@ router = APIRouter()
     responses={200: {"content": {"text/event-stream": {}}, "description": "With `stream`: text_completion events"}},
 )
 async def create_completion(
-    request: CompletionRequest, gateway: GatewayDep, tenant: TenantDep
+    body: CompletionRequest, gateway: GatewayDep, tenant: TenantDep, request: Request
 ) -> Completion | EventSourceResponse:
-    model = gateway.models.get(request.model)
-    job = await completion_job(request, model, gateway.settings)
+    model = gateway.models.get(body.model)
+    job = await completion_job(body, model, gateway.settings)
     generation = await gateway.start(job, tenant)
     meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model.id)
-    if request.stream:
-        with_usage = bool(request.stream_options and request.stream_options.include_usage)
-        chunks = _chunks(generation, meta, logprobs=request.logprobs is not None, with_usage=with_usage)
+    if body.stream:
+        with_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _chunks(generation, meta, logprobs=body.logprobs is not None, with_usage=with_usage)
         return sse_response(chunks, generation.close, with_usage=with_usage)
     try:
-        results = await generation.collect()
+        results = await unless_disconnected(request, generation.collect())
     finally:
         await generation.close()
     choices = [
         CompletionChoice(
             index=index,
             text=result.text,
-            logprobs=completion_logprobs(result.tokens, model.pieces, 0) if request.logprobs is not None else None,
+            logprobs=completion_logprobs(result.tokens, model.pieces, 0) if body.logprobs is not None else None,
             finish_reason=result.finish_reason,
         )
         for index, result in enumerate(results)

@@ -17,15 +17,19 @@ from starlette.requests import Request
 T = TypeVar("T")
 
 
+class ClientDisconnected(Exception):
+    """The client left before its answer was ready; nothing is sent (logged as status 499)."""
+
+
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> tuple[bool, T | None]:
-    """Run `work` (after the body was read); `(False, None)` if the client left first.
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` (after the request body was read), or cancel it when the client leaves first.
 
-    `work` is cancelled and awaited when the client leaves, so its cleanup has run on return.
+    Raises `ClientDisconnected` then, after `work` has finished cancelling (its cleanup ran).
     """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -37,4 +41,6 @@ async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) ->
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    return (False, None) if task.cancelled() else (True, task.result())
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()

@@ -12,11 +12,12 @@ from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backend import BlocksUnavailable, SwarmBusy
+from gateway.disconnect import ClientDisconnected
 from gateway.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,15 @@ async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
     return _json(validation_error(exc))
 
 
+async def _on_client_disconnected(_: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
 async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
     """Starlette's own errors (unknown route, wrong method) in the same envelope."""
     assert isinstance(exc, StarletteHTTPException)
-    error = InvalidRequest(str(exc.detail))
-    error.status_code = exc.status_code
-    return JSONResponse(error_body(error), status_code=exc.status_code, headers=exc.headers)
+    body = ErrorResponse(error=ErrorDetail(message=str(exc.detail), type="invalid_request_error"))
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
 
 
 class _InternalErrors:
@@ -175,4 +179,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BlocksUnavailable, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(ClientDisconnected, _on_client_disconnected)
     app.add_middleware(_InternalErrors)

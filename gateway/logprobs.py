@@ -30,9 +30,11 @@ def chat_logprobs(tokens: Sequence[SampledToken], pieces: TokenPieces) -> ChatLo
 
 
 def completion_logprobs(tokens: Sequence[SampledToken], pieces: TokenPieces, offset: int) -> CompletionLogprobs:
-    """`offset`: characters of completion text before these tokens (text_offset counts from 0).
+    """`offset`: characters of token strings before these tokens (text_offset counts from 0).
 
-    `top_logprobs` holds the sampled token too, so up to `logprobs + 1` entries, as OpenAI says.
+    Offsets add up the token strings' lengths, as vLLM does; they match the text except after
+    tokens holding partial characters, whose strings are `\\xHH` escapes. `top_logprobs` holds
+    the sampled token too, so up to `logprobs + 1` entries, as OpenAI documents.
     """
     result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for token in tokens:

@@ -7,7 +7,7 @@ once at startup from a local checkpoint folder, so the first request pays nothin
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,7 +86,7 @@ class ModelRegistry:
     def load(cls, paths: Mapping[str, Path], head_loader: HeadLoader) -> ModelRegistry:
         return cls({model_id: ServedModel.load(model_id, Path(path), head_loader) for model_id, path in paths.items()})
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._models.values())
 
     def get(self, model_id: str) -> ServedModel:

@@ -119,6 +119,7 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, prompt: str | list[str] | list[int] | list[list[int]]) -> Any:
+        """One prompt per request: a list of one prompt becomes that prompt (`str` or token ids)."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise ValueError("only one prompt per request is supported")

@@ -26,11 +26,6 @@ class TextStream:
         self._searched = 0  # characters of _text already searched for stops
         self.stopped = False  # a stop string was found; the stream takes no more tokens
 
-    @property
-    def text(self) -> str:
-        """All text handed out so far."""
-        return self._text[: self._emitted]
-
     def push(self, token_id: int, *, check_stops: bool = True) -> str:
         """Add a token; return the text that became safe to show (maybe "").
 

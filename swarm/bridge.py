@@ -104,17 +104,18 @@ class SwarmBridge:
                 future.set_exception(error) if error is not None else future.set_result(result)
 
         async def task() -> None:
+            # Unless fn finishes: cancelled by asyncio (harmless) or the bridge is stopping.
+            result, error = None, ConnectionError("swarm client stopped")
             try:
                 with scope:
-                    result = await fn(*args)
-                    loop.call_soon_threadsafe(settle, result)
-                    return
-            except Exception as error:
-                loop.call_soon_threadsafe(settle, None, error)
-                return
+                    result, error = await fn(*args), None
+            except Exception as failure:
+                error = failure
             finally:
-                # Still unsettled here: cancelled by asyncio (harmless) or the bridge is stopping.
-                loop.call_soon_threadsafe(settle, None, ConnectionError("swarm client stopped"))
+                try:
+                    loop.call_soon_threadsafe(settle, result, error)
+                except RuntimeError:
+                    pass  # the asyncio loop is closed: nobody awaits this any more
 
         assert self._token is not None and self._nursery is not None, "bridge not started"
         self._token.run_sync_soon(self._nursery.start_soon, task)

@@ -217,4 +217,7 @@ async def _join(node: SwarmNode, initial_peers: Sequence[str]) -> None:
             errors.append(f"{address}: {error!r}")
             logger.warning("could not join through %s: %r", address, error)
     if len(errors) == len(initial_peers):
-        raise ConnectionError("could not reach any initial peer: " + "; ".join(errors))
+        raise ConnectionError(
+            "could not reach any initial peer (down, unreachable, or of a private swarm whose key this node "
+            "lacks: see --swarm-key): " + "; ".join(errors)
+        )

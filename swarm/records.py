@@ -29,6 +29,7 @@ class ServerRecord:
     version: str = PROTOCOL_VERSION
     block_bytes: int = 0  # weight memory per block on the server, as loaded (quantized or not); 0: unknown
     quant: str = "none"  # weight quantization: none, int8, nf4
+    model_blocks: int = 0  # blocks of the whole model, so coverage can name missing tail blocks; 0: unknown
     received_at: float = field(default=0.0, compare=False)
 
     @property
@@ -63,12 +64,15 @@ class ServerRecord:
                 version=str(wire["version"]),
                 block_bytes=int(wire.get("block_bytes", 0)),  # absent from older servers' records
                 quant=str(wire.get("quant", "none")),
+                model_blocks=int(wire.get("model_blocks", 0)),
                 received_at=received_at,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ProtocolError(f"malformed record: {error}") from error
         if not 0 <= record.start < record.end:
             raise ProtocolError(f"record has an empty span [{record.start}, {record.end})")
+        if record.model_blocks and record.end > record.model_blocks:
+            raise ProtocolError(f"record's span [{record.start}, {record.end}) exceeds the model's {record.model_blocks} blocks")
         return record
 
 

@@ -55,22 +55,30 @@ async def forward(
     *,
     wire_codec: str = "none",
 ) -> tuple[torch.Tensor, TrainContext]:
-    """Hidden states [b, t, h] through every block with `adapter` applied; no gradients kept here."""
+    """Hidden states [b, t, h] through every block with `adapter` applied; no gradients kept here.
+
+    A span whose server fails is retried on another (``SwarmClient.along_chain``).
+    """
     if hidden.dim() != 3:
         raise ValueError(f"expected hidden states [batch, tokens, hidden], got {list(hidden.shape)}")
-    wire = codec.encode(hidden, wire_codec)
-    hops = []
-    for record in client.chain(model, num_blocks):
+    hops: list[_Hop] = []
+
+    async def through(record: ServerRecord, wire: dict[str, Any]) -> dict[str, Any]:
+        reply = await _call(client, record, adapter, {"type": "forward", "codec": wire_codec, "hidden": wire}, "output")
         hops.append(_Hop(record, wire))
-        request = {"type": "forward", "codec": wire_codec, "hidden": wire}
-        reply = await _call(client, record, adapter, request, "output")
-        wire = protocol.field(reply, "hidden", dict)
+        return protocol.field(reply, "hidden", dict)
+
+    wire = await client.along_chain(model, num_blocks, through, codec.encode(hidden, wire_codec))
     output = _decode(wire, hidden.shape, hidden.dtype)
     return output, TrainContext(client, adapter, tuple(hops), wire_codec, hidden.shape, hidden.dtype)
 
 
 async def backward(context: TrainContext, grad_output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Gradients for the forward's input and for every LoRA tensor of the adapter (PEFT names)."""
+    """Gradients for the forward's input and for every LoRA tensor of the adapter (PEFT names).
+
+    Each span goes to the server that did its forward; if one has failed since, this raises and
+    the step is best redone, forward included (its new chain avoids the failed server).
+    """
     if grad_output.shape != context.shape:
         raise ValueError(f"grad_output {list(grad_output.shape)} must have the output's shape {list(context.shape)}")
     grad = codec.encode(grad_output.to(context.dtype), context.wire_codec)
@@ -144,7 +152,7 @@ async def _call(
     async def attempt(digest: str | None) -> dict[str, Any]:
         stream = await client.node.open_stream(record.peer_id, protocol.TRAIN, record.addrs)
         try:
-            await protocol.write_frame(stream, {**request, "adapter": digest})
+            await protocol.write_frame(stream, {**request, "adapter": digest, "blocks": [record.start, record.end]})
             with trio.fail_after(client.step_timeout):
                 return protocol.expect(await protocol.read_frame(stream, max_bytes=MAX_REPLY_FRAME), reply_type)
         finally:

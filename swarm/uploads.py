@@ -33,11 +33,11 @@ class AdapterUploads:
     ) -> T:
         """``attempt(digest of the span's adapter)`` with the adapter uploaded to `record`'s server.
 
-        With no adapter it is ``attempt(None)``.
+        With no adapter, or none of its tensors on this span, it is ``attempt(None)``.
         """
-        if adapter is None:
+        span = adapter.span(record.start, record.end) if adapter is not None else None
+        if span is None or not span.tensors:
             return await attempt(None)
-        span = adapter.span(record.start, record.end)
         key = (record.peer_id, span.digest)
         if key not in self._held:
             await self.upload(record, span)

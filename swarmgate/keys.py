@@ -1,6 +1,6 @@
 """``swarmgate keys KIND``: make the keys a deployment needs.
 
-``swarm-key`` makes a private swarm's pre-shared key; ``peer-id`` prints (creating it if needed)
+``create`` makes an API key for a gateway tenant; ``swarm-key`` makes a private swarm's pre-shared key; ``peer-id`` prints (creating it if needed)
 the peer id of a node identity file, so an operator can hand out a server's multiaddr before its
 first start. Each kind is a sub-subcommand registered in ``add_command``; other packages add
 theirs the same way (``add_key_command(kinds)`` in their own module, called from there).
@@ -16,8 +16,23 @@ from pathlib import Path
 def add_command(commands: argparse._SubParsersAction) -> None:
     keys = commands.add_parser("keys", help="make swarm keys and node identities")
     kinds = keys.add_subparsers(dest="keys_command", required=True, metavar="KIND")
-    for add in (_add_swarm_key, _add_peer_id):
+    for add in (_add_tenant_key, _add_swarm_key, _add_peer_id):
         add(kinds)
+
+
+def _add_tenant_key(kinds: argparse._SubParsersAction) -> None:
+    from swarmgate.cli import add_option
+
+    parser = kinds.add_parser("create", help="a new API key for a tenant of a gateway (printed once)")
+    parser.add_argument("--tenant", required=True, help="tenant name; created if new")
+    add_option(parser, "--data-dir", default=".swarmgate", help="the gateway's data directory")
+    parser.set_defaults(run=_tenant_key)
+
+
+def _tenant_key(args: argparse.Namespace) -> None:
+    from gateway.tenants import KeyStore
+
+    print(KeyStore(Path(args.data_dir)).create_key(args.tenant))
 
 
 def _add_swarm_key(kinds: argparse._SubParsersAction) -> None:

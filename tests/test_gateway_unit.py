@@ -197,16 +197,15 @@ def http(base_url: str, api_key: str) -> Iterator[httpx.Client]:
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the sea."}]
 
 
-def hf_greedy(reference, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, bool]:
-    """HF `generate`'s greedy text and whether it ended with EOS."""
+def hf_greedy(reference, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, int, str]:
+    """HF `generate`'s greedy text, its token count (EOS included) and the finish reason."""
     with torch.inference_mode():
         out = reference.generate(
             torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
         )
     new = out[0, len(prompt_ids) :].tolist()
-    eos = set(reference.generation_config.eos_token_id)
-    ended = bool(new) and new[-1] in eos
-    return tokenizer.decode(new, skip_special_tokens=True), ended
+    ended = new[-1] in set(reference.generation_config.eos_token_id)
+    return tokenizer.decode(new, skip_special_tokens=True), len(new), "stop" if ended else "length"
 
 
 def small_id(tokenizer) -> int:
@@ -228,13 +227,13 @@ def wait_for(condition, timeout: float = 5.0) -> None:
 def test_chat_greedy_matches_hf_generate(client, reference, tokenizer):
     response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
     prompt_ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
-    expected, ended = hf_greedy(reference, tokenizer, prompt_ids, 20)
+    expected, count, finish = hf_greedy(reference, tokenizer, prompt_ids, 20)
     choice = response.choices[0]
     assert response.object == "chat.completion" and response.model == MODEL and response.id.startswith("chatcmpl-")
     assert choice.message.role == "assistant" and choice.message.content == expected and expected
-    assert choice.finish_reason == ("stop" if ended else "length")
+    assert choice.finish_reason == finish
     assert response.usage.prompt_tokens == len(prompt_ids)
-    assert response.usage.completion_tokens == 20 or ended
+    assert response.usage.completion_tokens == count
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
 
 
@@ -268,11 +267,10 @@ def test_completion_greedy_matches_hf_generate_and_stream(client, reference, tok
     prompt = "Once upon a time there was"
     response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
     prompt_ids = tokenizer(prompt)["input_ids"]
-    expected, ended = hf_greedy(reference, tokenizer, prompt_ids, 12)
+    expected, count, finish = hf_greedy(reference, tokenizer, prompt_ids, 12)
     assert response.object == "text_completion" and response.id.startswith("cmpl-")
-    assert response.choices[0].text == expected
-    assert response.choices[0].finish_reason == ("stop" if ended else "length")
-    assert response.usage.prompt_tokens == len(prompt_ids)
+    assert response.choices[0].text == expected and response.choices[0].finish_reason == finish
+    assert response.usage.prompt_tokens == len(prompt_ids) and response.usage.completion_tokens == count
 
     chunks = list(
         client.completions.create(
@@ -416,6 +414,18 @@ def test_logit_bias_forces_a_token(client, tokenizer):
         model=MODEL, messages=MESSAGES, max_tokens=5, logit_bias={str(small_id(tokenizer)): 100}
     )
     assert response.choices[0].message.content == " small" * 5
+
+
+def test_eos_ends_a_choice_and_counts_as_a_token(client, tokenizer):
+    eos = {str(tokenizer.eos_token_id): 100}
+    ended = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, logit_bias=eos)
+    assert ended.choices[0].message.content == "" and ended.choices[0].finish_reason == "stop"
+    assert ended.usage.completion_tokens == 1
+    later = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=10, logit_bias=eos, logprobs=True, extra_body={"min_tokens": 3}
+    )
+    assert later.choices[0].finish_reason == "stop" and later.usage.completion_tokens == 4
+    assert len(later.choices[0].logprobs.content) == 3  # EOS itself is not reported
 
 
 def test_penalties_and_vllm_extras_are_accepted(client):
@@ -566,6 +576,30 @@ def test_disconnect_mid_stream_closes_the_session(base_url, api_key, backend, ap
     wait_for(lambda: app.state.gateway.limiter.active("acme") == 0)
 
 
+def test_disconnect_while_waiting_for_a_non_streamed_answer_closes_the_session(base_url, api_key, backend, app):
+    backend.step_delay = 0.02
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/completions", json=body, headers=headers, timeout=0.5)
+    session = backend.sessions[-1]
+    wait_for(lambda: session.closed)
+    assert session.steps < 200
+    wait_for(lambda: app.state.gateway.limiter.active("acme") == 0)
+
+
+def test_keep_alive_pings_do_not_disturb_clients(client, http, backend, monkeypatch):
+    monkeypatch.setattr("gateway.streaming.PING_SECONDS", 0.01)
+    backend.step_delay = 0.03
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert chunks[-1].choices[0].finish_reason and len(chunks) >= 3
+    with http.stream("POST", "/v1/chat/completions", json={**kwargs, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert any(line.startswith(": ping") for line in lines)
+    assert all(line.startswith(("data: ", ": ping")) for line in lines)
+
+
 def test_static_api_key_mode(checkpoint, backend, head_loader, tmp_path):
     settings = Settings(models={MODEL: checkpoint}, data_dir=tmp_path, api_key="sk-static")
     app = create_app(settings, backend, head_loader=head_loader)
@@ -629,7 +663,7 @@ def test_text_stream_stop_across_tokens_and_hold_back(tokenizer):
     decode = lambda x: tokenizer.decode(x)  # noqa: E731
     stream = TextStream(decode, ["fox jum", "zzz"])
     deltas = feed(stream, ids)
-    assert "".join(deltas) == "The quick brown " == stream.text
+    assert "".join(deltas) == "The quick brown " and stream.stopped
     assert not any("fox" in d for d in deltas)
     with pytest.raises(RuntimeError):
         stream.push(ids[-1])

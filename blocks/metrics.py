@@ -1,0 +1,30 @@
+"""Prometheus metrics of a block server, served on an optional port (``--metrics-port``).
+
+Always counted (a few increments per step), exported only when a port is given. Each server has a
+registry of its own, so servers that share a process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.sessions = Gauge("swarmgate_server_sessions", "Open inference sessions", registry=registry)
+        self.steps = Counter("swarmgate_server_steps", "Inference steps computed", registry=registry)
+        self.tokens = Counter("swarmgate_server_tokens", "Tokens computed by inference steps", registry=registry)
+        self.step_seconds = Histogram("swarmgate_server_step_seconds", "Compute time of one inference step",
+                                      registry=registry)
+        self.errors = Counter("swarmgate_server_errors", "Requests answered with an error or ended by one",
+                              ["kind"], registry=registry)
+        self.span_start = Gauge("swarmgate_server_span_start", "First block served", registry=registry)
+        self.span_end = Gauge("swarmgate_server_span_end", "Block after the last one served", registry=registry)
+        self.throughput = Gauge("swarmgate_server_throughput", "Measured tokens/s through the span",
+                                registry=registry)
+        self.moves = Counter("swarmgate_server_span_moves", "Moves to another span (rebalancing)", registry=registry)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Answer ``GET /metrics`` on `port` from a background thread."""
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,312 @@
+"""An inference session over a chain of servers that survives servers dying mid-request.
+
+The chain is a list of hops, each a session on one server for one span. A step goes to the first
+hop with the rest of the chain as its route; every server pushes its output to the next hop and
+also sends it back here, so the session holds each hop's inputs, as the exact wire bytes, step
+by step (DESIGN.md §7).
+
+When a hop fails — its stream ends or resets, it answers with an error, or nothing arrives for
+``step_timeout`` — its span gets a replacement chain (widened over neighbouring hops when no live
+server fits the span exactly), the new hops are replayed the recorded inputs (same bytes and
+deterministic compute give the same caches), and the step resumes at the new hops. Whether the
+dead server forwarded the step before dying is unknowable, so the step is simply sent on again:
+servers drop a step at a position they already hold, and every output names the session it was
+pushed to, so the client sends a step itself to any next hop that did not get it. Each hop
+answers each step exactly once, whatever failed where.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import torch
+import trio
+
+from swarm import codec, protocol
+from swarm.records import ServerRecord
+from swarm.routing import NoChainError
+
+if TYPE_CHECKING:
+    from swarm.client import SwarmClient
+
+logger = logging.getLogger(__name__)
+
+MAX_REPLY_FRAME = 1024 * 1024 * 1024
+CLOSE_TIMEOUT = 2.0
+POLL_INTERVAL = 0.5  # seconds between looks at the records while waiting for a replacement server
+
+
+@dataclass(eq=False)
+class Hop:
+    """This client's session on one server, for one span of the chain."""
+
+    record: ServerRecord
+    session: str
+    stream: Any
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # wire input of each step, as far as known
+    done: int = 0  # steps whose output came back
+    reader: trio.CancelScope | None = None
+
+    def route_entry(self) -> dict[str, Any]:
+        return {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
+
+
+HopOpener = Callable[[ServerRecord], Awaitable[Hop]]
+
+
+class RetriesExhausted(ConnectionError):
+    """A step failed on too many servers in a row."""
+
+
+class InferenceSession:
+    """A stateful generation session: ``step`` hidden states through every block, in order."""
+
+    def __init__(
+        self, client: "SwarmClient", model: str, opener: HopOpener, *, batch: int, max_length: int, wire_codec: str
+    ) -> None:
+        self._client = client
+        self._model = model
+        self._opener = opener
+        self._hops: list[Hop] = []
+        self._offsets: list[int] = []  # position of each step
+        self._failed: set[str] = set()  # peers that failed during the current step
+        self._failures = 0
+        self._last_error: BaseException = ConnectionError("no server answered")
+        self._error: BaseException | None = None
+        self._output: dict[str, Any] | None = None
+        self._events: trio.MemorySendChannel | None = None
+        self._nursery: trio.Nursery | None = None
+        self.batch = batch
+        self.max_length = max_length
+        self.codec = wire_codec
+        self.position = 0
+
+    @property
+    def chain(self) -> list[ServerRecord]:
+        return [hop.record for hop in self._hops]
+
+    async def open(self, num_blocks: int) -> None:
+        """Open sessions along a chain over every block; a server that refuses is replaced."""
+
+        def find() -> tuple[None, list[ServerRecord]] | None:
+            try:
+                return None, self._client.choose(self._model, 0, num_blocks, avoid=self._failed)
+            except NoChainError:
+                if self._failed:
+                    return None  # only the servers that just failed could serve: report why they failed
+                raise
+
+        found = await self._open_hops(find, wait=0.0)
+        if found is None:
+            raise self._last_error
+        self._hops = found[1]
+
+    # -- steps -----------------------------------------------------------------------------------
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[batch, tokens, hidden] in, same out; prefill first, then one token at a time."""
+        if self._error is not None:
+            raise RuntimeError(f"the session failed earlier: {self._error!r}")
+        if hidden.dim() != 3 or hidden.shape[0] != self.batch:
+            raise ValueError(f"expected hidden states [{self.batch}, tokens, hidden], got {list(hidden.shape)}")
+        if self.position + hidden.shape[1] > self.max_length:
+            raise ValueError(f"session is limited to {self.max_length} tokens")
+        self._offsets.append(self.position)
+        self._hops[0].inputs.append(codec.encode(hidden, self.codec))
+        try:
+            output = await self._run_step()
+        except BaseException as error:
+            self._error = error  # the chain's state is unknown now: no further steps
+            raise
+        self.position += hidden.shape[1]
+        result = codec.decode(output, max_elements=self.batch * self.max_length * hidden.shape[2])
+        if list(result.shape) != list(hidden.shape):
+            raise protocol.ProtocolError(f"chain returned shape {list(result.shape)}, sent {list(hidden.shape)}")
+        return result.to(hidden.dtype)
+
+    async def _run_step(self) -> dict[str, Any]:
+        """Drive the current step to the end of the chain, replacing hops that fail on the way."""
+        steps = len(self._offsets)
+        self._failed, self._failures, self._output = set(), 0, None
+        self._events, events = trio.open_memory_channel[tuple[Hop, Any]](math.inf)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for hop in self._hops:
+                    self._start_reader(hop)
+                await self._send(self._hops[0], steps - 1)
+                while (behind := next((h for h in self._hops if h.done < steps), None)) is not None:
+                    with trio.move_on_after(self._client.step_timeout) as idle:
+                        hop, event = await events.receive()
+                    if idle.cancelled_caught:
+                        hop, event = behind, TimeoutError(f"no answer for {self._client.step_timeout:.0f} s")
+                    if hop not in self._hops:
+                        continue  # from a hop replaced since
+                    if not isinstance(event, Exception):
+                        try:
+                            await self._accept(hop, protocol.expect(event, "output"))
+                            continue
+                        except (protocol.ProtocolError, protocol.RemoteError) as error:
+                            event = error
+                    await self._replace(hop, event)
+        finally:
+            self._nursery = self._events = None
+        assert self._output is not None
+        for hop in self._hops:
+            self._client.backoff.succeeded(hop.record.peer_id)
+        return self._output
+
+    def _start_reader(self, hop: Hop) -> None:
+        assert self._nursery is not None
+        hop.reader = trio.CancelScope()
+        self._nursery.start_soon(self._read, hop, len(self._offsets) - hop.done, hop.reader)
+
+    async def _read(self, hop: Hop, count: int, scope: trio.CancelScope) -> None:
+        """Pass the hop's next `count` frames (or its failure) to the step's loop."""
+        assert self._events is not None
+        with scope:
+            try:
+                for _ in range(count):
+                    self._events.send_nowait((hop, await protocol.read_frame(hop.stream, max_bytes=MAX_REPLY_FRAME)))
+            except Exception as error:  # EOF, stream reset, bad frame: the hop failed
+                self._events.send_nowait((hop, error))
+
+    async def _accept(self, hop: Hop, frame: dict[str, Any]) -> None:
+        """An output of `hop`: record it as the next hop's input, and send it there if no push did."""
+        step = hop.done
+        if protocol.field(frame, "position", int) != self._offsets[step]:
+            raise protocol.ProtocolError(f"server {hop.record.peer_id} answered for another step")
+        hidden = protocol.field(frame, "hidden", dict)
+        hop.done += 1
+        index = self._hops.index(hop)
+        if index + 1 == len(self._hops):
+            if step == len(self._offsets) - 1:
+                self._output = hidden
+            return
+        after = self._hops[index + 1]
+        if len(after.inputs) == step:
+            after.inputs.append(hidden)
+        if after.done <= step and frame.get("pushed") != after.session:
+            await self._send(after, step)
+
+    async def _send(self, hop: Hop, step: int) -> None:
+        """Send step `step` to `hop`, routed on through the following hops that still lack it."""
+        index = self._hops.index(hop)
+        route = []
+        for after in self._hops[index + 1:]:
+            if after.done > step:
+                break
+            route.append(after.route_entry())
+        frame = {"type": "step", "position": self._offsets[step], "hidden": hop.inputs[step], "route": route}
+        try:
+            with trio.fail_after(self._client.step_timeout):
+                await protocol.write_frame(hop.stream, frame)
+        except Exception as error:
+            assert self._events is not None
+            self._events.send_nowait((hop, error))  # the loop replaces the hop
+
+    # -- recovery ----------------------------------------------------------------------------------
+    def _note_failure(self, peer_id: str, error: BaseException) -> None:
+        self._failures += 1
+        self._last_error = error
+        self._failed.add(peer_id)
+        avoided_for = self._client.backoff.failed(peer_id)
+        logger.warning("server %s failed (%r); avoiding it for %.0f s", peer_id, error, avoided_for)
+        if self._failures > self._client.max_retries:
+            raise RetriesExhausted(f"gave up after {self._failures} server failures; the last: {error!r}") from error
+
+    async def _replace(self, hop: Hop, error: BaseException) -> None:
+        """Swap a failed hop (and neighbours, if need be) for new hops, and replay their inputs."""
+        self._note_failure(hop.record.peer_id, error)
+        index = self._hops.index(hop)
+        found = await self._open_hops(lambda: self._replacement(index), wait=self._client.replace_wait)
+        if found is None:
+            raise NoChainError(self._model, list(range(hop.record.start, hop.record.end))) from error
+        (first, last), new = found
+        new[0].inputs = list(self._hops[first].inputs)
+        for old in self._hops[first:last + 1]:
+            await self._drop(old)
+        self._hops[first:last + 1] = new
+        logger.info("replaying %d steps into blocks [%d, %d) on %s", len(new[0].inputs), new[0].record.start,
+                    new[-1].record.end, ", ".join(h.record.peer_id for h in new))
+        for hop in new:
+            self._start_reader(hop)
+        for step in range(len(new[0].inputs)):
+            await self._send(new[0], step)
+
+    def _replacement(self, index: int) -> tuple[tuple[int, int], list[ServerRecord]] | None:
+        """The fewest hops around `index` that live servers can replace, and the chain that does."""
+        for width in range(len(self._hops)):
+            for first in range(max(0, index - width), index + 1):
+                last = first + width
+                if last >= len(self._hops):
+                    continue
+                start, end = self._hops[first].record.start, self._hops[last].record.end
+                try:
+                    return (first, last), self._client.choose(self._model, start, end, avoid=self._failed)
+                except NoChainError:
+                    continue
+        return None
+
+    async def _open_hops(
+        self, find: Callable[[], tuple[Any, list[ServerRecord]] | None], *, wait: float
+    ) -> tuple[Any, list[Hop]] | None:
+        """Open the chain `find` proposes; on a refusal, note the failure and ask again.
+
+        None when `find` has nothing to propose for `wait` seconds.
+        """
+        deadline = trio.current_time() + wait
+        while True:
+            found = find()
+            if found is None:
+                if trio.current_time() >= deadline:
+                    return None
+                await trio.sleep(POLL_INTERVAL)
+                continue
+            key, chain = found
+            self._client.reserve(chain)  # before any await, so concurrent sessions see this one's choice
+            hops: list[Hop] = []
+            try:
+                for record in chain:
+                    hops.append(await self._opener(record))
+                return key, hops
+            except BaseException as error:
+                self._client.release(*(r.peer_id for r in chain[len(hops):]))
+                for hop in hops:
+                    await self._drop(hop)
+                if not isinstance(error, Exception):
+                    raise  # cancelled
+                self._note_failure(chain[len(hops)].peer_id, error)
+
+    async def _drop(self, hop: Hop) -> None:
+        """Stop reading a hop and close its stream, so its server frees the cache (in the
+        background during a step: a dead server must not hold up the recovery)."""
+        if hop.reader is not None:
+            hop.reader.cancel()
+        self._client.release(hop.record.peer_id)
+        if self._nursery is not None:
+            self._nursery.start_soon(_close, hop.stream)
+        else:
+            await _close(hop.stream)
+
+    async def close(self) -> None:
+        """Closing the streams frees every server's cache for this session."""
+        hops, self._hops = self._hops, []
+        for hop in hops:
+            await self._drop(hop)
+
+    async def __aenter__(self) -> "InferenceSession":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _close(stream: Any) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):  # cleanup outlives a cancelled step
+        try:
+            await stream.close()
+        except Exception:
+            pass  # the server is gone already

@@ -1,0 +1,243 @@
+"""Failures as the normal case: servers killed mid-request, and generation goes on unchanged.
+
+Real server processes on loopback (tests/swarm_harness.py), SIGKILLed while a session holds them;
+the tokens must equal those of an undisturbed run and of HF ``generate``. Each test prints how
+long the step that hit the failure took beyond a normal step (the recovery time).
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from blocks.head import ModelHead
+from swarm.backoff import PeerBackoff
+from swarm.records import ServerRecord
+from swarm.routing import choose_chain
+from swarm.session import InferenceSession
+from tests.swarm_harness import reference_model, running_swarm
+from swarmgate.launcher import ServerProcess
+
+NEW_TOKENS = 16
+PROMPT = 12
+
+
+def _prompt(vocab: int, length: int = PROMPT, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_tokens(path: Path, prompt: torch.Tensor, new_tokens: int = NEW_TOKENS) -> list[int]:
+    out = reference_model(path).generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+Hook = Callable[[int, InferenceSession], None]  # called before step i (0 = prefill) with the session
+
+
+def _generate(bridge, head: ModelHead, model: str, prompt: torch.Tensor, *, wire_codec: str = "none",
+              before_step: Hook = lambda i, s: None, during_prefill: Hook | None = None
+              ) -> tuple[list[int], list[float]]:
+    """Greedy tokens through the swarm, and the duration of each step (prefill first)."""
+
+    async def run() -> tuple[list[int], list[float]]:
+        session = await bridge.client.open_session(model, head.num_layers, max_length=PROMPT + NEW_TOKENS + 1,
+                                                   wire_codec=wire_codec)
+        async with session:
+            tokens, durations, ids = [], [], prompt
+            for index in range(NEW_TOKENS + 1):
+                before_step(index, session)
+                started = time.perf_counter()
+                if index == 0 and during_prefill is not None:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(trio.to_thread.run_sync, during_prefill, index, session)
+                        hidden = await session.step(head.embed(ids))
+                else:
+                    hidden = await session.step(head.embed(ids))
+                durations.append(time.perf_counter() - started)
+                if index < NEW_TOKENS:
+                    ids = head.logits(hidden)[:, -1].argmax(-1, keepdim=True)
+                    tokens.append(int(ids))
+            return tokens, durations
+
+    return bridge.call(run)
+
+
+def _killer(servers: list[ServerProcess], at_step: int, hops: list[int]) -> Hook:
+    """SIGKILL the servers of the given hops of the session's chain, just before step `at_step`."""
+    by_peer = {server.peer_id: server for server in servers}
+
+    def hook(index: int, session: InferenceSession) -> None:
+        if index == at_step:
+            for hop in hops:
+                by_peer[session.chain[hop].peer_id].stop(signal.SIGKILL)
+
+    return hook
+
+
+def _recovery(durations: list[float], step: int) -> float:
+    normal = statistics.median(durations[1:])
+    return durations[step] - normal
+
+
+@pytest.fixture
+def redundant_swarm(llama_path, tmp_path):
+    """Two servers for each half of the 4-layer tiny Llama."""
+    with running_swarm(llama_path, ["0:2", "2:4", "0:2", "2:4"], log_dir=tmp_path) as (servers, bridge):
+        yield llama_path, servers, bridge
+
+
+@pytest.fixture(scope="module")
+def undisturbed(llama_path) -> dict[str, list[int]]:
+    return {"hf": _hf_tokens(llama_path, _prompt(ModelHead(llama_path).vocab_size))}
+
+
+@pytest.mark.parametrize("wire_codec", ["none", "int8"])
+def test_server_killed_mid_generation(redundant_swarm, undisturbed, wire_codec):
+    path, servers, bridge = redundant_swarm
+    head = ModelHead(path)
+    prompt = _prompt(head.vocab_size)
+    reference, _ = _generate(bridge, head, path.name, prompt, wire_codec=wire_codec)
+    if wire_codec == "none":
+        assert reference == undisturbed["hf"]
+    tokens, durations = _generate(bridge, head, path.name, prompt, wire_codec=wire_codec,
+                                  before_step=_killer(servers, 6, hops=[1]))
+    assert tokens == reference
+    print(f"\n[{wire_codec}] recovery from a SIGKILL mid-generation: {_recovery(durations, 6) * 1e3:.0f} ms "
+          f"(normal step {statistics.median(durations[1:]) * 1e3:.1f} ms)")
+
+
+def test_server_killed_during_prefill(redundant_swarm, undisturbed):
+    path, servers, bridge = redundant_swarm
+    head = ModelHead(path)
+    by_peer = {server.peer_id: server for server in servers}
+
+    def kill_second_hop(index: int, session: InferenceSession) -> None:
+        by_peer[session.chain[1].peer_id].stop(signal.SIGKILL)
+
+    tokens, durations = _generate(bridge, head, path.name, _prompt(head.vocab_size), during_prefill=kill_second_hop)
+    assert tokens == undisturbed["hf"]
+    print(f"\nprefill with a SIGKILL: {durations[0] * 1e3:.0f} ms (normal step {statistics.median(durations[1:]) * 1e3:.1f} ms)")
+
+
+def test_two_servers_killed_in_one_step(redundant_swarm, undisturbed):
+    path, servers, bridge = redundant_swarm
+    head = ModelHead(path)
+    tokens, durations = _generate(bridge, head, path.name, _prompt(head.vocab_size),
+                                  before_step=_killer(servers, 5, hops=[0, 1]))
+    assert tokens == undisturbed["hf"]
+    print(f"\nrecovery from two SIGKILLs in one step: {_recovery(durations, 5) * 1e3:.0f} ms")
+
+
+def test_two_failures_at_different_steps(redundant_swarm, undisturbed):
+    path, servers, bridge = redundant_swarm
+    head = ModelHead(path)
+    first, second = _killer(servers, 4, hops=[1]), _killer(servers, 10, hops=[0])
+    tokens, durations = _generate(bridge, head, path.name, _prompt(head.vocab_size),
+                                  before_step=lambda i, s: (first(i, s), second(i, s)))
+    assert tokens == undisturbed["hf"]
+    print(f"\nrecoveries: {_recovery(durations, 4) * 1e3:.0f} ms and {_recovery(durations, 10) * 1e3:.0f} ms")
+
+
+def test_replacement_widens_over_neighbouring_spans(llama_path, tmp_path, undisturbed):
+    """No other server serves [2, 4): the whole-model server replaces both hops, replaying both."""
+    with running_swarm(llama_path, ["0:2", "2:4", "0:4"], log_dir=tmp_path) as (servers, bridge):
+        head = ModelHead(llama_path)
+        whole = next(s for s in servers if s.blocks == "0:4")
+        bridge.snapshot(lambda: bridge.client.node.observe_rtt(whole.peer_id, 10.0))  # start on the 2-hop chain
+
+        def kill_second_span(index: int, session: InferenceSession) -> None:
+            if index == 7:
+                assert [r.peer_id for r in session.chain] != [whole.peer_id]
+                _killer(servers, 7, hops=[1])(index, session)
+
+        tokens, _ = _generate(bridge, head, llama_path.name, _prompt(head.vocab_size), before_step=kill_second_span)
+        assert tokens == undisturbed["hf"]
+
+
+def test_no_replacement_gives_a_clear_error(llama_path, tmp_path):
+    with running_swarm(llama_path, ["0:2", "2:4"], log_dir=tmp_path) as (servers, bridge):
+        bridge.snapshot(lambda: setattr(bridge.client, "replace_wait", 1.0))
+        head = ModelHead(llama_path)
+        with pytest.raises(LookupError, match="no servers cover blocks 2-3"):
+            _generate(bridge, head, llama_path.name, _prompt(head.vocab_size), before_step=_killer(servers, 3, hops=[1]))
+
+
+def test_forward_retries_on_another_server(redundant_swarm):
+    path, servers, bridge = redundant_swarm
+    head = ModelHead(path)
+    dead = servers[0]  # serves 0:2; made to look nearest, so the first attempt goes to it
+    dead.stop(signal.SIGKILL)
+    bridge.snapshot(lambda: bridge.client.node.observe_rtt(dead.peer_id, 0.0))
+    prompt = _prompt(head.vocab_size, 16, seed=3)
+    hidden = bridge.call(lambda: bridge.client.forward(path.name, 4, head.embed(prompt), wire_codec="none"))
+    with torch.no_grad():
+        local = reference_model(path)(prompt).logits
+    torch.testing.assert_close(head.logits(hidden), local, atol=1e-4, rtol=1e-4)
+    assert dead.peer_id in bridge.snapshot(bridge.client.backoff.avoided)
+
+
+def test_concurrent_sessions_spread_over_redundant_servers(redundant_swarm):
+    path, servers, bridge = redundant_swarm
+    chains: list[list[ServerRecord]] = []
+
+    async def open_four() -> None:
+        sessions: list[InferenceSession] = []
+
+        async def one() -> None:
+            sessions.append(await bridge.client.open_session(path.name, 4, max_length=32))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one)
+        chains.extend(session.chain for session in sessions)
+        for session in sessions:
+            await session.close()
+
+    bridge.call(open_four)
+    used = Counter(record.peer_id for chain in chains for record in chain)
+    print(f"\nsessions per server: {sorted(used.values())}")
+    assert set(used) == {server.peer_id for server in servers}, used  # every redundant server got some
+
+
+# -- units ---------------------------------------------------------------------------------------
+
+def test_backoff_doubles_then_forgets():
+    now = [0.0]
+    backoff = PeerBackoff(base=5.0, factor=2.0, maximum=12.0, clock=lambda: now[0])
+    assert backoff.failed("p") == 5.0
+    assert backoff.avoided() == {"p"}
+    now[0] = 5.1
+    assert backoff.avoided() == set()  # not forever
+    assert backoff.failed("p") == 10.0
+    assert backoff.failed("p") == 12.0  # capped
+    backoff.succeeded("p")
+    assert backoff.avoided() == set() and backoff.failed("p") == 5.0
+
+
+def _record(peer: str, start: int, end: int, sessions: int = 0, throughput: float = 1000.0) -> ServerRecord:
+    return ServerRecord(peer_id=peer, addrs=(), model="m", checkpoint="c", start=start, end=end,
+                        throughput=throughput, free_tokens=1000, sessions=sessions, ttl=30.0)
+
+
+def test_chain_over_a_block_range():
+    records = [_record("a", 0, 2), _record("b", 2, 4), _record("c", 2, 6), _record("d", 4, 6), _record("w", 0, 6)]
+    assert [r.peer_id for r in choose_chain("m", records, 6, start=2)] == ["c"]
+    with pytest.raises(LookupError):
+        choose_chain("m", records, 4, start=2, exclude=frozenset({"b"}))  # c and w reach past block 4
+
+
+def test_local_load_spreads_sessions():
+    records = [_record("x", 0, 4), _record("y", 0, 4)]
+    load = Counter()
+    for _ in range(6):
+        (record,) = choose_chain("m", records, 4, load=load.__getitem__)
+        load[record.peer_id] += 1
+    assert load == {"x": 3, "y": 3}
