@@ -48,8 +48,11 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LoraAdapter:
-    config: Mapping[str, Any]  # adapter_config.json, canonical
+    config: Mapping[str, Any]  # adapter_config.json, made canonical here
     tensors: Mapping[str, torch.Tensor]  # adapter_model.safetensors: PEFT names
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "config", canonical_config(self.config))  # so equal content, equal digest
 
     @property
     def r(self) -> int:

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
-from adapters.adapter import LoraAdapter, canonical_config
+from adapters.adapter import LoraAdapter
 from blocks import family
 from blocks.checkpoint import load_config
 from swarm.lora import ATTENTION_MODULES, SUPPORTED_MODULES
@@ -58,4 +58,4 @@ def create_adapter(
     tensors = {name: t.detach().clone() for name, t in state.items()}
     written = config.to_dict()
     written["inference_mode"] = True  # as peft's save_pretrained writes it
-    return LoraAdapter(canonical_config(written), tensors)
+    return LoraAdapter(written, tensors)

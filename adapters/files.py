@@ -17,11 +17,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
-from adapters.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter, canonical_config
+from adapters.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter
 
 MAX_IMPORT_BYTES = 2 * 2**30  # uncompressed size of an imported adapter's two files
 
@@ -60,7 +61,7 @@ def _already_saved(adapter: LoraAdapter, folder: Path) -> Path:
 def load_adapter(folder: str | Path) -> LoraAdapter:
     folder = Path(folder)
     config = json.loads((folder / CONFIG_FILE).read_text())
-    return LoraAdapter(canonical_config(config), load_file(folder / WEIGHTS_FILE))
+    return LoraAdapter(config, load_file(folder / WEIGHTS_FILE))
 
 
 def export_archive(folder: str | Path, name: str | None = None) -> bytes:
@@ -87,9 +88,9 @@ def import_adapter(source: bytes | str | Path, base: PretrainedConfig, base_name
         source = Path(source)
         files = _read_folder(source) if source.is_dir() else _read_archive(source.read_bytes())
     try:
-        config = canonical_config(json.loads(files[CONFIG_FILE]))
+        config = json.loads(files[CONFIG_FILE])
         tensors = load_safetensors(files[WEIGHTS_FILE])
-    except (ValueError, TypeError) as error:
+    except (ValueError, SafetensorError) as error:
         raise AdapterError(f"unreadable adapter files: {error}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")

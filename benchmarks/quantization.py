@@ -16,7 +16,8 @@ model's layers as one ``BlockSpan`` and reports:
 - greedy decode with a KV cache: tokens equal to bf16's (leading run / total) and ms per token
   (median decode step of the span alone, after an untimed warm-up pass).
 
-Needs only torch, transformers, safetensors, tokenizers and bitsandbytes (no swarm imports).
+Needs torch, transformers, safetensors, tokenizers, bitsandbytes and cbor2 (which blocks' LoRA code
+imports); no libp2p, so it runs on a bare GPU image with two wheels carried.
 """
 
 from __future__ import annotations

@@ -2,5 +2,6 @@
 
 checkpoint: read a local safetensors checkpoint · family: per-family layout and masks ·
 span: decoder layers [start, end) · head: embeddings, final norm, LM head ·
-cache: per-session KV-cache bookkeeping · tiny_checkpoints: small real-architecture models.
+cache: per-session KV-cache bookkeeping · lora: per-request LoRA on a span's layers ·
+adapter_cache: adapters by digest · tiny_checkpoints: small real-architecture models.
 """

@@ -3,9 +3,10 @@
 A server with a small GPU serves more blocks when each takes less memory: LLM.int8() halves a
 bf16 block, NF4 (4-bit NormalFloat, double-quantized statistics) takes about a quarter. Every
 ``nn.Linear`` of the span's layers is swapped for its bitsandbytes twin while the weights are still
-on the CPU; bitsandbytes quantizes them as the module moves to the GPU, so full-precision weights
-never occupy GPU memory. Norms, biases and activations keep the span's dtype. bitsandbytes is
-imported only here and only when asked for: its quantized matmuls are GPU kernels.
+on the CPU; bitsandbytes quantizes them as the module moves to the GPU, so at most one
+full-precision matrix at a time occupies GPU memory. Norms, biases and activations keep the span's
+dtype. bitsandbytes is imported only here and only when asked for: its quantized matmuls are GPU
+kernels.
 """
 
 from __future__ import annotations

@@ -48,10 +48,6 @@ def module_prefix(layer: int, module: str) -> str:
     return f"{_PREFIX}{layer}.{PARENT[module]}.{module}"
 
 
-def tensor_name(layer: int, module: str, part: Part) -> str:
-    return f"{module_prefix(layer, module)}.lora_{part}.weight"
-
-
 def parse_name(name: str) -> LoraName:
     """Layer, module and part of a PEFT LoRA tensor name; ValueError for anything else."""
     match = _NAME.fullmatch(name)

@@ -128,35 +128,45 @@ class InferenceSession:
 
     async def _run_step(self) -> dict[str, Any]:
         """Drive the current step to the end of the chain, replacing hops that fail on the way."""
-        steps = len(self._offsets)
         self._failed, self._failures, self._output = set(), 0, None
         self._events, events = trio.open_memory_channel[tuple[Hop, Any]](math.inf)
+        failure: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for hop in self._hops:
-                    self._start_reader(hop)
-                await self._send(self._hops[0], steps - 1)
-                while (behind := next((h for h in self._hops if h.done < steps), None)) is not None:
-                    with trio.move_on_after(self._client.step_timeout) as idle:
-                        hop, event = await events.receive()
-                    if idle.cancelled_caught:
-                        hop, event = behind, TimeoutError(f"no answer for {self._client.step_timeout:.0f} s")
-                    if hop not in self._hops:
-                        continue  # from a hop replaced since
-                    if not isinstance(event, Exception):
-                        try:
-                            await self._accept(hop, protocol.expect(event, "output"))
-                            continue
-                        except (protocol.ProtocolError, protocol.RemoteError) as error:
-                            event = error
-                    await self._replace(hop, event)
+                try:
+                    await self._drive(events)
+                except Exception as error:  # raised below as itself, not inside an exception group
+                    failure = error
+                    nursery.cancel_scope.cancel()
         finally:
             self._nursery = self._events = None
+        if failure is not None:
+            raise failure
         assert self._output is not None
         for hop in self._hops:
             self._client.backoff.succeeded(hop.record.peer_id)
         return self._output
+
+    async def _drive(self, events: trio.MemoryReceiveChannel) -> None:
+        steps = len(self._offsets)
+        for hop in self._hops:
+            self._start_reader(hop)
+        await self._send(self._hops[0], steps - 1)
+        while (behind := next((h for h in self._hops if h.done < steps), None)) is not None:
+            with trio.move_on_after(self._client.step_timeout) as idle:
+                hop, event = await events.receive()
+            if idle.cancelled_caught:
+                hop, event = behind, TimeoutError(f"no answer for {self._client.step_timeout:.0f} s")
+            if hop not in self._hops:
+                continue  # from a hop replaced since
+            if not isinstance(event, Exception):
+                try:
+                    await self._accept(hop, protocol.expect(event, "output"))
+                    continue
+                except (protocol.ProtocolError, protocol.RemoteError) as error:
+                    event = error
+            await self._replace(hop, event)
 
     def _start_reader(self, hop: Hop) -> None:
         assert self._nursery is not None

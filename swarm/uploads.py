@@ -55,6 +55,7 @@ class AdapterUploads:
         request = {
             "type": "upload",
             "adapter": span.digest,
+            "blocks": [record.start, record.end],  # refused by a server that has moved since
             "scaling": float(span.scaling),
             "tensors": {name: codec.encode(t, "none") for name, t in span.tensors.items()},
         }

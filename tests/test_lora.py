@@ -453,3 +453,9 @@ def test_import_refuses_broken_archives(llama_path):
         tar.addfile(info, io.BytesIO(b"{}"))
     with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
         import_adapter(buffer.getvalue(), base)
+    broken = io.BytesIO()
+    with zipfile.ZipFile(broken, "w") as z:
+        z.writestr(CONFIG_FILE, "{}")
+        z.writestr(WEIGHTS_FILE, b"not safetensors")
+    with pytest.raises(AdapterError, match="unreadable adapter files"):
+        import_adapter(broken.getvalue(), base)
