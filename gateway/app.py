@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from blocks.head import ModelHead
 from gateway import chat, completions
 from gateway.backend import InferenceBackend
 from gateway.errors import install_error_handlers
+from gateway.metrics import GatewayMetrics, RequestCounter
 from gateway.models import HeadLoader, ModelRegistry, ServedModel
 from gateway.schemas import ErrorResponse, Health, Model, ModelList
 from gateway.settings import Settings
@@ -41,16 +43,28 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
     `head_loader` builds a model's head from its checkpoint folder; by default
     `blocks.head.ModelHead` on `settings.head_device` in `settings.head_dtype`.
     """
+    models = ModelRegistry.load(settings.models, head_loader or _model_head_loader(settings))
+    metrics = GatewayMetrics(
+        coverage=lambda: [(model.id, backend.coverage(model.id)) for model in models],
+        replays=lambda: int(backend.swarm_state().get("replays", 0)),
+    )
     gateway = Gateway(
         settings=settings,
-        models=ModelRegistry.load(settings.models, head_loader or _model_head_loader(settings)),
+        models=models,
         backend=backend,
         auth=_authenticator(settings),
         limiter=ConcurrencyLimiter(settings.max_concurrent_requests),
+        metrics=metrics,
     )
     app = FastAPI(title="swarmgate", summary="OpenAI-compatible API over a swarm of block servers")
     app.state.gateway = gateway
     install_error_handlers(app)
+    app.add_middleware(RequestCounter, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition; unauthenticated like /health (bind the gateway privately)."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> Health:

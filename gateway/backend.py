@@ -8,10 +8,11 @@ testable with an in-process backend and free of any trio/libp2p knowledge (DESIG
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import groupby
 from typing import Any, Protocol
 
 import torch
+
+from swarm.routing import format_blocks
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,7 @@ class Coverage:
 
     def describe_missing(self) -> str:
         """Missing blocks as compact ranges ("3, 5-7"), for error messages people read."""
-        ranges = []
-        for _, run in groupby(enumerate(sorted(set(self.missing))), key=lambda pair: pair[1] - pair[0]):
-            blocks = [block for _, block in run]
-            ranges.append(str(blocks[0]) if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}")
-        return ", ".join(ranges)
+        return format_blocks(list(self.missing))
 
 
 class InferenceSession(Protocol):

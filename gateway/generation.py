@@ -9,6 +9,7 @@ same per-step deltas to the streaming and the non-streaming path.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -69,6 +70,8 @@ class Generation:
         self._on_close = on_close
         self._session: InferenceSession | None = None
         self._closed = False
+        self.opened_at: float | None = None  # monotonic times, for metrics
+        self.first_token_at: float | None = None
         model = job.model
         self._sampler = Sampler(
             job.params,
@@ -84,6 +87,7 @@ class Generation:
 
     async def open(self) -> None:
         """Reserve the swarm chain; `SwarmBusy`/`BlocksUnavailable` surface here, before any output."""
+        self.opened_at = time.monotonic()
         self._session = await self._backend.open_session(
             self.job.model.id, batch=self.job.n, max_length=len(self.job.prompt_ids) + self.job.max_tokens
         )
@@ -116,6 +120,7 @@ class Generation:
         while hidden is not None:
             output = await self._session.step(hidden)
             deltas, hidden = await run_sync(self._advance, output)
+            self.first_token_at = self.first_token_at or time.monotonic()
             if deltas:
                 yield deltas
 

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.backend import BlocksUnavailable, InferenceBackend
+from gateway.metrics import GatewayMetrics
 from gateway.generation import Generation, GenerationJob
 from gateway.models import ModelRegistry
 from gateway.settings import Settings
@@ -22,6 +23,7 @@ class Gateway:
     backend: InferenceBackend
     auth: Authenticator
     limiter: ConcurrencyLimiter
+    metrics: GatewayMetrics
 
     async def start(self, job: GenerationJob, tenant: str) -> Generation:
         """Take a tenant slot and a swarm session for `job`; the caller must `close()` the result.
@@ -33,7 +35,14 @@ class Gateway:
         if not coverage.complete:
             raise BlocksUnavailable(job.model.id, coverage)
         lease = self.limiter.acquire(tenant)
-        generation = Generation(job, self.backend, on_close=lease.release)
+
+        def finished() -> None:
+            lease.release()
+            if generation.opened_at is not None:
+                self.metrics.observe_generation(job.model.id, generation.opened_at, generation.first_token_at,
+                                                generation.usage().completion_tokens)
+
+        generation = Generation(job, self.backend, on_close=finished)
         try:
             await generation.open()
         except BaseException:

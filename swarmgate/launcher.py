@@ -47,7 +47,7 @@ def split_blocks(num_blocks: int, servers: int) -> list[str]:
 
 def start_server(
     model: str | Path,
-    blocks: str,
+    blocks: str | None,
     *,
     initial_peers: Sequence[str] = (),
     extra_args: Sequence[str] = (),
@@ -55,12 +55,13 @@ def start_server(
     ready_timeout: float = 120.0,
     log_file: Path | None = None,
 ) -> ServerProcess:
-    """Spawn a server and wait until it prints its addresses."""
-    command = [sys.executable, "-m", "swarmgate.cli", "server", "--model", str(model), "--blocks", blocks]
+    """Spawn a server and wait until it prints its addresses; `blocks` None: it chooses (placement)."""
+    command = [sys.executable, "-m", "swarmgate.cli", "server", "--model", str(model)]
+    command += ["--blocks", blocks] if blocks else []
     if initial_peers:
         command += ["--initial-peers", *initial_peers]
     command += list(extra_args)
-    return start_process(command, blocks, env=env, ready_timeout=ready_timeout, log_file=log_file)
+    return start_process(command, blocks or "auto", env=env, ready_timeout=ready_timeout, log_file=log_file)
 
 
 def start_process(
@@ -106,7 +107,7 @@ def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
 
 def start_swarm(
     model: str | Path,
-    spans: Sequence[str],
+    spans: Sequence[str | None],
     *,
     extra_args: Sequence[str] = (),
     log_dir: Path | None = None,

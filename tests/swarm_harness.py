@@ -18,7 +18,7 @@ FAST_ANNOUNCE = ["--announce-interval", "1"]
 
 @contextmanager
 def running_swarm(
-    model: Path, spans: Sequence[str], *, extra_args: Sequence[str] = (), log_dir: Path | None = None
+    model: Path, spans: Sequence[str | None], *, extra_args: Sequence[str] = (), log_dir: Path | None = None
 ) -> Iterator[tuple[list[ServerProcess], SwarmBridge]]:
     """Servers for ``spans`` plus a client bridge that already sees all of them."""
     servers = start_swarm(model, spans, extra_args=[*FAST_ANNOUNCE, *extra_args], log_dir=log_dir)

@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -312,6 +311,8 @@ def test_container_command_joins_a_swarm(llama_path, bootstrap, tmp_path):
         assert node.addrs == [f"/ip4/127.0.0.1/tcp/{port}/p2p/{node.peer_id}"]
         bridge.start()
         wait_for_servers(bridge, llama_path.name, 2)
+        record = next(r for r in bridge.servers() if r.peer_id == node.peer_id)
+        assert record.quant == "none" and record.block_bytes > 0  # memory per block is announced
         _generates(bridge, llama_path, {bootstrap.peer_id, node.peer_id})
         health_command, health_env = _container_command("server", variables, tmp_path)
         health = subprocess.run([*health_command[:-1], "healthcheck"], env=health_env, capture_output=True,

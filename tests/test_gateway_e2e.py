@@ -256,3 +256,12 @@ def test_uncovered_model_is_503_naming_blocks(tiny_models, tmp_path):
             gateway.terminate()
             gateway.wait(30)
         stop_all(servers)
+
+
+def test_prometheus_metrics(client, stack):
+    client.chat.completions.create(model=stack["model"], messages=MESSAGES, max_tokens=3)
+    text = httpx.get(stack["base"] + "/metrics").text
+    assert f'swarmgate_swarm_coverage_ratio{{model="{stack["model"]}"}} 1.0' in text
+    assert 'swarmgate_requests_total{method="POST",path="/v1/chat/completions",status="200"}' in text
+    assert f'swarmgate_time_to_first_token_seconds_count{{model="{stack["model"]}"}}' in text
+    assert "swarmgate_replays_total" in text

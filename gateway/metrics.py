@@ -1,0 +1,91 @@
+"""Prometheus metrics of the gateway, served at ``GET /metrics`` (prometheus-client).
+
+Each app has its own registry (several apps can live in one process, as in tests). Request
+counts come from a middleware; generation timings from ``Gateway.start``; swarm coverage and
+replays are read from the backend at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.backend import Coverage
+
+
+class _SwarmCollector(Collector):
+    def __init__(self, coverage: Callable[[], Iterable[tuple[str, Coverage]]], replays: Callable[[], int]):
+        self._coverage = coverage
+        self._replays = replays
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        gauge = GaugeMetricFamily("swarmgate_swarm_coverage_ratio", "Share of the model's blocks some server serves",
+                                  labels=["model"])
+        for model, coverage in self._coverage():
+            served = coverage.num_blocks - len(coverage.missing)
+            gauge.add_metric([model], served / max(coverage.num_blocks, 1))
+        yield gauge
+        yield CounterMetricFamily("swarmgate_replays", "Sessions rebuilt on another server after a failure",
+                                  value=self._replays())
+
+
+class GatewayMetrics:
+    def __init__(self, coverage: Callable[[], Iterable[tuple[str, Coverage]]], replays: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("swarmgate_requests", "HTTP requests by route and status",
+                                ["method", "path", "status"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "swarmgate_time_to_first_token_seconds", "From swarm session open to the first generated token",
+            ["model"], registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
+        self.tokens = Counter("swarmgate_generated_tokens", "Completion tokens generated", ["model"],
+                              registry=self.registry)
+        self.tokens_per_second = Histogram(
+            "swarmgate_decode_tokens_per_second", "Per-request decode speed after the first token", ["model"],
+            registry=self.registry, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+        )
+        self.registry.register(_SwarmCollector(coverage, replays))
+
+    def observe_generation(self, model: str, started: float, first_token: float | None, tokens: int) -> None:
+        self.tokens.labels(model).inc(tokens)
+        if first_token is None:
+            return
+        self.time_to_first_token.labels(model).observe(first_token - started)
+        decode_time = time.monotonic() - first_token
+        if tokens > 1 and decode_time > 0:
+            self.tokens_per_second.labels(model).observe((tokens - 1) / decode_time)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware counting responses by route template (not raw path: ids stay out of labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
