@@ -38,6 +38,10 @@ from swarm.records import ServerRecord
 logger = logging.getLogger(__name__)
 
 
+class NotHeldError(ProtocolError):
+    """A request names blocks this server does not hold (any more: the client saw an old record)."""
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     max_sessions: int = 64
@@ -183,8 +187,8 @@ class BlockServer:
             with trio.fail_after(self.limits.open_timeout):
                 request = protocol.expect(await self._read(stream), "open")
             session_id, batch, max_length, wire_codec = self._validate_open(request)
+            span = self._part(request)  # the session keeps it, whatever moves come later
             adapter = self.training.session_adapter(request)
-            span = self.span  # the session keeps it, whatever moves come later
             self.caches.open(session_id, batch=batch, max_length=max_length, cache=span.new_cache())
             try:
                 await protocol.write_frame(stream, {"type": "opened", "session": session_id})
@@ -223,17 +227,17 @@ class BlockServer:
             raise ProtocolError(f"unknown codec {wire_codec!r}; this server speaks {codec.CODECS}")
         if checkpoint is not None and checkpoint != self.checkpoint:
             raise ProtocolError(f"checkpoint mismatch: server has {self.checkpoint}, client {checkpoint}")
-        if (moved := self._moved(request)) is not None:
-            raise ProtocolError(moved)
         return session_id, batch, max_length, wire_codec
 
-    def _moved(self, request: dict[str, Any]) -> str | None:
-        """Why a request naming other blocks than ours is refused: the client chose this server
-        from a record older than a move, and would get the wrong layers' output."""
-        blocks = request.get("blocks")
-        if blocks is None or blocks == [self.span.start, self.span.end]:
-            return None
-        return f"this server serves blocks [{self.span.start}, {self.span.end}) now, not {blocks}"
+    def _part(self, request: dict[str, Any]) -> BlockSpan:
+        """The part of our span that a request names in ``blocks`` (all of it if none)."""
+        blocks = request.get("blocks", [self.span.start, self.span.end])
+        if not (isinstance(blocks, list) and len(blocks) == 2 and all(type(b) is int for b in blocks)):
+            raise ProtocolError("blocks must be [start, end]")
+        start, end = blocks
+        if not self.span.start <= start < end <= self.span.end:
+            raise NotHeldError(f"this server holds blocks [{self.span.start}, {self.span.end}) now, not {blocks}")
+        return self.span.view(start, end)
 
     async def _run_session(
         self, session_id: str, stream: Any, wire_codec: str, adapter: SpanLora | None, span: BlockSpan
@@ -370,21 +374,21 @@ class BlockServer:
     async def _handle_forward(self, stream: Any) -> None:
         try:
             request = protocol.expect(await self._read(stream), "forward")
-            if (moved := self._moved(request)) is not None:
-                await _try_send(stream, protocol.error_frame(moved))  # not invalid: another server may do
-                return
+            span = self._part(request)
             wire_codec = require(request, "codec", str)
             if wire_codec not in codec.CODECS:
                 raise ProtocolError(f"unknown codec {wire_codec!r}")
             hidden = codec.decode(
                 require(request, "hidden", dict),
-                max_elements=self.limits.max_forward_tokens * self.span.hidden_size,
+                max_elements=self.limits.max_forward_tokens * span.hidden_size,
             )
-            if hidden.dim() != 3 or hidden.shape[2] != self.span.hidden_size or hidden.shape[1] == 0:
-                raise ProtocolError(f"hidden states must be [batch, tokens, {self.span.hidden_size}]")
-            hidden = hidden.to(device=self.span.device, dtype=self.span.dtype)
-            output = await trio.to_thread.run_sync(lambda: self.span.forward(hidden), limiter=self._compute)
+            if hidden.dim() != 3 or hidden.shape[2] != span.hidden_size or hidden.shape[1] == 0:
+                raise ProtocolError(f"hidden states must be [batch, tokens, {span.hidden_size}]")
+            hidden = hidden.to(device=span.device, dtype=span.dtype)
+            output = await trio.to_thread.run_sync(lambda: span.forward(hidden), limiter=self._compute)
             await protocol.write_frame(stream, {"type": "output", "hidden": codec.encode(output, wire_codec)})
+        except NotHeldError as error:
+            await _try_send(stream, protocol.error_frame(str(error)))  # not invalid: another server may do
         except (ProtocolError, codec.CodecError, ValueError) as error:
             self.metrics.errors.labels("bad_forward").inc()
             await _try_send(stream, protocol.error_frame(str(error), protocol.INVALID))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -65,8 +66,22 @@ class BlockSpan:
             self.rotary_emb = type(model.model.rotary_emb)(config=self.config)
 
         self.layer_types = family.layer_types(self.config)[start:end]
-        # Masks are sized from the cache, so each kind is sized by one of *our* layers of that kind.
-        self._mask_layer = {kind: start + self.layer_types.index(kind) for kind in dict.fromkeys(self.layer_types)}
+        self._mask_layer = _mask_layers(start, self.layer_types)
+
+    def view(self, start: int, end: int) -> "BlockSpan":
+        """Layers [start, end) of this span, sharing its weights: a server computes any part of
+        its span, so spans that overlap without meeting at a boundary still chain."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"blocks [{start}, {end}) are not within this span [{self.start}, {self.end})")
+        if (start, end) == (self.start, self.end):
+            return self
+        part = copy.copy(self)
+        local = slice(start - self.start, end - self.start)
+        part.start, part.end, part.num_layers = start, end, end - start
+        part.layers = nn.ModuleList(self.layers[local])
+        part.layer_types = self.layer_types[local]
+        part._mask_layer = _mask_layers(start, part.layer_types)
+        return part
 
     def new_cache(self) -> Cache:
         """A fresh per-session KV cache; indexed by global layer, only this span's layers fill."""
@@ -140,3 +155,8 @@ class BlockSpan:
                 use_cache=cache is not None,
             )
         return hidden
+
+
+def _mask_layers(start: int, layer_types: list[str]) -> dict[str, int]:
+    """Masks are sized from the cache, so each kind is sized by one of *our* layers of that kind."""
+    return {kind: start + layer_types.index(kind) for kind in dict.fromkeys(layer_types)}

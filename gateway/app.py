@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -9,16 +11,22 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
+from adapters import AdapterStore
 from blocks.head import ModelHead
-from gateway import chat, completions
+from gateway import chat, completions, files, fine_tuning
 from gateway.backend import InferenceBackend
+from gateway.database import Database
 from gateway.errors import install_error_handlers
+from gateway.file_store import FileStore
+from gateway.fine_tuned import FineTunedModels
+from gateway.jobs import JobStore
 from gateway.metrics import GatewayMetrics, RequestCounter
-from gateway.models import HeadLoader, ModelRegistry, ServedModel
+from gateway.models import HeadLoader, ModelCard, ModelRegistry
 from gateway.schemas import ErrorResponse, Health, Model, ModelList
 from gateway.settings import Settings
 from gateway.state import Gateway, GatewayDep, TenantDep
 from gateway.tenants import Authenticator, ConcurrencyLimiter, KeyStore
+from gateway.trainer import Trainer
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
@@ -43,7 +51,11 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
     `head_loader` builds a model's head from its checkpoint folder; by default
     `blocks.head.ModelHead` on `settings.head_device` in `settings.head_dtype`.
     """
-    models = ModelRegistry.load(settings.models, head_loader or _model_head_loader(settings))
+    database = Database(settings.data_dir)
+    fine_tuned = FineTunedModels(database, AdapterStore(settings.data_dir / "adapters"))
+    models = ModelRegistry.load(settings.models, head_loader or _model_head_loader(settings), fine_tuned)
+    file_store = FileStore(database, settings.data_dir / "files")
+    jobs = JobStore(database)
     metrics = GatewayMetrics(
         coverage=lambda: [(model.id, backend.coverage(model.id)) for model in models],
         replays=lambda: int(backend.swarm_state().get("replays", 0)),
@@ -55,8 +67,22 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
         auth=_authenticator(settings),
         limiter=ConcurrencyLimiter(settings.max_concurrent_requests),
         metrics=metrics,
+        files=file_store,
+        jobs=jobs,
+        trainer=Trainer(settings=settings, jobs=jobs, files=file_store, fine_tuned=fine_tuned, models=models,
+                        backend=backend),
     )
-    app = FastAPI(title="swarmgate", summary="OpenAI-compatible API over a swarm of block servers")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """The fine-tuning worker runs while the app does."""
+        await gateway.trainer.start()
+        try:
+            yield
+        finally:
+            await gateway.trainer.stop()
+
+    app = FastAPI(title="swarmgate", summary="OpenAI-compatible API over a swarm of block servers", lifespan=lifespan)
     app.state.gateway = gateway
     install_error_handlers(app)
     app.add_middleware(RequestCounter, metrics=metrics)
@@ -71,12 +97,13 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
         return Health()
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
-    async def list_models(gateway: GatewayDep, _: TenantDep) -> ModelList:
-        return ModelList(data=[_model(model) for model in gateway.models])
+    async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
+        """The base models and the caller's own fine-tuned models."""
+        return ModelList(data=[_model(card) for card in gateway.models.cards(tenant)])
 
     @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
-    async def retrieve_model(model_id: str, gateway: GatewayDep, _: TenantDep) -> Model:
-        return _model(gateway.models.get(model_id))
+    async def retrieve_model(model_id: str, gateway: GatewayDep, tenant: TenantDep) -> Model:
+        return _model(gateway.models.card(model_id, tenant))
 
     @app.get("/v1/swarm", responses=ERROR_RESPONSES)
     async def swarm(gateway: GatewayDep, _: TenantDep) -> SwarmView:
@@ -92,11 +119,14 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
 
     app.include_router(chat.router, responses=ERROR_RESPONSES)
     app.include_router(completions.router, responses=ERROR_RESPONSES)
+    upload_errors = ERROR_RESPONSES | {status: {"model": ErrorResponse} for status in (411, 413)}
+    app.include_router(files.router, responses=upload_errors)
+    app.include_router(fine_tuning.router, responses=upload_errors)
     return app
 
 
-def _model(model: ServedModel) -> Model:
-    return Model(id=model.id, created=model.created, max_model_len=model.context_length)
+def _model(card: ModelCard) -> Model:
+    return Model(id=card.id, created=card.created, owned_by=card.owned_by, max_model_len=card.context_length)
 
 
 def _authenticator(settings: Settings) -> Authenticator:

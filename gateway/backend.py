@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from swarm.lora import LoraWeights
 from swarm.routing import format_blocks
 
 
@@ -48,11 +49,23 @@ class InferenceSession(Protocol):
 
 
 class InferenceBackend(Protocol):
-    async def open_session(self, model: str, *, batch: int, max_length: int) -> InferenceSession:
+    async def open_session(
+        self, model: str, *, batch: int, max_length: int, adapter: LoraWeights | None = None
+    ) -> InferenceSession:
         """Reserve a chain for `batch` rows of up to `max_length` tokens each.
 
+        With `adapter` (a fine-tuned model), every span applies that LoRA for this session only.
         Raises `SwarmBusy` when no chain has room now and `BlocksUnavailable` when no chain
         covers the model.
+        """
+        ...
+
+    def differentiable_blocks(self, model: str, hidden: torch.Tensor, adapter: LoraWeights) -> torch.Tensor:
+        """Every block of `model` with `adapter` on [b, t, h] hidden states, for fine-tuning.
+
+        Differentiable in `hidden` and in `adapter.tensors`: `backward()` through the result
+        computes their gradients (in the swarm: a backward pass along the chain). Blocking:
+        call it from a worker thread, never from the event loop.
         """
         ...
 

@@ -37,7 +37,7 @@ router = APIRouter()
 async def create_chat_completion(
     body: ChatCompletionRequest, gateway: GatewayDep, tenant: TenantDep, request: Request
 ) -> ChatCompletion | EventSourceResponse:
-    model = gateway.models.get(body.model)
+    model = await gateway.models.resolve(body.model, tenant)
     job = await chat_job(body, model, gateway.settings)
     generation = await gateway.start(job, tenant)
     meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model.id)

@@ -29,7 +29,7 @@ router = APIRouter()
 async def create_completion(
     body: CompletionRequest, gateway: GatewayDep, tenant: TenantDep, request: Request
 ) -> Completion | EventSourceResponse:
-    model = gateway.models.get(body.model)
+    model = await gateway.models.resolve(body.model, tenant)
     job = await completion_job(body, model, gateway.settings)
     generation = await gateway.start(job, tenant)
     meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model.id)

@@ -61,6 +61,19 @@ class ModelNotFound(APIError):
         super().__init__(f"The model '{model}' does not exist or you do not have access to it.", param="model")
 
 
+class NotFound(APIError):
+    """A tenant's resource (file, job, ...) that does not exist, or belongs to another tenant."""
+
+    status_code = 404
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
 class RateLimited(APIError):
     status_code = 429
     type = "requests"

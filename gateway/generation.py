@@ -89,7 +89,8 @@ class Generation:
         """Reserve the swarm chain; `SwarmBusy`/`BlocksUnavailable` surface here, before any output."""
         self.opened_at = time.monotonic()
         self._session = await self._backend.open_session(
-            self.job.model.id, batch=self.job.n, max_length=len(self.job.prompt_ids) + self.job.max_tokens
+            self.job.model.swarm_id, batch=self.job.n, max_length=len(self.job.prompt_ids) + self.job.max_tokens,
+            adapter=self.job.model.adapter,
         )
 
     async def close(self) -> None:

@@ -9,11 +9,14 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.backend import BlocksUnavailable, InferenceBackend
+from gateway.file_store import FileStore
 from gateway.metrics import GatewayMetrics
 from gateway.generation import Generation, GenerationJob
+from gateway.jobs import JobStore
 from gateway.models import ModelRegistry
 from gateway.settings import Settings
 from gateway.tenants import Authenticator, ConcurrencyLimiter
+from gateway.trainer import Trainer
 
 
 @dataclass
@@ -24,6 +27,9 @@ class Gateway:
     auth: Authenticator
     limiter: ConcurrencyLimiter
     metrics: GatewayMetrics
+    files: FileStore
+    jobs: JobStore
+    trainer: Trainer
 
     async def start(self, job: GenerationJob, tenant: str) -> Generation:
         """Take a tenant slot and a swarm session for `job`; the caller must `close()` the result.
@@ -31,15 +37,16 @@ class Gateway:
         Refusals (503 uncovered model, 429 tenant limit or full swarm) happen here, before any
         response has started, so streaming requests get real status codes for them too.
         """
-        coverage = self.backend.coverage(job.model.id)
+        coverage = self.backend.coverage(job.model.swarm_id)
         if not coverage.complete:
-            raise BlocksUnavailable(job.model.id, coverage)
+            raise BlocksUnavailable(job.model.swarm_id, coverage)
         lease = self.limiter.acquire(tenant)
 
         def finished() -> None:
             lease.release()
             if generation.opened_at is not None:
-                self.metrics.observe_generation(job.model.id, generation.opened_at, generation.first_token_at,
+                # Labelled by base model: tenants' fine-tuned ids would make unbounded label sets.
+                self.metrics.observe_generation(job.model.swarm_id, generation.opened_at, generation.first_token_at,
                                                 generation.usage().completion_tokens)
 
         generation = Generation(job, self.backend, on_close=finished)

@@ -1,7 +1,9 @@
 """``InferenceBackend`` over the real swarm, through ``swarm.bridge.SwarmBridge``.
 
 Translates the swarm's failures into the backend's vocabulary: no chain covering the model ->
-``BlocksUnavailable`` (503), every candidate server full -> ``SwarmBusy`` (429).
+``BlocksUnavailable`` (503), every candidate server full -> ``SwarmBusy`` (429). Fine-tuning's
+forward and backward go through ``swarm.training`` in float32 (codec ``none``): gradients are
+exact, and a training step's activations are few next to a generation's.
 """
 
 from __future__ import annotations
@@ -9,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from gateway.backend import BlocksUnavailable, Coverage, InferenceSession, SwarmBusy
+from swarm import training
 from swarm.bridge import SwarmBridge
+from swarm.lora import LoraWeights
 from swarm.protocol import BUSY, RemoteError
 from swarm.routing import NoChainError, missing_blocks
 
@@ -28,12 +34,14 @@ class SwarmBackend:
         self.models = {model.name: model for model in models}
         self.wire_codec = wire_codec
 
-    async def open_session(self, model: str, *, batch: int, max_length: int) -> InferenceSession:
+    async def open_session(
+        self, model: str, *, batch: int, max_length: int, adapter: LoraWeights | None = None
+    ) -> InferenceSession:
         served = self.models[model]
         try:
             return await self.bridge.open_session(
                 model, served.num_blocks, batch=batch, max_length=max_length,
-                wire_codec=self.wire_codec, checkpoint=served.checkpoint,
+                wire_codec=self.wire_codec, checkpoint=served.checkpoint, adapter=adapter,
             )
         except NoChainError as error:
             raise BlocksUnavailable(model, Coverage(served.num_blocks, tuple(error.missing))) from error
@@ -41,6 +49,16 @@ class SwarmBackend:
             if error.code == BUSY:
                 raise SwarmBusy(f"the swarm has no capacity for this request now: {error}") from error
             raise
+
+    def differentiable_blocks(self, model: str, hidden: torch.Tensor, adapter: LoraWeights) -> torch.Tensor:
+        served = self.models[model]
+        assert self.bridge.client is not None, "bridge not started"
+        try:
+            return training.remote_blocks(
+                self.bridge.call, self.bridge.client, model, served.num_blocks, hidden, adapter, wire_codec="none"
+            )
+        except NoChainError as error:
+            raise BlocksUnavailable(model, Coverage(served.num_blocks, tuple(error.missing))) from error
 
     def coverage(self, model: str) -> Coverage:
         served = self.models[model]

@@ -56,19 +56,22 @@ class SwarmClient:
         return sorted(self.node.records.live(model), key=lambda r: (r.start, r.end, r.peer_id))
 
     # -- choosing servers ------------------------------------------------------------------------
-    def choose(self, model: str, start: int, end: int, *, avoid: Iterable[str] = ()) -> list[ServerRecord]:
+    def choose(
+        self, model: str, start: int, end: int, *, avoid: Iterable[str] = (), partial: bool = True
+    ) -> list[ServerRecord]:
         """The cheapest chain over blocks [start, end) without the peers in `avoid`, and without
-        recently failed peers unless only they can serve."""
+        recently failed peers unless only they can serve (routing.choose_chain on ``partial``)."""
         records = self.node.records.live(model)
         avoid = frozenset(avoid)
-        options = dict(start=start, rtt=self.node.rtt, load=self._load.__getitem__)
+        options = dict(start=start, partial=partial, rtt=self.node.rtt, load=self._load.__getitem__)
         try:
             return choose_chain(model, records, end, exclude=avoid | self.backoff.avoided(), **options)
         except NoChainError:
             return choose_chain(model, records, end, exclude=avoid, **options)  # a flaky server beats none
 
     def chain(self, model: str, num_blocks: int) -> list[ServerRecord]:
-        return self.choose(model, 0, num_blocks)
+        """Whole spans only: for requests that do not name their blocks."""
+        return self.choose(model, 0, num_blocks, partial=False)
 
     def reserve(self, chain: Iterable[ServerRecord]) -> None:
         self._load.update(record.peer_id for record in chain)
@@ -124,17 +127,25 @@ class SwarmClient:
 
     # -- span by span ----------------------------------------------------------------------------
     async def along_chain(
-        self, model: str, num_blocks: int, call: Callable[[ServerRecord, T], Awaitable[T]], value: T
+        self,
+        model: str,
+        num_blocks: int,
+        call: Callable[[ServerRecord, T], Awaitable[T]],
+        value: T,
+        *,
+        partial: bool = False,
     ) -> T:
         """``value = await call(record, value)`` for each span of a chain over every block, in order.
 
         A server that fails is avoided and the walk goes on from the same block on another chain;
-        an ``invalid`` error reply means the request itself is wrong, and is raised at once.
+        an ``invalid`` error reply means the request itself is wrong, and is raised at once. With
+        ``partial``, records may be narrowed to part of a server's span: `call` must then send
+        ``blocks`` [record.start, record.end] so the server computes just those.
         """
         block, failed, last_error = 0, set(), None
         while block < num_blocks:
             try:
-                chain = self.choose(model, block, num_blocks, avoid=failed)
+                chain = self.choose(model, block, num_blocks, avoid=failed, partial=partial)
             except NoChainError as error:
                 raise error from last_error
             for record in chain:
@@ -168,7 +179,7 @@ class SwarmClient:
                 await stream.close()
             return protocol.field(reply, "hidden", dict)
 
-        wire = await self.along_chain(model, num_blocks, through, codec.encode(hidden, wire_codec))
+        wire = await self.along_chain(model, num_blocks, through, codec.encode(hidden, wire_codec), partial=True)
         result = codec.decode(wire, max_elements=hidden.numel())
         if list(result.shape) != list(hidden.shape):
             raise protocol.ProtocolError(f"chain returned shape {list(result.shape)}, sent {list(hidden.shape)}")

@@ -1,16 +1,18 @@
 """Choosing a chain of servers whose spans cover a range of a model's blocks.
 
-Shortest path over block boundaries: a server serving [s, e) is an edge s -> e whose cost is the
-estimated time for one token through it: measured round trip to the peer (a default until
-measured) plus a fixed per-hop overhead (framing, codec, push) plus its compute (1 / announced
-throughput). Every hop pays a round trip and the overhead, so fewer hops win unless the longer
-chain is clearly faster. A server's load multiplies its whole cost: queued sessions delay its
+Shortest path over block boundaries: a server serving [s, e) offers an edge a -> b for any part
+[a, b) of its span, whose cost is the estimated time for one token through it: measured round
+trip to the peer (a default until measured) plus a fixed per-hop overhead (framing, codec, push)
+plus its compute (the part's share of 1 / announced throughput). Every hop pays a round trip
+and the overhead, so fewer hops win unless the longer chain is clearly faster. A server's load multiplies its whole cost: queued sessions delay its
 compute and its replies alike, and the multiplier is what makes concurrent sessions spread over
 redundant servers even where compute is cheap next to the network.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import heapq
 import random
 from typing import Callable, Iterable
@@ -52,8 +54,9 @@ def missing_blocks(records: Iterable[ServerRecord], num_blocks: int, start: int 
     return [b for b in range(start, num_blocks) if not covered[b]]
 
 
-def hop_cost(record: ServerRecord, rtt: float, sessions: int) -> float:
-    compute = 1.0 / max(record.throughput, 1e-3)
+def hop_cost(record: ServerRecord, rtt: float, sessions: int, blocks: int) -> float:
+    """Estimated seconds for one token through `blocks` blocks of `record`'s span."""
+    compute = blocks / record.num_blocks / max(record.throughput, 1e-3)
     return (rtt + HOP_OVERHEAD + compute) * (1.0 + LOAD_PENALTY * sessions)
 
 
@@ -63,21 +66,24 @@ def choose_chain(
     end: int,
     *,
     start: int = 0,
+    partial: bool = True,
     rtt: Callable[[str], float | None] = lambda peer_id: None,
     load: Callable[[str], int] = lambda peer_id: 0,
     exclude: frozenset[str] = frozenset(),
     rng: random.Random | None = None,
 ) -> list[ServerRecord]:
-    """The cheapest chain of records covering blocks [start, end), in order.
+    """The cheapest chain covering blocks [start, end), in order, each record narrowed to the
+    blocks it computes in the chain (``partial``: a server computes any part of its span, so
+    overlapping spans chain even where their boundaries do not meet).
 
     ``load(peer)`` is how many sessions this client itself holds there: announced session counts
     lag by an announce interval, so a burst of sessions would otherwise all pick the same server.
     """
     rng = rng or random.Random()
-    usable = [r for r in records if r.peer_id not in exclude and start <= r.start and r.end <= end]
-    edges: dict[int, list[ServerRecord]] = {}
-    for record in usable:
-        edges.setdefault(record.start, []).append(record)
+    within = (lambda r: start < r.end and r.start < end) if partial else (lambda r: start <= r.start and r.end <= end)
+    usable = [r for r in records if r.peer_id not in exclude and within(r)]
+    # Switching servers only pays at some span's boundary (costs are linear in blocks in between).
+    boundaries = sorted({start, end} | {b for r in usable for b in (r.start, r.end) if start < b < end})
 
     best: dict[int, float] = {start: 0.0}
     previous: dict[int, ServerRecord] = {}
@@ -88,20 +94,25 @@ def choose_chain(
             break
         if cost > best.get(block, float("inf")):
             continue
-        for record in edges.get(block, []):
+        for record in usable:
+            if not (record.start <= block < record.end and (partial or record.start == block)):
+                continue
             measured = rtt(record.peer_id)
             sessions = max(record.sessions, load(record.peer_id))
-            step = hop_cost(record, DEFAULT_RTT if measured is None else measured, sessions)
-            candidate = cost + step * rng.uniform(1.0, 1.0 + JITTER)
-            if candidate < best.get(record.end, float("inf")):
-                best[record.end] = candidate
-                previous[record.end] = record
-                heapq.heappush(queue, (candidate, record.end))
+            last = min(record.end, end)
+            for stop in boundaries[bisect.bisect_right(boundaries, block):bisect.bisect_right(boundaries, last)]:
+                if not partial and stop != record.end:
+                    continue
+                step = hop_cost(record, DEFAULT_RTT if measured is None else measured, sessions, stop - block)
+                candidate = cost + step * rng.uniform(1.0, 1.0 + JITTER)
+                if candidate < best.get(stop, float("inf")):
+                    best[stop] = candidate
+                    previous[stop] = _narrowed(record, block, stop)
+                    heapq.heappush(queue, (candidate, stop))
 
     if end not in previous:
-        missing = missing_blocks(usable, end, start)
-        # Blocks can all be covered yet unchainable (overlapping spans that never meet a boundary).
-        raise NoChainError(model, missing or [max(best)])
+        # Whole spans only, blocks can all be covered yet unchainable: then name where chains stop.
+        raise NoChainError(model, missing_blocks(usable, end, start) or [max(best)])
     chain: list[ServerRecord] = []
     block = end
     while block != start:
@@ -109,3 +120,11 @@ def choose_chain(
         chain.append(record)
         block = record.start
     return chain[::-1]
+
+
+def _narrowed(record: ServerRecord, start: int, end: int) -> ServerRecord:
+    """The record as used for blocks [start, end) of its span (throughput scaled to them)."""
+    if (start, end) == (record.start, record.end):
+        return record
+    throughput = record.throughput * record.num_blocks / (end - start)
+    return dataclasses.replace(record, start=start, end=end, throughput=throughput)

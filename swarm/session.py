@@ -6,9 +6,9 @@ also sends it back here, so the session holds each hop's inputs, as the exact wi
 by step (DESIGN.md §7).
 
 When a hop fails — its stream ends or resets, it answers with an error, or nothing arrives for
-``step_timeout`` — its span gets a replacement chain (widened over neighbouring hops when no live
-server fits the span exactly), the new hops are replayed the recorded inputs (same bytes and
-deterministic compute give the same caches), and the step resumes at the new hops. Whether the
+``step_timeout`` — its blocks get a replacement chain (from any live servers holding them, which
+compute just those blocks of their spans), the new hops are replayed the recorded inputs (same
+bytes and deterministic compute give the same caches), and the step resumes at the new hops. Whether the
 dead server forwarded the step before dying is unknowable, so the step is simply sent on again:
 servers drop a step at a position they already hold, and every output names the session it was
 pushed to, so the client sends a step itself to any next hop that did not get it. Each hop
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import torch
 import trio
@@ -91,18 +91,18 @@ class InferenceSession:
     async def open(self, num_blocks: int) -> None:
         """Open sessions along a chain over every block; a server that refuses is replaced."""
 
-        def find() -> tuple[None, list[ServerRecord]] | None:
+        def find() -> list[ServerRecord] | None:
             try:
-                return None, self._client.choose(self._model, 0, num_blocks, avoid=self._failed)
+                return self._client.choose(self._model, 0, num_blocks, avoid=self._failed)
             except NoChainError:
                 if self._failed:
                     return None  # only the servers that just failed could serve: report why they failed
                 raise
 
-        found = await self._open_hops(find, wait=0.0)
-        if found is None:
+        hops = await self._open_hops(find, wait=0.0)
+        if hops is None:
             raise self._last_error
-        self._hops = found[1]
+        self._hops = hops
 
     # -- steps -----------------------------------------------------------------------------------
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -152,21 +152,31 @@ class InferenceSession:
         steps = len(self._offsets)
         for hop in self._hops:
             self._start_reader(hop)
-        await self._send(self._hops[0], steps - 1)
+        await self._send(self._hops[0], steps - 1, route=self._hops[1:])
         while (behind := next((h for h in self._hops if h.done < steps), None)) is not None:
             with trio.move_on_after(self._client.step_timeout) as idle:
-                hop, event = await events.receive()
+                batch = [await events.receive()]
             if idle.cancelled_caught:
-                hop, event = behind, TimeoutError(f"no answer for {self._client.step_timeout:.0f} s")
-            if hop not in self._hops:
-                continue  # from a hop replaced since
-            if not isinstance(event, Exception):
+                batch = [(behind, TimeoutError(f"no answer for {self._client.step_timeout:.0f} s"))]
+            while True:  # all that is known already, so every failure counts before any replacement
                 try:
+                    batch.append(events.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            failed: dict[Hop, BaseException] = {}
+            for hop, event in batch:
+                if hop not in self._hops or hop in failed:
+                    continue  # from a hop replaced since, or failed already
+                try:
+                    if isinstance(event, Exception):
+                        raise event
                     await self._accept(hop, protocol.expect(event, "output"))
-                    continue
-                except (protocol.ProtocolError, protocol.RemoteError) as error:
-                    event = error
-            await self._replace(hop, event)
+                except Exception as error:  # EOF, reset, timeout, error reply, bad frame: the hop failed
+                    failed[hop] = error
+            for hop, error in failed.items():
+                self._note_failure(hop.record.peer_id, error)
+            for hop, error in failed.items():
+                await self._replace(hop, error)
 
     def _start_reader(self, hop: Hop) -> None:
         assert self._nursery is not None
@@ -201,15 +211,14 @@ class InferenceSession:
         if after.done <= step and frame.get("pushed") != after.session:
             await self._send(after, step)
 
-    async def _send(self, hop: Hop, step: int) -> None:
-        """Send step `step` to `hop`, routed on through the following hops that still lack it."""
-        index = self._hops.index(hop)
-        route = []
-        for after in self._hops[index + 1:]:
-            if after.done > step:
-                break
-            route.append(after.route_entry())
-        frame = {"type": "step", "position": self._offsets[step], "hidden": hop.inputs[step], "route": route}
+    async def _send(self, hop: Hop, step: int, route: Sequence[Hop] = ()) -> None:
+        """Send step `step` to `hop`, to be pushed on along `route`.
+
+        Only a step's first send has a route: while recovering, this client relays each output
+        itself, so no server spends its time dialling a peer that may have died too.
+        """
+        frame = {"type": "step", "position": self._offsets[step], "hidden": hop.inputs[step],
+                 "route": [after.route_entry() for after in route]}
         try:
             with trio.fail_after(self._client.step_timeout):
                 await protocol.write_frame(hop.stream, frame)
@@ -228,17 +237,22 @@ class InferenceSession:
             raise RetriesExhausted(f"gave up after {self._failures} server failures; the last: {error!r}") from error
 
     async def _replace(self, hop: Hop, error: BaseException) -> None:
-        """Swap a failed hop (and neighbours, if need be) for new hops, and replay their inputs."""
-        self._note_failure(hop.record.peer_id, error)
+        """Swap a failed hop for a chain of new hops over its blocks, and replay its inputs there."""
+        start, end = hop.record.start, hop.record.end
+
+        def find() -> list[ServerRecord] | None:
+            try:
+                return self._client.choose(self._model, start, end, avoid=self._failed)
+            except NoChainError:
+                return None  # maybe a server is (re)joining: look again until replace_wait is over
+
+        new = await self._open_hops(find, wait=self._client.replace_wait)
+        if new is None:
+            raise NoChainError(self._model, list(range(start, end))) from error
+        new[0].inputs = list(hop.inputs)
+        await self._drop(hop)
         index = self._hops.index(hop)
-        found = await self._open_hops(lambda: self._replacement(index), wait=self._client.replace_wait)
-        if found is None:
-            raise NoChainError(self._model, list(range(hop.record.start, hop.record.end))) from error
-        (first, last), new = found
-        new[0].inputs = list(self._hops[first].inputs)
-        for old in self._hops[first:last + 1]:
-            await self._drop(old)
-        self._hops[first:last + 1] = new
+        self._hops[index:index + 1] = new
         logger.info("replaying %d steps into blocks [%d, %d) on %s", len(new[0].inputs), new[0].record.start,
                     new[-1].record.end, ", ".join(h.record.peer_id for h in new))
         for hop in new:
@@ -246,42 +260,25 @@ class InferenceSession:
         for step in range(len(new[0].inputs)):
             await self._send(new[0], step)
 
-    def _replacement(self, index: int) -> tuple[tuple[int, int], list[ServerRecord]] | None:
-        """The fewest hops around `index` that live servers can replace, and the chain that does."""
-        for width in range(len(self._hops)):
-            for first in range(max(0, index - width), index + 1):
-                last = first + width
-                if last >= len(self._hops):
-                    continue
-                start, end = self._hops[first].record.start, self._hops[last].record.end
-                try:
-                    return (first, last), self._client.choose(self._model, start, end, avoid=self._failed)
-                except NoChainError:
-                    continue
-        return None
-
-    async def _open_hops(
-        self, find: Callable[[], tuple[Any, list[ServerRecord]] | None], *, wait: float
-    ) -> tuple[Any, list[Hop]] | None:
+    async def _open_hops(self, find: Callable[[], list[ServerRecord] | None], *, wait: float) -> list[Hop] | None:
         """Open the chain `find` proposes; on a refusal, note the failure and ask again.
 
         None when `find` has nothing to propose for `wait` seconds.
         """
         deadline = trio.current_time() + wait
         while True:
-            found = find()
-            if found is None:
+            chain = find()
+            if chain is None:
                 if trio.current_time() >= deadline:
                     return None
                 await trio.sleep(POLL_INTERVAL)
                 continue
-            key, chain = found
             self._client.reserve(chain)  # before any await, so concurrent sessions see this one's choice
             hops: list[Hop] = []
             try:
                 for record in chain:
                     hops.append(await self._opener(record))
-                return key, hops
+                return hops
             except BaseException as error:
                 self._client.release(*(r.peer_id for r in chain[len(hops):]))
                 for hop in hops:

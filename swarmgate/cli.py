@@ -78,12 +78,13 @@ def node_options(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     from blocks import serve
     from gateway import serve as gateway_serve
+    from swarm import health
     from swarmgate import healthcheck, keys, up
 
     parser = argparse.ArgumentParser(prog="swarmgate", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get(env_name("--log-level"), "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (serve, gateway_serve, up, keys, healthcheck):  # each subcommand lives with the code it runs
+    for module in (serve, gateway_serve, up, keys, healthcheck, health):  # each subcommand lives with the code it runs
         module.add_command(commands)
     return parser
 

@@ -31,7 +31,7 @@ from swarm.pnet import HEADER, format_swarm_key, parse_swarm_key, read_swarm_key
 from swarm.records import ServerRecord
 from swarmgate import cli, launcher
 from swarmgate.launcher import start_process, start_server, stop_all
-from tests.swarm_harness import FAST_ANNOUNCE, reference_model, swarm_greedy, wait_for_servers
+from tests.swarm_harness import FAST_ANNOUNCE, reference_model, swarm_greedy
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = {"base": ["compose.yaml"], "gpu": ["compose.yaml", "compose.gpu.yaml"]}
@@ -229,11 +229,9 @@ def test_compose_config_accepts_every_profile(files, profile, tmp_path):
         assert server["environment"]["SWARMGATE_DEVICE"] == "cuda"
 
 
-GATEWAY_PENDING = pytest.mark.xfail(
-    reason="gateway/serve.py has yet to call cli.add_routing_options (--allow-peers) and cli.node_options")
 
 
-@pytest.mark.parametrize("service", ["server", pytest.param("gateway", marks=GATEWAY_PENDING), "swarm"])
+@pytest.mark.parametrize("service", ["server", "gateway", "swarm"])
 def test_compose_variables_are_flags_of_the_command(service):
     """Every SWARMGATE_* a service sets is a flag of the command it runs (the name scheme); `up` also
     passes its environment to the block servers it starts."""
@@ -283,6 +281,14 @@ def bootstrap(llama_path, tmp_path_factory):
     server.stop()
 
 
+def _wait_for_peers(bridge: SwarmBridge, peers: set[str], timeout: float = 60.0) -> None:
+    """Until the live servers are exactly ``peers`` (records of stopped servers take a TTL to expire)."""
+    deadline = time.monotonic() + timeout
+    while {r.peer_id for r in bridge.servers()} != peers:
+        assert time.monotonic() < deadline, ({r.peer_id for r in bridge.servers()}, peers)
+        time.sleep(0.2)
+
+
 def _generates(bridge: SwarmBridge, path: Path, peers: set[str]) -> None:
     """Greedy tokens through the swarm equal transformers' own, through a chain of ``peers``."""
     head = ModelHead(path)
@@ -310,7 +316,7 @@ def test_container_command_joins_a_swarm(llama_path, bootstrap, tmp_path):
         assert node.peer_id == peer_id_of(load_identity(tmp_path / "data" / "identity.key"))
         assert node.addrs == [f"/ip4/127.0.0.1/tcp/{port}/p2p/{node.peer_id}"]
         bridge.start()
-        wait_for_servers(bridge, llama_path.name, 2)
+        _wait_for_peers(bridge, {bootstrap.peer_id, node.peer_id})
         record = next(r for r in bridge.servers() if r.peer_id == node.peer_id)
         assert record.quant == "none" and record.block_bytes > 0  # memory per block is announced
         _generates(bridge, llama_path, {bootstrap.peer_id, node.peer_id})
@@ -337,18 +343,15 @@ def test_restart_with_the_same_identity_keeps_peer_id_and_is_routed_to(llama_pat
     node = start()
     bridge = SwarmBridge(initial_peers=bootstrap.addrs, step_timeout=30.0).start()
     try:
-        wait_for_servers(bridge, llama_path.name, 2)
+        _wait_for_peers(bridge, {bootstrap.peer_id, node.peer_id})
         _generates(bridge, llama_path, {bootstrap.peer_id, node.peer_id})
         before = node.addrs
         node.stop()
-        deadline = time.monotonic() + 30
-        while any(r.peer_id == node.peer_id for r in bridge.servers(llama_path.name)):
-            assert time.monotonic() < deadline, "the stopped node's record did not expire"
-            time.sleep(0.2)
+        _wait_for_peers(bridge, {bootstrap.peer_id})  # the stopped node's record expires
 
         node = start()
         assert node.addrs == before  # same peer id, same multiaddr
-        wait_for_servers(bridge, llama_path.name, 2)
+        _wait_for_peers(bridge, {bootstrap.peer_id, node.peer_id})
         _generates(bridge, llama_path, {bootstrap.peer_id, node.peer_id})
     finally:
         bridge.stop()
@@ -385,8 +388,7 @@ def test_private_swarm_keeps_out_nodes_without_the_key(llama_path, tmp_path):
         bridge = SwarmBridge(initial_peers=private.addrs, psk=psk, step_timeout=30.0).start()
         allowed = SwarmBridge(initial_peers=private.addrs, psk=psk, allow_peers={private.peer_id}).start()
         bridges += [bridge, allowed]
-        wait_for_servers(bridge, llama_path.name, 2)
-        assert {r.peer_id for r in bridge.servers()} == {private.peer_id, member.peer_id}
+        _wait_for_peers(bridge, {private.peer_id, member.peer_id})
         with pytest.raises(Exception):  # nor can a keyed node reach the outsider to be served by it
             bridge.call(lambda: bridge.client.node.connect(outsider.addrs[0]))
         _generates(bridge, llama_path, {private.peer_id})  # one hop is cheaper than two

@@ -146,20 +146,21 @@ def test_two_failures_at_different_steps(redundant_swarm, undisturbed):
     print(f"\nrecoveries: {_recovery(durations, 4) * 1e3:.0f} ms and {_recovery(durations, 10) * 1e3:.0f} ms")
 
 
-def test_replacement_widens_over_neighbouring_spans(llama_path, tmp_path, undisturbed):
-    """No other server serves [2, 4): the whole-model server replaces both hops, replaying both."""
+def test_a_larger_span_takes_over_part_of_itself(llama_path, tmp_path, undisturbed):
+    """No other server holds [2, 4): the whole-model server computes just those blocks of its span."""
     with running_swarm(llama_path, ["0:2", "2:4", "0:4"], log_dir=tmp_path) as (servers, bridge):
         head = ModelHead(llama_path)
         whole = next(s for s in servers if s.blocks == "0:4")
-        bridge.snapshot(lambda: bridge.client.node.observe_rtt(whole.peer_id, 10.0))  # start on the 2-hop chain
+        bridge.snapshot(lambda: bridge.client.node.observe_rtt(whole.peer_id, 1.0))  # start on the 2-hop chain
+        chains = []
 
         def kill_second_span(index: int, session: InferenceSession) -> None:
-            if index == 7:
-                assert [r.peer_id for r in session.chain] != [whole.peer_id]
-                _killer(servers, 7, hops=[1])(index, session)
+            chains.append([(r.peer_id, r.start, r.end) for r in session.chain])
+            _killer(servers, 7, hops=[1])(index, session)
 
         tokens, _ = _generate(bridge, head, llama_path.name, _prompt(head.vocab_size), before_step=kill_second_span)
         assert tokens == undisturbed["hf"]
+        assert chains[7][1][0] != whole.peer_id and chains[8][1] == (whole.peer_id, 2, 4), chains
 
 
 def test_no_replacement_gives_a_clear_error(llama_path, tmp_path):
@@ -228,10 +229,18 @@ def _record(peer: str, start: int, end: int, sessions: int = 0, throughput: floa
 
 
 def test_chain_over_a_block_range():
-    records = [_record("a", 0, 2), _record("b", 2, 4), _record("c", 2, 6), _record("d", 4, 6), _record("w", 0, 6)]
+    records = [_record("a", 0, 2), _record("b", 2, 4), _record("c", 2, 6), _record("d", 4, 6)]
     assert [r.peer_id for r in choose_chain("m", records, 6, start=2)] == ["c"]
+
+
+def test_servers_compute_parts_of_their_spans():
+    records = [_record("a", 0, 2), _record("w", 0, 4), _record("d", 4, 6)]
+    assert [(r.peer_id, r.start, r.end) for r in choose_chain("m", records, 4, start=2)] == [("w", 2, 4)]
     with pytest.raises(LookupError):
-        choose_chain("m", records, 4, start=2, exclude=frozenset({"b"}))  # c and w reach past block 4
+        choose_chain("m", records, 4, start=2, partial=False)
+    # Overlapping spans that never meet at a boundary (as placement makes them) still chain.
+    chain = choose_chain("m", [_record("x", 0, 3), _record("y", 3, 6), _record("z", 5, 8)], 8)
+    assert [r.peer_id for r in chain] == ["x", "y", "z"] and [r.start for r in chain][1:] == [r.end for r in chain][:-1]
 
 
 def test_local_load_spreads_sessions():

@@ -90,8 +90,8 @@ class LocalBackend:
         self.step_delay = 0.0
         self.fail_at_step: int | None = None
 
-    async def open_session(self, model: str, *, batch: int, max_length: int) -> LocalSession:
-        assert model == MODEL
+    async def open_session(self, model: str, *, batch: int, max_length: int, adapter=None) -> LocalSession:
+        assert model == MODEL and adapter is None
         if self.busy:
             raise SwarmBusy("All chains for this model are at capacity.")
         session = LocalSession(self, batch, max_length)

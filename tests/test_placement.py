@@ -1,0 +1,168 @@
+"""Automatic span choice and rebalancing: the pure rules, then real servers that place themselves."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blocks.head import ModelHead
+from blocks.placement import (
+    better_start,
+    block_throughputs,
+    blocks_that_fit,
+    bytes_per_block,
+    choose_start,
+    stronger,
+)
+from blocks.span import BlockSpan
+from blocks.throughput import ThroughputCache, span_throughput
+from blocks.tiny_checkpoints import build_checkpoint
+from swarm.records import ServerRecord
+from tests.swarm_harness import reference_model, running_swarm, swarm_greedy
+
+COVERAGE_DEADLINE = 30.0  # seconds: record TTL (3 s here) + a rebalance check (1-3 s) + load, with slack
+WATCH = 30.0  # seconds without a single move, once balanced
+
+
+def _record(peer: str, start: int, end: int, throughput: float = 100.0) -> ServerRecord:
+    return ServerRecord(peer_id=peer, addrs=(), model="m", checkpoint="c", start=start, end=end,
+                        throughput=throughput, free_tokens=1000, sessions=0, ttl=30.0)
+
+
+# -- the rules ---------------------------------------------------------------------------------------
+
+def test_block_throughputs_sum_the_servers_of_each_block():
+    assert block_throughputs([_record("a", 0, 3), _record("b", 2, 4, 50.0)], 6) == [100, 100, 150, 50, 0, 0]
+
+
+def test_new_server_fills_holes_first_then_the_weakest_blocks():
+    assert choose_start([0, 0, 0, 0, 0, 0, 0, 0], 3) == 0  # empty swarm: the start
+    assert choose_start([5, 5, 5, 1, 1, 1, 0, 5], 3) == 4  # a window holding the hole, weakest otherwise
+    assert choose_start([1, 1, 1, 1, 1, 5, 0.5, 5], 3) == 4  # the weakest block decides, not the sum
+    assert choose_start([2, 2, 2, 2], 2, current=2) == 2  # ties stay put
+
+
+def test_move_only_when_clearly_stronger():
+    assert stronger([1, 0, 1], [1, 1, 1])  # a hole closes
+    assert not stronger([1, 1, 0], [0, 1, 1])  # a hole moves: no gain
+    assert not stronger([1.0, 1.2], [1.2, 1.3])  # 1.2x is within the hysteresis (balance 0.75)
+    assert stronger([1.0, 3.0], [2.0, 2.0])
+
+
+def test_servers_move_to_cover_a_lost_span_and_then_stay():
+    # 8 blocks, three servers of 3 blocks after a fourth, [3, 6), died: blocks 3-4 are uncovered.
+    records = [_record("a", 0, 3), _record("b", 0, 3), _record("c", 5, 8)]
+    moves = {r.peer_id: better_start(records, r, 8) for r in records}
+    assert moves["c"] is None  # leaving 5-7 would open a hole as large as the one it closes
+    start = moves["a"]
+    assert start is not None and start <= 3 and start + 3 >= 5
+    records[0] = _record("a", start, start + 3)
+    assert block_throughputs(records, 8).count(0) == 0
+    assert all(better_start(records, r, 8) is None for r in records)  # balanced: nobody moves again
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rebalancing_converges_without_cycles(seed):
+    """Whatever the start, one server moving at a time reaches a state where nobody moves, and
+    never comes back to a state it left: no flapping."""
+    rng = random.Random(seed)
+    num_blocks = rng.randint(4, 12)
+    records = []
+    for index in range(rng.randint(2, 6)):
+        length = rng.randint(1, num_blocks)
+        start = rng.randint(0, num_blocks - length)
+        records.append(_record(f"s{index}", start, start + length, rng.uniform(50, 200)))
+    seen = set()
+    for _ in range(100):
+        state = tuple((r.start, r.end) for r in records)
+        assert state not in seen, "a state came back"
+        seen.add(state)
+        movers = [(i, start) for i, r in enumerate(records) if (start := better_start(records, r, num_blocks)) is not None]
+        if not movers:
+            break
+        index, start = rng.choice(movers)
+        record = records[index]
+        records[index] = _record(record.peer_id, start, start + record.num_blocks, record.throughput)
+    else:
+        pytest.fail("no balance after 100 moves")
+
+
+def test_blocks_that_fit_in_memory(tiny_models):
+    per_block = bytes_per_block(str(tiny_models["llama"]), torch.float32, "none", cache_tokens=1000)
+    span = BlockSpan(tiny_models["llama"], 0, 1)
+    assert per_block > span.block_bytes  # weights plus the KV cache
+    assert per_block - span.block_bytes == 2 * 2 * 16 * 4 * 1000  # K and V, 2 KV heads of 16, float32
+    assert blocks_that_fit(10 * per_block, per_block, num_blocks=4) == 4
+    assert blocks_that_fit(int(2.5 * per_block), per_block, num_blocks=4) == 2
+    with pytest.raises(ValueError, match="too little for one block"):
+        blocks_that_fit(per_block // 2, per_block, num_blocks=4)
+
+
+def test_throughput_is_cached_per_kind_of_span(tiny_models, tmp_path):
+    cache = ThroughputCache(tmp_path / "throughput.json")
+    first = BlockSpan(tiny_models["llama"], 0, 2)
+    measured = span_throughput(first, "ckpt", cache)
+    assert measured > 0
+    same_length = BlockSpan(tiny_models["llama"], 2, 4)
+    assert span_throughput(same_length, "ckpt", cache) == measured  # no new measurement
+    assert ThroughputCache(cache.path).get(ThroughputCache.key("ckpt", first)) == measured  # survives a restart
+    assert ThroughputCache.key("ckpt", BlockSpan(tiny_models["llama"], 0, 3)) != ThroughputCache.key("ckpt", first)
+
+
+# -- real servers ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama8(tmp_path_factory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("llama8") / "llama8", num_layers=8)
+
+
+def _spans(bridge, model: str) -> dict[str, tuple[int, int]]:
+    return {r.peer_id: (r.start, r.end) for r in bridge.servers(model)}
+
+
+def _covered(bridge, model: str, num_blocks: int) -> bool:
+    return not block_throughputs(bridge.servers(model), num_blocks).count(0)
+
+
+def test_servers_place_themselves_and_restore_coverage(llama8, tmp_path):
+    options = ["--num-blocks", "3", "--rebalance-interval", "2"]
+    with running_swarm(llama8, [None] * 4, extra_args=options, log_dir=tmp_path) as (servers, bridge):
+        model = llama8.name
+        spans = _spans(bridge, model)
+        print(f"\nchosen spans: {sorted(spans.values())}")
+        assert _covered(bridge, model, 8)
+
+        # Kill a server holding a block nobody else holds; the others must close the gap.
+        records = bridge.servers(model)
+        sole = next(r for r in records
+                    if any(sum(o.start <= block < o.end for o in records) == 1 for block in range(r.start, r.end)))
+        next(s for s in servers if s.peer_id == sole.peer_id).stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+        while _covered(bridge, model, 8) and time.monotonic() - killed_at < 10:  # until its record expires
+            time.sleep(0.1)
+        assert not _covered(bridge, model, 8)
+        while not _covered(bridge, model, 8):
+            assert time.monotonic() - killed_at < COVERAGE_DEADLINE, _spans(bridge, model)
+            time.sleep(0.1)
+        print(f"coverage restored {time.monotonic() - killed_at:.1f} s after the SIGKILL "
+              f"(record TTL 3 s included): {sorted(_spans(bridge, model).values())}")
+
+        # The moved server serves its new blocks exactly.
+        head = ModelHead(llama8)
+        prompt = torch.randint(3, head.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+        tokens, _ = swarm_greedy(bridge, head, model, prompt, 8, wire_codec="none")
+        expected = reference_model(llama8).generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        assert tokens == expected[:, 10:].tolist()
+
+        # No flapping: once balanced, nobody moves.
+        settled = _spans(bridge, model)
+        watch_until = time.monotonic() + WATCH
+        while time.monotonic() < watch_until:
+            now = _spans(bridge, model)
+            assert all(now[peer] == span for peer, span in settled.items() if peer in now), (settled, now)
+            time.sleep(0.5)
