@@ -68,7 +68,8 @@ class _LiveSession:
     cancel: trio.CancelScope
     next_hops: dict[str, Any] = field(default_factory=dict)  # peer id -> push stream
     adapter: SpanLora | None = None  # LoRA applied to every step of the session
-    span: BlockSpan | None = None  # the span the session was opened on, even after a move
+    span: BlockSpan | None = None  # the blocks it computes, on the weights loaded when it opened
+    loaded: BlockSpan | None = None  # the server's span then: after a move, drained
 
 
 class BlockServer:
@@ -140,7 +141,7 @@ class BlockServer:
 
     async def _drain(self, span: BlockSpan) -> None:
         await trio.sleep(self.limits.drain_timeout)
-        for live in [live for live in self._live.values() if live.span is span]:
+        for live in [live for live in self._live.values() if live.loaded is span]:
             logger.info("session %s on the old span [%d, %d) ended by the move", live.id, span.start, span.end)
             live.cancel.cancel()
 
@@ -187,12 +188,12 @@ class BlockServer:
             with trio.fail_after(self.limits.open_timeout):
                 request = protocol.expect(await self._read(stream), "open")
             session_id, batch, max_length, wire_codec = self._validate_open(request)
-            span = self._part(request)  # the session keeps it, whatever moves come later
+            loaded, span = self.span, self._part(request)  # the session keeps them, whatever moves come later
             adapter = self.training.session_adapter(request)
             self.caches.open(session_id, batch=batch, max_length=max_length, cache=span.new_cache())
             try:
                 await protocol.write_frame(stream, {"type": "opened", "session": session_id})
-                await self._run_session(session_id, stream, wire_codec, adapter, span)
+                await self._run_session(session_id, stream, wire_codec, adapter, span, loaded)
             finally:
                 self.caches.close(session_id)
         except SessionLimitError as error:
@@ -240,11 +241,13 @@ class BlockServer:
         return self.span.view(start, end)
 
     async def _run_session(
-        self, session_id: str, stream: Any, wire_codec: str, adapter: SpanLora | None, span: BlockSpan
+        self, session_id: str, stream: Any, wire_codec: str, adapter: SpanLora | None, span: BlockSpan,
+        loaded: BlockSpan,
     ) -> None:
         inbox_send, inbox = trio.open_memory_channel[dict[str, Any]](64)
         with trio.CancelScope() as cancel:
-            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter, span=span)
+            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter, span=span,
+                                loaded=loaded)
             self._live[session_id] = live
             try:
                 async with trio.open_nursery() as nursery:

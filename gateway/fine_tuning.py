@@ -44,7 +44,9 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 
 def _job(gateway: Gateway, tenant: str, job_id: str) -> FineTuningJob:
     if (job := gateway.jobs.get(tenant, job_id)) is None:
-        raise NotFound(f"No fine-tuning job found with id '{job_id}'.", param="fine_tuning_job_id", code="job_not_found")
+        raise NotFound(
+            f"No fine-tuning job found with id '{job_id}'.", param="fine_tuning_job_id", code="job_not_found"
+        )
     return job
 
 

@@ -148,7 +148,8 @@ class JobStore:
         self.db.execute(
             "INSERT INTO fine_tuning_events (id, job_id, created_at, level, message, data, type)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (f"ftevent-{secrets.token_hex(12)}", job_id, int(time.time()), level, message, json.dumps(data or {}), type),
+            (f"ftevent-{secrets.token_hex(12)}", job_id, int(time.time()), level, message, json.dumps(data or {}),
+             type),
         )
 
     def events(self, job_id: str, *, limit: int, after: str | None) -> tuple[list[FineTuningJobEvent], bool]:

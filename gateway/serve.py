@@ -32,7 +32,8 @@ def add_gateway_options(parser: argparse.ArgumentParser) -> None:
                help="SQLite database (tenants, keys, files, jobs), uploaded files, tenants' adapters, logs")
     add_option(parser, "--max-concurrent-requests", type=int, default=16, help="per tenant; more get 429")
     add_option(parser, "--wire-codec", default="int8", choices=list(CODECS), help="hidden-state encoding")
-    add_option(parser, "--max-upload-mb", type=int, default=64, help="largest file or adapter archive a tenant may upload")
+    add_option(parser, "--max-upload-mb", type=int, default=64,
+               help="largest file or adapter archive a tenant may upload")
     add_option(parser, "--fine-tune-learning-rate", type=float, default=2e-4,
                help="base LoRA learning rate; each job's learning_rate_multiplier scales it")
     add_option(parser, "--fine-tune-max-tokens", type=int, default=2048,

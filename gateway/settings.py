@@ -23,7 +23,9 @@ class Settings(BaseModel):
     )
     max_concurrent_requests: int = Field(16, ge=1, description="Per tenant; more get 429.")
     max_n: int = Field(16, ge=1, description="Most choices (`n`) per request; each is a batch row in the swarm.")
-    max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest file (or adapter archive) a tenant may upload.")
+    max_upload_bytes: int = Field(
+        64 * 2**20, ge=1, description="Largest file (or adapter archive) a tenant may upload."
+    )
     fine_tune_learning_rate: float = Field(
         2e-4, gt=0, description="Base learning rate of LoRA fine-tuning; a job's learning_rate_multiplier scales it."
     )

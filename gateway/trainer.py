@@ -116,6 +116,10 @@ class Trainer:
         except DataError as error:
             self._fail(job, error.param, str(error), code=f"invalid_{error.param}")
             return
+        except Exception as error:
+            log.exception("validating fine-tuning job %s failed", job.id)
+            self._fail(job, None, f"Validating the files failed: {error}", code="validation_failed")
+            return
         hyperparameters = resolve_hyperparameters(job.hyperparameters, len(data.train))
         if self.jobs.update(job.id, when=("validating_files",), status="queued", hyperparameters=hyperparameters):
             self.jobs.add_event(job.id, "Files validated, moving job to queued state")
@@ -123,6 +127,8 @@ class Trainer:
 
     def _load(self, job: FineTuningJob) -> TrainingData:
         """Read and tokenize the job's files (worker thread); DataError names the file and line."""
+        if job.model not in self.settings.models:
+            raise DataError(f"The model {job.model} is no longer served by this gateway.", "model")
         model = self.models.get(job.model)
         files = [("training_file", job.training_file)]
         if job.validation_file:
@@ -156,28 +162,35 @@ class Trainer:
     # -- training --------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            queued = self.jobs.with_status("queued")
-            if not queued:
-                await self._wake.wait()
-                self._wake.clear()
-                continue
-            job = queued[0]
-            if not self.jobs.update(job.id, when=("queued",), status="running"):
-                continue  # cancelled just now
-            self.jobs.add_event(job.id, "Fine-tuning job started")
             try:
-                await self._train(job)
-            except _Stopped:
-                log.info("fine-tuning job %s stopped: %s", job.id, self.jobs.status(job.id))
-            except DataError as error:
-                self._fail(job, error.param, str(error), code=f"invalid_{error.param}")
-            except Exception as error:
-                log.exception("fine-tuning job %s failed", job.id)
-                self._fail(job, None, f"Training failed: {error}", code="training_failed")
+                await self._run_next()
+            except Exception:  # e.g. the database locked for too long: the worker must survive it
+                log.exception("the fine-tuning worker failed; retrying")
+                await asyncio.sleep(RETRY_DELAY)
+
+    async def _run_next(self) -> None:
+        queued = self.jobs.with_status("queued")
+        if not queued:
+            await self._wake.wait()
+            self._wake.clear()
+            return
+        job = queued[0]
+        if not self.jobs.update(job.id, when=("queued",), status="running"):
+            return  # cancelled just now
+        self.jobs.add_event(job.id, "Fine-tuning job started")
+        try:
+            await self._train(job)
+        except _Stopped:
+            log.info("fine-tuning job %s stopped: %s", job.id, self.jobs.status(job.id))
+        except DataError as error:
+            self._fail(job, error.param, str(error), code=f"invalid_{error.param}")
+        except Exception as error:
+            log.exception("fine-tuning job %s failed", job.id)
+            self._fail(job, None, f"Training failed: {error}", code="training_failed")
 
     async def _train(self, job: FineTuningJob) -> None:
+        data = await run_sync(self._load, job)  # also checks the model is still served
         tenant, model = job.organization_id, self.models.get(job.model)
-        data = await run_sync(self._load, job)
         hp = job.hyperparameters  # resolved at validation
         assert hp.n_epochs != "auto" and hp.batch_size != "auto" and hp.learning_rate_multiplier != "auto"
         per_epoch = steps_per_epoch(len(data.train), hp.batch_size)
