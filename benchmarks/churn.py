@@ -10,8 +10,9 @@ generation sessions through ``SwarmBridge``:
    again a few seconds later, as a new peer that picks the swarm's weakest blocks.
 Each finished request is checked against HF ``generate`` (codec ``none`` keeps the swarm exact, so a
 single wrong token counts). Reports, per phase: completed requests, wrong outputs (expected 0),
-errors by kind, tokens/s, step latency percentiles, and how many server failures the client
-recovered from.
+errors by kind, tokens/s, step latency percentiles, how many server failures the client
+recovered from, and how often running servers moved (the churn-free phase doubles as a watch for
+flapping: expected 0).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Phase:
     recoveries: int = 0
     kills: int = 0
     restarts: int = 0
+    moves: int = 0  # span changes of running servers (rebalancing), as the client sees their records
 
 
 class FailureCounter(logging.Handler):
@@ -154,6 +156,15 @@ async def client(bridge: SwarmBridge, head: ModelHead, model: str, prompts: list
         phase.wrong += out[:args.tokens] != expected[index]
 
 
+def watch_moves(bridge: SwarmBridge, model: str, phase: Phase, stop: threading.Event) -> None:
+    spans: dict[str, tuple[int, int]] = {}
+    while not stop.wait(0.5):
+        for record in bridge.servers(model):
+            span = (record.start, record.end)
+            phase.moves += spans.get(record.peer_id, span) != span
+            spans[record.peer_id] = span
+
+
 def run_phase(name: str, swarm: Swarm, bridge: SwarmBridge, head: ModelHead, model: str,
               prompts: list[torch.Tensor], expected: list[list[int]], args: argparse.Namespace,
               failures: FailureCounter, churn: bool) -> Phase:
@@ -161,8 +172,10 @@ def run_phase(name: str, swarm: Swarm, bridge: SwarmBridge, head: ModelHead, mod
     rng = random.Random(args.seed)
     stop = threading.Event()
     chaos = threading.Thread(target=swarm.churn, args=(phase, stop, rng), daemon=True) if churn else None
+    watcher = threading.Thread(target=watch_moves, args=(bridge, model, phase, stop), daemon=True)
     before = failures.count
     started = time.monotonic()
+    watcher.start()
     if chaos is not None:
         chaos.start()
 
@@ -174,6 +187,7 @@ def run_phase(name: str, swarm: Swarm, bridge: SwarmBridge, head: ModelHead, mod
     asyncio.run(clients())
     phase.seconds = time.monotonic() - started
     stop.set()
+    watcher.join()
     if chaos is not None:
         chaos.join()
     phase.recoveries = failures.count - before
@@ -182,13 +196,13 @@ def run_phase(name: str, swarm: Swarm, bridge: SwarmBridge, head: ModelHead, mod
 
 def report(phases: list[Phase]) -> None:
     print(f"\n{'phase':<12}{'done':>6}{'wrong':>7}{'errors':>8}{'tokens/s':>10}{'step p50':>10}{'p99':>9}"
-          f"{'max':>9}{'recovered':>11}{'kills':>7}{'restarts':>10}")
+          f"{'max':>9}{'recovered':>11}{'kills':>7}{'restarts':>10}{'moves':>7}")
     for p in phases:
         steps = sorted(p.step_seconds) or [0.0]
         p99 = steps[min(len(steps) - 1, int(0.99 * len(steps)))]
         print(f"{p.name:<12}{p.completed:>6}{p.wrong:>7}{sum(p.errors.values()):>8}{p.tokens / p.seconds:>10.1f}"
               f"{statistics.median(steps) * 1e3:>8.1f}ms{p99 * 1e3:>7.0f}ms{steps[-1] * 1e3:>7.0f}ms"
-              f"{p.recoveries:>11}{p.kills:>7}{p.restarts:>10}")
+              f"{p.recoveries:>11}{p.kills:>7}{p.restarts:>10}{p.moves:>7}")
     for p in phases:
         for kind, count in p.errors.most_common():
             print(f"  {p.name} error x{count}: {kind}")
@@ -240,7 +254,8 @@ def main() -> None:
             time.sleep(0.2)
         print(f"{args.servers} servers of {args.num_blocks} blocks each on an {NUM_LAYERS}-layer model: "
               f"{sorted((r.start, r.end) for r in bridge.servers(model.name))}; {args.clients} clients, "
-              f"{args.tokens} tokens per request, codec {args.codec}, {args.duration:.0f} s per phase; logs in {log_dir}",
+              f"{args.tokens} tokens per request, codec {args.codec}, {args.duration:.0f} s per phase; "
+              f"logs in {log_dir}",
               flush=True)
         phases = [run_phase("churn-free", swarm, bridge, head, model.name, prompts, expected, args, failures, False)]
         print("churn-free phase done", flush=True)

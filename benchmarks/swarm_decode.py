@@ -119,7 +119,7 @@ def main() -> None:
         per_hop = (remote - local) / 2 * 1e3
         print(f"{'swarm, ' + wire_codec:<22}{1 / remote:>10.1f}{remote * 1e3:>10.2f}"
               f"{local / remote:>8.2f}{per_hop:>12.2f}")
-    print(f"\nwire bytes per hidden-state element (whole frame; raw float32 = 4):")
+    print("\nwire bytes per hidden-state element (whole frame; raw float32 = 4):")
     print(f"{'codec':<10}{'decode (1 token)':>18}{'prefill (' + str(args.prompt) + ')':>16}")
     for wire_codec in CODECS:
         print(f"{wire_codec:<10}{wire_bytes_per_element(head.hidden_size, 1, wire_codec):>18.3f}"

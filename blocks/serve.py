@@ -45,6 +45,8 @@ async def run(args: argparse.Namespace) -> None:
     from swarmgate.cli import node_options
 
     blocks = parse_blocks(args.blocks) if args.blocks else None
+    if blocks is not None and args.num_blocks:
+        raise SystemExit("swarmgate server: give --blocks (fixed) or --num-blocks (chosen and rebalanced), not both")
     try:
         check_quant(args.quant, args.device)
     except ValueError as error:

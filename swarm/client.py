@@ -164,15 +164,16 @@ class SwarmClient:
                 block = record.end
         return value
 
-    async def forward(self, model: str, num_blocks: int, hidden: torch.Tensor, *, wire_codec: str = "int8") -> torch.Tensor:
+    async def forward(
+        self, model: str, num_blocks: int, hidden: torch.Tensor, *, wire_codec: str = "int8"
+    ) -> torch.Tensor:
         """Cache-less forward of full sequences through every block (one request per span)."""
 
         async def through(record: ServerRecord, wire: dict) -> dict:
             stream = await self.node.open_stream(record.peer_id, protocol.FORWARD, record.addrs)
             try:
-                await protocol.write_frame(
-                    stream, {"type": "forward", "codec": wire_codec, "hidden": wire, "blocks": [record.start, record.end]}
-                )
+                request = {"type": "forward", "codec": wire_codec, "hidden": wire, "blocks": [record.start, record.end]}
+                await protocol.write_frame(stream, request)
                 with trio.fail_after(self.step_timeout):
                     reply = protocol.expect(await protocol.read_frame(stream, max_bytes=MAX_REPLY_FRAME), "output")
             finally:

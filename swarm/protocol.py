@@ -7,6 +7,9 @@ nothing on the wire is ever unpickled or executed.
 Protocols (one libp2p stream each):
 - ``INFERENCE``: a client's long-lived stream for one session on one server:
   ``open`` -> ``opened``; then ``step`` -> ``output`` (many); closing the stream ends the session.
+  ``open`` (and ``forward``) may name ``blocks`` [start, end], any part of the server's span; each
+  ``output`` names the session it was ``pushed`` to; a step at a position already held is dropped
+  (a replay's duplicate), so resending a step is always safe.
 - ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain.
 - ``FORWARD``: one cache-less ``forward`` -> ``output`` over a full sequence.
 - ``RECORDS``: ask a peer for every server record it knows (fast start for a new node).

@@ -72,7 +72,9 @@ class ServerRecord:
         if not 0 <= record.start < record.end:
             raise ProtocolError(f"record has an empty span [{record.start}, {record.end})")
         if record.model_blocks and record.end > record.model_blocks:
-            raise ProtocolError(f"record's span [{record.start}, {record.end}) exceeds the model's {record.model_blocks} blocks")
+            raise ProtocolError(
+                f"record's span [{record.start}, {record.end}) exceeds the model's {record.model_blocks} blocks"
+            )
         return record
 
 

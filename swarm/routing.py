@@ -4,9 +4,10 @@ Shortest path over block boundaries: a server serving [s, e) offers an edge a ->
 [a, b) of its span, whose cost is the estimated time for one token through it: measured round
 trip to the peer (a default until measured) plus a fixed per-hop overhead (framing, codec, push)
 plus its compute (the part's share of 1 / announced throughput). Every hop pays a round trip
-and the overhead, so fewer hops win unless the longer chain is clearly faster. A server's load multiplies its whole cost: queued sessions delay its
-compute and its replies alike, and the multiplier is what makes concurrent sessions spread over
-redundant servers even where compute is cheap next to the network.
+and the overhead, so fewer hops win unless the longer chain is clearly faster. A server's load
+multiplies its whole cost: queued sessions delay its compute and its replies alike, and the
+multiplier is what makes concurrent sessions spread over redundant servers even where compute is
+cheap next to the network.
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def test_server_killed_during_prefill(redundant_swarm, undisturbed):
 
     tokens, durations = _generate(bridge, head, path.name, _prompt(head.vocab_size), during_prefill=kill_second_hop)
     assert tokens == undisturbed["hf"]
-    print(f"\nprefill with a SIGKILL: {durations[0] * 1e3:.0f} ms (normal step {statistics.median(durations[1:]) * 1e3:.1f} ms)")
+    normal = statistics.median(durations[1:])
+    print(f"\nprefill with a SIGKILL: {durations[0] * 1e3:.0f} ms (normal step {normal * 1e3:.1f} ms)")
 
 
 def test_two_servers_killed_in_one_step(redundant_swarm, undisturbed):
@@ -168,7 +169,8 @@ def test_no_replacement_gives_a_clear_error(llama_path, tmp_path):
         bridge.snapshot(lambda: setattr(bridge.client, "replace_wait", 1.0))
         head = ModelHead(llama_path)
         with pytest.raises(LookupError, match="no servers cover blocks 2-3"):
-            _generate(bridge, head, llama_path.name, _prompt(head.vocab_size), before_step=_killer(servers, 3, hops=[1]))
+            _generate(bridge, head, llama_path.name, _prompt(head.vocab_size),
+                      before_step=_killer(servers, 3, hops=[1]))
 
 
 def test_forward_retries_on_another_server(redundant_swarm):
@@ -215,9 +217,12 @@ def test_backoff_doubles_then_forgets():
     backoff = PeerBackoff(base=5.0, factor=2.0, maximum=12.0, clock=lambda: now[0])
     assert backoff.failed("p") == 5.0
     assert backoff.avoided() == {"p"}
+    now[0] = 1.0
+    assert backoff.failed("p") == 4.0  # the same incident (another session hit it): no longer wait
     now[0] = 5.1
     assert backoff.avoided() == set()  # not forever
     assert backoff.failed("p") == 10.0
+    now[0] = 20.0
     assert backoff.failed("p") == 12.0  # capped
     backoff.succeeded("p")
     assert backoff.avoided() == set() and backoff.failed("p") == 5.0

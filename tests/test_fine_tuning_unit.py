@@ -39,11 +39,11 @@ from tests.fine_tuning_support import (
     jsonl,
     local_greedy,
     peft_archive,
-    serve,
     sharp_checkpoint,
     untar,
     wait_until,
 )
+from tests.http_harness import serve
 
 MODEL = "tiny-llama"
 ANSWER_TOKENS = 24

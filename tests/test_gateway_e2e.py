@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,24 +12,18 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from gateway.tenants import KeyStore
 from swarmgate.launcher import start_swarm, stop_all
+from tests.http_harness import free_port
 from tests.swarm_harness import FAST_ANNOUNCE, reference_model
 
 MAX_CONCURRENT = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_gateway(model: Path, peers: list[str], data_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "swarmgate.cli", "gateway", "--model", str(model), "--initial-peers", *peers,
          "--port", str(port), "--data-dir", str(data_dir), *extra],

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +19,12 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from blocks.head import ModelHead
 from blocks.tiny_checkpoints import build_checkpoint
+from tests.http_harness import serve
 from gateway.app import create_app
 from gateway.backend import Coverage, SwarmBusy
 from gateway.sampling import Sampler, SamplingParams
@@ -106,26 +104,6 @@ class LocalBackend:
 
 
 # --- fixtures -------------------------------------------------------------------------------------
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run `app` on a real uvicorn in a thread; yields its base URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

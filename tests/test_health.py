@@ -51,8 +51,8 @@ def _free_port() -> int:
 def test_health_command_and_server_metrics(llama_path, tmp_path):
     port = _free_port()
     with running_swarm(llama_path, ["0:2"], log_dir=tmp_path) as (servers, bridge):
-        second = start_server(llama_path, "2:4", initial_peers=servers[0].addrs,
-                              extra_args=[*FAST_ANNOUNCE, "--metrics-port", str(port)], log_file=tmp_path / "second.log")
+        second = start_server(llama_path, "2:4", initial_peers=servers[0].addrs, log_file=tmp_path / "second.log",
+                              extra_args=[*FAST_ANNOUNCE, "--metrics-port", str(port)])
         try:
             wait_for_servers(bridge, llama_path.name, 2)
             healthy = _health(servers[0].addrs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,8 @@ from blocks.span import BlockSpan
 from blocks.throughput import ThroughputCache, span_throughput
 from blocks.tiny_checkpoints import build_checkpoint
 from swarm.records import ServerRecord
-from tests.swarm_harness import reference_model, running_swarm, swarm_greedy
+from swarmgate.launcher import ServerProcess, start_server
+from tests.swarm_harness import FAST_ANNOUNCE, reference_model, running_swarm, swarm_greedy, wait_for_servers
 
 COVERAGE_DEADLINE = 30.0  # seconds: record TTL (3 s here) + a rebalance check (1-3 s) + load, with slack
 WATCH = 30.0  # seconds without a single move, once balanced
@@ -82,7 +85,8 @@ def test_rebalancing_converges_without_cycles(seed):
         state = tuple((r.start, r.end) for r in records)
         assert state not in seen, "a state came back"
         seen.add(state)
-        movers = [(i, start) for i, r in enumerate(records) if (start := better_start(records, r, num_blocks)) is not None]
+        moves = [(i, better_start(records, r, num_blocks)) for i, r in enumerate(records)]
+        movers = [(i, start) for i, start in moves if start is not None]
         if not movers:
             break
         index, start = rng.choice(movers)
@@ -166,3 +170,53 @@ def test_servers_place_themselves_and_restore_coverage(llama8, tmp_path):
             now = _spans(bridge, model)
             assert all(now[peer] == span for peer, span in settled.items() if peer in now), (settled, now)
             time.sleep(0.5)
+
+
+@contextmanager
+def self_placed(model: Path, peers: list[str], options: list[str], log_dir: Path) -> Iterator[ServerProcess]:
+    """One more server, without --blocks (the others of a swarm may have fixed spans)."""
+    server = start_server(model, None, initial_peers=peers, extra_args=[*FAST_ANNOUNCE, *options],
+                          log_file=log_dir / "self-placed.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_session_waits_for_a_server_to_move_into_a_lost_span(llama_path, tmp_path):
+    """The only server of [2, 4) dies mid-generation; a self-placed server moves there while it
+    still holds the session's [0, 2) hop on its old weights, and generation goes on exactly."""
+    with running_swarm(llama_path, ["0:2", "2:4"], log_dir=tmp_path) as (servers, bridge), self_placed(
+        llama_path, servers[0].addrs, ["--num-blocks", "2", "--rebalance-interval", "1"], tmp_path
+    ) as mover:
+        fixed_first, fixed_second = servers
+        model = llama_path.name
+        wait_for_servers(bridge, model, 3)
+        assert _spans(bridge, model)[mover.peer_id] == (0, 2)  # equal choices: the earliest
+        bridge.snapshot(lambda: bridge.client.node.observe_rtt(fixed_first.peer_id, 1.0))  # the chain takes the mover
+        bridge.snapshot(lambda: setattr(bridge.client, "replace_wait", 60.0))
+        head = ModelHead(llama_path)
+        prompt = torch.randint(3, head.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+        chains, durations = [], []
+
+        async def generate() -> list[int]:
+            session = await bridge.client.open_session(model, 4, max_length=40, wire_codec="none")
+            async with session:
+                ids, out = prompt, []
+                for index in range(13):
+                    chains.append([(r.peer_id, r.start, r.end) for r in session.chain])
+                    if index == 5:
+                        fixed_second.stop(signal.SIGKILL)
+                    started = time.perf_counter()
+                    ids = head.logits(await session.step(head.embed(ids)))[:, -1].argmax(-1, keepdim=True)
+                    durations.append(time.perf_counter() - started)
+                    out.append(int(ids))
+                chains.append([(r.peer_id, r.start, r.end) for r in session.chain])
+                return out[:12]
+
+        tokens = bridge.call(generate)
+        expected = reference_model(llama_path).generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        assert tokens == expected[0, 10:].tolist()
+        assert chains[0] == [(mover.peer_id, 0, 2), (fixed_second.peer_id, 2, 4)]
+        assert chains[-1] == [(mover.peer_id, 0, 2), (mover.peer_id, 2, 4)]  # both hops on one server now
+        print(f"\nthe step that waited for the move took {durations[5]:.1f} s")
