@@ -16,6 +16,7 @@ import torch
 from gateway.backend import BlocksUnavailable, Coverage, InferenceSession, SwarmBusy
 from swarm import training
 from swarm.bridge import SwarmBridge
+from swarm.health import swarm_state
 from swarm.lora import LoraWeights
 from swarm.protocol import BUSY, RemoteError
 from swarm.routing import NoChainError, missing_blocks
@@ -65,4 +66,4 @@ class SwarmBackend:
         return Coverage(served.num_blocks, tuple(missing_blocks(self.bridge.servers(model), served.num_blocks)))
 
     def swarm_state(self) -> dict[str, Any]:
-        return {"servers": [record.to_wire() for record in self.bridge.servers()]}
+        return swarm_state(self.bridge.servers()) | {"replays": self.bridge.replays()}

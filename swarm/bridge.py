@@ -139,6 +139,11 @@ class SwarmBridge:
         assert self.client is not None
         return self.snapshot(lambda: self.client.node.records.live(model))
 
+    def replays(self) -> int:
+        """Failed hops replaced and replayed so far, over all sessions."""
+        assert self.client is not None
+        return self.client.replays
+
 
 class BridgedSession:
     """An ``InferenceSession`` seen from asyncio."""

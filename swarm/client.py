@@ -51,6 +51,7 @@ class SwarmClient:
         self.backoff = backoff or PeerBackoff()
         self.uploads = AdapterUploads(node, timeout=step_timeout)
         self._load: Counter[str] = Counter()  # this client's open sessions per server
+        self.replays = 0  # failed hops replaced and replayed in any session (for metrics)
 
     def servers(self, model: str) -> list[ServerRecord]:
         return sorted(self.node.records.live(model), key=lambda r: (r.start, r.end, r.peer_id))

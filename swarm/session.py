@@ -253,6 +253,7 @@ class InferenceSession:
         await self._drop(hop)
         index = self._hops.index(hop)
         self._hops[index:index + 1] = new
+        self._client.replays += 1
         logger.info("replaying %d steps into blocks [%d, %d) on %s", len(new[0].inputs), new[0].record.start,
                     new[-1].record.end, ", ".join(h.record.peer_id for h in new))
         for hop in new:
@@ -299,10 +300,17 @@ class InferenceSession:
             await _close(hop.stream)
 
     async def close(self) -> None:
-        """Closing the streams frees every server's cache for this session."""
+        """Closing the streams frees every server's cache for this session.
+
+        Closed here, not in a step's nursery: ``close`` may run while a cancelled step's nursery
+        is still winding down (a client that disconnects mid-step), which takes no new tasks.
+        """
         hops, self._hops = self._hops, []
         for hop in hops:
-            await self._drop(hop)
+            if hop.reader is not None:
+                hop.reader.cancel()
+            self._client.release(hop.record.peer_id)
+            await _close(hop.stream)
 
     async def __aenter__(self) -> "InferenceSession":
         return self

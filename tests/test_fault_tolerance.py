@@ -131,9 +131,11 @@ def test_server_killed_during_prefill(redundant_swarm, undisturbed):
 def test_two_servers_killed_in_one_step(redundant_swarm, undisturbed):
     path, servers, bridge = redundant_swarm
     head = ModelHead(path)
+    replays = bridge.snapshot(lambda: bridge.client.replays)
     tokens, durations = _generate(bridge, head, path.name, _prompt(head.vocab_size),
                                   before_step=_killer(servers, 5, hops=[0, 1]))
     assert tokens == undisturbed["hf"]
+    assert bridge.snapshot(lambda: bridge.client.replays) == replays + 2
     print(f"\nrecovery from two SIGKILLs in one step: {_recovery(durations, 5) * 1e3:.0f} ms")
 
 
