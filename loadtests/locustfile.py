@@ -1,8 +1,9 @@
 """Locust user: streamed chat completions against a swarmgate gateway.
 
-Reports three request types: ``chat stream`` (whole request; response_length = completion
-tokens from the usage chunk), ``TTFT`` (time to the first content chunk) and nothing else, so
-`loadtests/run.py` can read requests/s, TTFT percentiles, tokens/s and errors from the CSV.
+Reports ``chat stream`` (whole requests, failures included), ``TTFT`` (time to the first
+content chunk) and ``completion tokens`` (one entry per successful request, its length = the
+usage chunk's completion tokens), so `loadtests/run.py` can read requests/s, TTFT percentiles,
+tokens/s and errors from locust's CSV.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ class ChatStreamUser(HttpUser):
                 response.failure("stream ended without [DONE]")
                 return
             response.success()
-            response.request_meta["response_length"] = tokens
+        self.environment.events.request.fire(
+            request_type="SSE", name="completion tokens", response_time=0, response_length=tokens,
+            exception=None, context={},
+        )
         if first_token_at is not None:
             self.environment.events.request.fire(
                 request_type="SSE", name="TTFT", response_time=(first_token_at - started) * 1000,

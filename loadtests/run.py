@@ -21,9 +21,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def start_swarm(servers: int, port: int) -> tuple[subprocess.Popen, str, str, str]:
+def start_swarm(servers: int, port: int, max_users: int) -> tuple[subprocess.Popen, str, str, str]:
+    """`swarmgate up` with a tenant limit above the user count (all users share one key)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "swarmgate.cli", "up", "--servers", str(servers), "--port", str(port)],
+        [sys.executable, "-m", "swarmgate.cli", "up", "--servers", str(servers), "--port", str(port),
+         "--max-concurrent-requests", str(2 * max_users), "--data-dir", tempfile.mkdtemp(prefix="swarmgate-load-")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     fields: dict[str, str] = {}
@@ -50,15 +52,15 @@ def run_locust(base_url: str, api_key: str, model: str, users: int, duration: st
         )
         with open(f"{prefix}_stats.csv") as f:
             rows = {row["Name"]: row for row in csv.DictReader(f)}
-    chat, ttft = rows.get("chat stream", {}), rows.get("TTFT", {})
+    chat, ttft, tokens = rows.get("chat stream", {}), rows.get("TTFT", {}), rows.get("completion tokens", {})
     seconds = float(duration.rstrip("s"))
-    requests = int(chat.get("Request Count", 0) or 0)
+    completed = int(tokens.get("Request Count", 0) or 0)
     return {
         "users": users,
         "requests/s": float(chat.get("Requests/s", 0) or 0),
         "ttft p50 ms": float(ttft.get("50%", "nan") or "nan"),
         "ttft p95 ms": float(ttft.get("95%", "nan") or "nan"),
-        "tokens/s": requests * float(chat.get("Average Content Size", 0) or 0) / seconds,
+        "tokens/s": completed * float(tokens.get("Average Content Size", 0) or 0) / seconds,
         "errors": int(chat.get("Failure Count", 0) or 0),
     }
 
@@ -78,7 +80,7 @@ def main() -> None:
     process = None
     base_url, api_key, model = args.base_url, args.api_key, args.model
     if base_url is None:
-        process, base_url, api_key, model = start_swarm(args.servers, args.port)
+        process, base_url, api_key, model = start_swarm(args.servers, args.port, max(args.users))
     try:
         results = [run_locust(base_url, api_key, model, users, args.duration, args.max_tokens)
                    for users in args.users]
