@@ -288,13 +288,13 @@ class InferenceSession:
                     raise  # cancelled
                 self._note_failure(chain[len(hops)].peer_id, error)
 
-    async def _drop(self, hop: Hop) -> None:
+    async def _drop(self, hop: Hop, *, background: bool = True) -> None:
         """Stop reading a hop and close its stream, so its server frees the cache (in the
         background during a step: a dead server must not hold up the recovery)."""
         if hop.reader is not None:
             hop.reader.cancel()
         self._client.release(hop.record.peer_id)
-        if self._nursery is not None:
+        if background and self._nursery is not None:
             self._nursery.start_soon(_close, hop.stream)
         else:
             await _close(hop.stream)
@@ -307,10 +307,7 @@ class InferenceSession:
         """
         hops, self._hops = self._hops, []
         for hop in hops:
-            if hop.reader is not None:
-                hop.reader.cancel()
-            self._client.release(hop.record.peer_id)
-            await _close(hop.stream)
+            await self._drop(hop, background=False)
 
     async def __aenter__(self) -> "InferenceSession":
         return self
