@@ -7,7 +7,8 @@ only when the swarm would become clearly stronger — fewer uncovered blocks or,
 weakest block at least 1/balance times as strong — and its current place wins ties, so a
 balanced swarm stays put: each move strictly improves the swarm, which rules out cycles.
 ``Rebalancer`` asks that question at random intervals, so two servers rarely act on the same stale
-view at once; a move loads the new span, announces it and lets the old one drain (BlockServer).
+view at once, and moves only when two checks in a row agree, so a record that is merely late
+moves nobody; a move loads the new span, announces it and lets the old one drain (BlockServer).
 """
 
 from __future__ import annotations
@@ -145,11 +146,15 @@ class Rebalancer:
         return start, start + self.span_length
 
     async def run(self, server: "BlockServer", load_span: Callable[[int, int], BlockSpan]) -> None:
+        """Move when two checks in a row agree: one view may be passing (a late announcement)."""
+        proposed = None
         while True:
             await trio.sleep(self.interval * self.rng.uniform(0.5, 1.5))
             start = better_start(self.records(), server.record(), self.num_blocks, self.balance)
-            if start is None:
+            if start is None or start != proposed:
+                proposed = start
                 continue
+            proposed = None
             logger.info("the swarm is imbalanced: moving from blocks [%d, %d) to [%d, %d)",
                         server.span.start, server.span.end, start, start + self.span_length)
             span = await trio.to_thread.run_sync(load_span, start, start + self.span_length)
