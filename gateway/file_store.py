@@ -7,14 +7,13 @@ Every lookup is by (tenant, id): another tenant's file is indistinguishable from
 
 from __future__ import annotations
 
-import os
 import secrets
-import tempfile
 import time
 from pathlib import Path
 
 from gateway.database import Database
 from gateway.fine_tuning_schemas import FileObject
+from swarm.secret_file import write_secret_file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -46,7 +45,7 @@ class FileStore:
             id=f"file-{secrets.token_hex(12)}", bytes=len(content), created_at=int(time.time()),
             filename=filename, purpose=purpose,
         )
-        _write_atomically(self._blob(file.id), content)
+        write_secret_file(self._blob(file.id), content)  # atomic and owner-only: tenant data is private
         self.db.execute(
             "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
             (file.id, tenant, file.filename, file.purpose, file.bytes, file.created_at),
@@ -88,16 +87,3 @@ class FileStore:
         self._blob(file_id).unlink(missing_ok=True)
         return True
 
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
