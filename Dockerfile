@@ -30,6 +30,8 @@ COPY pyproject.toml README.md /src/
 COPY swarmgate /src/swarmgate
 COPY swarm /src/swarm
 COPY blocks /src/blocks
+COPY blockserver /src/blockserver
+COPY common /src/common
 COPY gateway /src/gateway
 COPY adapters /src/adapters
 RUN pip install /src

@@ -20,7 +20,7 @@ import torch
 from transformers import PretrainedConfig
 
 from blocks import family
-from swarm.lora import PARENT, SUPPORTED_MODULES, LoraWeights, digest, module_prefix, parse_name
+from blocks.lora_weights import PARENT, SUPPORTED_MODULES, LoraWeights, digest, module_prefix, parse_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -19,7 +19,7 @@ from torch import nn
 from adapters.adapter import LoraAdapter
 from blocks import family
 from blocks.checkpoint import load_config
-from swarm.lora import ATTENTION_MODULES, SUPPORTED_MODULES
+from blocks.lora_weights import ATTENTION_MODULES, SUPPORTED_MODULES
 
 
 def lora_config(

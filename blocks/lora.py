@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swarm.lora import PARENT, SUPPORTED_MODULES, LoraWeights, module_prefix, parse_name
+from blocks.lora_weights import PARENT, SUPPORTED_MODULES, LoraWeights, module_prefix, parse_name
 
 _ACTIVE: ContextVar["SpanLora | None"] = ContextVar("swarmgate_active_lora", default=None)
 

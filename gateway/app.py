@@ -13,20 +13,23 @@ from pydantic import BaseModel
 
 from adapters import AdapterStore
 from blocks.head import ModelHead
-from gateway import chat, completions, files, fine_tuning
+from gateway.inference import chat
+from gateway.inference import completions
+from gateway.fine_tuning import files
+from gateway.fine_tuning import routes as fine_tuning
 from gateway.backend import InferenceBackend
-from gateway.database import Database
-from gateway.errors import install_error_handlers
-from gateway.file_store import FileStore
-from gateway.fine_tuned import FineTunedModels
-from gateway.jobs import JobStore
+from gateway.storage.database import Database
+from gateway.protocol.errors import install_error_handlers
+from gateway.storage.file_store import FileStore
+from gateway.storage.fine_tuned import FineTunedModels
+from gateway.storage.jobs import JobStore
 from gateway.metrics import GatewayMetrics, RequestCounter
 from gateway.models import HeadLoader, ModelCard, ModelRegistry
-from gateway.schemas import ErrorResponse, Health, Model, ModelList
+from gateway.protocol.schemas import ErrorResponse, Health, Model, ModelList
 from gateway.settings import Settings
 from gateway.state import Gateway, GatewayDep, TenantDep
-from gateway.tenants import Authenticator, ConcurrencyLimiter, KeyStore
-from gateway.trainer import Trainer
+from gateway.storage.tenants import Authenticator, ConcurrencyLimiter, KeyStore
+from gateway.fine_tuning.trainer import Trainer
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from swarm.lora import LoraWeights
+from blocks.lora_weights import LoraWeights
 from swarm.routing import format_blocks
 
 

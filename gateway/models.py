@@ -18,12 +18,12 @@ import torch
 from anyio.to_thread import run_sync
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from gateway.errors import ModelNotFound
-from gateway.tokens import TokenPieces
-from swarm.lora import LoraWeights
+from gateway.protocol.errors import ModelNotFound
+from gateway.inference.tokens import TokenPieces
+from blocks.lora_weights import LoraWeights
 
 if TYPE_CHECKING:
-    from gateway.fine_tuned import FineTunedModel, FineTunedModels
+    from gateway.storage.fine_tuned import FineTunedModel, FineTunedModels
 
 
 class Head(Protocol):

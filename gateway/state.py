@@ -9,14 +9,14 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.backend import BlocksUnavailable, InferenceBackend
-from gateway.file_store import FileStore
+from gateway.storage.file_store import FileStore
 from gateway.metrics import GatewayMetrics
-from gateway.generation import Generation, GenerationJob
-from gateway.jobs import JobStore
+from gateway.inference.generation import Generation, GenerationJob
+from gateway.storage.jobs import JobStore
 from gateway.models import ModelRegistry
 from gateway.settings import Settings
-from gateway.tenants import Authenticator, ConcurrencyLimiter
-from gateway.trainer import Trainer
+from gateway.storage.tenants import Authenticator, ConcurrencyLimiter
+from gateway.fine_tuning.trainer import Trainer
 
 
 @dataclass

@@ -17,7 +17,7 @@ from gateway.backend import BlocksUnavailable, Coverage, InferenceSession, Swarm
 from swarm import training
 from swarm.bridge import SwarmBridge
 from swarm.health import swarm_state
-from swarm.lora import LoraWeights
+from blocks.lora_weights import LoraWeights
 from swarm.protocol import BUSY, RemoteError
 from swarm.routing import NoChainError, missing_blocks
 

@@ -19,7 +19,7 @@ import trio
 
 from swarm import codec, protocol
 from swarm.backoff import PeerBackoff
-from swarm.lora import LoraWeights
+from blocks.lora_weights import LoraWeights
 from swarm.node import SwarmNode
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError, choose_chain

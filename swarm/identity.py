@@ -15,7 +15,7 @@ from libp2p.crypto.keys import KeyPair, KeyType, PrivateKey
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.peer.id import ID
 
-from swarm.secret_file import read_secret_file, write_secret_file
+from common.secret_file import read_secret_file, write_secret_file
 
 _ED25519_SEED = 32
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from swarm.secret_file import read_secret_file, write_secret_file
+from common.secret_file import read_secret_file, write_secret_file
 
 HEADER = "/key/swarm/psk/1.0.0/"
 ENCODING = "/base16/"

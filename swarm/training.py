@@ -22,7 +22,7 @@ import trio
 
 from swarm import codec, protocol
 from swarm.client import MAX_REPLY_FRAME, SwarmClient
-from swarm.lora import LoraWeights
+from blocks.lora_weights import LoraWeights
 from swarm.records import ServerRecord
 
 Runner = Callable[[Callable[[], Awaitable[Any]]], Any]  # e.g. SwarmBridge.call

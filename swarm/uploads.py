@@ -14,7 +14,7 @@ from typing import TypeVar
 import trio
 
 from swarm import codec, protocol
-from swarm.lora import LoraWeights
+from blocks.lora_weights import LoraWeights
 from swarm.node import SwarmNode
 from swarm.records import ServerRecord
 

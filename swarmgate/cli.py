@@ -76,10 +76,12 @@ def node_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from blocks import serve
+    from blockserver import serve
     from gateway import serve as gateway_serve
     from swarm import health
-    from swarmgate import healthcheck, keys, up
+    from swarmgate.commands import healthcheck
+    from swarmgate.commands import keys
+    from swarmgate.commands import up
 
     parser = argparse.ArgumentParser(prog="swarmgate", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get(env_name("--log-level"), "INFO"))

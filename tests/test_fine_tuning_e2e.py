@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from gateway.tenants import KeyStore
+from gateway.storage.tenants import KeyStore
 from swarmgate.launcher import start_swarm, stop_all
 from tests.fine_tuning_support import (
     EXAMPLES,

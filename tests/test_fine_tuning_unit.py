@@ -27,10 +27,10 @@ from blocks.span import BlockSpan
 from gateway.app import create_app
 from gateway.backend import Coverage
 from gateway.settings import Settings
-from gateway.sft import IGNORE, LoraOptimizer, micro_batches, tokenize
-from gateway.tenants import KeyStore
-from gateway.training_data import ChatExample
-from swarm.lora import LoraWeights
+from gateway.fine_tuning.sft import IGNORE, LoraOptimizer, micro_batches, tokenize
+from gateway.storage.tenants import KeyStore
+from gateway.fine_tuning.training_data import ChatExample
+from blocks.lora_weights import LoraWeights
 from tests.fine_tuning_support import (
     EXAMPLES,
     HYPERPARAMETERS,

@@ -14,7 +14,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from gateway.tenants import KeyStore
+from gateway.storage.tenants import KeyStore
 from swarmgate.launcher import start_swarm, stop_all
 from tests.http_harness import free_port
 from tests.swarm_harness import FAST_ANNOUNCE, reference_model

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoTokenizer
 
 from blocks.tiny_checkpoints import build_checkpoint
-from gateway.sampling import Sampler, SamplingParams
-from gateway.stops import TextStream
-from gateway.tokens import TokenPieces
+from gateway.inference.sampling import Sampler, SamplingParams
+from gateway.inference.stops import TextStream
+from gateway.inference.tokens import TokenPieces
 
 
 def small_id(tokenizer) -> int:

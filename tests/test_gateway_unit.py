@@ -29,7 +29,7 @@ from tests.test_gateway_text import small_id
 from gateway.app import create_app
 from gateway.backend import Coverage, SwarmBusy
 from gateway.settings import Settings
-from gateway.tenants import KeyStore
+from gateway.storage.tenants import KeyStore
 
 MODEL = "tiny-llama"
 CONTEXT = 256
@@ -559,7 +559,7 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_closes_the_session(b
 
 
 def test_keep_alive_pings_do_not_disturb_clients(client, http, backend, monkeypatch):
-    monkeypatch.setattr("gateway.streaming.PING_SECONDS", 0.01)
+    monkeypatch.setattr("gateway.inference.streaming.PING_SECONDS", 0.01)
     backend.step_delay = 0.03
     kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0)
     chunks = list(client.chat.completions.create(**kwargs, stream=True))

@@ -23,15 +23,15 @@ from transformers import AutoModelForCausalLM
 from adapters import AdapterError, AdapterStore, LoraAdapter, create_adapter, import_adapter, lora_config
 from adapters import files as adapter_files
 from adapters.adapter import CONFIG_FILE, WEIGHTS_FILE
-from blocks.adapter_cache import AdapterCache, UnknownAdapterError
+from blockserver.adapter_cache import AdapterCache, UnknownAdapterError
 from blocks.checkpoint import load_config
 from blocks.head import ModelHead
 from blocks.lora import LoraError, SpanLora
-from blocks.server import ServerLimits
+from blockserver.server import ServerLimits
 from blocks.span import BlockSpan
-from blocks.training import TrainingService
+from blockserver.training import TrainingService
 from swarm import codec, protocol, training
-from swarm.lora import ATTENTION_MODULES, SUPPORTED_MODULES, LoraWeights
+from blocks.lora_weights import ATTENTION_MODULES, SUPPORTED_MODULES, LoraWeights
 from tests.swarm_harness import running_swarm, swarm_greedy
 
 MAX_TRAIN_TOKENS = 256

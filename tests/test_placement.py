@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from blocks.head import ModelHead
-from blocks.placement import (
+from blockserver.placement import (
     better_start,
     block_throughputs,
     blocks_that_fit,
@@ -22,7 +22,7 @@ from blocks.placement import (
     stronger,
 )
 from blocks.span import BlockSpan
-from blocks.throughput import ThroughputCache, span_throughput
+from blockserver.throughput import ThroughputCache, span_throughput
 from blocks.tiny_checkpoints import build_checkpoint
 from swarm.records import ServerRecord
 from swarmgate.launcher import ServerProcess, start_server

@@ -17,8 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backend import BlocksUnavailable, SwarmBusy
-from gateway.disconnect import ClientDisconnected
-from gateway.schemas import ErrorDetail, ErrorResponse
+from gateway.inference.disconnect import ClientDisconnected
+from gateway.protocol.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 import trio
 
-from blocks.adapter_cache import UnknownAdapterError
+from blockserver.adapter_cache import UnknownAdapterError
 from blocks.cache import SessionCaches, SessionLimitError, UnknownSessionError
 from blocks.lora import SpanLora
-from blocks.metrics import ServerMetrics
+from blockserver.metrics import ServerMetrics
 from blocks.span import BlockSpan
-from blocks.throughput import ThroughputCache, span_throughput
-from blocks.training import TrainingService
+from blockserver.throughput import ThroughputCache, span_throughput
+from blockserver.training import TrainingService
 from swarm import codec, protocol
 from swarm.node import SwarmNode
 from swarm.protocol import ProtocolError, field as require

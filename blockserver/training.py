@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import trio
 
-from blocks.adapter_cache import AdapterCache, UnknownAdapterError
+from blockserver.adapter_cache import AdapterCache, UnknownAdapterError
 from blocks.lora import LoraError, SpanLora
 from blocks.span import BlockSpan
 from swarm import codec, protocol
-from swarm.lora import LoraWeights
+from blocks.lora_weights import LoraWeights
 from swarm.protocol import ProtocolError, field as require
 
 if TYPE_CHECKING:
-    from blocks.server import ServerLimits
+    from blockserver.server import ServerLimits
 
 logger = logging.getLogger(__name__)
 

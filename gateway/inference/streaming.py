@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from gateway.errors import error_body, from_exception
+from gateway.protocol.errors import error_body, from_exception
 
 PING_SECONDS = 15  # keep-alive comments (`: ping`), which SSE clients ignore
 

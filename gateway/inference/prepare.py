@@ -9,11 +9,11 @@ from __future__ import annotations
 from anyio.to_thread import run_sync
 from jinja2 import TemplateError
 
-from gateway.errors import InvalidRequest
-from gateway.generation import GenerationJob
+from gateway.protocol.errors import InvalidRequest
+from gateway.inference.generation import GenerationJob
 from gateway.models import ServedModel
-from gateway.sampling import SamplingParams
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gateway.inference.sampling import SamplingParams
+from gateway.protocol.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.settings import Settings
 
 

@@ -30,7 +30,7 @@ def _add_tenant_key(kinds: argparse._SubParsersAction) -> None:
 
 
 def _tenant_key(args: argparse.Namespace) -> None:
-    from gateway.tenants import KeyStore
+    from gateway.storage.tenants import KeyStore
 
     print(KeyStore(Path(args.data_dir)).create_key(args.tenant))
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from sqlite3 import Row
 from typing import Any
 
-from gateway.database import Database
-from gateway.fine_tuning_schemas import (
+from gateway.storage.database import Database
+from gateway.protocol.fine_tuning_schemas import (
     CreateFineTuningJob,
     FineTuningJob,
     FineTuningJobEvent,

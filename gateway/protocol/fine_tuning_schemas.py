@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from swarm.lora import ATTENTION_MODULES, SUPPORTED_MODULES
+from blocks.lora_weights import ATTENTION_MODULES, SUPPORTED_MODULES
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 SUFFIX_PATTERN = r"^[A-Za-z0-9_.-]+$"  # no ':' (it separates the parts of a model id)

@@ -16,7 +16,7 @@ from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gateway.errors import AuthenticationFailed, RateLimited
+from gateway.protocol.errors import AuthenticationFailed, RateLimited
 
 DEFAULT_TENANT = "default"
 DATABASE = "gateway.sqlite3"

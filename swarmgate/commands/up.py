@@ -15,7 +15,7 @@ from types import FrameType
 
 from blocks.checkpoint import default_model_name, load_config, resolve_model
 from blocks.tiny_checkpoints import default_model_path
-from gateway.tenants import DEFAULT_TENANT, KeyStore
+from gateway.storage.tenants import DEFAULT_TENANT, KeyStore
 from swarmgate.launcher import split_blocks, start_swarm, stop_all
 
 logger = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from anyio.to_thread import run_sync
 
 from gateway.backend import InferenceBackend, InferenceSession
 from gateway.models import ServedModel
-from gateway.sampling import SampledToken, Sampler, SamplingParams
-from gateway.schemas import FinishReason, Usage
-from gateway.stops import TextStream
+from gateway.inference.sampling import SampledToken, Sampler, SamplingParams
+from gateway.protocol.schemas import FinishReason, Usage
+from gateway.inference.stops import TextStream
 
 log = logging.getLogger(__name__)
 

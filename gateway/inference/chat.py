@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
-from gateway.disconnect import unless_disconnected
-from gateway.generation import Generation
-from gateway.logprobs import chat_logprobs
-from gateway.prepare import chat_job
-from gateway.schemas import (
+from gateway.inference.disconnect import unless_disconnected
+from gateway.inference.generation import Generation
+from gateway.inference.logprobs import chat_logprobs
+from gateway.inference.prepare import chat_job
+from gateway.protocol.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -24,7 +24,7 @@ from gateway.schemas import (
     ChatDelta,
 )
 from gateway.state import GatewayDep, TenantDep
-from gateway.streaming import sse_response
+from gateway.inference.streaming import sse_response
 
 router = APIRouter()
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 import trio
 
-from blocks import placement
+from blockserver import placement
 from blocks.checkpoint import checkpoint_hash, default_model_name, load_config, resolve_model
-from blocks.metrics import ServerMetrics
+from blockserver.metrics import ServerMetrics
 from blocks.quant import QUANT_MODES, check_quant
-from blocks.server import BlockServer, ServerLimits
+from blockserver.server import BlockServer, ServerLimits
 from blocks.span import BlockSpan
-from blocks.throughput import ThroughputCache
+from blockserver.throughput import ThroughputCache
 from blocks.tiny_checkpoints import default_model_path
 from swarm.node import SwarmNode, start_node
 

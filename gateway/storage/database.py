@@ -16,7 +16,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from gateway.tenants import DATABASE
+from gateway.storage.tenants import DATABASE
 
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another's transaction
 

@@ -29,10 +29,10 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from adapters import LoraAdapter
-from gateway.fine_tuning_schemas import Hyperparameters
+from gateway.protocol.fine_tuning_schemas import Hyperparameters
 from gateway.models import Head
-from gateway.training_data import ChatExample
-from swarm.lora import LoraWeights
+from gateway.fine_tuning.training_data import ChatExample
+from blocks.lora_weights import LoraWeights
 
 IGNORE = -100  # label of tokens outside the loss
 MAX_GRAD_NORM = 1.0

@@ -28,7 +28,7 @@ from swarm.node import SwarmNode
 from swarm.records import ServerRecord
 
 if TYPE_CHECKING:
-    from blocks.server import BlockServer
+    from blockserver.server import BlockServer
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapters import AdapterStore, LoraAdapter
-from gateway.database import Database
-from swarm.lora import LoraWeights
+from gateway.storage.database import Database
+from blocks.lora_weights import LoraWeights
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fine_tuned_models (

@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from adapters import create_adapter
 from gateway.backend import InferenceBackend
-from gateway.file_store import FileStore
-from gateway.fine_tuned import FineTunedModels, checkpoint_name, model_id
-from gateway.fine_tuning_schemas import FineTuningJob, JobError
-from gateway.jobs import JobStore
+from gateway.storage.file_store import FileStore
+from gateway.storage.fine_tuned import FineTunedModels, checkpoint_name, model_id
+from gateway.protocol.fine_tuning_schemas import FineTuningJob, JobError
+from gateway.storage.jobs import JobStore
 from gateway.models import ModelRegistry, ServedModel
 from gateway.settings import Settings
-from gateway.sft import LoraOptimizer, Metrics, TokenizedExample, resolve_hyperparameters, steps_per_epoch, tokenize
-from gateway.training_data import TrainingFileError, parse_examples
+from gateway.fine_tuning.sft import LoraOptimizer, Metrics, TokenizedExample, resolve_hyperparameters, steps_per_epoch, tokenize
+from gateway.fine_tuning.training_data import TrainingFileError, parse_examples
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import secrets
 import time
 from pathlib import Path
 
-from gateway.database import Database
-from gateway.fine_tuning_schemas import FileObject
-from swarm.secret_file import write_secret_file
+from gateway.storage.database import Database
+from gateway.protocol.fine_tuning_schemas import FileObject
+from common.secret_file import write_secret_file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (

@@ -10,13 +10,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
-from gateway.disconnect import unless_disconnected
-from gateway.generation import Generation
-from gateway.logprobs import completion_logprobs
-from gateway.prepare import completion_job
-from gateway.schemas import Completion, CompletionChoice, CompletionRequest
+from gateway.inference.disconnect import unless_disconnected
+from gateway.inference.generation import Generation
+from gateway.inference.logprobs import completion_logprobs
+from gateway.inference.prepare import completion_job
+from gateway.protocol.schemas import Completion, CompletionChoice, CompletionRequest
 from gateway.state import GatewayDep, TenantDep
-from gateway.streaming import sse_response
+from gateway.inference.streaming import sse_response
 
 router = APIRouter()
 

@@ -11,11 +11,11 @@ from typing import Annotated, Literal
 from anyio.to_thread import run_sync
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from gateway.errors import InvalidRequest, NotFound
-from gateway.fine_tuning_schemas import FileDeleted, FileList, FileObject
+from gateway.protocol.errors import InvalidRequest, NotFound
+from gateway.protocol.fine_tuning_schemas import FileDeleted, FileList, FileObject
 from gateway.state import GatewayDep, TenantDep
-from gateway.training_data import TrainingFileError, parse_examples
-from gateway.uploads import LimitedUploadRoute, read_upload
+from gateway.fine_tuning.training_data import TrainingFileError, parse_examples
+from gateway.fine_tuning.uploads import LimitedUploadRoute, read_upload
 
 router = APIRouter(route_class=LimitedUploadRoute)
 

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request, Response, UploadFile
 from fastapi.routing import APIRoute
 
-from gateway.errors import APIError, PayloadTooLarge
+from gateway.protocol.errors import APIError, PayloadTooLarge
 
 FORM_OVERHEAD = 64 * 1024  # boundaries, part headers and the small text fields beside the file
 CHUNK = 1024 * 1024

@@ -19,10 +19,10 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from adapters import AdapterError, import_adapter
 from blocks.checkpoint import load_config
-from gateway.errors import InvalidRequest, ModelNotFound, NotFound
-from gateway.files import file_not_found
-from gateway.fine_tuned import FineTunedModels, model_id
-from gateway.fine_tuning_schemas import (
+from gateway.protocol.errors import InvalidRequest, ModelNotFound, NotFound
+from gateway.fine_tuning.files import file_not_found
+from gateway.storage.fine_tuned import FineTunedModels, model_id
+from gateway.protocol.fine_tuning_schemas import (
     MAX_SUFFIX,
     SUFFIX_PATTERN,
     CheckpointMetrics,
@@ -33,9 +33,9 @@ from gateway.fine_tuning_schemas import (
     FineTuningJobEventList,
     FineTuningJobList,
 )
-from gateway.schemas import Model
+from gateway.protocol.schemas import Model
 from gateway.state import Gateway, GatewayDep, TenantDep
-from gateway.uploads import LimitedUploadRoute, read_upload
+from gateway.fine_tuning.uploads import LimitedUploadRoute, read_upload
 
 router = APIRouter(route_class=LimitedUploadRoute)
 

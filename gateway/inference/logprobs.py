@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.sampling import SampledToken
-from gateway.schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
-from gateway.tokens import TokenPieces
+from gateway.inference.sampling import SampledToken
+from gateway.protocol.schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from gateway.inference.tokens import TokenPieces
 
 FLOOR = -9999.0  # JSON has no -inf; OpenAI and vLLM report this instead
 
