@@ -1,4 +1,4 @@
-"""Per-tenant LoRA adapters at the gateway, in PEFT's on-disk format (DESIGN.md §6).
+"""Per-tenant LoRA adapters in PEFT's on-disk format: create, check, save, load, import, export (DESIGN.md §6).
 
 adapter: the adapter (config + tensors), its content digest, checks against a base model ·
 create: a fresh adapter initialised exactly as peft would · files: atomic save, load, archive

@@ -1,7 +1,7 @@
 """Adapters on disk and in archives, in PEFT's folder format; never ``torch.load``.
 
-A folder is written whole into a temporary sibling, flushed, then renamed into place: readers
-see a complete adapter or none, and a crash leaves only a dot-named temporary behind. Folders
+A folder is written whole (common/atomic_files.py): readers see a complete adapter or none,
+and a crash leaves only a dot-named temporary behind. Folders
 are written once; saving the same adapter again is a no-op, saving a different one is refused.
 Archives are read in memory, member by member, with sizes checked first: nothing is extracted.
 """
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
 from adapters.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter
+from common.atomic_files import write_folder_atomic
 
 MAX_IMPORT_BYTES = 2 * 2**30  # uncompressed size of an imported adapter's two files
 
@@ -32,23 +30,14 @@ def save_adapter(adapter: LoraAdapter, folder: str | Path) -> Path:
     folder = Path(folder)
     if folder.exists():
         return _already_saved(adapter, folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter.tensors.items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        for path in (tmp / CONFIG_FILE, tmp / WEIGHTS_FILE, tmp):
-            _fsync(path)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.exists():
-                raise
-            return _already_saved(adapter, folder)  # a concurrent writer won the rename
-        _fsync(folder.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    if not write_folder_atomic(folder, fill):
+        return _already_saved(adapter, folder)  # a concurrent writer won the rename
     return folder
 
 
@@ -145,11 +134,3 @@ def _read_archive(data: bytes) -> dict[str, bytes]:
     if missing := [n for n in (CONFIG_FILE, WEIGHTS_FILE) if n not in found]:
         raise AdapterError(f"the archive has no {' and no '.join(missing)}")
     return found
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

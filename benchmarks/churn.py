@@ -1,6 +1,6 @@
 """Generation under churn: servers killed (SIGKILL) and restarted at random while clients generate.
 
-    python benchmarks/churn.py [--servers 6] [--clients 4] [--duration 60] [--max-kills 8]
+    python -m benchmarks.churn [--servers 6] [--clients 4] [--duration 60] [--max-kills 8]
 
 Loopback only. Builds a tiny 8-layer Llama (random weights), starts servers that place themselves
 (``--num-blocks``, no ``--blocks``), and runs two phases of the same length with concurrent greedy
@@ -23,7 +23,6 @@ import logging
 import random
 import signal
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -32,14 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from blocks.head import ModelHead  # noqa: E402
-from blocks.tiny_checkpoints import build_checkpoint  # noqa: E402
-from swarm.bridge import SwarmBridge  # noqa: E402
-from swarmgate.launcher import ServerProcess, start_server, stop_all  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from blocks.head import ModelHead
+from blocks.tiny_checkpoints import build_checkpoint
+from swarm.bridge import SwarmBridge
+from swarm.session import SessionRequest
+from swarmgate.launcher import ServerProcess, start_server, stop_all
 
 NUM_LAYERS = 8
 
@@ -137,8 +135,8 @@ async def client(bridge: SwarmBridge, head: ModelHead, model: str, prompts: list
         index = rng.randrange(len(prompts))
         prompt = prompts[index]
         try:
-            session = await bridge.open_session(model, NUM_LAYERS, max_length=prompt.shape[1] + args.tokens + 1,
-                                                wire_codec=args.codec)
+            session = await bridge.open_session(SessionRequest(
+                model, NUM_LAYERS, max_length=prompt.shape[1] + args.tokens + 1, wire_codec=args.codec))
             async with session:
                 ids, out = prompt, []
                 for _ in range(args.tokens + 1):

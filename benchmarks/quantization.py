@@ -1,6 +1,6 @@
 """Quantized spans on one GPU: int8 and nf4 against bf16, for accuracy and memory per block.
 
-    python benchmarks/quantization.py [--layers 4 --hidden 2048 ...] [--json results.json]
+    python -m benchmarks.quantization [--layers 4 --hidden 2048 ...] [--json results.json]
 
 Builds a Llama-architecture checkpoint (random weights, TinyLlama-1.1B's layer shapes by default,
 so bitsandbytes' real int8/nf4 kernels run) and, with ``--fit-steps``, a copy briefly fitted to
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,12 +32,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from blocks.head import ModelHead  # noqa: E402
-from blocks.span import BlockSpan  # noqa: E402
-from blocks.tiny_checkpoints import _CORPUS as CORPUS  # noqa: E402  (the text the tokenizer learned)
-from blocks.tiny_checkpoints import build_checkpoint  # noqa: E402
+from blocks.head import ModelHead
+from blocks.span import BlockSpan
+from blocks.tiny_checkpoints import _CORPUS as CORPUS  # the text the tokenizer learned
+from blocks.tiny_checkpoints import build_checkpoint
 
 MODES = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"),
          "int8": (torch.bfloat16, "int8"), "nf4": (torch.bfloat16, "nf4")}

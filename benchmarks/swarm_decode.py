@@ -1,6 +1,6 @@
 """Single-stream decode through a 2-server swarm vs an in-process loop over the same layers.
 
-    python benchmarks/swarm_decode.py [--tokens 64] [--prompt 128]
+    python -m benchmarks.swarm_decode [--tokens 64] [--prompt 128]
 
 Builds (once) a ~100M-parameter Llama checkpoint with random weights, then in one run:
 1. in-process baseline: head + two BlockSpans, greedy decode;
@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from blocks.head import ModelHead  # noqa: E402
-from blocks.span import BlockSpan  # noqa: E402
-from blocks.tiny_checkpoints import BENCHMARK_CONFIG, build_checkpoint  # noqa: E402
-from swarm import codec, protocol  # noqa: E402
-from swarm.bridge import SwarmBridge  # noqa: E402
-from swarmgate.launcher import start_swarm, stop_all  # noqa: E402
+from blocks.head import ModelHead
+from blocks.span import BlockSpan
+from blocks.tiny_checkpoints import BENCHMARK_CONFIG, build_checkpoint
+from swarm import codec, protocol
+from swarm.bridge import SwarmBridge
+from swarmgate.launcher import start_swarm, stop_all
 
 CODECS = ("none", "float16", "int8")
 

@@ -7,9 +7,6 @@ seconds. Everything is deterministic in its arguments.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from blocks.checkpoint import cache_root
+from common.atomic_files import write_folder_atomic
 
 Family = Literal["llama", "mistral", "qwen2"]
 
@@ -192,18 +190,7 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
     Cached under `cache_dir`, else `$SWARMGATE_CACHE`, else `~/.cache/swarmgate`; built in a temp
     folder and renamed into place, so concurrent callers never see a half-written model.
     """
-    root = Path(cache_dir) if cache_dir else cache_root()
-    path = root / DEFAULT_MODEL
-    if path.exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=root))
-    try:
-        build_checkpoint(tmp, **DEFAULT_CONFIG)
-        os.rename(tmp, path)
-    except OSError:
-        if not path.exists():  # a concurrent builder that won the rename is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    path = (Path(cache_dir) if cache_dir else cache_root()) / DEFAULT_MODEL
+    if not path.exists():
+        write_folder_atomic(path, lambda tmp: build_checkpoint(tmp, **DEFAULT_CONFIG))  # a concurrent builder may win
     return path

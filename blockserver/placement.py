@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 import psutil
 import torch
@@ -24,11 +24,9 @@ import trio
 from blocks import family
 from blocks.checkpoint import load_config
 from blocks.span import BlockSpan
+from blockserver.server import BlockServer
 from swarm.node import SwarmNode
 from swarm.records import ServerRecord
-
-if TYPE_CHECKING:
-    from blockserver.server import BlockServer
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +143,7 @@ class Rebalancer:
         start = choose_start(block_throughputs(self.records(), self.num_blocks), self.span_length)
         return start, start + self.span_length
 
-    async def run(self, server: "BlockServer", load_span: Callable[[int, int], BlockSpan]) -> None:
+    async def run(self, server: BlockServer, load_span: Callable[[int, int], BlockSpan]) -> None:
         """Move when two checks in a row agree: one view may be passing (a late announcement)."""
         proposed = None
         while True:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 
 from blocks.checkpoint import cache_root
 from blocks.span import BlockSpan
+from common.atomic_files import write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +64,9 @@ class ThroughputCache:
         return self._read().get(key)
 
     def put(self, key: str, value: float) -> None:
-        """Atomically (temp file + rename), so concurrent servers never read half a file."""
+        """Atomically, so concurrent servers never read half a file."""
         entries = self._read() | {key: value}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".throughput-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file_atomic(self.path, json.dumps(entries, indent=1, sort_keys=True).encode())
 
 
 def span_throughput(span: BlockSpan, checkpoint: str, cache: ThroughputCache | None) -> float:

@@ -20,26 +20,25 @@ code ``invalid``.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import trio
 
-from blockserver.adapter_cache import AdapterCache, UnknownAdapterError
 from blocks.lora import LoraError, SpanLora
-from blocks.span import BlockSpan
-from swarm import codec, protocol
 from blocks.lora_weights import LoraWeights
-from swarm.protocol import ProtocolError, field as require
-
-if TYPE_CHECKING:
-    from blockserver.server import ServerLimits
+from blocks.span import BlockSpan
+from blockserver import incoming
+from blockserver.adapter_cache import AdapterCache, UnknownAdapterError
+from blockserver.limits import ServerLimits
+from swarm import codec, protocol
+from swarm.protocol import ProtocolError, Stream, field as require
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingService:
-    def __init__(self, span: BlockSpan, limits: "ServerLimits", compute: trio.CapacityLimiter) -> None:
+    def __init__(self, span: BlockSpan, limits: ServerLimits, compute: trio.CapacityLimiter) -> None:
         self.limits = limits
         self.compute = compute  # shared with inference: one computation at a time
         self.span = span
@@ -66,25 +65,19 @@ class TrainingService:
             raise ProtocolError("field 'adapter' must be an adapter digest")
         return self.adapters.get(digest)
 
-    async def handle(self, stream: Any) -> None:
+    async def handle(self, stream: Stream) -> None:
         try:
             while True:
-                request = await protocol.read_frame(stream, max_bytes=self.limits.max_frame_bytes)
+                request = await incoming.read(stream, self.limits)
                 await protocol.write_frame(stream, await self._answer(request))
         except EOFError:
             pass
         except ProtocolError as error:  # an unreadable frame: the stream is out of step, end it
-            try:
-                await protocol.write_frame(stream, protocol.error_frame(str(error)))
-            except Exception:
-                pass
+            await incoming.try_send(stream, protocol.error_frame(str(error)))
         except Exception as error:
             logger.info("train stream ended: %r", error)
         finally:
-            try:
-                await stream.close()
-            except Exception:
-                pass
+            await incoming.try_close(stream)
 
     async def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
         handlers = {"upload": self._upload, "forward": self._forward, "backward": self._backward}
@@ -127,14 +120,14 @@ class TrainingService:
 
     async def _forward(self, request: dict[str, Any]) -> dict[str, Any]:
         span, adapter = self.span, self.session_adapter(request)
-        wire_codec = _codec(request)
+        wire_codec = incoming.wire_codec(request)
         hidden = self._hidden(request, "hidden", span)
         output = await trio.to_thread.run_sync(lambda: span.forward(hidden, adapter=adapter), limiter=self.compute)
         return {"type": "output", "hidden": codec.encode(output, wire_codec)}
 
     async def _backward(self, request: dict[str, Any]) -> dict[str, Any]:
         span, adapter = self.span, self.session_adapter(request)
-        wire_codec = _codec(request)
+        wire_codec = incoming.wire_codec(request)
         hidden = self._hidden(request, "hidden", span)
         grad = self._hidden(request, "grad", span)
         if grad.shape != hidden.shape:
@@ -151,20 +144,11 @@ class TrainingService:
     def _hidden(self, request: dict[str, Any], key: str, span: BlockSpan) -> torch.Tensor:
         """Hidden states (or their gradient) [batch, tokens, hidden] within the per-request token limit."""
         # The frame limit already bounds the bytes; the token limit bounds the compute's memory.
-        hidden = codec.decode(require(request, key, dict), max_elements=self.limits.max_frame_bytes)
-        if hidden.dim() != 3 or hidden.shape[1] == 0 or hidden.shape[2] != span.hidden_size:
-            raise ProtocolError(f"{key} must be [batch, tokens, {span.hidden_size}], got {list(hidden.shape)}")
+        hidden = incoming.expect_hidden(request, key, span, max_elements=self.limits.max_frame_bytes)
         tokens = hidden.shape[0] * hidden.shape[1]
         if tokens > self.limits.max_train_tokens:
             raise ProtocolError(
                 f"{tokens} tokens (batch x length) exceed this server's limit of {self.limits.max_train_tokens} "
                 "per training request: split the batch"
             )
-        return hidden.to(device=span.device, dtype=span.dtype)
-
-
-def _codec(request: dict[str, Any]) -> str:
-    wire_codec = require(request, "codec", str)
-    if wire_codec not in codec.CODECS:
-        raise ProtocolError(f"unknown codec {wire_codec!r}; this server speaks {codec.CODECS}")
-    return wire_codec
+        return hidden

@@ -1,36 +1,23 @@
 """Small secret files (node identities, swarm keys): written atomically, readable by the owner only.
 
 A half-written key file would give a node a broken or different identity on its next start, so
-the bytes go to a temporary file in the same folder (mode 0600 from its creation, fsynced) that
-is then renamed over the target in one step.
+it is written atomically (common/atomic_files.py), owner-only from the start.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import stat
-import tempfile
 from pathlib import Path
+
+from common.atomic_files import write_file_atomic
 
 logger = logging.getLogger(__name__)
 
 
 def write_secret_file(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically with mode 0600, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file_atomic(path, data, mode=0o600)
 
 
 def read_secret_file(path: str | Path, what: str) -> bytes:

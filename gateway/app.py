@@ -13,23 +13,26 @@ from pydantic import BaseModel
 
 from adapters import AdapterStore
 from blocks.head import ModelHead
-from gateway.inference import chat
-from gateway.inference import completions
-from gateway.fine_tuning import files
-from gateway.fine_tuning import routes as fine_tuning
 from gateway.backend import InferenceBackend
-from gateway.storage.database import Database
-from gateway.protocol.errors import install_error_handlers
-from gateway.storage.file_store import FileStore
-from gateway.storage.fine_tuned import FineTunedModels
-from gateway.storage.jobs import JobStore
+from gateway.fine_tuning import files
+from gateway.fine_tuning import routes as fine_tuning_routes
+from gateway.fine_tuning.service import FineTuning
+from gateway.fine_tuning.trainer import Trainer
+from gateway.inference import chat, completions
+from gateway.responses import routes as responses_routes
 from gateway.metrics import GatewayMetrics, RequestCounter
 from gateway.models import HeadLoader, ModelCard, ModelRegistry
+from gateway.protocol.errors import install_error_handlers
 from gateway.protocol.schemas import ErrorResponse, Health, Model, ModelList
 from gateway.settings import Settings
 from gateway.state import Gateway, GatewayDep, TenantDep
-from gateway.storage.tenants import Authenticator, ConcurrencyLimiter, KeyStore
-from gateway.fine_tuning.trainer import Trainer
+from gateway.storage.database import Database
+from gateway.storage.file_store import FileStore
+from gateway.storage.fine_tuned import FineTunedModels
+from gateway.storage.jobs import JobStore
+from gateway.storage.responses import ResponseStore
+from gateway.storage.tenants import KeyStore
+from gateway.tenancy import Authenticator, ConcurrencyLimiter
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
@@ -67,26 +70,26 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
         settings=settings,
         models=models,
         backend=backend,
-        auth=_authenticator(settings),
+        auth=_authenticator(settings, database),
         limiter=ConcurrencyLimiter(settings.max_concurrent_requests),
         metrics=metrics,
-        files=file_store,
-        jobs=jobs,
-        trainer=Trainer(settings=settings, jobs=jobs, files=file_store, fine_tuned=fine_tuned, models=models,
-                        backend=backend),
     )
+    trainer = Trainer(settings=settings, jobs=jobs, files=file_store, fine_tuned=fine_tuned, models=models,
+                      backend=backend)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         """The fine-tuning worker runs while the app does."""
-        await gateway.trainer.start()
+        await trainer.start()
         try:
             yield
         finally:
-            await gateway.trainer.stop()
+            await trainer.stop()
 
     app = FastAPI(title="swarmgate", summary="OpenAI-compatible API over a swarm of block servers", lifespan=lifespan)
     app.state.gateway = gateway
+    app.state.responses = ResponseStore(database)
+    app.state.fine_tuning = FineTuning(files=file_store, jobs=jobs, fine_tuned=fine_tuned, trainer=trainer)
     install_error_handlers(app)
     app.add_middleware(RequestCounter, metrics=metrics)
 
@@ -122,9 +125,10 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
 
     app.include_router(chat.router, responses=ERROR_RESPONSES)
     app.include_router(completions.router, responses=ERROR_RESPONSES)
+    app.include_router(responses_routes.router, responses=ERROR_RESPONSES)
     upload_errors = ERROR_RESPONSES | {status: {"model": ErrorResponse} for status in (411, 413)}
     app.include_router(files.router, responses=upload_errors)
-    app.include_router(fine_tuning.router, responses=upload_errors)
+    app.include_router(fine_tuning_routes.router, responses=upload_errors)
     return app
 
 
@@ -132,11 +136,11 @@ def _model(card: ModelCard) -> Model:
     return Model(id=card.id, created=card.created, owned_by=card.owned_by, max_model_len=card.context_length)
 
 
-def _authenticator(settings: Settings) -> Authenticator:
+def _authenticator(settings: Settings, database: Database) -> Authenticator:
     if settings.api_key is not None:
         return Authenticator(static_key=settings.api_key)
     if settings.require_auth:
-        return Authenticator(keys=KeyStore(settings.data_dir))
+        return Authenticator(keys=KeyStore(database))
     return Authenticator()
 
 

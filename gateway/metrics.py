@@ -1,8 +1,8 @@
 """Prometheus metrics of the gateway, served at ``GET /metrics`` (prometheus-client).
 
 Each app has its own registry (several apps can live in one process, as in tests). Request
-counts come from a middleware; generation timings from ``Gateway.start``; swarm coverage and
-replays are read from the backend at scrape time, so they are never stale.
+counts come from a middleware; generation timings from ``inference.serving.start_generation``;
+swarm coverage and replays are read from the backend at scrape time, so they are never stale.
 """
 
 from __future__ import annotations

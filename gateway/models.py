@@ -23,6 +23,7 @@ from gateway.inference.tokens import TokenPieces
 from blocks.lora_weights import LoraWeights
 
 if TYPE_CHECKING:
+    from gateway.agents.guided import GrammarLibrary
     from gateway.storage.fine_tuned import FineTunedModel, FineTunedModels
 
 
@@ -58,6 +59,14 @@ class ServedModel:
     def swarm_id(self) -> str:
         """The model id the swarm serves: the base of a fine-tuned model."""
         return self.base_id or self.id
+
+    def grammars(self) -> GrammarLibrary:
+        """The model's grammar library (xgrammar vocabulary + compiled-grammar cache), built on first
+        use and shared by every model with this tokenizer (a base model and its fine-tunes).
+        Blocking on first use: call it from a worker thread."""
+        from gateway.agents.guided import grammar_library  # xgrammar loads only when guided decoding is used
+
+        return grammar_library(self.tokenizer, vocab_size=self.head.vocab_size, stop_token_ids=self.eos_token_ids)
 
     @classmethod
     def load(cls, model_id: str, path: Path, head_loader: HeadLoader) -> ServedModel:

@@ -1,4 +1,8 @@
-"""The gateway's shared state and the FastAPI dependencies that hand it to routes."""
+"""What every route shares (settings, models, backend, tenancy, metrics) and its FastAPI dependencies.
+
+Features keep their own state beside it: fine-tuning's stores and trainer are in
+`fine_tuning.service`, so the inference routes never import them.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.backend import BlocksUnavailable, InferenceBackend
-from gateway.storage.file_store import FileStore
+from gateway.backend import InferenceBackend
 from gateway.metrics import GatewayMetrics
-from gateway.inference.generation import Generation, GenerationJob
-from gateway.storage.jobs import JobStore
 from gateway.models import ModelRegistry
 from gateway.settings import Settings
-from gateway.storage.tenants import Authenticator, ConcurrencyLimiter
-from gateway.fine_tuning.trainer import Trainer
+from gateway.tenancy import Authenticator, ConcurrencyLimiter
 
 
 @dataclass
@@ -27,35 +27,6 @@ class Gateway:
     auth: Authenticator
     limiter: ConcurrencyLimiter
     metrics: GatewayMetrics
-    files: FileStore
-    jobs: JobStore
-    trainer: Trainer
-
-    async def start(self, job: GenerationJob, tenant: str) -> Generation:
-        """Take a tenant slot and a swarm session for `job`; the caller must `close()` the result.
-
-        Refusals (503 uncovered model, 429 tenant limit or full swarm) happen here, before any
-        response has started, so streaming requests get real status codes for them too.
-        """
-        coverage = self.backend.coverage(job.model.swarm_id)
-        if not coverage.complete:
-            raise BlocksUnavailable(job.model.swarm_id, coverage)
-        lease = self.limiter.acquire(tenant)
-
-        def finished() -> None:
-            lease.release()
-            if generation.opened_at is not None:
-                # Labelled by base model: tenants' fine-tuned ids would make unbounded label sets.
-                self.metrics.observe_generation(job.model.swarm_id, generation.opened_at, generation.first_token_at,
-                                                generation.usage().completion_tokens)
-
-        generation = Generation(job, self.backend, on_close=finished)
-        try:
-            await generation.open()
-        except BaseException:
-            await generation.close()
-            raise
-        return generation
 
 
 def _gateway(request: Request) -> Gateway:

@@ -20,6 +20,7 @@ from swarm.health import swarm_state
 from blocks.lora_weights import LoraWeights
 from swarm.protocol import BUSY, RemoteError
 from swarm.routing import NoChainError, missing_blocks
+from swarm.session import SessionRequest
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,10 @@ class SwarmBackend:
     ) -> InferenceSession:
         served = self.models[model]
         try:
-            return await self.bridge.open_session(
+            return await self.bridge.open_session(SessionRequest(
                 model, served.num_blocks, batch=batch, max_length=max_length,
                 wire_codec=self.wire_codec, checkpoint=served.checkpoint, adapter=adapter,
-            )
+            ))
         except NoChainError as error:
             raise BlocksUnavailable(model, Coverage(served.num_blocks, tuple(error.missing))) from error
         except RemoteError as error:

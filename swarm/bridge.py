@@ -16,9 +16,10 @@ import torch
 import trio
 from libp2p.crypto.keys import KeyPair
 
-from swarm.client import InferenceSession, SwarmClient
+from swarm.client import SwarmClient
 from swarm.node import start_node
 from swarm.records import ServerRecord
+from swarm.session import InferenceSession, SessionConfig, SessionRequest
 
 T = TypeVar("T")
 
@@ -32,7 +33,7 @@ class SwarmBridge:
         psk: str | None = None,
         key_pair: KeyPair | None = None,
         allow_peers: Collection[str] | None = None,
-        step_timeout: float = 60.0,
+        step_timeout: float = SessionConfig.step_timeout,
     ) -> None:
         self._node_args = dict(
             listen=listen, initial_peers=initial_peers, psk=psk, key_pair=key_pair, allow_peers=allow_peers
@@ -126,14 +127,11 @@ class SwarmBridge:
             raise
 
     # -- the swarm, for asyncio callers ------------------------------------------------------------
-    async def open_session(self, model: str, num_blocks: int, **kwargs: Any) -> "BridgedSession":
-        assert self.client is not None
-        session = await self.run(lambda: self.client.open_session(model, num_blocks, **kwargs))
-        return BridgedSession(self, session)
-
-    async def forward(self, model: str, num_blocks: int, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        assert self.client is not None
-        return await self.run(lambda: self.client.forward(model, num_blocks, hidden, **kwargs))
+    async def open_session(self, request: SessionRequest) -> "BridgedSession":
+        """``SwarmClient.start``, awaited from asyncio."""
+        client = self.client
+        assert client is not None
+        return BridgedSession(self, await self.run(lambda: client.start(request)))
 
     def servers(self, model: str | None = None) -> list[ServerRecord]:
         assert self.client is not None

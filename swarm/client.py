@@ -15,33 +15,29 @@ from collections import Counter
 from typing import Awaitable, Callable, Iterable, TypeVar
 
 import torch
-import trio
 
+from blocks.lora_weights import LoraWeights
 from swarm import codec, protocol
 from swarm.backoff import PeerBackoff
-from blocks.lora_weights import LoraWeights
 from swarm.node import SwarmNode
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError, choose_chain
-from swarm.session import MAX_REPLY_FRAME, Hop, InferenceSession, RetriesExhausted
+from swarm.session import Hop, InferenceSession, RetriesExhausted, SessionConfig, SessionRequest
 from swarm.uploads import AdapterUploads
 
-__all__ = ["MAX_REPLY_FRAME", "InferenceSession", "RetriesExhausted", "SwarmClient"]
-
-DEFAULT_STEP_TIMEOUT = 60.0
-DEFAULT_MAX_RETRIES = 8
-DEFAULT_REPLACE_WAIT = 10.0
 T = TypeVar("T")
 
 
 class SwarmClient:
+    """A ``ChainProvider`` for sessions (swarm/session.py), and forwards span by span."""
+
     def __init__(
         self,
         node: SwarmNode,
         *,
-        step_timeout: float = DEFAULT_STEP_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        replace_wait: float = DEFAULT_REPLACE_WAIT,
+        step_timeout: float = SessionConfig.step_timeout,
+        max_retries: int = SessionConfig.max_retries,
+        replace_wait: float = SessionConfig.replace_wait,
         backoff: PeerBackoff | None = None,
     ):
         self.node = node
@@ -52,9 +48,6 @@ class SwarmClient:
         self.uploads = AdapterUploads(node, timeout=step_timeout)
         self._load: Counter[str] = Counter()  # this client's open sessions per server
         self.replays = 0  # failed hops replaced and replayed in any session (for metrics)
-
-    def servers(self, model: str) -> list[ServerRecord]:
-        return sorted(self.node.records.live(model), key=lambda r: (r.start, r.end, r.peer_id))
 
     # -- choosing servers ------------------------------------------------------------------------
     def choose(
@@ -83,47 +76,53 @@ class SwarmClient:
             if self._load[peer_id] <= 0:
                 del self._load[peer_id]
 
+    def failed(self, peer_id: str) -> float:
+        return self.backoff.failed(peer_id)
+
+    def succeeded(self, peer_id: str) -> None:
+        self.backoff.succeeded(peer_id)
+
+    def replayed(self) -> None:
+        self.replays += 1
+
     # -- inference sessions ----------------------------------------------------------------------
     async def open_session(
         self,
         model: str,
         num_blocks: int,
         *,
-        batch: int = 1,
         max_length: int,
+        batch: int = 1,
         wire_codec: str = "int8",
         checkpoint: str | None = None,
-        adapter: LoraWeights | None = None,  # LoRA on every span; each server gets its span's tensors
+        adapter: LoraWeights | None = None,
     ) -> InferenceSession:
-        async def open_hop(record: ServerRecord) -> Hop:
-            return await self.uploads.run(record, adapter, lambda digest: self._open_hop(
-                record, batch, max_length, wire_codec, checkpoint, digest))
+        """``start`` for a ``SessionRequest`` of these fields."""
+        return await self.start(SessionRequest(model, num_blocks, max_length, batch, wire_codec, checkpoint, adapter))
 
-        session = InferenceSession(self, model, open_hop, batch=batch, max_length=max_length, wire_codec=wire_codec)
-        await session.open(num_blocks)
+    async def start(self, request: SessionRequest) -> InferenceSession:
+        """Open a session over every block of `request.model`."""
+        config = SessionConfig(self.step_timeout, self.max_retries, self.replace_wait)
+        session = InferenceSession(self, request, config)
+        await session.open()
         return session
 
-    async def _open_hop(
-        self, record: ServerRecord, batch: int, max_length: int, wire_codec: str, checkpoint: str | None,
-        adapter: str | None,
-    ) -> Hop:
+    async def open_hop(self, record: ServerRecord, request: SessionRequest) -> Hop:
+        """`request`'s session on `record`'s server, its span's adapter uploaded there first."""
+        return await self.uploads.run(record, request.adapter, lambda digest: self._open_hop(record, request, digest))
+
+    async def _open_hop(self, record: ServerRecord, request: SessionRequest, adapter: str | None) -> Hop:
         session = secrets.token_hex(16)
         stream = await self.node.open_stream(record.peer_id, protocol.INFERENCE, record.addrs)
-        try:
-            request = {"type": "open", "session": session, "batch": batch, "max_length": max_length,
-                       "codec": wire_codec, "blocks": [record.start, record.end]}
-            if checkpoint is not None:
-                request["checkpoint"] = checkpoint
-            if adapter is not None:
-                request["adapter"] = adapter
-            started = time.perf_counter()
-            await protocol.write_frame(stream, request)
-            with trio.fail_after(self.step_timeout):
-                protocol.expect(await protocol.read_frame(stream), "opened")
-            self.node.observe_rtt(record.peer_id, time.perf_counter() - started)  # one round trip, no compute
-        except BaseException:
-            await stream.close()
-            raise
+        message = {"type": "open", "session": session, "batch": request.batch, "max_length": request.max_length,
+                   "codec": request.wire_codec, "blocks": [record.start, record.end]}
+        if request.checkpoint is not None:
+            message["checkpoint"] = request.checkpoint
+        if adapter is not None:
+            message["adapter"] = adapter
+        started = time.perf_counter()
+        await protocol.request(stream, message, "opened", timeout=self.step_timeout, keep_open=True)
+        self.node.observe_rtt(record.peer_id, time.perf_counter() - started)  # one round trip, no compute
         return Hop(record, session, stream)
 
     # -- span by span ----------------------------------------------------------------------------
@@ -157,11 +156,11 @@ class SwarmClient:
                         raise
                     last_error = error
                     failed.add(record.peer_id)
-                    self.backoff.failed(record.peer_id)
+                    self.failed(record.peer_id)
                     if len(failed) > self.max_retries:
                         raise RetriesExhausted(f"gave up after {len(failed)} server failures: {error!r}") from error
                     break
-                self.backoff.succeeded(record.peer_id)
+                self.succeeded(record.peer_id)
                 block = record.end
         return value
 
@@ -172,13 +171,10 @@ class SwarmClient:
 
         async def through(record: ServerRecord, wire: dict) -> dict:
             stream = await self.node.open_stream(record.peer_id, protocol.FORWARD, record.addrs)
-            try:
-                request = {"type": "forward", "codec": wire_codec, "hidden": wire, "blocks": [record.start, record.end]}
-                await protocol.write_frame(stream, request)
-                with trio.fail_after(self.step_timeout):
-                    reply = protocol.expect(await protocol.read_frame(stream, max_bytes=MAX_REPLY_FRAME), "output")
-            finally:
-                await stream.close()
+            message = {"type": "forward", "codec": wire_codec, "hidden": wire, "blocks": [record.start, record.end]}
+            reply = await protocol.request(
+                stream, message, "output", timeout=self.step_timeout, max_bytes=protocol.MAX_REPLY_FRAME
+            )
             return protocol.field(reply, "hidden", dict)
 
         wire = await self.along_chain(model, num_blocks, through, codec.encode(hidden, wire_codec), partial=True)

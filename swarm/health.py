@@ -1,18 +1,12 @@
 """The swarm's health per model: each block's servers, and whether every block is covered.
 
 ``swarm_state(records)`` is a plain, JSON-ready dict: the gateway's ``GET /v1/swarm`` returns it
-as is, and ``swarmgate health`` prints it for an operator (exit status 1 when a model has
-uncovered blocks, so it also serves scripts and probes).
+as is, and ``swarmgate health`` (swarmgate/commands/health.py) prints it for an operator.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any, Iterable
-
-import trio
 
 from swarm.records import ServerRecord
 from swarm.routing import format_blocks
@@ -87,37 +81,3 @@ def describe(state: dict[str, Any]) -> str:
                          f"{server['free_tokens']} free cache tokens  {server['quant']}")
     return "\n".join(lines)
 
-
-# -- `swarmgate health` ------------------------------------------------------------------------------
-
-def add_command(commands: argparse._SubParsersAction) -> None:
-    from swarmgate.cli import add_option, add_swarm_options
-
-    health = commands.add_parser("health", help="print each model's block coverage; exit 1 if blocks are missing")
-    add_swarm_options(health)
-    add_option(health, "--wait", type=float, default=3.0, help="seconds to listen for server records")
-    add_option(health, "--json", action="store_true", help="print the state as JSON (what GET /v1/swarm returns)")
-    health.set_defaults(run=main)
-
-
-async def collect(node_args: dict[str, Any], wait: float) -> dict[str, Any]:
-    from swarm.node import start_node
-
-    async with start_node(**node_args) as node:
-        await trio.sleep(wait)  # joining pulled one peer's records; gossip brings any it lacked
-        return swarm_state(node.records.live())
-
-
-def main(args: argparse.Namespace) -> None:
-    from swarmgate.cli import node_options
-
-    if not args.initial_peers:
-        raise SystemExit("swarmgate health: give --initial-peers of the swarm to look at")
-    try:
-        state = trio.run(collect, node_options(args), args.wait)
-    except (ConnectionError, OSError) as error:
-        print(f"swarmgate health: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(json.dumps(state, indent=2) if args.json else describe(state), flush=True)
-    healthy = bool(state["models"]) and all(info["covered"] for info in state["models"].values())
-    raise SystemExit(0 if healthy else 1)

@@ -81,7 +81,7 @@ class SwarmNode:
 
     async def open_stream(
         self, peer_id: str, proto: TProtocol, addrs: Sequence[str] = (), timeout: float = CONNECT_TIMEOUT
-    ) -> Any:
+    ) -> protocol.Stream:
         peer = ID.from_base58(peer_id)
         if addrs:
             self.host.get_peerstore().add_addrs(peer, [multiaddr.Multiaddr(a) for a in addrs], _ADDR_TTL)
@@ -127,10 +127,6 @@ class SwarmNode:
                 ID.from_base58(record.peer_id), [multiaddr.Multiaddr(a) for a in record.addrs], _ADDR_TTL
             )
 
-    def forget(self, peer_id: str) -> None:
-        self.records.remove(peer_id)
-        self._raw_records.pop(peer_id, None)
-
     async def _receive_records(self, subscription: Any) -> None:
         while True:
             message = await subscription.get()
@@ -139,7 +135,7 @@ class SwarmNode:
             except Exception as error:  # a bad record never stops discovery
                 logger.warning("dropped a bad record: %s", error)
 
-    async def _serve_records(self, stream: Any) -> None:
+    async def _serve_records(self, stream: protocol.Stream) -> None:
         try:
             await protocol.read_frame(stream, max_bytes=1024)
             live = {r.peer_id for r in self.records.live()}
@@ -153,12 +149,9 @@ class SwarmNode:
     async def pull_records(self, peer_id: str) -> int:
         """Ask one peer for all records it knows; returns how many were accepted."""
         stream = await self.open_stream(peer_id, protocol.RECORDS)
-        try:
-            await protocol.write_frame(stream, {"type": "records?"})
-            with trio.fail_after(CONNECT_TIMEOUT):
-                reply = protocol.expect(await protocol.read_frame(stream, max_bytes=MAX_RECORD_FRAME), "records")
-        finally:
-            await stream.close()
+        reply = await protocol.request(
+            stream, {"type": "records?"}, "records", timeout=CONNECT_TIMEOUT, max_bytes=MAX_RECORD_FRAME
+        )
         accepted = 0
         for wire in protocol.field(reply, "records", list):
             try:

@@ -16,13 +16,17 @@ Protocols (one libp2p stream each):
 - ``TRAIN``: LoRA on a span (blocks/training.py): ``upload`` -> ``stored``, ``forward`` ->
   ``output``, ``backward`` -> ``grads``; any number of requests per stream.
 Any request may be answered by ``error`` with a human-readable ``message``.
+
+``Stream`` types what this code uses of a libp2p stream; ``request`` is the one request/reply
+exchange (write a frame, read the reply within a timeout, expect its type, close).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import cbor2
+import trio
 from libp2p.custom_types import TProtocol
 
 PROTOCOL_VERSION = "1.0.0"
@@ -34,7 +38,24 @@ TRAIN = TProtocol(f"/swarmgate/train/{PROTOCOL_VERSION}")
 RECORDS_TOPIC = "swarmgate/records/1"
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_REPLY_FRAME = 1024 * 1024 * 1024  # hidden states and gradients coming back from a server
 _HEADER = 4
+
+
+class Stream(Protocol):
+    """What this code uses of a libp2p stream (``libp2p.abc.INetStream``)."""
+
+    @property
+    def muxed_conn(self) -> Any:  # the connection; its ``peer_id`` names the remote peer
+        ...
+
+    async def read(self, n: int | None = None) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def reset(self) -> None: ...
 
 
 class ProtocolError(Exception):
@@ -49,7 +70,7 @@ class RemoteError(Exception):
         self.code = code
 
 
-async def _read_exactly(stream: Any, size: int) -> bytes:
+async def _read_exactly(stream: Stream, size: int) -> bytes:
     chunks: list[bytes] = []
     remaining = size
     while remaining:
@@ -66,11 +87,11 @@ def pack_frame(message: dict[str, Any]) -> bytes:
     return len(payload).to_bytes(_HEADER, "big") + payload
 
 
-async def write_frame(stream: Any, message: dict[str, Any]) -> None:
+async def write_frame(stream: Stream, message: dict[str, Any]) -> None:
     await stream.write(pack_frame(message))
 
 
-async def read_frame(stream: Any, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> dict[str, Any]:
+async def read_frame(stream: Stream, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> dict[str, Any]:
     """Read one frame; raises EOFError on a cleanly closed stream, ProtocolError on bad input."""
     try:
         header = await stream.read(_HEADER)
@@ -114,6 +135,32 @@ def expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
     if message["type"] != kind:
         raise ProtocolError(f"expected {kind!r}, got {message['type']!r}")
     return message
+
+
+async def request(
+    stream: Stream,
+    message: dict[str, Any],
+    reply_type: str,
+    *,
+    timeout: float,
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    keep_open: bool = False,
+) -> dict[str, Any]:
+    """Send `message` on a freshly opened `stream` and return the reply of type `reply_type`.
+
+    The reply must come within `timeout` seconds. The stream is closed afterwards, or, with
+    `keep_open`, only when the exchange fails (a session's stream lives on).
+    """
+    try:
+        await write_frame(stream, message)
+        with trio.fail_after(timeout):
+            reply = expect(await read_frame(stream, max_bytes=max_bytes), reply_type)
+    except BaseException:
+        await stream.close()
+        raise
+    if not keep_open:
+        await stream.close()
+    return reply
 
 
 def field(message: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:

@@ -88,17 +88,8 @@ class RecordTable:
     def add(self, record: ServerRecord) -> None:
         self._records[record.peer_id] = record
 
-    def remove(self, peer_id: str) -> None:
-        self._records.pop(peer_id, None)
-
     def live(self, model: str | None = None) -> list[ServerRecord]:
         now = self._clock()
         for peer_id in [p for p, r in self._records.items() if r.expired(now)]:
             del self._records[peer_id]
         return [r for r in self._records.values() if model is None or r.model == model]
-
-    def models(self) -> dict[str, list[ServerRecord]]:
-        grouped: dict[str, list[ServerRecord]] = {}
-        for record in self.live():
-            grouped.setdefault(record.model, []).append(record)
-        return grouped

@@ -13,6 +13,9 @@ dead server forwarded the step before dying is unknowable, so the step is simply
 servers drop a step at a position they already hold, and every output names the session it was
 pushed to, so the client sends a step itself to any next hop that did not get it. Each hop
 answers each step exactly once, whatever failed where.
+
+A session sees its client only through ``ChainProvider`` (chains, load, backoff, opening hops)
+and a ``SessionConfig``; a ``SessionRequest`` says what the session asks of every server.
 """
 
 from __future__ import annotations
@@ -20,23 +23,42 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 import trio
 
+from blocks.lora_weights import LoraWeights
 from swarm import codec, protocol
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError
 
-if TYPE_CHECKING:
-    from swarm.client import SwarmClient
-
 logger = logging.getLogger(__name__)
 
-MAX_REPLY_FRAME = 1024 * 1024 * 1024
 CLOSE_TIMEOUT = 2.0
 POLL_INTERVAL = 0.5  # seconds between looks at the records while waiting for a replacement server
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """A session's request: what every hop's ``open`` asks of its server."""
+
+    model: str
+    num_blocks: int
+    max_length: int
+    batch: int = 1
+    wire_codec: str = "int8"
+    checkpoint: str | None = None
+    adapter: LoraWeights | None = None  # LoRA on every span; each server gets its span's tensors
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How long a session waits, and how many server failures it survives."""
+
+    step_timeout: float = 60.0
+    max_retries: int = 8  # server failures one step survives
+    replace_wait: float = 10.0  # seconds to wait for some server to take over a lost span
 
 
 @dataclass(eq=False)
@@ -45,7 +67,7 @@ class Hop:
 
     record: ServerRecord
     session: str
-    stream: Any
+    stream: protocol.Stream
     inputs: list[dict[str, Any]] = field(default_factory=list)  # wire input of each step, as far as known
     done: int = 0  # steps whose output came back
     reader: trio.CancelScope | None = None
@@ -54,7 +76,32 @@ class Hop:
         return {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
 
 
-HopOpener = Callable[[ServerRecord], Awaitable[Hop]]
+class ChainProvider(Protocol):
+    """What a session needs of its client."""
+
+    def choose(self, model: str, start: int, end: int, *, avoid: Iterable[str] = ()) -> list[ServerRecord]:
+        """A chain over blocks [start, end) without the peers in `avoid`; raises NoChainError."""
+        ...
+
+    def reserve(self, chain: Iterable[ServerRecord]) -> None:
+        """Count a session on each server of `chain` (until ``release``)."""
+        ...
+
+    def release(self, *peer_ids: str) -> None: ...
+
+    def failed(self, peer_id: str) -> float:
+        """Back off from a failed server; returns for how many seconds it is avoided."""
+        ...
+
+    def succeeded(self, peer_id: str) -> None: ...
+
+    def replayed(self) -> None:
+        """Count a failed hop replaced and replayed."""
+        ...
+
+    async def open_hop(self, record: ServerRecord, request: SessionRequest) -> Hop:
+        """Open `request`'s session on `record`'s server, for `record`'s blocks."""
+        ...
 
 
 class RetriesExhausted(ConnectionError):
@@ -64,12 +111,10 @@ class RetriesExhausted(ConnectionError):
 class InferenceSession:
     """A stateful generation session: ``step`` hidden states through every block, in order."""
 
-    def __init__(
-        self, client: "SwarmClient", model: str, opener: HopOpener, *, batch: int, max_length: int, wire_codec: str
-    ) -> None:
-        self._client = client
-        self._model = model
-        self._opener = opener
+    def __init__(self, chains: ChainProvider, request: SessionRequest, config: SessionConfig) -> None:
+        self._chains = chains
+        self._config = config
+        self.request = request
         self._hops: list[Hop] = []
         self._offsets: list[int] = []  # position of each step
         self._failed: set[str] = set()  # peers that failed during the current step
@@ -79,21 +124,18 @@ class InferenceSession:
         self._output: dict[str, Any] | None = None
         self._events: trio.MemorySendChannel | None = None
         self._nursery: trio.Nursery | None = None
-        self.batch = batch
-        self.max_length = max_length
-        self.codec = wire_codec
         self.position = 0
 
     @property
     def chain(self) -> list[ServerRecord]:
         return [hop.record for hop in self._hops]
 
-    async def open(self, num_blocks: int) -> None:
+    async def open(self) -> None:
         """Open sessions along a chain over every block; a server that refuses is replaced."""
 
         def find() -> list[ServerRecord] | None:
             try:
-                return self._client.choose(self._model, 0, num_blocks, avoid=self._failed)
+                return self._chains.choose(self.request.model, 0, self.request.num_blocks, avoid=self._failed)
             except NoChainError:
                 if self._failed:
                     return None  # only the servers that just failed could serve: report why they failed
@@ -109,19 +151,20 @@ class InferenceSession:
         """[batch, tokens, hidden] in, same out; prefill first, then one token at a time."""
         if self._error is not None:
             raise RuntimeError(f"the session failed earlier: {self._error!r}")
-        if hidden.dim() != 3 or hidden.shape[0] != self.batch:
-            raise ValueError(f"expected hidden states [{self.batch}, tokens, hidden], got {list(hidden.shape)}")
-        if self.position + hidden.shape[1] > self.max_length:
-            raise ValueError(f"session is limited to {self.max_length} tokens")
+        batch, max_length = self.request.batch, self.request.max_length
+        if hidden.dim() != 3 or hidden.shape[0] != batch:
+            raise ValueError(f"expected hidden states [{batch}, tokens, hidden], got {list(hidden.shape)}")
+        if self.position + hidden.shape[1] > max_length:
+            raise ValueError(f"session is limited to {max_length} tokens")
         self._offsets.append(self.position)
-        self._hops[0].inputs.append(codec.encode(hidden, self.codec))
+        self._hops[0].inputs.append(codec.encode(hidden, self.request.wire_codec))
         try:
             output = await self._run_step()
         except BaseException as error:
             self._error = error  # the chain's state is unknown now: no further steps
             raise
         self.position += hidden.shape[1]
-        result = codec.decode(output, max_elements=self.batch * self.max_length * hidden.shape[2])
+        result = codec.decode(output, max_elements=batch * max_length * hidden.shape[2])
         if list(result.shape) != list(hidden.shape):
             raise protocol.ProtocolError(f"chain returned shape {list(result.shape)}, sent {list(hidden.shape)}")
         return result.to(hidden.dtype)
@@ -145,7 +188,7 @@ class InferenceSession:
             raise failure
         assert self._output is not None
         for hop in self._hops:
-            self._client.backoff.succeeded(hop.record.peer_id)
+            self._chains.succeeded(hop.record.peer_id)
         return self._output
 
     async def _drive(self, events: trio.MemoryReceiveChannel) -> None:
@@ -154,10 +197,10 @@ class InferenceSession:
             self._start_reader(hop)
         await self._send(self._hops[0], steps - 1, route=self._hops[1:])
         while (behind := next((h for h in self._hops if h.done < steps), None)) is not None:
-            with trio.move_on_after(self._client.step_timeout) as idle:
+            with trio.move_on_after(self._config.step_timeout) as idle:
                 batch = [await events.receive()]
             if idle.cancelled_caught:
-                batch = [(behind, TimeoutError(f"no answer for {self._client.step_timeout:.0f} s"))]
+                batch = [(behind, TimeoutError(f"no answer for {self._config.step_timeout:.0f} s"))]
             while True:  # all that is known already, so every failure counts before any replacement
                 try:
                     batch.append(events.receive_nowait())
@@ -189,7 +232,8 @@ class InferenceSession:
         with scope:
             try:
                 for _ in range(count):
-                    self._events.send_nowait((hop, await protocol.read_frame(hop.stream, max_bytes=MAX_REPLY_FRAME)))
+                    frame = await protocol.read_frame(hop.stream, max_bytes=protocol.MAX_REPLY_FRAME)
+                    self._events.send_nowait((hop, frame))
             except Exception as error:  # EOF, stream reset, bad frame: the hop failed
                 self._events.send_nowait((hop, error))
 
@@ -220,7 +264,7 @@ class InferenceSession:
         frame = {"type": "step", "position": self._offsets[step], "hidden": hop.inputs[step],
                  "route": [after.route_entry() for after in route]}
         try:
-            with trio.fail_after(self._client.step_timeout):
+            with trio.fail_after(self._config.step_timeout):
                 await protocol.write_frame(hop.stream, frame)
         except Exception as error:
             assert self._events is not None
@@ -231,9 +275,9 @@ class InferenceSession:
         self._failures += 1
         self._last_error = error
         self._failed.add(peer_id)
-        avoided_for = self._client.backoff.failed(peer_id)
+        avoided_for = self._chains.failed(peer_id)
         logger.warning("server %s failed (%r); avoiding it for %.0f s", peer_id, error, avoided_for)
-        if self._failures > self._client.max_retries:
+        if self._failures > self._config.max_retries:
             raise RetriesExhausted(f"gave up after {self._failures} server failures; the last: {error!r}") from error
 
     async def _replace(self, hop: Hop, error: BaseException) -> None:
@@ -242,18 +286,18 @@ class InferenceSession:
 
         def find() -> list[ServerRecord] | None:
             try:
-                return self._client.choose(self._model, start, end, avoid=self._failed)
+                return self._chains.choose(self.request.model, start, end, avoid=self._failed)
             except NoChainError:
                 return None  # maybe a server is (re)joining: look again until replace_wait is over
 
-        new = await self._open_hops(find, wait=self._client.replace_wait)
+        new = await self._open_hops(find, wait=self._config.replace_wait)
         if new is None:
-            raise NoChainError(self._model, list(range(start, end))) from error
+            raise NoChainError(self.request.model, list(range(start, end))) from error
         new[0].inputs = list(hop.inputs)
         await self._drop(hop)
         index = self._hops.index(hop)
         self._hops[index:index + 1] = new
-        self._client.replays += 1
+        self._chains.replayed()
         logger.info("replaying %d steps into blocks [%d, %d) on %s", len(new[0].inputs), new[0].record.start,
                     new[-1].record.end, ", ".join(h.record.peer_id for h in new))
         for hop in new:
@@ -274,14 +318,14 @@ class InferenceSession:
                     return None
                 await trio.sleep(POLL_INTERVAL)
                 continue
-            self._client.reserve(chain)  # before any await, so concurrent sessions see this one's choice
+            self._chains.reserve(chain)  # before any await, so concurrent sessions see this one's choice
             hops: list[Hop] = []
             try:
                 for record in chain:
-                    hops.append(await self._opener(record))
+                    hops.append(await self._chains.open_hop(record, self.request))
                 return hops
             except BaseException as error:
-                self._client.release(*(r.peer_id for r in chain[len(hops):]))
+                self._chains.release(*(r.peer_id for r in chain[len(hops):]))
                 for hop in hops:
                     await self._drop(hop)
                 if not isinstance(error, Exception):
@@ -293,7 +337,7 @@ class InferenceSession:
         background during a step: a dead server must not hold up the recovery)."""
         if hop.reader is not None:
             hop.reader.cancel()
-        self._client.release(hop.record.peer_id)
+        self._chains.release(hop.record.peer_id)
         if background and self._nursery is not None:
             self._nursery.start_soon(_close, hop.stream)
         else:
@@ -316,7 +360,7 @@ class InferenceSession:
         await self.close()
 
 
-async def _close(stream: Any) -> None:
+async def _close(stream: protocol.Stream) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):  # cleanup outlives a cancelled step
         try:
             await stream.close()

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import trio
 
 from swarm import codec, protocol
-from swarm.client import MAX_REPLY_FRAME, SwarmClient
+from swarm.client import SwarmClient
 from blocks.lora_weights import LoraWeights
 from swarm.records import ServerRecord
 
@@ -151,12 +150,10 @@ async def _call(
 
     async def attempt(digest: str | None) -> dict[str, Any]:
         stream = await client.node.open_stream(record.peer_id, protocol.TRAIN, record.addrs)
-        try:
-            await protocol.write_frame(stream, {**request, "adapter": digest, "blocks": [record.start, record.end]})
-            with trio.fail_after(client.step_timeout):
-                return protocol.expect(await protocol.read_frame(stream, max_bytes=MAX_REPLY_FRAME), reply_type)
-        finally:
-            await stream.close()
+        message = {**request, "adapter": digest, "blocks": [record.start, record.end]}
+        return await protocol.request(
+            stream, message, reply_type, timeout=client.step_timeout, max_bytes=protocol.MAX_REPLY_FRAME
+        )
 
     return await client.uploads.run(record, adapter, attempt)
 

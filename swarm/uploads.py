@@ -11,8 +11,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import trio
-
 from swarm import codec, protocol
 from blocks.lora_weights import LoraWeights
 from swarm.node import SwarmNode
@@ -60,12 +58,7 @@ class AdapterUploads:
             "tensors": {name: codec.encode(t, "none") for name, t in span.tensors.items()},
         }
         stream = await self.node.open_stream(record.peer_id, protocol.TRAIN, record.addrs)
-        try:
-            await protocol.write_frame(stream, request)
-            with trio.fail_after(self.timeout):
-                protocol.expect(await protocol.read_frame(stream), "stored")
-        finally:
-            await stream.close()
+        await protocol.request(stream, request, "stored", timeout=self.timeout)
         self._held[(record.peer_id, span.digest)] = None
         while len(self._held) > REMEMBERED:
             self._held.popitem(last=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import time
 from pathlib import Path
 
 import torch
@@ -94,12 +93,3 @@ def untar(data: bytes, into: Path) -> Path:
         archive.extractall(into, filter="data")
         (top,) = {Path(name).parts[0] for name in archive.getnames()}
     return into / top
-
-
-def wait_until(condition, timeout: float = 120.0, interval: float = 0.2):
-    """Poll `condition()` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(interval)
-    return value

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import httpx
 import torch
 from transformers import AutoModelForCausalLM
 
 from blocks.head import ModelHead
 from swarm.bridge import SwarmBridge
 from swarmgate.launcher import ServerProcess, start_swarm, stop_all
+from tests.support import free_port, wait_until
 
 FAST_ANNOUNCE = ["--announce-interval", "1"]
 
@@ -33,13 +38,42 @@ def running_swarm(
 
 
 def wait_for_servers(bridge: SwarmBridge, model: str, count: int, timeout: float = 30.0) -> None:
-    import time
+    wait_until(lambda: len(bridge.servers(model)) >= count, timeout, interval=0.1,
+               message=lambda: f"saw {len(bridge.servers(model))} of {count} servers of {model}")
 
+
+def start_gateway(model: Path, peers: list[str], data_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A ``swarmgate gateway`` process (log in ``data_dir``); returns it and its base URL once it answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "swarmgate.cli", "gateway", "--model", str(model), "--initial-peers", *peers,
+         "--port", str(port), "--data-dir", str(data_dir), *extra],
+        stdout=subprocess.DEVNULL, stderr=open(data_dir / "gateway.log", "ab"),
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, (data_dir / "gateway.log").read_text()[-3000:]
+        try:
+            return httpx.get(f"{base}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, 120, message="gateway did not start")
+    return process, base
+
+
+def wait_covered(base: str, key: str, timeout: float = 60) -> dict:
+    """The gateway's ``/v1/swarm`` view once every model is complete, or the last one after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while len(bridge.servers(model)) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"saw {len(bridge.servers(model))} of {count} servers of {model}")
-        time.sleep(0.1)
+    views = []
+
+    def covered() -> bool:
+        views.append(httpx.get(f"{base}/v1/swarm", headers={"Authorization": f"Bearer {key}"}).json())
+        return all(model["complete"] for model in views[-1]["models"]) or time.monotonic() > deadline
+
+    wait_until(covered, timeout + 60)
+    return views[-1]
 
 
 def reference_model(path: Path) -> torch.nn.Module:

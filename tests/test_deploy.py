@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -29,8 +28,9 @@ from swarm.bridge import SwarmBridge
 from swarm.identity import load_identity, load_or_create_identity, peer_id_of
 from swarm.pnet import HEADER, format_swarm_key, parse_swarm_key, read_swarm_key, write_swarm_key
 from swarm.records import ServerRecord
-from swarmgate import cli, launcher
+from swarmgate import cli, launcher, options
 from swarmgate.launcher import start_process, start_server, stop_all
+from tests.support import free_port, wait_until
 from tests.swarm_harness import FAST_ANNOUNCE, reference_model, swarm_greedy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,13 +108,13 @@ def test_empty_environment_variable_counts_as_unset(monkeypatch):
     monkeypatch.setenv("SWARMGATE_MAX_SESSIONS", "")
     monkeypatch.setenv("SWARMGATE_INITIAL_PEERS", "/ip4/1.2.3.4/tcp/1/p2p/x /ip4/1.2.3.4/tcp/2/p2p/y")
     parser = argparse.ArgumentParser()
-    cli.add_option(parser, "--max-sessions", type=int, default=64)
-    cli.add_swarm_options(parser)
+    options.add_option(parser, "--max-sessions", type=int, default=64)
+    options.add_swarm_options(parser)
     args = parser.parse_args([])
     assert args.max_sessions == 64 and len(args.initial_peers) == 2
     monkeypatch.setenv("SWARMGATE_MAX_SESSIONS", "many")
     with pytest.raises(SystemExit, match="SWARMGATE_MAX_SESSIONS"):
-        cli.add_option(argparse.ArgumentParser(), "--max-sessions", type=int, default=64)
+        options.add_option(argparse.ArgumentParser(), "--max-sessions", type=int, default=64)
 
 
 def test_server_limits_all_have_flags():
@@ -245,14 +245,8 @@ def test_compose_variables_are_flags_of_the_command(service):
     flags.add("--log-level")
     image_env, _, _ = image_spec()
     names = set(compose_service(service, {})["environment"]) | set(image_env)
-    for name in sorted(n for n in names if n.startswith(cli.ENV_PREFIX) and n != "SWARMGATE_CACHE"):
-        assert "--" + name[len(cli.ENV_PREFIX):].lower().replace("_", "-") in flags, name
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for name in sorted(n for n in names if n.startswith(options.ENV_PREFIX) and n != "SWARMGATE_CACHE"):
+        assert "--" + name[len(options.ENV_PREFIX):].lower().replace("_", "-") in flags, name
 
 
 def _container_command(service: str, variables: dict[str, str], root: Path) -> tuple[list[str], dict[str, str]]:
@@ -283,10 +277,8 @@ def bootstrap(llama_path, tmp_path_factory):
 
 def _wait_for_peers(bridge: SwarmBridge, peers: set[str], timeout: float = 60.0) -> None:
     """Until the live servers are exactly ``peers`` (records of stopped servers take a TTL to expire)."""
-    deadline = time.monotonic() + timeout
-    while {r.peer_id for r in bridge.servers()} != peers:
-        assert time.monotonic() < deadline, ({r.peer_id for r in bridge.servers()}, peers)
-        time.sleep(0.2)
+    wait_until(lambda: {r.peer_id for r in bridge.servers()} == peers, timeout,
+               message=lambda: ({r.peer_id for r in bridge.servers()}, peers))
 
 
 def _generates(bridge: SwarmBridge, path: Path, peers: set[str]) -> None:
@@ -304,8 +296,9 @@ async def _chain(bridge: SwarmBridge, model: str) -> list[ServerRecord]:
     return bridge.client.chain(model, 4)
 
 
+@pytest.mark.e2e
 def test_container_command_joins_a_swarm(llama_path, bootstrap, tmp_path):
-    port = _free_port()
+    port = free_port()
     variables = {"MODEL": str(llama_path), "BLOCKS": "2:4", "INITIAL_PEERS": " ".join(bootstrap.addrs),
                  "PORT": str(port), "ANNOUNCE_ADDRS": f"/ip4/127.0.0.1/tcp/{port}"}  # listens on 0.0.0.0
     command, env = _container_command("server", variables, tmp_path)
@@ -332,8 +325,9 @@ def test_container_command_joins_a_swarm(llama_path, bootstrap, tmp_path):
     assert health.returncode == 1 and "unhealthy" in health.stderr
 
 
+@pytest.mark.e2e
 def test_restart_with_the_same_identity_keeps_peer_id_and_is_routed_to(llama_path, bootstrap, tmp_path):
-    identity, port = tmp_path / "identity.key", _free_port()
+    identity, port = tmp_path / "identity.key", free_port()
     args = [*FAST_ANNOUNCE, "--identity", str(identity), "--listen", f"/ip4/127.0.0.1/tcp/{port}"]
 
     def start():
@@ -358,6 +352,7 @@ def test_restart_with_the_same_identity_keeps_peer_id_and_is_routed_to(llama_pat
         node.stop()
 
 
+@pytest.mark.e2e
 def test_private_swarm_keeps_out_nodes_without_the_key(llama_path, tmp_path):
     key, other_key = tmp_path / "swarm.key", tmp_path / "other.key"
     write_swarm_key(key)

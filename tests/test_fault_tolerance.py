@@ -99,6 +99,7 @@ def undisturbed(llama_path) -> dict[str, list[int]]:
     return {"hf": _hf_tokens(llama_path, _prompt(ModelHead(llama_path).vocab_size))}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("wire_codec", ["none", "int8"])
 def test_server_killed_mid_generation(redundant_swarm, undisturbed, wire_codec):
     path, servers, bridge = redundant_swarm
@@ -114,6 +115,7 @@ def test_server_killed_mid_generation(redundant_swarm, undisturbed, wire_codec):
           f"(normal step {statistics.median(durations[1:]) * 1e3:.1f} ms)")
 
 
+@pytest.mark.e2e
 def test_server_killed_during_prefill(redundant_swarm, undisturbed):
     path, servers, bridge = redundant_swarm
     head = ModelHead(path)
@@ -128,6 +130,7 @@ def test_server_killed_during_prefill(redundant_swarm, undisturbed):
     print(f"\nprefill with a SIGKILL: {durations[0] * 1e3:.0f} ms (normal step {normal * 1e3:.1f} ms)")
 
 
+@pytest.mark.e2e
 def test_two_servers_killed_in_one_step(redundant_swarm, undisturbed):
     path, servers, bridge = redundant_swarm
     head = ModelHead(path)
@@ -139,6 +142,7 @@ def test_two_servers_killed_in_one_step(redundant_swarm, undisturbed):
     print(f"\nrecovery from two SIGKILLs in one step: {_recovery(durations, 5) * 1e3:.0f} ms")
 
 
+@pytest.mark.e2e
 def test_two_failures_at_different_steps(redundant_swarm, undisturbed):
     path, servers, bridge = redundant_swarm
     head = ModelHead(path)
@@ -149,6 +153,7 @@ def test_two_failures_at_different_steps(redundant_swarm, undisturbed):
     print(f"\nrecoveries: {_recovery(durations, 4) * 1e3:.0f} ms and {_recovery(durations, 10) * 1e3:.0f} ms")
 
 
+@pytest.mark.e2e
 def test_a_larger_span_takes_over_part_of_itself(llama_path, tmp_path, undisturbed):
     """No other server holds [2, 4): the whole-model server computes just those blocks of its span."""
     with running_swarm(llama_path, ["0:2", "2:4", "0:4"], log_dir=tmp_path) as (servers, bridge):
@@ -166,6 +171,7 @@ def test_a_larger_span_takes_over_part_of_itself(llama_path, tmp_path, undisturb
         assert chains[7][1][0] != whole.peer_id and chains[8][1] == (whole.peer_id, 2, 4), chains
 
 
+@pytest.mark.e2e
 def test_no_replacement_gives_a_clear_error(llama_path, tmp_path):
     with running_swarm(llama_path, ["0:2", "2:4"], log_dir=tmp_path) as (servers, bridge):
         bridge.snapshot(lambda: setattr(bridge.client, "replace_wait", 1.0))
@@ -175,6 +181,7 @@ def test_no_replacement_gives_a_clear_error(llama_path, tmp_path):
                       before_step=_killer(servers, 3, hops=[1]))
 
 
+@pytest.mark.e2e
 def test_forward_retries_on_another_server(redundant_swarm):
     path, servers, bridge = redundant_swarm
     head = ModelHead(path)
@@ -189,6 +196,7 @@ def test_forward_retries_on_another_server(redundant_swarm):
     assert dead.peer_id in bridge.snapshot(bridge.client.backoff.avoided)
 
 
+@pytest.mark.e2e
 def test_concurrent_sessions_spread_over_redundant_servers(redundant_swarm):
     path, servers, bridge = redundant_swarm
     chains: list[list[ServerRecord]] = []

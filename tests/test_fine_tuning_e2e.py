@@ -28,10 +28,11 @@ from tests.fine_tuning_support import (
     peft_archive,
     sharp_checkpoint,
     untar,
-    wait_until,
 )
-from tests.swarm_harness import FAST_ANNOUNCE
-from tests.test_gateway_e2e import _start_gateway, _wait_covered
+from tests.support import wait_until
+from tests.swarm_harness import FAST_ANNOUNCE, start_gateway, wait_covered
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ANSWER_TOKENS = 24
 OTHER_PROMPT = "Tell me about the sea."  # not trained: the adapter still changes what the model says
@@ -46,9 +47,9 @@ def stack(tmp_path_factory):
     servers = start_swarm(path, ["0:2", "2:4"], extra_args=FAST_ANNOUNCE, log_dir=data_dir)
     state = {"path": path, "model": path.name, "keys": tenant_keys, "data_dir": data_dir, "servers": servers}
     try:
-        state["start"] = lambda: _start_gateway(path, servers[0].addrs, data_dir, "--wire-codec", "none")
+        state["start"] = lambda: start_gateway(path, servers[0].addrs, data_dir, "--wire-codec", "none")
         state["gateway"], state["base"] = state["start"]()
-        assert all(m["complete"] for m in _wait_covered(state["base"], tenant_keys["acme"])["models"])
+        assert all(m["complete"] for m in wait_covered(state["base"], tenant_keys["acme"])["models"])
         yield state
     finally:
         if state.get("gateway") is not None:

@@ -22,15 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters import create_adapter
 from blocks.head import ModelHead
-from blocks.lora import SpanLora
-from blocks.span import BlockSpan
 from gateway.app import create_app
-from gateway.backend import Coverage
 from gateway.settings import Settings
 from gateway.fine_tuning.sft import IGNORE, LoraOptimizer, micro_batches, tokenize
 from gateway.storage.tenants import KeyStore
 from gateway.fine_tuning.training_data import ChatExample
-from blocks.lora_weights import LoraWeights
 from tests.fine_tuning_support import (
     EXAMPLES,
     HYPERPARAMETERS,
@@ -41,83 +37,13 @@ from tests.fine_tuning_support import (
     peft_archive,
     sharp_checkpoint,
     untar,
-    wait_until,
 )
-from tests.http_harness import serve
+from tests.support import LocalBackend, serve, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # real jobs through a real uvicorn
 
 MODEL = "tiny-llama"
 ANSWER_TOKENS = 24
-
-
-# --- in-process backend ---------------------------------------------------------------------------
-
-
-class _SpanBlocks(torch.autograd.Function):
-    """The span as servers run it: forward, then backward recomputing it with the same LoRA."""
-
-    @staticmethod
-    def forward(ctx: Any, span: BlockSpan, names: tuple[str, ...], scaling: float, hidden: torch.Tensor,
-                *tensors: torch.Tensor) -> torch.Tensor:
-        weights = LoraWeights(dict(zip(names, (t.detach() for t in tensors))), scaling)
-        ctx.span, ctx.names, ctx.hidden = span, names, hidden.detach().clone()
-        ctx.lora = SpanLora.build(span.lora_targets, weights, span.device)
-        return span.forward(ctx.hidden, adapter=ctx.lora).clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_input, grads = ctx.span.backward(ctx.hidden, grad, ctx.lora)
-        return (None, None, None, grad_input, *(grads[name] for name in ctx.names))
-
-
-class SpanSession:
-    def __init__(self, span: BlockSpan, lora: SpanLora | None):
-        self.span, self.lora = span, lora
-        self.cache = span.new_cache()
-        self.position = 0
-
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        await asyncio.sleep(0)  # let concurrent requests interleave step by step
-        output = self.span.forward(hidden, cache=self.cache, position=self.position, adapter=self.lora)
-        self.position += hidden.shape[1]
-        return output
-
-    async def close(self) -> None:
-        pass
-
-
-class SpanBackend:
-    """Every block in one local span; adapters applied per session and per training call."""
-
-    def __init__(self, path: Path):
-        self.span = BlockSpan(path, 0, ModelHead(path).num_layers)
-        self.reset()
-
-    def reset(self) -> None:
-        self.train_delay = 0.0
-        self.train_failures = 0  # the next this many training calls fail
-        self.adapters: list[LoraWeights | None] = []
-
-    async def open_session(self, model: str, *, batch: int, max_length: int,
-                           adapter: LoraWeights | None = None) -> SpanSession:
-        assert model == MODEL
-        self.adapters.append(adapter)
-        lora = SpanLora.build(self.span.lora_targets, adapter, self.span.device) if adapter is not None else None
-        return SpanSession(self.span, lora)
-
-    def differentiable_blocks(self, model: str, hidden: torch.Tensor, adapter: LoraWeights) -> torch.Tensor:
-        assert model == MODEL
-        time.sleep(self.train_delay)
-        if self.train_failures:
-            self.train_failures -= 1
-            raise ConnectionError("a server went away")
-        names = tuple(adapter.tensors)
-        return _SpanBlocks.apply(self.span, names, adapter.scaling, hidden, *(adapter.tensors[n] for n in names))
-
-    def coverage(self, model: str) -> Coverage:
-        return Coverage(self.span.num_layers)
-
-    def swarm_state(self) -> dict[str, Any]:
-        return {"servers": []}
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -129,12 +55,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def backend(checkpoint: Path) -> SpanBackend:
-    return SpanBackend(checkpoint)
+def backend(checkpoint: Path) -> LocalBackend:
+    return LocalBackend(checkpoint, MODEL)
 
 
 @pytest.fixture(autouse=True)
-def _reset_backend(backend: SpanBackend) -> Iterator[None]:
+def _reset_backend(backend: LocalBackend) -> Iterator[None]:
     yield
     backend.reset()
 
@@ -145,7 +71,7 @@ def head_loader(checkpoint: Path):
     return lambda path: head
 
 
-def make_app(checkpoint: Path, backend: SpanBackend, head_loader, data_dir: Path):
+def make_app(checkpoint: Path, backend: LocalBackend, head_loader, data_dir: Path):
     settings = Settings(models={MODEL: checkpoint}, data_dir=data_dir, max_upload_bytes=100_000)
     return create_app(settings, backend, head_loader=head_loader)
 

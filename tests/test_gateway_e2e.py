@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,39 +14,12 @@ from transformers import AutoTokenizer
 
 from gateway.storage.tenants import KeyStore
 from swarmgate.launcher import start_swarm, stop_all
-from tests.http_harness import free_port
-from tests.swarm_harness import FAST_ANNOUNCE, reference_model
+from tests.support import wait_until
+from tests.swarm_harness import FAST_ANNOUNCE, reference_model, start_gateway, wait_covered
+
+pytestmark = pytest.mark.e2e
 
 MAX_CONCURRENT = 2
-
-
-def _start_gateway(model: Path, peers: list[str], data_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "swarmgate.cli", "gateway", "--model", str(model), "--initial-peers", *peers,
-         "--port", str(port), "--data-dir", str(data_dir), *extra],
-        stdout=subprocess.DEVNULL, stderr=open(data_dir / "gateway.log", "ab"),
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, (data_dir / "gateway.log").read_text()[-3000:]
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.2)
-
-
-def _wait_covered(base: str, key: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        view = httpx.get(f"{base}/v1/swarm", headers={"Authorization": f"Bearer {key}"}).json()
-        if all(model["complete"] for model in view["models"]) or time.monotonic() > deadline:
-            return view
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +31,9 @@ def stack(tiny_models, tmp_path_factory):
     servers = start_swarm(path, ["0:2", "2:4"], extra_args=FAST_ANNOUNCE, log_dir=data_dir)
     gateway = None
     try:
-        gateway, base = _start_gateway(path, servers[0].addrs, data_dir,
+        gateway, base = start_gateway(path, servers[0].addrs, data_dir,
                                        "--max-concurrent-requests", str(MAX_CONCURRENT), "--wire-codec", "none")
-        assert all(m["complete"] for m in _wait_covered(base, tenant_keys["acme"])["models"])
+        assert all(m["complete"] for m in wait_covered(base, tenant_keys["acme"])["models"])
         yield {"path": path, "base": base, "keys": tenant_keys, "model": path.name, "servers": servers,
                "data_dir": data_dir}
     finally:
@@ -216,10 +187,7 @@ def _server_sessions(stack) -> list[int]:
 
 
 def _wait_sessions(stack, condition, message: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition(_server_sessions(stack)):
-        assert time.monotonic() < deadline, message
-        time.sleep(0.2)
+    wait_until(lambda: condition(_server_sessions(stack)), timeout, message=message)
 
 
 def test_disconnect_mid_stream_frees_the_session(stack):
@@ -240,8 +208,8 @@ def test_uncovered_model_is_503_naming_blocks(tiny_models, tmp_path):
     servers = start_swarm(path, ["0:2"], extra_args=FAST_ANNOUNCE, log_dir=tmp_path)
     gateway = None
     try:
-        gateway, base = _start_gateway(path, servers[0].addrs, tmp_path, "--api-key", "sk-static")
-        _wait_covered(base, "sk-static", timeout=3)
+        gateway, base = start_gateway(path, servers[0].addrs, tmp_path, "--api-key", "sk-static")
+        wait_covered(base, "sk-static", timeout=3)
         client = openai.OpenAI(base_url=base + "/v1", api_key="sk-static", max_retries=0)
         with pytest.raises(openai.APIStatusError) as unavailable:
             client.chat.completions.create(model=path.name, messages=MESSAGES, max_tokens=2)

@@ -12,12 +12,7 @@ from blocks.tiny_checkpoints import build_checkpoint
 from gateway.inference.sampling import Sampler, SamplingParams
 from gateway.inference.stops import TextStream
 from gateway.inference.tokens import TokenPieces
-
-
-def small_id(tokenizer) -> int:
-    """A token that is a whole word, to force with logit_bias."""
-    (token_id,) = tokenizer.encode(" small")
-    return token_id
+from tests.support import small_id
 
 
 @pytest.fixture(scope="module")

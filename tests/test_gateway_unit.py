@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,85 +19,19 @@ import openai
 import pytest
 import torch
 from fastapi import FastAPI
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blocks.head import ModelHead
 from blocks.tiny_checkpoints import build_checkpoint
-from tests.http_harness import serve
-from tests.test_gateway_text import small_id
 from gateway.app import create_app
-from gateway.backend import Coverage, SwarmBusy
 from gateway.settings import Settings
 from gateway.storage.tenants import KeyStore
+from tests.support import LocalBackend, serve, small_id, wait_until
+
+pytestmark = pytest.mark.e2e  # the API through a real uvicorn
 
 MODEL = "tiny-llama"
 CONTEXT = 256
-
-
-# --- in-process backend ---------------------------------------------------------------------------
-
-
-class LocalSession:
-    def __init__(self, backend: LocalBackend, batch: int, max_length: int):
-        self.backend = backend
-        self.batch = batch
-        self.max_length = max_length
-        self.length = 0
-        self.steps = 0
-        self.closed = False
-        self.cache = DynamicCache()
-
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert not self.closed and hidden.shape[0] == self.batch
-        self.length += hidden.shape[1]
-        assert self.length <= self.max_length, "gateway fed more tokens than it reserved"
-        self.steps += 1
-        if self.backend.step_delay:
-            await asyncio.sleep(self.backend.step_delay)
-        if self.backend.fail_at_step == self.steps:
-            raise RuntimeError("secret internal detail")
-        with torch.inference_mode():
-            out = self.backend.model.model(inputs_embeds=hidden, past_key_values=self.cache, use_cache=True)
-        return out.last_hidden_state
-
-    async def close(self) -> None:
-        assert not self.closed, "session closed twice"
-        self.closed = True
-
-
-class LocalBackend:
-    """All decoder layers of the checkpoint, in this process.
-
-    The model's final norm is replaced by identity: a backend returns the last block's output and
-    the gateway's head applies the norm.
-    """
-
-    def __init__(self, path: Path):
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        self.model.model.norm = torch.nn.Identity()
-        self.num_blocks = self.model.config.num_hidden_layers
-        self.sessions: list[LocalSession] = []
-        self.reset()
-
-    def reset(self) -> None:
-        self.missing: tuple[int, ...] = ()
-        self.busy = False
-        self.step_delay = 0.0
-        self.fail_at_step: int | None = None
-
-    async def open_session(self, model: str, *, batch: int, max_length: int, adapter=None) -> LocalSession:
-        assert model == MODEL and adapter is None
-        if self.busy:
-            raise SwarmBusy("All chains for this model are at capacity.")
-        session = LocalSession(self, batch, max_length)
-        self.sessions.append(session)
-        return session
-
-    def coverage(self, model: str) -> Coverage:
-        return Coverage(self.num_blocks, self.missing)
-
-    def swarm_state(self) -> dict[str, Any]:
-        return {"servers": [{"peer": "local", "blocks": [0, self.num_blocks]}]}
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -122,7 +55,7 @@ def reference(checkpoint: Path):
 
 @pytest.fixture(scope="module")
 def backend(checkpoint: Path) -> LocalBackend:
-    return LocalBackend(checkpoint)
+    return LocalBackend(checkpoint, MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -182,13 +115,6 @@ def hf_greedy(reference, tokenizer, prompt_ids: list[int], max_new_tokens: int) 
     new = out[0, len(prompt_ids) :].tolist()
     ended = new[-1] in set(reference.generation_config.eos_token_id)
     return tokenizer.decode(new, skip_special_tokens=True), len(new), "stop" if ended else "length"
-
-
-def wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 # --- chat and completions -------------------------------------------------------------------------
@@ -505,7 +431,7 @@ def test_tenant_limit_and_swarm_capacity_are_429(client, base_url, http, backend
         other = KeyStore(app.state.gateway.settings.data_dir).create_key("other-tenant")
         other_client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=other, max_retries=0)
         assert other_client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
-    wait_for(lambda: limiter.active("acme") == 0)
+    wait_until(lambda: limiter.active("acme") == 0)
 
     backend.step_delay = 0.0
     backend.busy = True
@@ -541,9 +467,9 @@ def test_disconnect_mid_stream_closes_the_session(base_url, api_key, backend, ap
                 next(lines)
             session = backend.sessions[-1]
             assert not session.closed
-    wait_for(lambda: session.closed)
+    wait_until(lambda: session.closed)
     assert session.steps < 200
-    wait_for(lambda: app.state.gateway.limiter.active("acme") == 0)
+    wait_until(lambda: app.state.gateway.limiter.active("acme") == 0)
 
 
 def test_disconnect_while_waiting_for_a_non_streamed_answer_closes_the_session(base_url, api_key, backend, app):
@@ -553,9 +479,9 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_closes_the_session(b
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base_url}/v1/completions", json=body, headers=headers, timeout=0.5)
     session = backend.sessions[-1]
-    wait_for(lambda: session.closed)
+    wait_until(lambda: session.closed)
     assert session.steps < 200
-    wait_for(lambda: app.state.gateway.limiter.active("acme") == 0)
+    wait_until(lambda: app.state.gateway.limiter.active("acme") == 0)
 
 
 def test_keep_alive_pings_do_not_disturb_clients(client, http, backend, monkeypatch):

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
+import pytest
 import torch
 
 from blocks.head import ModelHead
 from swarm.health import describe, swarm_state
 from swarm.records import ServerRecord
 from swarmgate.launcher import start_server
+from tests.support import free_port, wait_until
 from tests.swarm_harness import FAST_ANNOUNCE, running_swarm, swarm_greedy, wait_for_servers
 
 
@@ -42,14 +42,9 @@ def _health(addrs: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.e2e
 def test_health_command_and_server_metrics(llama_path, tmp_path):
-    port = _free_port()
+    port = free_port()
     with running_swarm(llama_path, ["0:2"], log_dir=tmp_path) as (servers, bridge):
         second = start_server(llama_path, "2:4", initial_peers=servers[0].addrs, log_file=tmp_path / "second.log",
                               extra_args=[*FAST_ANNOUNCE, "--metrics-port", str(port)])
@@ -71,10 +66,7 @@ def test_health_command_and_server_metrics(llama_path, tmp_path):
             assert "swarmgate_server_sessions" in values
 
             second.stop(signal.SIGKILL)
-            deadline = time.monotonic() + 20
-            while len(bridge.servers(llama_path.name)) > 1:  # its record expires
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            wait_until(lambda: len(bridge.servers(llama_path.name)) <= 1, 20)  # its record expires
             broken = _health(servers[0].addrs)
             assert broken.returncode == 1
             assert "MISSING blocks 2-3" in broken.stdout

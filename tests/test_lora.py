@@ -27,7 +27,7 @@ from blockserver.adapter_cache import AdapterCache, UnknownAdapterError
 from blocks.checkpoint import load_config
 from blocks.head import ModelHead
 from blocks.lora import LoraError, SpanLora
-from blockserver.server import ServerLimits
+from blockserver.limits import ServerLimits
 from blocks.span import BlockSpan
 from blockserver.training import TrainingService
 from swarm import codec, protocol, training
@@ -174,6 +174,7 @@ def tenant_adapters(tiny_models, tmp_path_factory):
     return [(a, _peft_model(path, a, root / f"adapter-{i}")) for i, a in enumerate(adapters)]
 
 
+@pytest.mark.e2e
 def test_lora_gradients_through_swarm_equal_peft(lora_swarm, tmp_path):
     path, _, bridge = lora_swarm
     head = ModelHead(path)
@@ -211,6 +212,7 @@ def _named_lora(model: PeftModel) -> dict[str, torch.Tensor]:
     return {n.replace(".default", ""): p.detach() for n, p in model.named_parameters() if "lora_" in n}
 
 
+@pytest.mark.e2e
 def test_session_with_adapter_gives_peft_output(lora_swarm, tenant_adapters):
     path, _, bridge = lora_swarm
     (adapter, reference), _ = tenant_adapters
@@ -225,6 +227,7 @@ def test_session_with_adapter_gives_peft_output(lora_swarm, tenant_adapters):
     torch.testing.assert_close(first_logits, local_logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_concurrent_sessions_with_different_adapters(lora_swarm, tenant_adapters):
     path, _, bridge = lora_swarm
     head = ModelHead(path)
@@ -262,6 +265,7 @@ def test_concurrent_sessions_with_different_adapters(lora_swarm, tenant_adapters
     assert len({tuple(e) for e in expected}) > 1, "adapters should change the output"
 
 
+@pytest.mark.e2e
 def test_evicted_adapter_is_uploaded_again(lora_swarm, tenant_adapters):
     path, _, bridge = lora_swarm
     weights = _trained(tenant_adapters[0][0], 11).weights()
@@ -274,6 +278,7 @@ def test_evicted_adapter_is_uploaded_again(lora_swarm, tenant_adapters):
     assert grad_input.shape == hidden.shape and set(grads) == set(weights.tensors)
 
 
+@pytest.mark.e2e
 def test_adapter_on_some_layers_only(lora_swarm, tmp_path):
     """PEFT's layers_to_transform: the server of layers 2-3 gets no tensors and runs bare."""
     path, _, bridge = lora_swarm
@@ -305,6 +310,7 @@ def _train_request(bridge, record, request: dict) -> dict:
     return bridge.call(exchange)
 
 
+@pytest.mark.e2e
 def test_bad_training_requests_get_clear_errors(lora_swarm, tenant_adapters):
     path, _, bridge = lora_swarm
     record = min(bridge.servers(path.name), key=lambda r: r.start)

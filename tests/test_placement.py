@@ -26,6 +26,7 @@ from blockserver.throughput import ThroughputCache, span_throughput
 from blocks.tiny_checkpoints import build_checkpoint
 from swarm.records import ServerRecord
 from swarmgate.launcher import ServerProcess, start_server
+from tests.support import wait_until
 from tests.swarm_harness import FAST_ANNOUNCE, reference_model, running_swarm, swarm_greedy, wait_for_servers
 
 COVERAGE_DEADLINE = 30.0  # seconds: record TTL (3 s here) + two agreeing rebalance checks (1-3 s each) + load
@@ -133,6 +134,8 @@ def _covered(bridge, model: str, num_blocks: int) -> bool:
     return not block_throughputs(bridge.servers(model), num_blocks).count(0)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_servers_place_themselves_and_restore_coverage(llama8, tmp_path):
     options = ["--num-blocks", "3", "--rebalance-interval", "2"]
     with running_swarm(llama8, [None] * 4, extra_args=options, log_dir=tmp_path) as (servers, bridge):
@@ -147,9 +150,8 @@ def test_servers_place_themselves_and_restore_coverage(llama8, tmp_path):
                     if any(sum(o.start <= block < o.end for o in records) == 1 for block in range(r.start, r.end)))
         next(s for s in servers if s.peer_id == sole.peer_id).stop(signal.SIGKILL)
         killed_at = time.monotonic()
-        while sole.peer_id in _spans(bridge, model) or not _covered(bridge, model, 8):
-            assert time.monotonic() - killed_at < COVERAGE_DEADLINE, _spans(bridge, model)
-            time.sleep(0.1)
+        wait_until(lambda: sole.peer_id not in _spans(bridge, model) and _covered(bridge, model, 8),
+                   COVERAGE_DEADLINE, interval=0.1, message=lambda: _spans(bridge, model))
         print(f"coverage restored {time.monotonic() - killed_at:.1f} s after the SIGKILL "
               f"(record TTL 3 s included): {sorted(_spans(bridge, model).values())}")
 
@@ -180,6 +182,7 @@ def self_placed(model: Path, peers: list[str], options: list[str], log_dir: Path
         server.stop()
 
 
+@pytest.mark.e2e
 def test_a_session_waits_for_a_server_to_move_into_a_lost_span(llama_path, tmp_path):
     """The only server of [2, 4) dies mid-generation; a self-placed server moves there while it
     still holds the session's [0, 2) hop on its old weights, and generation goes on exactly."""

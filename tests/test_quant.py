@@ -53,6 +53,7 @@ def gpu_model(tmp_path_factory):
                             hidden_size=1024, intermediate_size=2816, num_heads=16, num_kv_heads=4)
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_quantized_span_close_to_bf16_and_smaller(mode, gpu_model):

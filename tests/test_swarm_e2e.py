@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,10 @@ import trio
 from blocks.head import ModelHead
 from swarm import codec, protocol
 from swarm.protocol import RemoteError
+from tests.support import wait_until
 from tests.swarm_harness import reference_model, running_swarm, swarm_greedy
+
+pytestmark = pytest.mark.e2e
 
 MAX_CACHE_TOKENS = 8192
 
@@ -263,7 +265,5 @@ def test_client_that_disappears_frees_its_session(llama_swarm, tmp_path):
 
 
 def _wait_for_free_tokens(bridge, model: str, condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(condition(r.free_tokens) for r in bridge.servers(model)):
-        assert time.monotonic() < deadline, [r.free_tokens for r in bridge.servers(model)]
-        time.sleep(0.2)
+    wait_until(lambda: all(condition(r.free_tokens) for r in bridge.servers(model)), timeout,
+               message=lambda: [r.free_tokens for r in bridge.servers(model)])

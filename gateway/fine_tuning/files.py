@@ -13,6 +13,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from gateway.protocol.errors import InvalidRequest, NotFound
 from gateway.protocol.fine_tuning_schemas import FileDeleted, FileList, FileObject
+from gateway.fine_tuning.service import FineTuningDep
 from gateway.state import GatewayDep, TenantDep
 from gateway.fine_tuning.training_data import TrainingFileError, parse_examples
 from gateway.fine_tuning.uploads import LimitedUploadRoute, read_upload
@@ -32,6 +33,7 @@ async def create_file(
     file: Annotated[UploadFile, File(description="JSONL chat examples: one {\"messages\": [...]} per line.")],
     purpose: Annotated[str, Form(description="Only `fine-tune` for now.")],
     gateway: GatewayDep,
+    fine_tuning: FineTuningDep,
     tenant: TenantDep,
 ) -> FileObject:
     if purpose not in PURPOSES:
@@ -46,19 +48,21 @@ async def create_file(
         await run_sync(parse_examples, content)
     except TrainingFileError as error:
         raise InvalidRequest(str(error), param="file", code="invalid_file_format") from None
-    return await run_sync(gateway.files.create, tenant, filename, purpose, content)
+    return await run_sync(fine_tuning.files.create, tenant, filename, purpose, content)
 
 
 @router.get("/v1/files")
 async def list_files(
-    gateway: GatewayDep,
+    fine_tuning: FineTuningDep,
     tenant: TenantDep,
     purpose: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
 ) -> FileList:
-    files, has_more = gateway.files.list(tenant, purpose=purpose, limit=limit, after=after, descending=order == "desc")
+    files, has_more = fine_tuning.files.list(
+        tenant, purpose=purpose, limit=limit, after=after, descending=order == "desc"
+    )
     return FileList(
         data=files,
         first_id=files[0].id if files else None,
@@ -68,8 +72,8 @@ async def list_files(
 
 
 @router.get("/v1/files/{file_id}")
-async def retrieve_file(file_id: str, gateway: GatewayDep, tenant: TenantDep) -> FileObject:
-    if (file := gateway.files.get(tenant, file_id)) is None:
+async def retrieve_file(file_id: str, fine_tuning: FineTuningDep, tenant: TenantDep) -> FileObject:
+    if (file := fine_tuning.files.get(tenant, file_id)) is None:
         raise file_not_found(file_id)
     return file
 
@@ -79,14 +83,14 @@ async def retrieve_file(file_id: str, gateway: GatewayDep, tenant: TenantDep) ->
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "The file as uploaded."}},
 )
-async def retrieve_file_content(file_id: str, gateway: GatewayDep, tenant: TenantDep) -> Response:
-    if (content := await run_sync(gateway.files.read, tenant, file_id)) is None:
+async def retrieve_file_content(file_id: str, fine_tuning: FineTuningDep, tenant: TenantDep) -> Response:
+    if (content := await run_sync(fine_tuning.files.read, tenant, file_id)) is None:
         raise file_not_found(file_id)
     return Response(content, media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}")
-async def delete_file(file_id: str, gateway: GatewayDep, tenant: TenantDep) -> FileDeleted:
-    if not await run_sync(gateway.files.delete, tenant, file_id):
+async def delete_file(file_id: str, fine_tuning: FineTuningDep, tenant: TenantDep) -> FileDeleted:
+    if not await run_sync(fine_tuning.files.delete, tenant, file_id):
         raise file_not_found(file_id)
     return FileDeleted(id=file_id)

@@ -21,7 +21,7 @@ from adapters import AdapterError, import_adapter
 from blocks.checkpoint import load_config
 from gateway.protocol.errors import InvalidRequest, ModelNotFound, NotFound
 from gateway.fine_tuning.files import file_not_found
-from gateway.storage.fine_tuned import FineTunedModels, model_id
+from gateway.storage.fine_tuned import model_id
 from gateway.protocol.fine_tuning_schemas import (
     MAX_SUFFIX,
     SUFFIX_PATTERN,
@@ -34,7 +34,8 @@ from gateway.protocol.fine_tuning_schemas import (
     FineTuningJobList,
 )
 from gateway.protocol.schemas import Model
-from gateway.state import Gateway, GatewayDep, TenantDep
+from gateway.fine_tuning.service import FineTuning, FineTuningDep
+from gateway.state import GatewayDep, TenantDep
 from gateway.fine_tuning.uploads import LimitedUploadRoute, read_upload
 
 router = APIRouter(route_class=LimitedUploadRoute)
@@ -42,26 +43,23 @@ router = APIRouter(route_class=LimitedUploadRoute)
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
-def _job(gateway: Gateway, tenant: str, job_id: str) -> FineTuningJob:
-    if (job := gateway.jobs.get(tenant, job_id)) is None:
+def _job(fine_tuning: FineTuning, tenant: str, job_id: str) -> FineTuningJob:
+    if (job := fine_tuning.jobs.get(tenant, job_id)) is None:
         raise NotFound(
             f"No fine-tuning job found with id '{job_id}'.", param="fine_tuning_job_id", code="job_not_found"
         )
     return job
 
 
-def _fine_tuned(gateway: Gateway) -> FineTunedModels:
-    assert gateway.models.fine_tuned is not None
-    return gateway.models.fine_tuned
-
-
 @router.post("/v1/fine_tuning/jobs")
-async def create_job(body: CreateFineTuningJob, gateway: GatewayDep, tenant: TenantDep) -> FineTuningJob:
+async def create_job(
+    body: CreateFineTuningJob, gateway: GatewayDep, fine_tuning: FineTuningDep, tenant: TenantDep
+) -> FineTuningJob:
     """Checks what can be checked at once; the files' contents are validated by the trainer."""
     try:
         base = gateway.models.get(body.model)
     except ModelNotFound:
-        if _fine_tuned(gateway).find(body.model, tenant) is not None:
+        if fine_tuning.fine_tuned.find(body.model, tenant) is not None:
             raise InvalidRequest(
                 "Fine-tuning a fine-tuned model is not supported; fine-tune its base model.", param="model"
             ) from None
@@ -71,58 +69,60 @@ async def create_job(body: CreateFineTuningJob, gateway: GatewayDep, tenant: Ten
     for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
         if file_id is None:
             continue
-        if (file := gateway.files.get(tenant, file_id)) is None:
+        if (file := fine_tuning.files.get(tenant, file_id)) is None:
             raise file_not_found(file_id, param)
         if file.purpose != "fine-tune":
             raise InvalidRequest(f"File {file_id} has purpose '{file.purpose}', not 'fine-tune'.", param=param)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    job = gateway.jobs.create(tenant, body, seed)
-    gateway.trainer.submit(job)
+    job = fine_tuning.jobs.create(tenant, body, seed)
+    fine_tuning.trainer.submit(job)
     return job
 
 
 @router.get("/v1/fine_tuning/jobs")
 async def list_jobs(
-    gateway: GatewayDep, tenant: TenantDep, after: str | None = None, limit: Limit = 20
+    fine_tuning: FineTuningDep, tenant: TenantDep, after: str | None = None, limit: Limit = 20
 ) -> FineTuningJobList:
-    jobs, has_more = gateway.jobs.list(tenant, limit=limit, after=after)
+    jobs, has_more = fine_tuning.jobs.list(tenant, limit=limit, after=after)
     return FineTuningJobList(data=jobs, has_more=has_more)
 
 
 @router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}")
-async def retrieve_job(fine_tuning_job_id: str, gateway: GatewayDep, tenant: TenantDep) -> FineTuningJob:
-    return _job(gateway, tenant, fine_tuning_job_id)
+async def retrieve_job(fine_tuning_job_id: str, fine_tuning: FineTuningDep, tenant: TenantDep) -> FineTuningJob:
+    return _job(fine_tuning, tenant, fine_tuning_job_id)
 
 
 @router.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel")
-async def cancel_job(fine_tuning_job_id: str, gateway: GatewayDep, tenant: TenantDep) -> FineTuningJob:
+async def cancel_job(fine_tuning_job_id: str, fine_tuning: FineTuningDep, tenant: TenantDep) -> FineTuningJob:
     """Immediate for the job's status; a running job stops before its next step."""
-    job = _job(gateway, tenant, fine_tuning_job_id)
+    job = _job(fine_tuning, tenant, fine_tuning_job_id)
     if job.status in ("succeeded", "failed"):
         raise InvalidRequest(f"The job has already {job.status}; only active jobs can be cancelled.",
                              param="fine_tuning_job_id", code="job_not_cancellable")
-    if gateway.jobs.finish(job.id, "cancelled"):
-        gateway.jobs.add_event(job.id, "Fine-tuning job cancelled")
-    return _job(gateway, tenant, job.id)
+    if fine_tuning.jobs.finish(job.id, "cancelled"):
+        fine_tuning.jobs.add_event(job.id, "Fine-tuning job cancelled")
+    return _job(fine_tuning, tenant, job.id)
 
 
 @router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events")
 async def list_events(
-    fine_tuning_job_id: str, gateway: GatewayDep, tenant: TenantDep, after: str | None = None, limit: Limit = 20
+    fine_tuning_job_id: str, fine_tuning: FineTuningDep, tenant: TenantDep, after: str | None = None,
+    limit: Limit = 20,
 ) -> FineTuningJobEventList:
     """Newest first: step metrics (`type: metrics`, `data.train_loss`), epoch validation, messages."""
-    job = _job(gateway, tenant, fine_tuning_job_id)
-    events, has_more = gateway.jobs.events(job.id, limit=limit, after=after)
+    job = _job(fine_tuning, tenant, fine_tuning_job_id)
+    events, has_more = fine_tuning.jobs.events(job.id, limit=limit, after=after)
     return FineTuningJobEventList(data=events, has_more=has_more)
 
 
 @router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints")
 async def list_checkpoints(
-    fine_tuning_job_id: str, gateway: GatewayDep, tenant: TenantDep, after: str | None = None, limit: Limit = 10
+    fine_tuning_job_id: str, fine_tuning: FineTuningDep, tenant: TenantDep, after: str | None = None,
+    limit: Limit = 10,
 ) -> FineTuningJobCheckpointList:
     """One per epoch (the last three are kept), newest first; each id works as a model."""
-    job = _job(gateway, tenant, fine_tuning_job_id)
-    models, has_more = _fine_tuned(gateway).checkpoints(job.id, limit=limit, after=after)
+    job = _job(fine_tuning, tenant, fine_tuning_job_id)
+    models, has_more = fine_tuning.fine_tuned.checkpoints(job.id, limit=limit, after=after)
     checkpoints = [
         FineTuningJobCheckpoint(
             id=model.adapter, created_at=model.created_at, fine_tuned_model_checkpoint=model.id,
@@ -144,9 +144,9 @@ async def list_checkpoints(
     response_class=Response,
     responses={200: {"content": {"application/gzip": {}}, "description": "The adapter's PEFT folder as a .tar.gz."}},
 )
-async def export_adapter(model: str, gateway: GatewayDep, tenant: TenantDep) -> Response:
+async def export_adapter(model: str, fine_tuning: FineTuningDep, tenant: TenantDep) -> Response:
     """swarmgate extension: a fine-tuned model's (or checkpoint's) adapter, loadable by `peft`."""
-    fine_tuned = _fine_tuned(gateway)
+    fine_tuned = fine_tuning.fine_tuned
     if (found := fine_tuned.find(model, tenant)) is None:
         raise ModelNotFound(model)
     try:
@@ -163,6 +163,7 @@ async def import_model(
     file: Annotated[UploadFile, File(description="A PEFT LoRA adapter folder as .tar.gz or .zip.")],
     model: Annotated[str, Form(description="The served base model the adapter was trained on.")],
     gateway: GatewayDep,
+    fine_tuning: FineTuningDep,
     tenant: TenantDep,
     suffix: Annotated[str | None, Form(min_length=1, max_length=MAX_SUFFIX, pattern=SUFFIX_PATTERN)] = None,
 ) -> Model:
@@ -176,7 +177,7 @@ async def import_model(
         raise InvalidRequest(f"Not an adapter this swarm can serve: {error}", param="file",
                              code="invalid_adapter") from None
     name = f"ftimport-{secrets.token_hex(12)}"
-    imported = await run_sync(lambda: _fine_tuned(gateway).add(
+    imported = await run_sync(lambda: fine_tuning.fine_tuned.add(
         tenant, model_id(base.id, tenant, suffix, name), base.id, adapter, name=name, kind="import"
     ))
     return Model(id=imported.id, created=imported.created_at, owned_by=tenant, max_model_len=base.context_length)

@@ -2,23 +2,70 @@
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import Sequence
 
+from anyio.to_thread import run_sync
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
-from gateway.inference.disconnect import unless_disconnected
-from gateway.inference.generation import Generation
+from gateway.inference.generation import GenerationJob
 from gateway.inference.logprobs import completion_logprobs
-from gateway.inference.prepare import completion_job
-from gateway.protocol.schemas import Completion, CompletionChoice, CompletionRequest
+from gateway.inference.prepare import generation_job
+from gateway.inference.sampling import SampledToken
+from gateway.inference.serving import Logprobs, OpenAIServing
+from gateway.inference.tokens import TokenPieces
+from gateway.models import ServedModel
+from gateway.protocol.errors import InvalidRequest
+from gateway.protocol.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason
+from gateway.settings import Settings
 from gateway.state import GatewayDep, TenantDep
-from gateway.inference.streaming import sse_response
 
 router = APIRouter()
+
+
+class CompletionServing(OpenAIServing[CompletionRequest, Completion, Completion]):
+    """Choices are text; streamed chunks have the response's own shape."""
+
+    id_prefix = "cmpl"
+    response_type = Completion
+    chunk_type = Completion
+
+    async def prepare(self, body: CompletionRequest, model: ServedModel, settings: Settings) -> GenerationJob:
+        """A text prompt is tokenized (in a worker thread); token ids must be in the vocabulary."""
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompt_ids = await run_sync(lambda: model.tokenizer(prompt)["input_ids"])
+        else:
+            if any(not 0 <= token < model.head.vocab_size for token in prompt):
+                raise InvalidRequest(f"Prompt token ids must be in [0, {model.head.vocab_size}).", param="prompt")
+            prompt_ids = prompt
+        return generation_job(body, model, settings, list(prompt_ids), body.max_tokens, body.logprobs, "prompt")
+
+    def logprobs(self, body: CompletionRequest, pieces: TokenPieces, n: int) -> Logprobs | None:
+        if body.logprobs is None:
+            return None
+        offsets = [0] * n  # characters of each choice's token texts so far, for text_offset
+
+        def logprobs(index: int, tokens: Sequence[SampledToken]) -> CompletionLogprobs:
+            result = completion_logprobs(tokens, pieces, offsets[index])
+            offsets[index] += sum(len(token) for token in result.tokens)
+            return result
+
+        return logprobs
+
+    def choice(
+        self, index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: FinishReason | None
+    ) -> CompletionChoice:
+        return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
+
+    def chunk_choice(self, index: int, text: str, logprobs: CompletionLogprobs | None) -> CompletionChoice:
+        return CompletionChoice(index=index, text=text, logprobs=logprobs)
+
+    def finish_choice(self, index: int, finish_reason: FinishReason) -> CompletionChoice:
+        return CompletionChoice(index=index, text="", finish_reason=finish_reason)
+
+
+serving = CompletionServing()
 
 
 @router.post(
@@ -29,46 +76,4 @@ router = APIRouter()
 async def create_completion(
     body: CompletionRequest, gateway: GatewayDep, tenant: TenantDep, request: Request
 ) -> Completion | EventSourceResponse:
-    model = await gateway.models.resolve(body.model, tenant)
-    job = await completion_job(body, model, gateway.settings)
-    generation = await gateway.start(job, tenant)
-    meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model.id)
-    if body.stream:
-        with_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chunks(generation, meta, logprobs=body.logprobs is not None, with_usage=with_usage)
-        return sse_response(chunks, generation.close, with_usage=with_usage)
-    try:
-        results = await unless_disconnected(request, generation.collect())
-    finally:
-        await generation.close()
-    choices = [
-        CompletionChoice(
-            index=index,
-            text=result.text,
-            logprobs=completion_logprobs(result.tokens, model.pieces, 0) if body.logprobs is not None else None,
-            finish_reason=result.finish_reason,
-        )
-        for index, result in enumerate(results)
-    ]
-    return Completion(**meta, choices=choices, usage=generation.usage())
-
-
-async def _chunks(
-    generation: Generation, meta: dict[str, Any], *, logprobs: bool, with_usage: bool
-) -> AsyncIterator[Completion]:
-    """Per choice: text chunks, then an empty-text chunk with the finish reason."""
-    pieces = generation.job.model.pieces
-    offsets = [0] * generation.job.n  # characters of each choice's token texts so far, for text_offset
-    async for deltas in generation.steps():
-        for delta in deltas:
-            if delta.text or (logprobs and delta.tokens):
-                choice_logprobs = completion_logprobs(delta.tokens, pieces, offsets[delta.index]) if logprobs else None
-                if choice_logprobs is not None:
-                    offsets[delta.index] += sum(len(token) for token in choice_logprobs.tokens)
-                choice = CompletionChoice(index=delta.index, text=delta.text, logprobs=choice_logprobs)
-                yield Completion(**meta, choices=[choice])
-            if delta.finish_reason:
-                choice = CompletionChoice(index=delta.index, text="", finish_reason=delta.finish_reason)
-                yield Completion(**meta, choices=[choice])
-    if with_usage:
-        yield Completion(**meta, choices=[], usage=generation.usage())
+    return await serving.create(body, gateway, tenant, request)

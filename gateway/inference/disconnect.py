@@ -14,12 +14,9 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from gateway.protocol.errors import ClientDisconnected
+
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client left before its answer was ready; nothing is sent (logged as status 499)."""
-
 
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":

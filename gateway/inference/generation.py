@@ -4,14 +4,21 @@ Choices are the rows of one batch in one swarm session, so they share the prompt
 All head compute (embeddings, LM head, sampling, detokenization) runs in a worker thread, one
 hop per step, so the event loop keeps serving other requests and streams. `steps()` yields the
 same per-step deltas to the streaming and the non-streaming path.
+
+Guided rows (a `Guide` on the job) are masked by their grammar in the sampler; each step their
+next masks are filled in a worker thread while the swarm computes the step, off the critical
+path. Text is decoded without special tokens, except the tool-call markers the request's tool
+parser needs (`GenerationJob.keep_markers`, e.g. Mistral's `[TOOL_CALLS]`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import torch
@@ -36,6 +43,33 @@ class GenerationJob:
     max_tokens: int
     params: SamplingParams
     stops: list[str] = field(default_factory=list)
+    guide: Guide | None = None  # every row follows this grammar
+    keep_markers: tuple[str, ...] = ()  # special tokens whose text the output keeps
+    tool_parser: Any = None  # `gateway.agents.tool_parsers.ToolParser` when tools are active
+
+
+@dataclass(frozen=True)
+class Guide:
+    """A compiled grammar (`xgrammar.CompiledGrammar`) and the logits width it masks."""
+
+    compiled: Any
+    vocab_size: int
+    kind: str = ""  # "json_schema" | "json_object" | "tool_calls"
+
+    def matchers(self, n: int) -> list[Any]:
+        from gateway.agents.guided import GuidedMatcher
+
+        return [GuidedMatcher(self.compiled, self.vocab_size) for _ in range(n)]
+
+
+def marker_decoder(tokenizer: Any, markers: tuple[str, ...]) -> Callable[[list[int]], str]:
+    """`decode(ids)` that skips special tokens, except those spelling one of `markers`."""
+    if not markers:
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    special = set(tokenizer.all_special_ids)
+    special.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+    special -= {tokenizer.convert_tokens_to_ids(marker) for marker in markers}
+    return lambda ids: tokenizer.decode([i for i in ids if i not in special], skip_special_tokens=False)
 
 
 @dataclass(frozen=True)
@@ -79,8 +113,9 @@ class Generation:
             batch=job.n,
             vocab_size=model.head.vocab_size,
             eos_token_ids=model.eos_token_ids,
+            matchers=job.guide.matchers(job.n) if job.guide is not None else None,
         )
-        decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        decode = marker_decoder(model.tokenizer, job.keep_markers)
         self._streams = [TextStream(decode, job.stops) for _ in range(job.n)]
         self._finished: list[FinishReason | None] = [None] * job.n
         self._completion_tokens = [0] * job.n
@@ -118,8 +153,14 @@ class Generation:
         assert self._session is not None, "open() the generation first"
         prompt = torch.tensor([self.job.prompt_ids] * self.job.n, dtype=torch.long)
         hidden = await run_sync(self.job.model.head.embed, prompt)
+        guided = self._sampler.matchers is not None
         while hidden is not None:
-            output = await self._session.step(hidden)
+            if guided:  # the next masks are filled in a thread while the swarm computes
+                masks = asyncio.get_running_loop().run_in_executor(None, self._sampler.prepare)
+                output = await self._session.step(hidden)
+                await masks
+            else:
+                output = await self._session.step(hidden)
             deltas, hidden = await run_sync(self._advance, output)
             self.first_token_at = self.first_token_at or time.monotonic()
             if deltas:
@@ -152,7 +193,8 @@ class Generation:
         self._completion_tokens[row] += 1
         count, stream, params = self._completion_tokens[row], self._streams[row], self.job.params
         finish: FinishReason | None = None
-        if token.token_id in self.job.model.eos_token_ids and not params.ignore_eos:
+        guided = self._sampler.matchers is not None and self._sampler.matchers[row] is not None
+        if token.token_id in self.job.model.eos_token_ids and (guided or not params.ignore_eos):
             text, tokens, finish = stream.flush(), (), "stop"
         else:
             text, tokens = stream.push(token.token_id, check_stops=count >= params.min_tokens), (token,)

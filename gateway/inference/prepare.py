@@ -1,51 +1,20 @@
-"""API requests -> generation jobs: tokenization and every check that needs the model.
+"""A tokenized request -> a generation job: the checks chat and completions share.
 
-Everything that can be refused with a 400 is refused here, before a tenant slot or a swarm
-session is taken. Tokenization runs in a worker thread: long prompts take real time.
+With the endpoints' own prompt checks, everything that can be refused with a 400 is refused
+here, before a tenant slot or a swarm session is taken.
 """
 
 from __future__ import annotations
-
-from anyio.to_thread import run_sync
-from jinja2 import TemplateError
 
 from gateway.protocol.errors import InvalidRequest
 from gateway.inference.generation import GenerationJob
 from gateway.models import ServedModel
 from gateway.inference.sampling import SamplingParams
-from gateway.protocol.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gateway.protocol.schemas import SamplingFields
 from gateway.settings import Settings
 
 
-async def chat_job(request: ChatCompletionRequest, model: ServedModel, settings: Settings) -> GenerationJob:
-    if model.tokenizer.chat_template is None:
-        raise InvalidRequest(f"Model '{model.id}' has no chat template; use /v1/completions.", param="model")
-    messages = [{"role": message.role, "content": message.text()} for message in request.messages]
-    try:
-        prompt_ids = await run_sync(
-            lambda: model.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-    except TemplateError as error:  # templates reject e.g. non-alternating roles
-        raise InvalidRequest(f"The chat template rejected the messages: {error}", param="messages") from None
-    max_tokens = request.max_completion_tokens or request.max_tokens
-    logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    return _job(request, model, settings, list(prompt_ids), max_tokens, logprobs, "messages")
-
-
-async def completion_job(request: CompletionRequest, model: ServedModel, settings: Settings) -> GenerationJob:
-    prompt = request.prompt
-    if isinstance(prompt, str):
-        prompt_ids = await run_sync(lambda: model.tokenizer(prompt)["input_ids"])
-    else:
-        if any(not 0 <= token < model.head.vocab_size for token in prompt):
-            raise InvalidRequest(f"Prompt token ids must be in [0, {model.head.vocab_size}).", param="prompt")
-        prompt_ids = prompt
-    return _job(request, model, settings, list(prompt_ids), request.max_tokens, request.logprobs, "prompt")
-
-
-def _job(
+def generation_job(
     request: SamplingFields,
     model: ServedModel,
     settings: Settings,
@@ -54,6 +23,7 @@ def _job(
     logprobs: int | None,
     prompt_param: str,
 ) -> GenerationJob:
+    """Check `n`, the context length and the sampling fields; `prompt_param` names the prompt in errors."""
     if request.n > settings.max_n:
         raise InvalidRequest(f"n must be at most {settings.max_n}.", param="n")
     if not prompt_ids:

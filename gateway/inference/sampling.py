@@ -5,6 +5,12 @@ Order follows vLLM: EOS suppression (min_tokens / ignore_eos) and logit_bias, th
 temperature is 0, else temperature, min_p, top_k, top_p and a draw from the request's own
 `torch.Generator` (same seed, same logits -> same tokens).
 
+Guided rows (structured outputs, forced tool calls) carry a grammar matcher
+(`gateway.agents.guided.GuidedMatcher`): after the penalties and before greedy/top-k/top-p, the
+grammar's token mask sets every token it forbids to -inf; the sampled token then advances the
+matcher. A grammar ends by allowing only the stop tokens, so EOS suppression (min_tokens,
+ignore_eos) never applies to guided rows.
+
 Logprobs are the *raw* model log-probabilities (log_softmax of the logits before any of the
 processing above), as vLLM's default `raw_logprobs` mode reports them: they describe the model,
 not the sampling settings, and stay comparable across temperatures.
@@ -16,7 +22,12 @@ import secrets
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from gateway.agents.guided import GuidedMatcher
 
 GREEDY_BELOW = 1e-5  # temperatures below this mean argmax, as in vLLM
 
@@ -62,8 +73,13 @@ class Sampler:
         batch: int,
         vocab_size: int,
         eos_token_ids: Collection[int],
+        matchers: Sequence[GuidedMatcher | None] | None = None,
     ):
         self.params = params
+        self.matchers = list(matchers) if matchers is not None and any(m is not None for m in matchers) else None
+        self._unguided = (
+            torch.tensor([m is None for m in self.matchers], dtype=torch.bool) if self.matchers is not None else None
+        )
         self.generated = 0
         self._counts = torch.zeros(batch, vocab_size)
         self._in_prompt = torch.zeros(vocab_size, dtype=torch.bool)
@@ -80,6 +96,10 @@ class Sampler:
         logits = logits.detach().to("cpu", torch.float32).clone()
         raw = torch.log_softmax(logits, dim=-1) if self.params.logprobs is not None else None
         logits = self._process(logits)
+        if self.matchers is not None:
+            from gateway.agents.guided import apply_masks
+
+            apply_masks(self.matchers, logits)
         if self.params.greedy:
             tokens = logits.argmax(dim=-1)
         else:
@@ -87,12 +107,20 @@ class Sampler:
             tokens = torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
         self._counts[torch.arange(len(tokens)), tokens] += 1
         self.generated += 1
+        if self.matchers is not None:
+            for matcher, token in zip(self.matchers, tokens.tolist()):
+                if matcher is not None and not matcher.is_terminated():
+                    matcher.accept(token)
         return [self._describe(row, int(token), raw) for row, token in enumerate(tokens)]
 
     def _process(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
         if (p.ignore_eos or self.generated < p.min_tokens) and len(self._eos):
-            logits[:, self._eos] = float("-inf")
+            if self._unguided is None:
+                logits[:, self._eos] = float("-inf")
+            else:  # a finished grammar allows only stop tokens: never suppress them on guided rows
+                rows = self._unguided.nonzero().squeeze(-1)
+                logits[rows.unsqueeze(-1), self._eos] = float("-inf")
         logits += self._bias
         if p.repetition_penalty != 1.0:
             seen = self._in_prompt | (self._counts > 0)
@@ -101,6 +129,12 @@ class Sampler:
         if p.frequency_penalty or p.presence_penalty:
             logits -= p.frequency_penalty * self._counts + p.presence_penalty * (self._counts > 0).float()
         return logits
+
+    def prepare(self) -> None:
+        """Fill the guided rows' next masks now (e.g. while the swarm computes the next step)."""
+        for matcher in self.matchers or ():
+            if matcher is not None:
+                matcher.prepare()
 
     def _truncate(self, logits: torch.Tensor) -> torch.Tensor:
         """min_p, then top_k, then top_p: mask the unlikely tail with -inf (never the best token)."""

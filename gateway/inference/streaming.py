@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
@@ -38,3 +39,26 @@ def sse_response(
 
     # If the client leaves before the body starts, only the background task still runs.
     return EventSourceResponse(events(), sep="\n", ping=PING_SECONDS, background=BackgroundTask(close))
+
+
+def sse_events(events: AsyncIterator[dict[str, Any]], close: Callable[[], Awaitable[None]]) -> EventSourceResponse:
+    """Stream typed events as the Responses API does: `event: <type>` and `data: {json}` with a
+    `sequence_number` counted from 0; no `[DONE]`. An error after the stream started is an
+    `error` event. `close` runs on every exit, disconnects included."""
+
+    async def framed() -> AsyncIterator[dict[str, str]]:
+        sequence = 0
+        try:
+            try:
+                async for event in events:
+                    yield {"event": event["type"], "data": json.dumps({**event, "sequence_number": sequence})}
+                    sequence += 1
+            except Exception as exc:
+                detail = error_body(from_exception(exc))["error"]
+                body = {"type": "error", "code": detail.get("code"), "message": detail["message"],
+                        "param": detail.get("param"), "sequence_number": sequence}
+                yield {"event": "error", "data": json.dumps(body)}
+        finally:
+            await close()
+
+    return EventSourceResponse(framed(), sep="\n", ping=PING_SECONDS, background=BackgroundTask(close))

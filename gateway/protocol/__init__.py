@@ -1,0 +1,1 @@
+"""The OpenAI API's wire shapes: request and response schemas, and the error envelope."""

@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backend import BlocksUnavailable, SwarmBusy
-from gateway.inference.disconnect import ClientDisconnected
 from gateway.protocol.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -84,6 +83,10 @@ class ServiceUnavailable(APIError):
     status_code = 503
     type = "server_error"
     code = "blocks_unavailable"
+
+
+class ClientDisconnected(Exception):
+    """The client left before its answer was ready; nothing is sent (logged as status 499)."""
 
 
 INTERNAL_ERROR = "The server had an error while processing your request. Sorry about that!"

@@ -2,8 +2,9 @@
 
 Requests accept OpenAI's parameters plus vLLM's sampling extras (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos) and ignore unknown fields, as vLLM does. Parameters
-that are recognised but not supported (tools, echo, ...) are declared so they can be refused
-with a 400 instead of being silently dropped.
+that are recognised but not supported (echo, suffix, ...) are declared so they can be refused
+with a 400 instead of being silently dropped. Tools, tool choice and `response_format` are served
+through `gateway.inference.agentic` (rendering, guided decoding, tool-call parsing).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 # --- requests -------------------------------------------------------------------------------------
@@ -27,14 +28,99 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(BaseModel):
+    """An assistant's call of a function, as OpenAI writes it (`arguments` a JSON string)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
+    tool_call_id: str | None = None  # tool messages: the call they answer
+
+    @model_validator(mode="after")
+    def _content_unless_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content is required in {self.role} messages (assistant messages may have tool_calls)")
+        return self
 
     def text(self) -> str:
         """The content as one string; text parts are joined with newlines, as vLLM does."""
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates (and `gateway.agents.tool_prompt`) take it."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            message["name"] = self.name
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = {"populate_by_name": True}
+
+
+class ResponseFormat(BaseModel):
+    """`text`, `json_object` (any JSON object) or `json_schema` (JSON matching the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    # `{"type": "json_object", "schema": {...}}` (Anyscale/Together style, sent by instructor's
+    # JSON-schema mode): a JSON object matching the schema.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+    model_config = {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
 
 
 class SamplingFields(BaseModel):
@@ -92,20 +178,26 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Recognised but unsupported: refused when set.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ValueError("tools are not supported")
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("only response_format {'type': 'text'} is supported")
+        names = [tool.function.name for tool in self.tools or []]
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, which is not in tools")
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
         return self
+
+    @property
+    def tools_active(self) -> bool:
+        """Tools are offered to the model (and its output is parsed for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 class CompletionRequest(SamplingFields):
@@ -169,8 +261,16 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_only_when_made(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if not self.tool_calls:
+            data.pop("tool_calls", None)  # as OpenAI: no key when no calls
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -195,10 +295,12 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's tool-call deltas (index, id, type, function)
 
     @model_serializer
     def _without_none(self) -> dict[str, Any]:
-        return {key: value for key, value in (("role", self.role), ("content", self.content)) if value is not None}
+        fields = (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+        return {key: value for key, value in fields if value is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,10 +1,11 @@
-"""The gateway's SQLite database (the one `tenants.py` keeps keys in), for the stores that share it.
+"""The gateway's SQLite database and its one connection policy, for every store that shares it.
 
 Each store registers its schema (idempotent `CREATE ... IF NOT EXISTS`); the schemas are applied
 on the first write, so a gateway that never stores anything (static-key mode, no uploads) leaves
-no database behind, and reads before that find nothing. A connection per call, as `KeyStore`:
-cheap for SQLite and safe from any thread (the trainer writes from worker threads). WAL lets
-the API read while the trainer writes.
+no database behind, and reads before that find nothing. A connection per call: cheap for SQLite
+and safe from any thread (the trainer writes from worker threads). WAL lets the API read while
+the trainer writes. Lists page by insertion order (`seq`), `after` naming the previous page's
+last item.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from gateway.storage.tenants import DATABASE
-
+DATABASE = "gateway.sqlite3"
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another's transaction
 
 
@@ -73,6 +73,29 @@ class Database:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def page(
+        self, table: str, where: dict[str, Any], *, owner: str, limit: int, after: str | None,
+        cursor: str = "id", columns: str = "*", descending: bool = True,
+    ) -> tuple[list[sqlite3.Row], bool]:
+        """A page of `table`'s rows with `where` (column -> value), newest first unless not
+        `descending`, and whether more follow.
+
+        `after` is the `cursor` column of the previous page's last row, looked up among the rows
+        of the same `owner` column (the tenant or the job), so another owner's id finds nothing.
+        """
+        conditions, params = [f"{column} = ?" for column in where], list(where.values())
+        if after is not None:
+            conditions.append(
+                f"seq {'<' if descending else '>'} (SELECT seq FROM {table} WHERE {cursor} = ? AND {owner} = ?)"
+            )
+            params += [after, where[owner]]
+        rows = self.query(
+            f"SELECT {columns} FROM {table} WHERE {' AND '.join(conditions)}"
+            f" ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT ?",
+            [*params, limit + 1],
+        )
+        return rows[:limit], len(rows) > limit
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """One write in its own transaction; the number of rows it changed."""

@@ -60,15 +60,11 @@ class FileStore:
         self, tenant: str, *, purpose: str | None, limit: int, after: str | None, descending: bool
     ) -> tuple[list[FileObject], bool]:
         """A page of the tenant's files, and whether more follow it."""
-        sql, params = f"SELECT {_COLUMNS} FROM files WHERE tenant = ?", [tenant]
-        if purpose is not None:
-            sql, params = sql + " AND purpose = ?", [*params, purpose]
-        if after is not None:
-            sql += f" AND seq {'<' if descending else '>'} (SELECT seq FROM files WHERE id = ? AND tenant = ?)"
-            params += [after, tenant]
-        sql += f" ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT ?"
-        rows = self.db.query(sql, [*params, limit + 1])
-        return [FileObject(**dict(row)) for row in rows[:limit]], len(rows) > limit
+        where = {"tenant": tenant} | ({"purpose": purpose} if purpose is not None else {})
+        rows, has_more = self.db.page(
+            "files", where, owner="tenant", columns=_COLUMNS, limit=limit, after=after, descending=descending
+        )
+        return [FileObject(**dict(row)) for row in rows], has_more
 
     def path(self, tenant: str, file_id: str) -> Path | None:
         """The blob of the tenant's file, if it has one by that id."""

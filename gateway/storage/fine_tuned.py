@@ -99,12 +99,11 @@ class FineTunedModels:
 
     def checkpoints(self, job_id: str, *, limit: int, after: str | None) -> tuple[list[FineTunedModel], bool]:
         """A page of a job's checkpoints, newest first; `after` is a checkpoint's id (its folder)."""
-        sql, params = "SELECT * FROM fine_tuned_models WHERE job_id = ? AND kind = 'checkpoint'", [job_id]
-        if after is not None:
-            sql += " AND seq < (SELECT seq FROM fine_tuned_models WHERE adapter = ? AND job_id = ?)"
-            params += [after, job_id]
-        rows = self.db.query(sql + " ORDER BY seq DESC LIMIT ?", [*params, limit + 1])
-        return [_model(row) for row in rows[:limit]], len(rows) > limit
+        rows, has_more = self.db.page(
+            "fine_tuned_models", {"job_id": job_id, "kind": "checkpoint"}, owner="job_id", cursor="adapter",
+            limit=limit, after=after,
+        )
+        return [_model(row) for row in rows], has_more
 
     def remove(self, model: FineTunedModel) -> None:
         """Unregister first (no new request finds it), then delete the folder (blocking)."""

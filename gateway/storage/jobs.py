@@ -100,12 +100,8 @@ class JobStore:
         return _job(row) if row else None
 
     def list(self, tenant: str, *, limit: int, after: str | None) -> tuple[list[FineTuningJob], bool]:
-        sql, params = "SELECT * FROM fine_tuning_jobs WHERE tenant = ?", [tenant]
-        if after is not None:
-            sql += " AND seq < (SELECT seq FROM fine_tuning_jobs WHERE id = ? AND tenant = ?)"
-            params += [after, tenant]
-        rows = self.db.query(sql + " ORDER BY seq DESC LIMIT ?", [*params, limit + 1])
-        return [_job(row) for row in rows[:limit]], len(rows) > limit
+        rows, has_more = self.db.page("fine_tuning_jobs", {"tenant": tenant}, owner="tenant", limit=limit, after=after)
+        return [_job(row) for row in rows], has_more
 
     def with_status(self, *statuses: JobStatus) -> list[FineTuningJob]:
         """Every tenant's jobs in these states, oldest first."""
@@ -154,19 +150,17 @@ class JobStore:
 
     def events(self, job_id: str, *, limit: int, after: str | None) -> tuple[list[FineTuningJobEvent], bool]:
         """A page of the job's events, newest first (the caller has checked the job is the tenant's)."""
-        sql, params = "SELECT * FROM fine_tuning_events WHERE job_id = ?", [job_id]
-        if after is not None:
-            sql += " AND seq < (SELECT seq FROM fine_tuning_events WHERE id = ? AND job_id = ?)"
-            params += [after, job_id]
-        rows = self.db.query(sql + " ORDER BY seq DESC LIMIT ?", [*params, limit + 1])
+        rows, has_more = self.db.page(
+            "fine_tuning_events", {"job_id": job_id}, owner="job_id", limit=limit, after=after
+        )
         events = [
             FineTuningJobEvent(
                 id=row["id"], created_at=row["created_at"], level=row["level"], message=row["message"],
                 data=json.loads(row["data"]), type=row["type"],
             )
-            for row in rows[:limit]
+            for row in rows
         ]
-        return events, len(rows) > limit
+        return events, has_more
 
 
 def _column(name: str, value: Any) -> Any:

@@ -14,12 +14,12 @@ import sys
 
 import trio
 
+from swarmgate.options import add_option
+
 UNSPECIFIED = {"/ip4/0.0.0.0/": "/ip4/127.0.0.1/", "/ip6/::/": "/ip6/::1/"}  # listen-all -> loopback
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
-    from swarmgate.cli import add_option
-
     check = commands.add_parser("healthcheck", help="exit 0 if the local block server is serving")
     add_option(check, "--listen", nargs="+", default=[], metavar="MADDR",
                help="the server's listen addresses; the first one is dialled (0.0.0.0 as 127.0.0.1)")

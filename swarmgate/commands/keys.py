@@ -1,9 +1,8 @@
 """``swarmgate keys KIND``: make the keys a deployment needs.
 
-``create`` makes an API key for a gateway tenant; ``swarm-key`` makes a private swarm's pre-shared key; ``peer-id`` prints (creating it if needed)
-the peer id of a node identity file, so an operator can hand out a server's multiaddr before its
-first start. Each kind is a sub-subcommand registered in ``add_command``; other packages add
-theirs the same way (``add_key_command(kinds)`` in their own module, called from there).
+``create`` makes an API key for a gateway tenant; ``swarm-key`` makes a private swarm's pre-shared
+key; ``peer-id`` prints (creating it if needed) the peer id of a node identity file, so an operator
+can hand out a server's multiaddr before its first start. Each kind is a sub-subcommand.
 """
 
 from __future__ import annotations
@@ -11,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from swarmgate.options import add_option, setting
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -21,11 +22,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_tenant_key(kinds: argparse._SubParsersAction) -> None:
-    from swarmgate.cli import add_option
-
     parser = kinds.add_parser("create", help="a new API key for a tenant of a gateway (printed once)")
     parser.add_argument("--tenant", required=True, help="tenant name; created if new")
-    add_option(parser, "--data-dir", default=".swarmgate", help="the gateway's data directory")
+    add_option(parser, "--data-dir", default=str(setting("data_dir")), help="the gateway's data directory")
     parser.set_defaults(run=_tenant_key)
 
 
@@ -55,8 +54,6 @@ def _swarm_key(args: argparse.Namespace) -> None:
 
 
 def _add_peer_id(kinds: argparse._SubParsersAction) -> None:
-    from swarmgate.cli import add_option
-
     parser = kinds.add_parser("peer-id", help="print the peer id of a node identity file, creating it if absent")
     add_option(parser, "--identity", required=True, metavar="FILE", help="the node's identity file")
     parser.set_defaults(run=_peer_id)

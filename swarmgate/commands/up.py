@@ -10,21 +10,21 @@ import argparse
 import logging
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
 from blocks.checkpoint import default_model_name, load_config, resolve_model
 from blocks.tiny_checkpoints import default_model_path
+from gateway import serve
 from gateway.storage.tenants import DEFAULT_TENANT, KeyStore
 from swarmgate.launcher import split_blocks, start_swarm, stop_all
+from swarmgate.options import add_gateway_options, add_option, gateway_settings, node_options, serve_options
 
 logger = logging.getLogger(__name__)
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
-    from gateway.serve import add_gateway_options
-    from swarmgate.cli import add_option
-
     up = commands.add_parser("up", help="start a local swarm (block servers + gateway) in one command")
     add_option(up, "--model", default=None,
                help="checkpoint folder or Hugging Face hub id (default: the embedded tiny model)")
@@ -38,8 +38,6 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from gateway.serve import run_gateway
-
     model_path = resolve_model(args.model) if args.model else default_model_path()
     name = default_model_name(args.model) if args.model else model_path.name
     num_blocks = load_config(model_path).num_hidden_layers
@@ -53,12 +51,10 @@ def main(args: argparse.Namespace) -> None:
           f"logs in {log_dir}", flush=True)
     servers = start_swarm(model_path, spans, extra_args=["--model-name", name], log_dir=log_dir)
     try:
-        args.model = str(model_path)
-        args.model_name = name
-        args.initial_peers = servers[0].addrs
+        node = replace(node_options(args), initial_peers=servers[0].addrs)
         api_key = args.api_key or KeyStore(data_dir).create_key(DEFAULT_TENANT)
-        run_gateway(args, on_ready=lambda base_url, model: _print_ready(base_url, api_key, model),
-                    wait_for_coverage=60.0)
+        serve.run(gateway_settings(args, {name: model_path}), node, serve_options(args),
+                  on_ready=lambda base_url, model: _print_ready(base_url, api_key, model), wait_for_coverage=60.0)
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,0 +1,47 @@
+"""The FORWARD protocol of a block server: one cache-less ``forward`` -> ``output`` over a full sequence."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from blocks.span import BlockSpan
+from blockserver import incoming
+from blockserver.limits import ServerLimits
+from blockserver.metrics import ServerMetrics
+from blockserver.incoming import NotHeldError
+from swarm import codec, protocol
+from swarm.protocol import ProtocolError, Stream
+
+logger = logging.getLogger(__name__)
+
+
+class ForwardService:
+    def __init__(
+        self, span: BlockSpan, limits: ServerLimits, compute: trio.CapacityLimiter, metrics: ServerMetrics
+    ) -> None:
+        self.span = span  # BlockServer.move_to replaces it
+        self.limits = limits
+        self.compute = compute  # shared with the other protocols: one computation at a time
+        self.metrics = metrics
+
+    async def handle(self, stream: Stream) -> None:
+        try:
+            request = protocol.expect(await incoming.read(stream, self.limits), "forward")
+            span = incoming.span_part(self.span, request)
+            wire_codec = incoming.wire_codec(request)
+            hidden = incoming.expect_hidden(
+                request, "hidden", span, max_elements=self.limits.max_forward_tokens * span.hidden_size
+            )
+            output = await trio.to_thread.run_sync(lambda: span.forward(hidden), limiter=self.compute)
+            await protocol.write_frame(stream, {"type": "output", "hidden": codec.encode(output, wire_codec)})
+        except NotHeldError as error:
+            await incoming.try_send(stream, protocol.error_frame(str(error)))  # not invalid: another server may do
+        except (ProtocolError, codec.CodecError, ValueError) as error:
+            self.metrics.errors.labels("bad_forward").inc()
+            await incoming.try_send(stream, protocol.error_frame(str(error), protocol.INVALID))
+        except Exception as error:
+            logger.info("forward stream ended: %r", error)
+        finally:
+            await incoming.try_close(stream)

@@ -1,0 +1,74 @@
+"""What every protocol handler does with an incoming request: read it, check its codec, blocks and
+hidden states, and answer or close without caring whether the peer is still there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from blocks.span import BlockSpan
+from blockserver.limits import ServerLimits
+from swarm import codec, protocol
+from swarm.protocol import ProtocolError, Stream, field as require
+
+
+class NotHeldError(ProtocolError):
+    """A request names blocks this server does not hold (any more: the client saw an old record)."""
+
+
+async def read(stream: Stream, limits: ServerLimits) -> dict[str, Any]:
+    return await protocol.read_frame(stream, max_bytes=limits.max_frame_bytes)
+
+
+def wire_codec(request: dict[str, Any]) -> str:
+    """The codec a request asks its outputs in."""
+    name = require(request, "codec", str)
+    if name not in codec.CODECS:
+        raise ProtocolError(f"unknown codec {name!r}; this server speaks {codec.CODECS}")
+    return name
+
+
+def span_part(span: BlockSpan, request: dict[str, Any]) -> BlockSpan:
+    """The part of `span` that a request names in ``blocks`` (all of it if none)."""
+    blocks = request.get("blocks", [span.start, span.end])
+    if not (isinstance(blocks, list) and len(blocks) == 2 and all(type(b) is int for b in blocks)):
+        raise ProtocolError("blocks must be [start, end]")
+    start, end = blocks
+    if not span.start <= start < end <= span.end:
+        raise NotHeldError(f"this server holds blocks [{span.start}, {span.end}) now, not {blocks}")
+    return span.view(start, end)
+
+
+def expect_hidden(
+    request: dict[str, Any], key: str, span: BlockSpan, *, max_elements: int, batch: int | None = None,
+    allow_empty: bool = False,
+) -> torch.Tensor:
+    """``request[key]``: hidden states (or their gradient) [batch, tokens, hidden], on the span's device
+    and dtype. `batch` fixes the rows; `allow_empty` admits zero tokens."""
+    hidden = codec.decode(require(request, key, dict), max_elements=max_elements)
+    if (
+        hidden.dim() != 3
+        or hidden.shape[2] != span.hidden_size
+        or (batch is not None and hidden.shape[0] != batch)
+        or (hidden.shape[1] == 0 and not allow_empty)
+    ):
+        what = "hidden states" if key == "hidden" else key
+        raise ProtocolError(
+            f"{what} must be [{batch or 'batch'}, tokens, {span.hidden_size}], got {list(hidden.shape)}"
+        )
+    return hidden.to(device=span.device, dtype=span.dtype)
+
+
+async def try_send(stream: Stream, message: dict[str, Any]) -> None:
+    try:
+        await protocol.write_frame(stream, message)
+    except Exception:
+        pass  # the peer is gone; nothing more to tell it
+
+
+async def try_close(stream: Stream) -> None:
+    try:
+        await stream.close()
+    except Exception:
+        pass

@@ -1,0 +1,268 @@
+"""The INFERENCE and PUSH protocols of a block server: sessions with a KV cache, step by step.
+
+One task per client stream reads ``step`` frames into the session's queue; a second task per
+session runs them in order. Steps arrive either from the client (prefill, replay) or pushed by the
+previous server of the chain (decode), and each output goes both to the next server of the step's
+route and back to the client, so a token costs one pass along the chain.
+
+A step at a position the session already holds is a client's replay after a failure upstream, and
+is dropped; every output names the session it was pushed to, so the client can send a step itself
+where a push did not happen. Sessions keep the span they opened on, whatever moves come later,
+until they end or ``drain`` fails them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from blocks.cache import SessionCaches, SessionLimitError, UnknownSessionError
+from blocks.lora import SpanLora
+from blocks.span import BlockSpan
+from blockserver import incoming
+from blockserver.adapter_cache import UnknownAdapterError
+from blockserver.limits import ServerLimits
+from blockserver.metrics import ServerMetrics
+from swarm import codec, protocol
+from swarm.node import SwarmNode
+from swarm.protocol import ProtocolError, Stream, field as require
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _LiveSession:
+    """Network-side state of an open session (the cache itself lives in SessionCaches)."""
+
+    id: str
+    client: Stream
+    codec: str
+    inbox: trio.MemorySendChannel
+    cancel: trio.CancelScope
+    next_hops: dict[str, Stream] = field(default_factory=dict)  # peer id -> push stream
+    adapter: SpanLora | None = None  # LoRA applied to every step of the session
+    span: BlockSpan | None = None  # the blocks it computes, on the weights loaded when it opened
+    loaded: BlockSpan | None = None  # the server's span then: after a move, drained
+
+
+class InferenceService:
+    def __init__(
+        self,
+        node: SwarmNode,
+        span: BlockSpan,
+        *,
+        checkpoint: str,
+        limits: ServerLimits,
+        caches: SessionCaches,
+        compute: trio.CapacityLimiter,
+        metrics: ServerMetrics,
+        session_adapter: Callable[[dict[str, Any]], SpanLora | None],
+    ) -> None:
+        self.node = node
+        self.span = span  # BlockServer.move_to replaces it
+        self.checkpoint = checkpoint
+        self.limits = limits
+        self.caches = caches
+        self.compute = compute  # shared with the other protocols: one computation at a time
+        self.metrics = metrics
+        self.session_adapter = session_adapter  # the adapter an ``open`` frame names
+        self._live: dict[str, _LiveSession] = {}
+
+    # -- session lifetime ------------------------------------------------------------------------
+    async def drain(self, span: BlockSpan) -> None:
+        """After a move: end the sessions still on the old `span` once the drain timeout has passed."""
+        await trio.sleep(self.limits.drain_timeout)
+        for live in [live for live in self._live.values() if live.loaded is span]:
+            logger.info("session %s on the old span [%d, %d) ended by the move", live.id, span.start, span.end)
+            live.cancel.cancel()
+
+    async def expire_forever(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            for session_id in self.caches.expire_idle():
+                logger.info("session %s expired after %.0f s idle", session_id, self.limits.idle_timeout)
+                if (live := self._live.get(session_id)) is not None:
+                    live.cancel.cancel()
+
+    # -- INFERENCE -------------------------------------------------------------------------------
+    async def handle_inference(self, stream: Stream) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        try:
+            with trio.fail_after(self.limits.open_timeout):
+                request = protocol.expect(await incoming.read(stream, self.limits), "open")
+            session_id, batch, max_length, wire_codec = self._validate_open(request)
+            # the session keeps these, whatever moves come later
+            loaded, span = self.span, incoming.span_part(self.span, request)
+            adapter = self.session_adapter(request)
+            self.caches.open(session_id, batch=batch, max_length=max_length, cache=span.new_cache())
+            try:
+                await protocol.write_frame(stream, {"type": "opened", "session": session_id})
+                await self._run_session(session_id, stream, wire_codec, adapter, span, loaded)
+            finally:
+                self.caches.close(session_id)
+        except SessionLimitError as error:
+            logger.info("inference stream from %s refused: %s", peer, error)
+            await incoming.try_send(stream, protocol.error_frame(str(error), protocol.BUSY))
+        except UnknownAdapterError as error:
+            await incoming.try_send(stream, protocol.error_frame(str(error), protocol.UNKNOWN_ADAPTER))
+        except (ProtocolError, protocol.RemoteError, ValueError) as error:
+            logger.info("inference stream from %s refused: %s", peer, error)
+            await incoming.try_send(stream, protocol.error_frame(str(error)))
+        except (EOFError, trio.TooSlowError) as error:
+            logger.info("client %s went away: %r", peer, error)
+        except Exception as error:  # stream resets and the like: the session just ends
+            logger.info("inference stream from %s ended: %r", peer, error)
+        finally:
+            await incoming.try_close(stream)
+
+    def _validate_open(self, request: dict[str, Any]) -> tuple[str, int, int, str]:
+        session_id = require(request, "session", str)
+        batch = require(request, "batch", int)
+        max_length = require(request, "max_length", int)
+        wire_codec = incoming.wire_codec(request)
+        checkpoint = request.get("checkpoint")
+        if not 8 <= len(session_id) <= 64 or session_id in self._live:
+            raise ProtocolError("session id must be 8-64 characters and not in use")
+        if not 1 <= batch <= self.limits.max_batch:
+            raise ProtocolError(f"batch must be in [1, {self.limits.max_batch}]")
+        max_positions = self.span.config.max_position_embeddings
+        if not 1 <= max_length <= max_positions:
+            raise ProtocolError(f"max_length must be in [1, {max_positions}]")
+        if checkpoint is not None and checkpoint != self.checkpoint:
+            raise ProtocolError(f"checkpoint mismatch: server has {self.checkpoint}, client {checkpoint}")
+        return session_id, batch, max_length, wire_codec
+
+    async def _run_session(
+        self, session_id: str, stream: Stream, wire_codec: str, adapter: SpanLora | None, span: BlockSpan,
+        loaded: BlockSpan,
+    ) -> None:
+        inbox_send, inbox = trio.open_memory_channel[dict[str, Any]](64)
+        with trio.CancelScope() as cancel:
+            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter, span=span,
+                                loaded=loaded)
+            self._live[session_id] = live
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_client_steps, live, nursery.cancel_scope)
+                    nursery.start_soon(self._run_steps, live, inbox)
+            finally:
+                del self._live[session_id]
+                for hop in live.next_hops.values():
+                    await incoming.try_close(hop)
+
+    async def _read_client_steps(self, live: _LiveSession, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                message = await incoming.read(live.client, self.limits)
+                if message["type"] == "close":
+                    break
+                await live.inbox.send(protocol.expect(message, "step"))
+        except EOFError:
+            pass
+        except ProtocolError as error:
+            await incoming.try_send(live.client, protocol.error_frame(str(error)))
+        finally:
+            scope.cancel()  # the client is gone or done: end the session
+
+    # -- PUSH ------------------------------------------------------------------------------------
+    async def handle_push(self, stream: Stream) -> None:
+        """Steps pushed by the previous server of a chain, for any of our sessions."""
+        try:
+            while True:
+                message = protocol.expect(await incoming.read(stream, self.limits), "step")
+                live = self._live.get(require(message, "session", str))
+                try:
+                    if live is None:
+                        raise trio.BrokenResourceError
+                    await live.inbox.send(message)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    logger.info("push for a closed or unknown session dropped")
+        except EOFError:
+            pass
+        except Exception as error:
+            logger.info("push stream ended: %r", error)
+        finally:
+            await incoming.try_close(stream)
+
+    # -- steps -----------------------------------------------------------------------------------
+    async def _run_steps(self, live: _LiveSession, inbox: trio.MemoryReceiveChannel) -> None:
+        async for message in inbox:
+            try:
+                output = await self._step(live, message)
+            except (ProtocolError, codec.CodecError, UnknownSessionError, ValueError) as error:
+                self.metrics.errors.labels("bad_step").inc()
+                await protocol.write_frame(live.client, protocol.error_frame(str(error)))
+                continue
+            except Exception as error:  # a compute failure leaves the cache unusable: end the session
+                logger.exception("step failed")
+                self.metrics.errors.labels("compute").inc()
+                await protocol.write_frame(live.client, protocol.error_frame(f"step failed: {error!r}"))
+                raise
+            if output is not None:
+                await self._deliver(live, message, output)
+
+    async def _step(self, live: _LiveSession, message: dict[str, Any]) -> dict[str, Any] | None:
+        """The step's output, or None for a step the session already holds (a replay's duplicate)."""
+        session = self.caches.get(live.id)
+        span = live.span or self.span
+        position = require(message, "position", int)
+        if position < session.position:
+            logger.debug("session %s: step at %d dropped, already at %d", live.id, position, session.position)
+            return None
+        hidden = incoming.expect_hidden(
+            message, "hidden", span, max_elements=session.batch * session.max_length * span.hidden_size,
+            batch=session.batch, allow_empty=True,
+        )
+        if position != session.position:
+            raise ProtocolError(f"step at position {position}, but the session is at {session.position}")
+        tokens = hidden.shape[1]
+        session.advance(tokens)  # raises ValueError past max_length, before any compute
+        started = time.perf_counter()
+        output = await trio.to_thread.run_sync(
+            lambda: span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter),
+            limiter=self.compute,
+        )
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.steps.inc()
+        self.metrics.tokens.inc(tokens * session.batch)
+        return codec.encode(output, live.codec)
+
+    async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: dict[str, Any]) -> None:
+        """Push to the next server first (it is on the critical path), then report to the client.
+
+        The reply names the session the push reached (``pushed``); without it the client sends
+        the step on itself.
+        """
+        position = message["position"]
+        route = message.get("route") or []
+        reply = {"type": "output", "position": position, "hidden": output}
+        if route:
+            hop = route[0]
+            try:
+                with trio.fail_after(self.limits.push_timeout):
+                    stream = await self._next_hop(live, hop)
+                    frame = {"type": "step", "session": hop["session"], "position": position,
+                             "hidden": output, "route": route[1:]}
+                    await protocol.write_frame(stream, frame)
+                reply["pushed"] = hop["session"]
+            except Exception as error:
+                self.metrics.errors.labels("push").inc()
+                logger.info("session %s: could not push step %d on: %r", live.id, position, error)
+                if isinstance(hop, dict) and (stale := live.next_hops.pop(str(hop.get("peer")), None)) is not None:
+                    await incoming.try_close(stale)
+        await protocol.write_frame(live.client, reply)
+
+    async def _next_hop(self, live: _LiveSession, hop: Any) -> Stream:
+        if not isinstance(hop, dict):
+            raise ProtocolError("route entries must be maps")
+        peer = require(hop, "peer", str)
+        require(hop, "session", str)
+        if peer not in live.next_hops:
+            addrs = [a for a in hop.get("addrs", []) if isinstance(a, str)][:8]
+            live.next_hops[peer] = await self.node.open_stream(peer, protocol.PUSH, addrs)
+        return live.next_hops[peer]

@@ -1,0 +1,1 @@
+"""Agent features over the sampler: tool-call parsing, tool prompts and guided decoding."""

@@ -1,0 +1,98 @@
+"""``swarmgate server``: load a span, join the swarm, serve until stopped."""
+
+from __future__ import annotations
+
+import argparse
+
+from blocks.quant import QUANT_MODES, check_quant
+from blockserver import serve
+from blockserver.config import ServerConfig
+from blockserver.limits import ServerLimits
+from swarmgate.options import add_option, add_swarm_options, node_options
+
+DEFAULT = ServerConfig()
+LIMITS = ServerLimits()
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    server = commands.add_parser("server", help="serve a span of a model's layers to the swarm")
+    add_option(server, "--model", default=DEFAULT.model,
+               help="checkpoint folder or Hugging Face hub id (default: the embedded tiny model)")
+    add_option(server, "--model-name", default=DEFAULT.model_name,
+               help="name announced to the swarm (default: folder name)")
+    add_option(server, "--blocks", default=None, metavar="START:END",
+               help="layers to serve, end exclusive (default: the swarm's weakest, rebalanced over time)")
+    add_option(server, "--num-blocks", type=int, default=DEFAULT.num_blocks, metavar="K",
+               help="without --blocks: how many layers to serve (default: as many as fit in free memory)")
+    add_option(server, "--rebalance-interval", type=float, default=DEFAULT.rebalance_interval,
+               help="without --blocks: mean seconds between checks whether moving would balance the swarm")
+    add_option(server, "--balance-quality", type=float, default=DEFAULT.balance_quality,
+               help="move only if the weakest block would get 1/this times stronger (or a gap would close)")
+    add_swarm_options(server)
+    add_option(server, "--announce-addrs", nargs="*", default=DEFAULT.announce_addrs, metavar="MADDR",
+               help="public multiaddrs to announce instead of the listen ones (behind NAT, in a container)")
+    add_option(server, "--device", default=DEFAULT.device, choices=["cpu", "cuda"])
+    add_option(server, "--dtype", default=DEFAULT.dtype, choices=["auto", "float32", "float16", "bfloat16"],
+               help="auto: bfloat16 on cuda, float32 on cpu")
+    add_option(server, "--quant", default=DEFAULT.quant, choices=QUANT_MODES,
+               help="weight quantization through bitsandbytes (cuda only): int8 halves a bf16 block, nf4 quarters it")
+    add_option(server, "--max-sessions", type=int, default=LIMITS.max_sessions, help="open inference sessions")
+    add_option(server, "--max-cache-tokens", type=int, default=LIMITS.max_tokens,
+               help="KV-cache tokens reserved over all sessions (batch rows count separately)")
+    add_option(server, "--max-batch", type=int, default=LIMITS.max_batch, help="rows of one session")
+    add_option(server, "--session-idle-timeout", type=float, default=LIMITS.idle_timeout,
+               help="seconds before an idle session's cache is freed")
+    add_option(server, "--max-frame-bytes", type=int, default=LIMITS.max_frame_bytes,
+               help="largest wire frame read from a peer")
+    add_option(server, "--max-forward-tokens", type=int, default=LIMITS.max_forward_tokens,
+               help="batch x length of one cache-less forward")
+    add_option(server, "--max-train-tokens", type=int, default=LIMITS.max_train_tokens,
+               help="batch x length of one LoRA training forward or backward")
+    add_option(server, "--adapter-cache-mb", type=int, default=LIMITS.adapter_cache_bytes // 2**20,
+               help="MiB of LoRA adapters kept by digest (least recently used evicted)")
+    add_option(server, "--announce-interval", type=float, default=DEFAULT.announce_interval,
+               help="seconds between record refreshes")
+    add_option(server, "--torch-threads", type=int, default=DEFAULT.torch_threads, help="0: torch's default")
+    add_option(server, "--metrics-port", type=int, default=DEFAULT.metrics_port,
+               help="serve Prometheus metrics on this port, all interfaces (default 0: off)")
+    server.set_defaults(run=main)
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--blocks must look like START:END, got {text!r}") from None
+    return start, end
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The flags as a ``ServerConfig``; bad combinations, quantization and key files fail here, before the load."""
+    blocks = parse_blocks(args.blocks) if args.blocks else None
+    if blocks is not None and args.num_blocks:
+        raise SystemExit("swarmgate server: give --blocks (fixed) or --num-blocks (chosen and rebalanced), not both")
+    try:
+        check_quant(args.quant, args.device)
+    except ValueError as error:
+        raise SystemExit(f"swarmgate server: {error}") from None
+    limits = ServerLimits(
+        max_sessions=args.max_sessions,
+        max_tokens=args.max_cache_tokens,
+        max_batch=args.max_batch,
+        idle_timeout=args.session_idle_timeout,
+        max_frame_bytes=args.max_frame_bytes,
+        max_forward_tokens=args.max_forward_tokens,
+        max_train_tokens=args.max_train_tokens,
+        adapter_cache_bytes=args.adapter_cache_mb * 2**20,
+    )
+    return ServerConfig(
+        model=args.model, model_name=args.model_name, blocks=blocks, num_blocks=args.num_blocks,
+        rebalance_interval=args.rebalance_interval, balance_quality=args.balance_quality,
+        node=node_options(args), announce_addrs=args.announce_addrs, device=args.device, dtype=args.dtype,
+        quant=args.quant, limits=limits, announce_interval=args.announce_interval,
+        torch_threads=args.torch_threads, metrics_port=args.metrics_port,
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    serve.run(server_config(args))

@@ -1,0 +1,127 @@
+"""Flags with environment twins, the option groups several commands share, and their readers.
+
+Every flag has an environment twin: ``--initial-peers`` is also ``SWARMGATE_INITIAL_PEERS``
+(lists are space-separated), so compose files and shells configure nodes the same way.
+Defaults come from the library's configuration classes, never written here a second time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from gateway.serve import ServeOptions
+from gateway.settings import Settings
+from swarm.codec import CODECS
+from swarm.identity import load_or_create_identity
+from swarm.node_options import NodeOptions
+from swarm.pnet import read_swarm_key
+
+ENV_PREFIX = "SWARMGATE_"
+NODE = NodeOptions()
+SERVE = ServeOptions()
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+    """An option whose default comes from its environment twin when set.
+
+    An empty variable counts as unset, so compose files can pass ``${VAR:-}`` through.
+    """
+    value = os.environ.get(env_name(flag))
+    if value:
+        if kwargs.get("nargs") in ("*", "+"):
+            kwargs["default"] = value.split()
+        elif kwargs.get("action") == "store_true":
+            kwargs["default"] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                kwargs["default"] = kwargs.get("type", str)(value)
+            except ValueError as error:
+                raise SystemExit(f"{env_name(flag)}={value!r}: {error}") from None
+        kwargs.pop("required", None)
+    help_text = kwargs.get("help", "")
+    kwargs["help"] = f"{help_text} [env {env_name(flag)}]".strip()
+    parser.add_argument(flag, **kwargs)
+
+
+def setting(name: str) -> Any:
+    """The default of one gateway ``Settings`` field."""
+    return Settings.model_fields[name].default
+
+
+# -- swarm membership -----------------------------------------------------------------------------
+
+def add_swarm_options(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--initial-peers", nargs="*", default=NODE.initial_peers, metavar="MADDR",
+               help="full multiaddrs (with /p2p/<id>) of swarm members to join through")
+    add_option(parser, "--listen", nargs="+", default=NODE.listen, metavar="MADDR",
+               help="multiaddrs to listen on")
+    add_option(parser, "--identity", default=None, metavar="FILE",
+               help="the node's private key, created on first start: keeps its peer id across restarts "
+                    "(default: a new identity each start)")
+    add_option(parser, "--swarm-key", default=None, metavar="FILE",
+               help="join the private swarm of this key (`swarmgate keys swarm-key` makes one)")
+
+
+def add_routing_options(parser: argparse.ArgumentParser) -> None:
+    """For nodes that route through servers (gateways, clients)."""
+    add_option(parser, "--allow-peers", nargs="*", default=SERVE.allow_peers, metavar="PEER_ID",
+               help="route only through servers with these peer ids (default: any server of the swarm)")
+
+
+def node_options(args: argparse.Namespace) -> NodeOptions:
+    """The swarm flags as ``NodeOptions``; the identity and swarm key files are read here."""
+    try:
+        return NodeOptions(
+            listen=args.listen,
+            initial_peers=args.initial_peers,
+            key_pair=load_or_create_identity(args.identity) if args.identity else None,
+            psk=read_swarm_key(args.swarm_key) if args.swarm_key else None,
+        )
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"swarmgate: {error}") from None
+
+
+# -- the gateway ----------------------------------------------------------------------------------
+
+def add_gateway_options(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--host", default=SERVE.host, help="address to bind; 0.0.0.0 exposes the gateway")
+    add_option(parser, "--port", type=int, default=SERVE.port)
+    add_option(parser, "--api-key", default=setting("api_key"),
+               help="one static key every request must carry (as vLLM)")
+    add_option(parser, "--data-dir", default=str(setting("data_dir")),
+               help="SQLite database (tenants, keys, files, jobs), uploaded files, tenants' adapters, logs")
+    add_option(parser, "--max-concurrent-requests", type=int, default=setting("max_concurrent_requests"),
+               help="per tenant; more get 429")
+    add_option(parser, "--wire-codec", default=SERVE.wire_codec, choices=list(CODECS), help="hidden-state encoding")
+    add_option(parser, "--max-upload-mb", type=int, default=setting("max_upload_bytes") // 2**20,
+               help="largest file or adapter archive a tenant may upload")
+    add_option(parser, "--fine-tune-learning-rate", type=float, default=setting("fine_tune_learning_rate"),
+               help="base LoRA learning rate; each job's learning_rate_multiplier scales it")
+    add_option(parser, "--fine-tune-max-tokens", type=int, default=setting("fine_tune_max_tokens"),
+               help="tokens (rows x length) per training pass through the swarm, and the longest example; "
+                    "keep within the servers' --max-train-tokens")
+    add_swarm_options(parser)
+    add_routing_options(parser)
+
+
+def gateway_settings(args: argparse.Namespace, models: dict[str, Any]) -> Settings:
+    """The gateway flags as ``Settings`` serving ``models`` (id -> checkpoint folder)."""
+    return Settings(
+        models=models,
+        data_dir=args.data_dir,
+        api_key=args.api_key,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_upload_bytes=args.max_upload_mb * 2**20,
+        fine_tune_learning_rate=args.fine_tune_learning_rate,
+        fine_tune_max_tokens=args.fine_tune_max_tokens,
+    )
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(host=args.host, port=args.port, wire_codec=args.wire_codec, allow_peers=args.allow_peers)
