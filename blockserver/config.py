@@ -11,7 +11,7 @@ from swarm.node_options import NodeOptions
 
 @dataclass
 class ServerConfig:
-    model: str | None = None  # checkpoint folder or hub id; None: the embedded tiny model
+    model: str | None = None  # checkpoint folder or hub id; None: the embedded SmolLM2-135M-Instruct
     model_name: str | None = None  # name announced to the swarm; None: the folder name
     blocks: tuple[int, int] | None = None  # fixed span [start, end); None: placed and rebalanced
     num_blocks: int = 0  # without blocks: span length; 0: as many as fit in free memory

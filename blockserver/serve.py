@@ -19,7 +19,7 @@ from blockserver.server import BlockServer
 from blockserver.throughput import ThroughputCache
 from blocks.checkpoint import checkpoint_hash, default_model_name, load_config, resolve_model
 from blocks.span import BlockSpan
-from blocks.tiny_checkpoints import default_model_path
+from blocks.gguf_checkpoint import embedded_model_path
 from swarm.node import SwarmNode, start_node
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ async def serve(config: ServerConfig) -> None:
         model_path = await trio.to_thread.run_sync(resolve_model, config.model)
         name = default_model_name(config.model)
     else:
-        model_path = await trio.to_thread.run_sync(default_model_path)
+        model_path = await trio.to_thread.run_sync(embedded_model_path)
         name = model_path.name
     dtype = resolve_dtype(config.dtype, config.device)
 

@@ -8,7 +8,8 @@ from blocks.quant import QUANT_MODES, check_quant
 from blockserver import serve
 from blockserver.config import ServerConfig
 from blockserver.limits import ServerLimits
-from swarmgate.options import add_option, add_swarm_options, node_options
+from gateway.settings import resolve_device
+from swarmgate.options import DEVICES, DTYPES, add_option, add_swarm_options, node_options
 
 DEFAULT = ServerConfig()
 LIMITS = ServerLimits()
@@ -17,7 +18,7 @@ LIMITS = ServerLimits()
 def add_command(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser("server", help="serve a span of a model's layers to the swarm")
     add_option(server, "--model", default=DEFAULT.model,
-               help="checkpoint folder or Hugging Face hub id (default: the embedded tiny model)")
+               help="checkpoint folder or Hugging Face hub id (default: the embedded SmolLM2-135M-Instruct)")
     add_option(server, "--model-name", default=DEFAULT.model_name,
                help="name announced to the swarm (default: folder name)")
     add_option(server, "--blocks", default=None, metavar="START:END",
@@ -31,8 +32,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     add_swarm_options(server)
     add_option(server, "--announce-addrs", nargs="*", default=DEFAULT.announce_addrs, metavar="MADDR",
                help="public multiaddrs to announce instead of the listen ones (behind NAT, in a container)")
-    add_option(server, "--device", default=DEFAULT.device, choices=["cpu", "cuda"])
-    add_option(server, "--dtype", default=DEFAULT.dtype, choices=["auto", "float32", "float16", "bfloat16"],
+    add_option(server, "--device", default="auto", choices=DEVICES,
+               help="auto: cuda when a GPU is visible (one-token decode steps then replay CUDA graphs)")
+    add_option(server, "--dtype", default=DEFAULT.dtype, choices=DTYPES,
                help="auto: bfloat16 on cuda, float32 on cpu")
     add_option(server, "--quant", default=DEFAULT.quant, choices=QUANT_MODES,
                help="weight quantization through bitsandbytes (cuda only): int8 halves a bf16 block, nf4 quarters it")
@@ -72,6 +74,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     if blocks is not None and args.num_blocks:
         raise SystemExit("swarmgate server: give --blocks (fixed) or --num-blocks (chosen and rebalanced), not both")
     try:
+        args.device = resolve_device(args.device)
         check_quant(args.quant, args.device)
     except ValueError as error:
         raise SystemExit(f"swarmgate server: {error}") from None

@@ -15,8 +15,9 @@ from pathlib import Path
 from types import FrameType
 
 from blocks.checkpoint import default_model_name, load_config, resolve_model
-from blocks.tiny_checkpoints import default_model_path
+from blocks.gguf_checkpoint import embedded_model_path
 from gateway import serve
+from gateway.settings import resolve_device
 from gateway.storage.tenants import DEFAULT_TENANT, KeyStore
 from swarmgate.launcher import split_blocks, start_swarm, stop_all
 from swarmgate.options import add_gateway_options, add_option, gateway_settings, node_options, serve_options
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 def add_command(commands: argparse._SubParsersAction) -> None:
     up = commands.add_parser("up", help="start a local swarm (block servers + gateway) in one command")
     add_option(up, "--model", default=None,
-               help="checkpoint folder or Hugging Face hub id (default: the embedded tiny model)")
+               help="checkpoint folder or Hugging Face hub id (default: the embedded SmolLM2-135M-Instruct)")
     add_option(up, "--servers", type=int, default=2, help="block server processes to start")
     add_gateway_options(up)
     up.set_defaults(run=main)
@@ -38,7 +39,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    model_path = resolve_model(args.model) if args.model else default_model_path()
+    model_path = resolve_model(args.model) if args.model else embedded_model_path()
     name = default_model_name(args.model) if args.model else model_path.name
     num_blocks = load_config(model_path).num_hidden_layers
     data_dir = Path(args.data_dir)
@@ -49,7 +50,13 @@ def main(args: argparse.Namespace) -> None:
     spans = split_blocks(num_blocks, args.servers)
     print(f"starting {len(spans)} block servers for {name} ({num_blocks} blocks: {', '.join(spans)}); "
           f"logs in {log_dir}", flush=True)
-    servers = start_swarm(model_path, spans, extra_args=["--model-name", name], log_dir=log_dir)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise SystemExit(f"swarmgate up: {error}") from None
+    args.device = device  # the gateway's head goes where its servers go
+    server_args = ["--model-name", name, "--device", device, "--dtype", args.dtype]
+    servers = start_swarm(model_path, spans, extra_args=server_args, log_dir=log_dir)
     try:
         node = replace(node_options(args), initial_peers=servers[0].addrs)
         api_key = args.api_key or KeyStore(data_dir).create_key(DEFAULT_TENANT)
