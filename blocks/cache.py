@@ -10,6 +10,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 
 class SessionLimitError(Exception):
@@ -86,6 +89,9 @@ class SessionCaches:
                 raise SessionLimitError(
                     f"not enough cache: requested {batch * max_length} tokens, {self.free_tokens} free"
                 )
+            reserve = getattr(cache, "reserve", None)
+            if reserve is not None:  # a static cache sizes itself from what the session may hold
+                reserve(batch, max_length)
             session = Session(session_id, batch, max_length, cache, last_used=self._clock())
             self._sessions[session_id] = session
             return session
@@ -112,3 +118,82 @@ class SessionCaches:
             for sid in expired:
                 del self._sessions[sid]
             return expired
+
+
+class StaticKV:
+    """Pre-allocated keys and values of one session on a span's layers (the GPU path).
+
+    Per layer ``[batch, kv_heads, capacity, head_dim]``, written in place: no per-step
+    concatenation, and fixed addresses, so the span's one-token decode step can be replayed as a
+    CUDA graph (``BlockSpan``). The capacity starts at ``MIN_CAPACITY`` tokens and doubles when a
+    step needs more (a copy, and the session's graphs are dropped), never past the session's
+    ``max_length`` (rounded up to ``ALIGN``): a default ``max_tokens`` reserves the whole context,
+    which most sessions never fill.
+
+    It is the ``cache`` HF attention layers see: ``update`` writes the new keys/values and returns
+    the first ``view_length`` positions, at a position given either as a Python int (eager) or
+    as a device tensor (inside a graph). The span sets both before running its layers.
+    """
+
+    MIN_CAPACITY = 256
+    ALIGN = 64
+
+    def __init__(
+        self, *, start: int, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ):
+        self.start, self.num_layers = start, num_layers
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.batch: int | None = None  # fixed by the first step (or reserve)
+        self.max_length: int | None = None
+        self.length = 0  # positions already held
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.graphs: dict[Any, Any] = {}  # the span's captured decode steps over these buffers
+        # set by the span around each computation
+        self.write_at: int = 0
+        self.write_index: torch.Tensor | None = None  # graph mode: the position as a device tensor
+        self.view_length: int = 0
+
+    def reserve(self, batch: int, max_length: int) -> None:
+        self.batch, self.max_length = batch, max_length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def ensure(self, batch: int, needed: int) -> None:
+        """Room for `needed` positions of `batch` rows; grows (copying what is held) if short."""
+        if self.batch is None:
+            self.batch = batch
+        if batch != self.batch:
+            raise ValueError(f"this session has {self.batch} rows, got a step with {batch}")
+        if needed <= self.capacity:
+            return
+        capacity = max(self.MIN_CAPACITY, 1 << (needed - 1).bit_length())
+        if self.max_length is not None:
+            capacity = min(capacity, -(-max(self.max_length, needed) // self.ALIGN) * self.ALIGN)
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        for new, old in zip(keys + values, self.keys + self.values):
+            new[:, :, : self.length].copy_(old[:, :, : self.length])
+        self.keys, self.values, self.capacity = keys, values, capacity
+        self.graphs.clear()  # they point at the old buffers
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx - self.start], self.values[layer_idx - self.start]
+        if self.write_index is not None:
+            keys.index_copy_(2, self.write_index, key_states)
+            values.index_copy_(2, self.write_index, value_states)
+        else:
+            end = self.write_at + key_states.shape[2]
+            keys[:, :, self.write_at : end].copy_(key_states)
+            values[:, :, self.write_at : end].copy_(value_states)
+        return keys[:, :, : self.view_length], values[:, :, : self.view_length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length

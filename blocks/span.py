@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,8 +15,38 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from blocks import family, lora
+from blocks.cache import StaticKV
 from blocks.checkpoint import load_config, read_tensors
 from blocks.quant import check_quant, quantize_linears, weight_bytes
+
+
+def graphs_enabled() -> bool:
+    """CUDA graphs for one-token decode steps; ``SWARMGATE_CUDA_GRAPHS=0`` turns them off."""
+    return os.environ.get("SWARMGATE_CUDA_GRAPHS", "1").lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class _GpuState:
+    """Shared by a span and its views: one lock around GPU work (a capture must not overlap
+    other work of this process's spans), the side stream captures run on, and a positions
+    vector for masks."""
+
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    stream: Any = None
+    positions: torch.Tensor | None = None
+    retired: list = field(default_factory=list)
+    captures: int = 0  # graphs captured so far (tests, metrics)
+
+
+@dataclass
+class _DecodeGraph:
+    """One captured one-token step of a session: static input, position and output tensors."""
+
+    graph: Any
+    hidden: torch.Tensor
+    position: torch.Tensor
+    output: torch.Tensor
+    adapter: Any  # kept alive: the graph reads its tensors
 
 
 class BlockSpan:
@@ -20,6 +54,12 @@ class BlockSpan:
 
     Layers keep their global indices: a cache is indexed by them and a layer's attention kind
     (full or sliding) depends on them.
+
+    On a GPU, sessions get a static KV cache (`blocks.cache.StaticKV`) and a one-token step
+    replays a CUDA graph captured for that session (per capacity of its cache, so per batch
+    size and length bucket), which removes Python's per-kernel launch cost; prefill, multi-token
+    steps and quantized spans run eagerly on the same static cache. On a CPU nothing changes:
+    transformers' DynamicCache, eager.
     """
 
     def __init__(
@@ -67,6 +107,9 @@ class BlockSpan:
 
         self.layer_types = family.layer_types(self.config)[start:end]
         self._mask_layer = _mask_layers(start, self.layer_types)
+        self.static_cache = self.device.type == "cuda"
+        self.use_graphs = self.static_cache and quant == "none" and graphs_enabled()  # bitsandbytes: eager
+        self._gpu = _GpuState()
 
     def view(self, start: int, end: int) -> "BlockSpan":
         """Layers [start, end) of this span, sharing its weights: a server computes any part of
@@ -83,9 +126,16 @@ class BlockSpan:
         part._mask_layer = _mask_layers(start, part.layer_types)
         return part
 
-    def new_cache(self) -> Cache:
-        """A fresh per-session KV cache; indexed by global layer, only this span's layers fill."""
-        return DynamicCache(config=self.config)
+    def new_cache(self) -> Cache | StaticKV:
+        """A fresh per-session KV cache; indexed by global layer, only this span's layers fill.
+
+        On a GPU a static one, allocated at the first step (sized by `reserve` when the server's
+        SessionCaches opens the session, else grown as needed)."""
+        if not self.static_cache:
+            return DynamicCache(config=self.config)
+        head_dim = getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads
+        return StaticKV(start=self.start, num_layers=self.num_layers, kv_heads=self.config.num_key_value_heads,
+                        head_dim=head_dim, dtype=self.dtype, device=self.device)
 
     def forward(
         self,
@@ -101,7 +151,10 @@ class BlockSpan:
         `position` must equal the tokens the cache already holds, and the new ones are appended.
         `adapter` applies LoRA for this call only.
         """
-        with torch.inference_mode(), lora.applied(adapter):
+        if isinstance(cache, StaticKV):
+            with torch.inference_mode(), lora.applied(adapter), self._gpu.lock:
+                return self._forward_static(hidden, cache, position, adapter)
+        with torch.inference_mode(), lora.applied(adapter), self._gpu.lock:
             return self._forward(hidden, cache, position)
 
     def backward(
@@ -117,18 +170,139 @@ class BlockSpan:
         trainable = adapter.trainable() if adapter is not None else None
         leaves = dict(trainable.named_tensors()) if trainable is not None else {}
         hidden = hidden.detach().clone().requires_grad_(True)  # a leaf, even from an inference tensor
-        with torch.enable_grad(), lora.applied(trainable):
+        with torch.enable_grad(), lora.applied(trainable), self._gpu.lock:
             output = self._forward(hidden, None, 0)
         grad_input, *grads = torch.autograd.grad(output, [hidden, *leaves.values()], grad_output.to(output.dtype))
         return grad_input, dict(zip(leaves, grads))
 
-    def _forward(self, hidden: torch.Tensor, cache: Cache | None, position: int) -> torch.Tensor:
-        """The computation itself, under whatever grad mode the caller chose."""
+    def _check_hidden(self, hidden: torch.Tensor) -> None:
         if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size or hidden.dtype != self.dtype:
             raise ValueError(
                 f"expected {self.dtype} hidden states [batch, tokens, {self.hidden_size}], "
                 f"got {hidden.dtype} {list(hidden.shape)}"
             )
+
+    # -- the static-cache path (GPU) -------------------------------------------------------------
+    def _forward_static(
+        self, hidden: torch.Tensor, cache: StaticKV, position: int, adapter: lora.SpanLora | None
+    ) -> torch.Tensor:
+        self._check_hidden(hidden)
+        if position != cache.length:
+            raise ValueError(f"position {position} does not follow the {cache.length} tokens already seen")
+        batch, tokens = hidden.shape[:2]
+        if tokens == 0:
+            return hidden.clone()
+        cache.ensure(batch, position + tokens)
+        hidden = hidden.to(self.device)
+        if tokens == 1 and self.use_graphs:
+            output = self._graph_step(hidden, cache, position, adapter)
+        else:
+            output = self._eager_static(hidden, cache, position)
+        cache.length = position + tokens
+        return output
+
+    def _eager_static(self, hidden: torch.Tensor, cache: StaticKV, position: int) -> torch.Tensor:
+        """Any number of tokens, eagerly; attention over exactly the positions held (as HF's)."""
+        tokens = hidden.shape[1]
+        length = position + tokens
+        cache.write_index, cache.write_at, cache.view_length = None, position, length
+        position_ids = torch.arange(position, length, device=hidden.device).unsqueeze(0)
+        masks = {kind: self._static_mask(kind, position, tokens) for kind in self._mask_layer}
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        return self._run_layers(hidden, cache, masks, position_embeddings, position_ids)
+
+    def _run_layers(self, hidden, cache, masks, position_embeddings, position_ids) -> torch.Tensor:
+        for layer, kind in zip(self.layers, self.layer_types):
+            hidden = layer(
+                hidden,
+                attention_mask=masks[kind],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return hidden
+
+    def _window(self, kind: str) -> int | None:
+        return getattr(self.config, "sliding_window", None) if kind == "sliding_attention" else None
+
+    def _static_mask(self, kind: str, position: int, tokens: int) -> torch.Tensor | None:
+        """Boolean [1, 1, tokens, position + tokens] (True attends), or None where SDPA needs none:
+        one query sees every held key, or a first chunk is plainly causal."""
+        length, window = position + tokens, self._window(kind)
+        if (tokens == 1 or position == 0) and (window is None or length <= window):
+            return None
+        query = torch.arange(position, length, device=self.device)[:, None]
+        key = torch.arange(length, device=self.device)[None, :]
+        mask = key <= query
+        if window is not None:
+            mask &= key > query - window
+        return mask[None, None]
+
+    def _graph_step(
+        self, hidden: torch.Tensor, cache: StaticKV, position: int, adapter: lora.SpanLora | None
+    ) -> torch.Tensor:
+        """One token through a CUDA graph of this session (captured at its first such step)."""
+        key = (cache.capacity, id(adapter))
+        step = cache.graphs.get(key)
+        if step is None:
+            return self._capture(hidden, cache, position, adapter, key)
+        step.hidden.copy_(hidden)
+        step.position.fill_(position)
+        step.graph.replay()
+        return step.output.clone()  # the graph's own output tensor is overwritten by its next replay
+
+    def _capture(self, hidden, cache: StaticKV, position: int, adapter, key) -> torch.Tensor:
+        gpu = self._gpu
+        if gpu.stream is None:
+            gpu.stream = torch.cuda.Stream(device=self.device)
+        if gpu.positions is None or len(gpu.positions) < cache.capacity:
+            if gpu.positions is not None:
+                gpu.retired.append(gpu.positions)  # captured graphs still read it
+            gpu.positions = torch.arange(max(cache.capacity, self.config.max_position_embeddings), device=self.device)
+        static_hidden = hidden.clone()
+        static_position = torch.full((1,), position, dtype=torch.long, device=self.device)
+        stream = gpu.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            # warm-up on the capture stream (cuBLAS workspaces, lazy inits); it is this step's result
+            result = self._graph_body(static_hidden, static_position, cache).clone()
+            # A private memory pool per graph (a few MB of one token's activations): a pool shared
+            # through graph_pool_handle() cannot outlive the graphs of ended sessions.
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                output = self._graph_body(static_hidden, static_position, cache)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        cache.graphs[key] = _DecodeGraph(graph, static_hidden, static_position, output, adapter)
+        gpu.captures += 1
+        return result
+
+    def _graph_body(self, hidden: torch.Tensor, position: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """The one-token step with its position as a device tensor; attention over the whole
+        capacity, masked past the position (kept static so a graph replays it)."""
+        length = cache.capacity
+        cache.write_index, cache.view_length = position, length
+        try:
+            positions = self._gpu.positions[:length]
+            masks = {}
+            for kind in self._mask_layer:
+                mask = positions <= position
+                if (window := self._window(kind)) is not None:
+                    mask = mask & (positions > position - window)
+                masks[kind] = mask.view(1, 1, 1, length)
+            position_ids = position.view(1, 1)
+            position_embeddings = self.rotary_emb(hidden, position_ids)
+            return self._run_layers(hidden, cache, masks, position_embeddings, position_ids)
+        finally:
+            cache.write_index = None
+
+    # -- the dynamic-cache path (CPU, and cache-less passes) -------------------------------------
+    def _forward(self, hidden: torch.Tensor, cache: Cache | None, position: int) -> torch.Tensor:
+        """The computation itself, under whatever grad mode the caller chose."""
+        self._check_hidden(hidden)
         seen = cache.get_seq_length(self.start) if cache is not None else 0
         if position != seen:
             raise ValueError(f"position {position} does not follow the {seen} tokens already seen")

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from adapters import AdapterStore
 from blocks.head import ModelHead
 from gateway.backend import InferenceBackend
+from gateway.embeddings import routes as embeddings_routes
 from gateway.fine_tuning import files
 from gateway.fine_tuning import routes as fine_tuning_routes
 from gateway.fine_tuning.service import FineTuning
@@ -126,6 +127,7 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
     app.include_router(chat.router, responses=ERROR_RESPONSES)
     app.include_router(completions.router, responses=ERROR_RESPONSES)
     app.include_router(responses_routes.router, responses=ERROR_RESPONSES)
+    app.include_router(embeddings_routes.router, responses=ERROR_RESPONSES)
     upload_errors = ERROR_RESPONSES | {status: {"model": ErrorResponse} for status in (411, 413)}
     app.include_router(files.router, responses=upload_errors)
     app.include_router(fine_tuning_routes.router, responses=upload_errors)

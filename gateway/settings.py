@@ -34,9 +34,43 @@ class Settings(BaseModel):
         description="Tokens (rows x length) per training forward through the swarm, so also the longest example; "
         "keep it within the servers' --max-train-tokens.",
     )
-    head_device: str = "cpu"
-    head_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    head_device: str = Field(
+        "cpu", description="Where embeddings, final norm, LM head and sampling run: cpu or cuda (resolved, not auto)."
+    )
+    head_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="The head's dtype; `resolve_head` picks the checkpoint's on a GPU, float32 on a CPU."
+    )
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.head_dtype)
+
+
+def resolve_device(name: str) -> str:
+    """``auto``: cuda when a GPU is visible, else cpu; ``cuda`` without one is a clear error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU")
+    return name
+
+
+def checkpoint_dtype(model_path: Path) -> str:
+    """The checkpoint's own floating dtype (config ``dtype``/``torch_dtype``), bfloat16 if it names none."""
+    from blocks.checkpoint import load_config
+
+    config = load_config(model_path)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16"
+    return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
+
+
+def resolve_head(device: str, dtype: str, model_path: Path) -> tuple[str, str]:
+    """(head_device, head_dtype) from the ``--device``/``--dtype`` flags: on a GPU ``auto`` is the
+    checkpoint's dtype (what it was trained in), on a CPU float32 (exact, and fast there)."""
+    device = resolve_device(device)
+    if dtype == "auto":
+        dtype = checkpoint_dtype(model_path) if device == "cuda" else "float32"
+    return device, dtype

@@ -12,13 +12,15 @@ import os
 from typing import Any
 
 from gateway.serve import ServeOptions
-from gateway.settings import Settings
+from gateway.settings import Settings, resolve_head
 from swarm.codec import CODECS
 from swarm.identity import load_or_create_identity
 from swarm.node_options import NodeOptions
 from swarm.pnet import read_swarm_key
 
 ENV_PREFIX = "SWARMGATE_"
+DEVICES = ["auto", "cpu", "cuda"]
+DTYPES = ["auto", "float32", "float16", "bfloat16"]
 NODE = NodeOptions()
 SERVE = ServeOptions()
 
@@ -99,6 +101,11 @@ def add_gateway_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--max-concurrent-requests", type=int, default=setting("max_concurrent_requests"),
                help="per tenant; more get 429")
     add_option(parser, "--wire-codec", default=SERVE.wire_codec, choices=list(CODECS), help="hidden-state encoding")
+    add_option(parser, "--device", default="auto", choices=DEVICES,
+               help="where the gateway's head (embeddings, final norm, LM head) and sampling run; "
+                    "auto: cuda when a GPU is visible")
+    add_option(parser, "--dtype", default="auto", choices=DTYPES,
+               help="the head's dtype; auto: the checkpoint's on cuda, float32 on cpu")
     add_option(parser, "--max-upload-mb", type=int, default=setting("max_upload_bytes") // 2**20,
                help="largest file or adapter archive a tenant may upload")
     add_option(parser, "--fine-tune-learning-rate", type=float, default=setting("fine_tune_learning_rate"),
@@ -112,7 +119,13 @@ def add_gateway_options(parser: argparse.ArgumentParser) -> None:
 
 def gateway_settings(args: argparse.Namespace, models: dict[str, Any]) -> Settings:
     """The gateway flags as ``Settings`` serving ``models`` (id -> checkpoint folder)."""
+    try:
+        head_device, head_dtype = resolve_head(args.device, args.dtype, next(iter(models.values())))
+    except ValueError as error:
+        raise SystemExit(f"swarmgate: {error}") from None
     return Settings(
+        head_device=head_device,
+        head_dtype=head_dtype,
         models=models,
         data_dir=args.data_dir,
         api_key=args.api_key,

@@ -70,7 +70,7 @@ def grammar_spec(body: ChatCompletionRequest) -> tuple[guided.GrammarSpec | None
         schema = {}
     if not isinstance(schema, dict):
         raise InvalidRequest("response_format.json_schema.schema must be a JSON schema object.", param="response_format")
-    return guided.json_schema(schema, strict=bool(fmt.json_schema.strict)), "response_format"
+    return guided.json_schema(schema, strict=True), "response_format"  # as vLLM: no extra properties, strict or not
 
 
 def _render(body: ChatCompletionRequest, model: ServedModel, forced_hermes: bool) -> list[int]:

@@ -63,6 +63,10 @@ class Sampler:
     """Sampling state of one request whose `batch` rows are its `n` choices.
 
     Rows share the prompt; they differ in what they generated, which the penalties track.
+    Everything runs on the logits' device (the gateway's head device): the state tensors move
+    there at the first step, the greedy path is one argmax, and a step copies to the host only
+    the sampled ids (with their logprobs, when asked for) in one transfer. Grammar masks are
+    filled on the CPU and applied on the device, to the guided rows only.
     """
 
     def __init__(
@@ -81,37 +85,79 @@ class Sampler:
             torch.tensor([m is None for m in self.matchers], dtype=torch.bool) if self.matchers is not None else None
         )
         self.generated = 0
-        self._counts = torch.zeros(batch, vocab_size)
-        self._in_prompt = torch.zeros(vocab_size, dtype=torch.bool)
-        self._in_prompt[torch.tensor(list(prompt_ids), dtype=torch.long)] = True
-        self._bias = torch.zeros(vocab_size)
-        for token_id, bias in params.logit_bias.items():
-            self._bias[token_id] = bias
+        self._penalized = params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
+        self._counts = torch.zeros(batch, vocab_size) if self._penalized else None
+        self._in_prompt = None
+        if params.repetition_penalty != 1.0:
+            self._in_prompt = torch.zeros(vocab_size, dtype=torch.bool)
+            self._in_prompt[torch.tensor(list(prompt_ids), dtype=torch.long)] = True
+        self._bias = None
+        if params.logit_bias:
+            self._bias = torch.zeros(vocab_size)
+            for token_id, bias in params.logit_bias.items():
+                self._bias[token_id] = bias
         self._eos = torch.tensor([t for t in eos_token_ids if t < vocab_size], dtype=torch.long)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._generator = torch.Generator().manual_seed(self._seed)
+        self._device = torch.device("cpu")
+
+    def _move_to(self, device: torch.device) -> None:
+        """The state goes where the logits are, once (a generator is per device: same seed)."""
+        if device == self._device:
+            return
+        self._device = device
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        self._counts, self._in_prompt, self._bias = move(self._counts), move(self._in_prompt), move(self._bias)
+        self._eos, self._unguided = move(self._eos), move(self._unguided)
+        self._generator = torch.Generator(device=device).manual_seed(self._seed)
 
     def sample(self, logits: torch.Tensor) -> list[SampledToken]:
-        """One token per row from float logits [batch, vocab]."""
-        logits = logits.detach().to("cpu", torch.float32).clone()
-        raw = torch.log_softmax(logits, dim=-1) if self.params.logprobs is not None else None
-        logits = self._process(logits)
+        """One token per row from float logits [batch, vocab], on whatever device they are."""
+        logits = logits.detach()
+        self._move_to(logits.device)
+        logits = logits.float()
+        p = self.params
+        raw = torch.log_softmax(logits, dim=-1) if p.logprobs is not None else None
+        if self._changes_logits():
+            logits = self._process(logits.clone())  # in place below: never the caller's tensor
         if self.matchers is not None:
             from gateway.agents.guided import apply_masks
 
             apply_masks(self.matchers, logits)
-        if self.params.greedy:
+        if p.greedy:
             tokens = logits.argmax(dim=-1)
         else:
-            probs = torch.softmax(self._truncate(logits / self.params.temperature), dim=-1)
+            probs = torch.softmax(self._truncate(logits / p.temperature), dim=-1)
             tokens = torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
-        self._counts[torch.arange(len(tokens)), tokens] += 1
+        if self._counts is not None:
+            self._counts[torch.arange(len(tokens), device=tokens.device), tokens] += 1
         self.generated += 1
+        sampled = self._to_host(tokens, raw)
         if self.matchers is not None:
-            for matcher, token in zip(self.matchers, tokens.tolist()):
+            for matcher, token in zip(self.matchers, sampled):
                 if matcher is not None and not matcher.is_terminated():
-                    matcher.accept(token)
-        return [self._describe(row, int(token), raw) for row, token in enumerate(tokens)]
+                    matcher.accept(token.token_id)
+        return sampled
+
+    def _changes_logits(self) -> bool:
+        p = self.params
+        suppress = (p.ignore_eos or self.generated < p.min_tokens) and len(self._eos) > 0
+        return suppress or self._bias is not None or self._penalized or self.matchers is not None
+
+    def _to_host(self, tokens: torch.Tensor, raw: torch.Tensor | None) -> list[SampledToken]:
+        """The step's one device-to-host copy: ids, and with logprobs their values and the top k."""
+        if raw is None:
+            return [SampledToken(int(token), None) for token in tokens.tolist()]
+        k = self.params.logprobs or 0
+        columns = [tokens.unsqueeze(-1).double(), raw.gather(-1, tokens.unsqueeze(-1)).double()]
+        if k:
+            values, ids = torch.topk(raw, k, dim=-1)
+            columns += [ids.double(), values.double()]
+        rows = torch.cat(columns, dim=-1).tolist()  # ids are exact in float64
+        return [
+            SampledToken(int(row[0]), row[1], tuple(zip((int(i) for i in row[2 : 2 + k]), row[2 + k :])))
+            for row in rows
+        ]
 
     def _process(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -121,7 +167,8 @@ class Sampler:
             else:  # a finished grammar allows only stop tokens: never suppress them on guided rows
                 rows = self._unguided.nonzero().squeeze(-1)
                 logits[rows.unsqueeze(-1), self._eos] = float("-inf")
-        logits += self._bias
+        if self._bias is not None:
+            logits += self._bias
         if p.repetition_penalty != 1.0:
             seen = self._in_prompt | (self._counts > 0)
             penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
@@ -152,10 +199,3 @@ class Sampler:
             drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= p.top_p)
             logits = logits.masked_fill(drop, float("-inf"))
         return logits
-
-    def _describe(self, row: int, token: int, raw: torch.Tensor | None) -> SampledToken:
-        if raw is None:
-            return SampledToken(token, None)
-        k = self.params.logprobs or 0
-        values, ids = torch.topk(raw[row], k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
-        return SampledToken(token, float(raw[row, token]), tuple(zip(ids.tolist(), values.tolist())))

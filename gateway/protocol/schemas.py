@@ -373,3 +373,53 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
+
+
+# --- embeddings -----------------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # as OpenAI: inputs per request
+
+
+class EmbeddingRequest(BaseModel):
+    """`POST /v1/embeddings`: one text, texts, one token-id list or token-id lists."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs_not_empty(cls, value: str | list[str] | list[int] | list[list[int]]) -> Any:
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            value = [value]  # one input
+        if not value:
+            raise ValueError("input must not be an empty list")
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(value)}")
+        if any(not item for item in value):
+            raise ValueError("inputs must not be empty strings or empty token lists")
+        return value
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as a list (one input becomes a list of one)."""
+        return self.input  # type: ignore[return-value]  # normalised by `_inputs_not_empty`
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: the little-endian float32 bytes
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
