@@ -20,7 +20,7 @@ import torch
 from transformers import PretrainedConfig
 
 from blocks import family
-from blocks.lora_weights import PARENT, SUPPORTED_MODULES, LoraWeights, digest, module_prefix, parse_name
+from blocks.lora_weights import ALL_MODULES, LoraWeights, digest, module_prefix, parse_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -90,6 +90,11 @@ class LoraAdapter:
     def check(self, base: PretrainedConfig, base_name: str | None = None) -> None:
         """Raise AdapterError unless the swarm serves this adapter on `base` as plain peft would."""
         check_config(self.config, base_name)
+        own = family.of(base).lora_modules
+        if foreign := sorted(set(self.target_modules) - set(own)):
+            raise AdapterError(
+                f"{', '.join(foreign)}: not a projection of this {base.model_type} base; its LoRA modules: {', '.join(own)}"
+            )
         shapes = module_shapes(base)
         pairs: dict[str, set[str]] = {}
         for name, tensor in self.tensors.items():
@@ -124,8 +129,8 @@ def check_config(config: Mapping[str, Any], base_name: str | None = None) -> Non
     r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
         raise AdapterError("r must be a positive integer and lora_alpha a number")
-    if not isinstance(targets, list) or not targets or not set(targets) <= set(SUPPORTED_MODULES):
-        raise AdapterError(f"target_modules must be a list of {', '.join(SUPPORTED_MODULES)}; got {targets!r}")
+    if not isinstance(targets, list) or not targets or not set(targets) <= set(ALL_MODULES):
+        raise AdapterError(f"target_modules must be a list of {', '.join(ALL_MODULES)}; got {targets!r}")
     named = config.get("base_model_name_or_path")
     if base_name and named and named != base_name and Path(named).name != Path(base_name).name:
         raise AdapterError(f"the adapter is for base model {named!r}, not {base_name!r}")
@@ -133,10 +138,11 @@ def check_config(config: Mapping[str, Any], base_name: str | None = None) -> Non
 
 def module_shapes(base: PretrainedConfig) -> dict[str, tuple[int, int]]:
     """Module prefix -> (in_features, out_features) of every LoRA-able projection of the base."""
-    layers = family.skeleton(base).model.layers
+    model = family.skeleton(base)
+    fam = family.of(model.config)
     return {
-        module_prefix(index, module): (target.in_features, target.out_features)
-        for index, layer in enumerate(layers)
-        for module in SUPPORTED_MODULES
-        for target in [layer.get_submodule(f"{PARENT[module]}.{module}")]
+        module_prefix(fam.layer_prefix(index), path): (target.in_features, target.out_features)
+        for index, layer in enumerate(fam.decoder_layers(model))
+        for path in fam.lora_modules.values()
+        for target in [layer.get_submodule(path)]
     }

@@ -23,11 +23,18 @@ from blocks.lora_weights import ATTENTION_MODULES, SUPPORTED_MODULES
 
 
 def lora_config(
-    base_name: str, *, r: int = 8, alpha: float = 16, target_modules: Sequence[str] = ATTENTION_MODULES
+    base_name: str,
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    target_modules: Sequence[str] = ATTENTION_MODULES,
+    supported: Sequence[str] = SUPPORTED_MODULES,
 ) -> LoraConfig:
-    """The PEFT config of a swarm-trainable adapter (dropout off: servers apply none)."""
-    if not target_modules or not set(target_modules) <= set(SUPPORTED_MODULES):
-        raise ValueError(f"target_modules must be among {', '.join(SUPPORTED_MODULES)}; got {list(target_modules)}")
+    """The PEFT config of a swarm-trainable adapter (dropout off: servers apply none).
+
+    `supported`: the base family's LoRA-able modules (`blocks.family.Family.lora_modules`)."""
+    if not target_modules or not set(target_modules) <= set(supported):
+        raise ValueError(f"target_modules must be among {', '.join(supported)}; got {list(target_modules)}")
     return LoraConfig(
         r=r, lora_alpha=alpha, target_modules=sorted(target_modules), lora_dropout=0.0, bias="none",
         task_type="CAUSAL_LM", base_model_name_or_path=base_name,
@@ -40,12 +47,19 @@ def create_adapter(
     base_name: str,
     r: int = 8,
     alpha: float = 16,
-    target_modules: Sequence[str] = ATTENTION_MODULES,
+    target_modules: Sequence[str] | None = None,
     seed: int = 0,
 ) -> LoraAdapter:
-    """A new adapter for the checkpoint at `base_path` (announced as `base_name`); the caller's RNG is untouched."""
-    config = lora_config(base_name, r=r, alpha=alpha, target_modules=target_modules)
+    """A new adapter for the checkpoint at `base_path` (announced as `base_name`); the caller's RNG is untouched.
+
+    `target_modules` defaults to the family's attention projections (Llama: q/k/v/o_proj, Phi-3:
+    qkv_proj/o_proj, BLOOM and Falcon: query_key_value/dense); Mixtral's experts are fused
+    parameters, not projections, so its adapters target attention only."""
     skeleton = family.skeleton(load_config(base_path))
+    fam = family.of(skeleton.config)
+    if target_modules is None:
+        target_modules = tuple(fam.lora_attention)
+    config = lora_config(base_name, r=r, alpha=alpha, target_modules=target_modules, supported=tuple(fam.lora_modules))
     skeleton.name_or_path = base_name  # what peft records as the base (else the folder's path)
     for name, module in skeleton.named_modules():
         if name.rsplit(".", 1)[-1] in config.target_modules and isinstance(module, nn.Linear):

@@ -14,8 +14,10 @@ from blocks.checkpoint import load_config, read_tensors
 class ModelHead:
     """Embeddings, final norm and LM head of a checkpoint, and nothing else of it.
 
-    With tied embeddings the LM head shares the embedding matrix (the checkpoint has no
-    `lm_head.weight`).
+    With tied embeddings the LM head shares the embedding matrix (the checkpoint has no LM head
+    tensor). What a family adds on this side comes with its modules or its `Family`: Gemma's
+    embedding scale (inside its embedding module), BLOOM's `word_embeddings_layernorm`, Gemma's
+    final logit soft-capping.
     """
 
     def __init__(
@@ -24,31 +26,42 @@ class ModelHead:
         config = load_config(model_path)
         model = family.skeleton(config)
         self.config = model.config
+        self.family = family.of(self.config)
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = config.vocab_size
         self.num_layers: int = config.num_hidden_layers
         self.dtype = dtype
         self.device = torch.device(device)
 
+        fam = self.family
+        lm_head_name = f"{fam.lm_head}.weight"
         tied = config.tie_word_embeddings
-        names = [family.EMBED, family.NORM] + ([] if tied else [family.LM_HEAD])
-        tensors = read_tensors(model_path, names, dtype, device)
-        self.embed_tokens: nn.Module = model.model.embed_tokens
-        self.norm: nn.Module = model.model.norm
-        self.lm_head: nn.Module = model.lm_head
-        for module, name in (
-            (self.embed_tokens, family.EMBED),
-            (self.norm, family.NORM),
-            (self.lm_head, family.EMBED if tied else family.LM_HEAD),
-        ):
-            module.load_state_dict({"weight": tensors[name]}, strict=True, assign=True)
+        self.embed_tokens: nn.Module = model.get_submodule(fam.embed)
+        self.embed_norm: nn.Module | None = model.get_submodule(fam.embed_norm) if fam.embed_norm else None
+        self.norm: nn.Module = model.get_submodule(fam.norm)
+        self.lm_head: nn.Module = model.get_submodule(fam.lm_head)
+        sources = {fam.embed: self.embed_tokens, fam.norm: self.norm}
+        if self.embed_norm is not None:
+            sources[fam.embed_norm] = self.embed_norm
+        names = {f"{path}.{key}" for path, module in sources.items() for key in module.state_dict()}
+        tensors = read_tensors(model_path, sorted(names | {f"{fam.embed}.weight" if tied else lm_head_name}), dtype, device)
+        for path, module in sources.items():
+            module.load_state_dict({key: tensors[f"{path}.{key}"] for key in module.state_dict()}, strict=True, assign=True)
+        self.lm_head.load_state_dict(
+            {"weight": tensors[f"{fam.embed}.weight" if tied else lm_head_name]}, strict=True, assign=True
+        )
+        for module in (self.embed_tokens, self.embed_norm, self.norm, self.lm_head):
+            if module is None:
+                continue
+            _rebuild_meta_buffers(module, self.device)
             module.eval()
             module.requires_grad_(False)  # frozen: fine-tuning trains LoRA weights only
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [b, t] -> hidden states [b, t, h]."""
         with torch.inference_mode():
-            return self.embed_tokens(input_ids.to(self.device))
+            hidden = self.embed_tokens(input_ids.to(self.device))
+            return self.embed_norm(hidden) if self.embed_norm is not None else hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last span's hidden states [b, t, h] (any float dtype) -> float32 logits [b, t, vocab]."""
@@ -57,4 +70,18 @@ class ModelHead:
 
     def differentiable_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`logits` under the caller's grad mode: fine-tuning backpropagates a loss into `hidden`."""
-        return self.lm_head(self.norm(hidden.to(self.device, self.dtype))).float()
+        logits = self.lm_head(self.norm(hidden.to(self.device, self.dtype)))
+        return self.family.logits(self.config, logits).float()
+
+
+def _rebuild_meta_buffers(module: nn.Module, device: torch.device) -> None:
+    """Buffers computed at init are still on the meta device in the skeleton: compute them anew.
+
+    The only one today is Gemma's embedding scale (sqrt(hidden), kept as a Python float too)."""
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if not buffer.is_meta:
+            continue
+        if name == "embed_scale" and hasattr(module, "scalar_embed_scale"):
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
+        else:
+            raise ValueError(f"{type(module).__name__}.{name}: a buffer computed at init that the head cannot rebuild")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocks.lora_weights import PARENT, SUPPORTED_MODULES, LoraWeights, module_prefix, parse_name
+from blocks.lora_weights import LoraWeights, module_prefix, parse_name
 
 _ACTIVE: ContextVar["SpanLora | None"] = ContextVar("swarmgate_active_lora", default=None)
 
@@ -88,16 +88,16 @@ class SpanLora:
             yield f"{prefix}.lora_B.weight", b
 
 
-def attach(layers: nn.ModuleList, start: int) -> dict[str, nn.Module]:
-    """Hook every supported projection of `layers` (global indices from `start`).
+def attach(layers: nn.ModuleList, start: int, family: Any) -> dict[str, nn.Module]:
+    """Hook every LoRA-able projection of `layers` (global indices from `start`) of a `blocks.family.Family`.
 
     Returns module prefix -> module: what an adapter may target on this span.
     """
     targets: dict[str, nn.Module] = {}
     for index, layer in enumerate(layers):
-        for module in SUPPORTED_MODULES:
-            prefix = module_prefix(start + index, module)
-            target = layer.get_submodule(f"{PARENT[module]}.{module}")
+        for path in family.lora_modules.values():
+            prefix = module_prefix(family.layer_prefix(start + index), path)
+            target = layer.get_submodule(path)
             target.register_forward_hook(partial(_add_lora, prefix))
             targets[prefix] = target
     return targets

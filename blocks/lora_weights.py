@@ -1,8 +1,9 @@
 """LoRA weights as they travel: PEFT's tensor names, the split per span, and a content digest.
 
-Names and layout are exactly those of an adapter saved by PEFT for a Llama-family model
+Names and layout are exactly those of an adapter saved by PEFT
 (``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` [r, in],
-``...lora_B.weight`` [out, r]), so any PEFT LoRA adapter splits per span as it is. A server
+``...lora_B.weight`` [out, r]; BLOOM and Falcon: ``base_model.model.transformer.h.{i}.self_attention.
+query_key_value...``), so any PEFT LoRA adapter splits per span as it is. A server
 caches a span's tensors under their digest, which it recomputes on upload: a cache key names
 its content and no client can plant tensors under another adapter's key.
 """
@@ -19,15 +20,22 @@ from typing import Any, Literal, NamedTuple
 import cbor2
 import torch
 
+# Llama-layout names (the defaults of fine-tuning requests); other families' are in blocks/family.py.
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-SUPPORTED_MODULES = ATTENTION_MODULES + MLP_MODULES
 PARENT = {**dict.fromkeys(ATTENTION_MODULES, "self_attn"), **dict.fromkeys(MLP_MODULES, "mlp")}
+# Every family's: Phi-3's fused qkv_proj/gate_up_proj, BLOOM's and Falcon's query_key_value/dense/...
+SUPPORTED_MODULES = ATTENTION_MODULES + MLP_MODULES  # the Llama layout's (Llama, Mistral, Qwen2/3, Gemma 3)
+FUSED_MODULES = ("qkv_proj", "gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+ALL_MODULES = SUPPORTED_MODULES + FUSED_MODULES  # any family's; a base's own: blocks.family.Family.lora_modules
+_PARENTS = {**PARENT, "qkv_proj": "self_attn", "gate_up_proj": "mlp", "query_key_value": "self_attention",
+            "dense": "self_attention", "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
 
 # PEFT wraps the transformers model twice (PeftModel.base_model = LoraModel, .model = the HF model).
-_PREFIX = "base_model.model.model.layers."
+_WRAP = "base_model.model."
 _NAME = re.compile(
-    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight"
+    r"base_model\.model\.((?:model\.layers|transformer\.h)\.(\d+)\.(self_attn|self_attention|mlp)\.(\w+))"
+    r"\.lora_(A|B)\.weight"
 )
 
 Part = Literal["A", "B"]
@@ -35,27 +43,24 @@ Part = Literal["A", "B"]
 
 class LoraName(NamedTuple):
     layer: int
-    module: str  # one of SUPPORTED_MODULES
+    module: str  # one of ALL_MODULES
     part: Part
-
-    @property
-    def prefix(self) -> str:
-        """The LoRA-wrapped module's name, shared by its A and B tensors."""
-        return module_prefix(self.layer, self.module)
+    prefix: str  # the LoRA-wrapped module's name, shared by its A and B tensors
 
 
-def module_prefix(layer: int, module: str) -> str:
-    return f"{_PREFIX}{layer}.{PARENT[module]}.{module}"
+def module_prefix(layer_prefix: str, path: str) -> str:
+    """PEFT's name of a layer's module: `layer_prefix` as `family.layer_prefix` gives it, `path` within the layer."""
+    return f"{_WRAP}{layer_prefix}{path}"
 
 
 def parse_name(name: str) -> LoraName:
     """Layer, module and part of a PEFT LoRA tensor name; ValueError for anything else."""
     match = _NAME.fullmatch(name)
-    if match is None or match[3] not in PARENT or PARENT[match[3]] != match[2]:
+    if match is None or _PARENTS.get(match[4]) != match[3]:
         raise ValueError(
-            f"{name!r} is not a LoRA tensor of a supported module ({', '.join(SUPPORTED_MODULES)})"
+            f"{name!r} is not a LoRA tensor of a supported module ({', '.join(ALL_MODULES)})"
         )
-    return LoraName(int(match[1]), match[3], match[4])  # type: ignore[arg-type]
+    return LoraName(int(match[2]), match[4], match[5], _WRAP + match[1])  # type: ignore[arg-type]
 
 
 def digest(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> str:

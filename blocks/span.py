@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache
 
 from blocks import family, lora
 from blocks.cache import StaticKV
-from blocks.checkpoint import load_config, read_tensors
+from blocks.checkpoint import load_config
 from blocks.quant import check_quant, quantize_linears, weight_bytes
 
 
@@ -78,37 +78,42 @@ class BlockSpan:
             raise ValueError(f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} layers")
         model = family.skeleton(config)
         self.config = model.config
+        self.family = family.of(self.config)
         self.start, self.end = start, end
         self.num_layers = end - start
         self.hidden_size: int = config.hidden_size
         self.dtype = dtype
         self.device = torch.device(device)
 
-        self.layers = nn.ModuleList(model.model.layers[start:end])
-        names = {
-            f"{i}.{key}": family.layer_prefix(start + i) + key
-            for i, layer in enumerate(self.layers)
-            for key in layer.state_dict()
-        }
+        self.layers = nn.ModuleList(self.family.decoder_layers(model)[start:end])
+        keys = {start + i: list(layer.state_dict()) for i, layer in enumerate(self.layers)}
         # Quantized weights are read to the CPU: bitsandbytes quantizes them on their way to the GPU.
-        tensors = read_tensors(model_path, names.values(), dtype, self.device if quant == "none" else "cpu")
-        self.layers.load_state_dict({local: tensors[name] for local, name in names.items()}, strict=True, assign=True)
+        tensors = family.read_layers(model_path, self.family, keys, dtype, self.device if quant == "none" else "cpu")
+        self.layers.load_state_dict(
+            {f"{index - start}.{key}": tensor for (index, key), tensor in tensors.items()}, strict=True, assign=True
+        )
+        _materialize_buffers(self.layers, self.device)
         if quant != "none":
             quantize_linears(self.layers, quant, dtype)
             self.layers.to(self.device)
         self.layers.eval()
         self.layers.requires_grad_(False)  # frozen: only LoRA weights supplied per request are trained
-        self.lora_targets = lora.attach(self.layers, start)  # module prefix -> module, per-request LoRA
+        self.lora_targets = lora.attach(self.layers, start, self.family)  # module prefix -> module, per-request LoRA
         self.quant = quant
-        self.block_bytes = weight_bytes(self.layers) // self.num_layers  # announced: memory per block
+        self.block_bytes = weight_bytes(self.layers) // self.num_layers  # announced: memory per block (all experts)
         # Rotary buffers are computed at init, so the meta skeleton's cannot be loaded: build anew.
-        with self.device:
-            self.rotary_emb = type(model.model.rotary_emb)(config=self.config)
+        self.rotary_emb = None
+        if self.family.rotary is not None:
+            with self.device:
+                self.rotary_emb = type(model.get_submodule(self.family.rotary))(config=self.config)
 
         self.layer_types = family.layer_types(self.config)[start:end]
         self._mask_layer = _mask_layers(start, self.layer_types)
-        self.static_cache = self.device.type == "cuda"
-        self.use_graphs = self.static_cache and quant == "none" and graphs_enabled()  # bitsandbytes: eager
+        # ALiBi families keep DynamicCache and eager compute on a GPU too (family.static_cache).
+        self.static_cache = self.device.type == "cuda" and self.family.static_cache
+        self.use_graphs = (  # bitsandbytes: eager
+            self.static_cache and quant == "none" and graphs_enabled() and self.family.use_graphs(self.config)
+        )
         self._gpu = _GpuState()
 
     def view(self, start: int, end: int) -> "BlockSpan":
@@ -133,9 +138,8 @@ class BlockSpan:
         SessionCaches opens the session, else grown as needed)."""
         if not self.static_cache:
             return DynamicCache(config=self.config)
-        head_dim = getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads
-        return StaticKV(start=self.start, num_layers=self.num_layers, kv_heads=self.config.num_key_value_heads,
-                        head_dim=head_dim, dtype=self.dtype, device=self.device)
+        return StaticKV(start=self.start, num_layers=self.num_layers, kv_heads=self.family.kv_heads(self.config),
+                        head_dim=self.family.head_dim(self.config), dtype=self.dtype, device=self.device)
 
     def forward(
         self,
@@ -208,7 +212,7 @@ class BlockSpan:
         cache.write_index, cache.write_at, cache.view_length = None, position, length
         position_ids = torch.arange(position, length, device=hidden.device).unsqueeze(0)
         masks = {kind: self._static_mask(kind, position, tokens) for kind in self._mask_layer}
-        position_embeddings = self.rotary_emb(hidden, position_ids)
+        position_embeddings = self.family.position_embeddings(self.rotary_emb, hidden, position_ids, list(masks))
         return self._run_layers(hidden, cache, masks, position_embeddings, position_ids)
 
     def _run_layers(self, hidden, cache, masks, position_embeddings, position_ids) -> torch.Tensor:
@@ -216,7 +220,7 @@ class BlockSpan:
             hidden = layer(
                 hidden,
                 attention_mask=masks[kind],
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[kind],
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
@@ -294,7 +298,7 @@ class BlockSpan:
                     mask = mask & (positions > position - window)
                 masks[kind] = mask.view(1, 1, 1, length)
             position_ids = position.view(1, 1)
-            position_embeddings = self.rotary_emb(hidden, position_ids)
+            position_embeddings = self.family.position_embeddings(self.rotary_emb, hidden, position_ids, list(masks))
             return self._run_layers(hidden, cache, masks, position_embeddings, position_ids)
         finally:
             cache.write_index = None
@@ -307,28 +311,18 @@ class BlockSpan:
         if position != seen:
             raise ValueError(f"position {position} does not follow the {seen} tokens already seen")
         position_ids = torch.arange(position, position + hidden.shape[1], device=hidden.device).unsqueeze(0)
-        masks = {
-            kind: family.MASK_FUNCTIONS[kind](
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=None,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=layer_idx,
-            )
-            for kind, layer_idx in self._mask_layer.items()
-        }
-        position_embeddings = self.rotary_emb(hidden, position_ids)
+        inputs = self.family.layer_inputs(self, hidden, cache, position_ids)
         for layer, kind in zip(self.layers, self.layer_types):
-            hidden = layer(
-                hidden,
-                attention_mask=masks[kind],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            )
+            output = layer(hidden, **inputs[kind])
+            hidden = output[0] if isinstance(output, tuple) else output  # BLOOM/Falcon: (hidden, attentions)
         return hidden
+
+
+def _materialize_buffers(layers: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers left on the meta device by the skeleton (none in today's families)."""
+    for name, buffer in layers.named_buffers():
+        if buffer.is_meta:
+            raise ValueError(f"{name}: a buffer computed at init that spans cannot rebuild")
 
 
 def _mask_layers(start: int, layer_types: list[str]) -> dict[str, int]:

@@ -21,7 +21,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from blocks.checkpoint import cache_root
 from common.atomic_files import write_folder_atomic
 
-Family = Literal["llama", "mistral", "qwen2"]
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "phi3", "bloom", "falcon"]
 
 PAD, BOS, EOS, IM_START, END_OF_TEXT = "<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, END_OF_TEXT]
@@ -134,12 +134,18 @@ def build_checkpoint(
     seed: int = 0,
     max_shard_size: str | None = None,
     dtype: torch.dtype = torch.float32,
+    extra_config: dict | None = None,
 ) -> Path:
     """Write config, random weights, tokenizer and generation config of a small model to `out_dir`.
 
     `vocab_size` defaults to the tokenizer's size and may only exceed it. `sliding_window` gives
     Mistral sliding attention on every layer and Qwen2 on its upper half of layers (as Qwen2's
-    `max_window_layers` does); Llama has none.
+    `max_window_layers` does); Llama has none. Per family: Qwen3 has q/k norms; Gemma 3 alternates
+    sliding and global layers (`sliding_window` defaults to 16 there) with rope bases 10k/1M and
+    soft-capped logits; Mixtral has 4 experts, 2 per token (`intermediate_size` per expert); Phi-3
+    fuses qkv and gate/up; BLOOM (ALiBi) and Falcon have no separate KV-head count (Falcon: the
+    new decoder architecture with `num_kv_heads` groups; `extra_config` reaches the older ALiBi one).
+    `extra_config` overrides any config field.
     """
     if family == "llama" and sliding_window is not None:
         raise ValueError("Llama has no sliding-window attention; use family='mistral' or 'qwen2'")
@@ -149,30 +155,51 @@ def build_checkpoint(
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    per_family = {
-        "llama": {},
-        "mistral": dict(sliding_window=sliding_window),
-        "qwen2": dict(
-            use_sliding_window=sliding_window is not None,
-            sliding_window=sliding_window,
-            max_window_layers=num_layers // 2,
-        ),
-    }[family]
-    config = AutoConfig.for_model(
-        family,
+    common = dict(
         num_hidden_layers=num_layers,
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
         vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=ids[BOS],
         eos_token_id=ids[EOS],
         pad_token_id=ids[PAD],
-        **per_family,
     )
+    llama_like = dict(
+        intermediate_size=intermediate_size, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+    )
+    if family == "gemma3_text":
+        window = sliding_window or 16
+        kinds = ["sliding_attention", "full_attention"]
+        per_family = dict(
+            llama_like, head_dim=hidden_size // num_heads, query_pre_attn_scalar=hidden_size // num_heads,
+            sliding_window=window, layer_types=[kinds[i % 3 == 2] for i in range(num_layers)],
+            final_logit_softcapping=30.0,
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                             "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
+        )
+    elif family == "bloom":
+        per_family = dict(n_layer=num_layers, n_head=num_heads)
+    elif family == "falcon":
+        per_family = dict(
+            new_decoder_architecture=True, num_kv_heads=num_kv_heads, ffn_hidden_size=intermediate_size,
+            max_position_embeddings=max_position_embeddings, bias=False,
+        )
+    else:
+        per_family = dict(llama_like, **{
+            "llama": {},
+            "qwen3": {},
+            "mistral": dict(sliding_window=sliding_window),
+            "phi3": dict(sliding_window=sliding_window),
+            "mixtral": dict(sliding_window=sliding_window, num_local_experts=4, num_experts_per_tok=2),
+            "qwen2": dict(
+                use_sliding_window=sliding_window is not None,
+                sliding_window=sliding_window,
+                max_window_layers=num_layers // 2,
+            ),
+        }[family])
+    config = AutoConfig.for_model(family, **{**common, **per_family, **(extra_config or {})})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.generation_config = GenerationConfig(

@@ -95,12 +95,10 @@ def blocks_that_fit(available_bytes: int, bytes_per_block: int, num_blocks: int)
 def bytes_per_block(model_path: str, dtype: torch.dtype, quant: str, cache_tokens: int) -> int:
     """Weight bytes of one decoder layer as it would be loaded, plus `cache_tokens` of its KV cache."""
     config = load_config(model_path)
-    layer = family.skeleton(config).model.layers[0]  # on the meta device: shapes, no memory
+    layer = family.decoder_layers(family.skeleton(config))[0]  # on the meta device: shapes, no memory
     parameters = sum(p.numel() for p in layer.parameters())
     weights = parameters * QUANT_BYTES_PER_PARAMETER.get(quant, dtype.itemsize)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    cache = 2 * config.num_key_value_heads * head_dim * dtype.itemsize * cache_tokens
-    return int(weights + cache)
+    return int(weights + family.kv_bytes_per_token(config, dtype) * cache_tokens)
 
 
 def available_memory(device: str) -> int:

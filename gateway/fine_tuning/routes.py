@@ -161,7 +161,8 @@ async def export_adapter(model: str, fine_tuning: FineTuningDep, tenant: TenantD
 @router.post("/v1/fine_tuning/models/import")
 async def import_model(
     file: Annotated[UploadFile, File(description="A PEFT LoRA adapter folder as .tar.gz or .zip.")],
-    model: Annotated[str, Form(description="The served base model the adapter was trained on.")],
+    model: Annotated[str, Form(description="The served base model the adapter was trained on.",
+                               json_schema_extra={"minLength": 1})],
     gateway: GatewayDep,
     fine_tuning: FineTuningDep,
     tenant: TenantDep,

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backend import BlocksUnavailable, SwarmBusy
@@ -156,11 +157,28 @@ async def _on_client_disconnected(_: Request, exc: Exception) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
 
-async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
-    """Starlette's own errors (unknown route, wrong method) in the same envelope."""
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of this path answers (Starlette names only the first route's)."""
+    routes = request.app.router.routes
+    scope = {key: value for key, value in request.scope.items() if key not in ("path_params", "endpoint", "route")}
+    return ", ".join(
+        method for method in _METHODS
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in routes)
+    )
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (unknown route, wrong method) in the same envelope; a 405 names in
+    ``Allow`` every method of the path (OPTIONS included: no CORS preflight is served)."""
     assert isinstance(exc, StarletteHTTPException)
     body = ErrorResponse(error=ErrorDetail(message=str(exc.detail), type="invalid_request_error"))
-    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=headers or None)
 
 
 class _InternalErrors:

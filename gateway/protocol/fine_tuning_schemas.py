@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from blocks.lora_weights import ATTENTION_MODULES, SUPPORTED_MODULES
+from blocks.lora_weights import ALL_MODULES, ATTENTION_MODULES
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 SUFFIX_PATTERN = r"^[A-Za-z0-9_.-]+$"  # no ':' (it separates the parts of a model id)
@@ -87,20 +87,22 @@ class LoraOptions(BaseModel):
     target_modules: list[str] = Field(
         default_factory=lambda: list(ATTENTION_MODULES),
         min_length=1,
-        description=f"Projections to adapt, among {', '.join(SUPPORTED_MODULES)}.",
+        description=f"Projections to adapt, among the base family's ({', '.join(ALL_MODULES)}); the default is "
+        "Llama-family attention: Phi-3, BLOOM and Falcon bases name theirs (e.g. qkv_proj, query_key_value).",
+        json_schema_extra={"items": {"type": "string", "enum": list(ALL_MODULES)}},
     )
 
     @field_validator("target_modules")
     @classmethod
     def _supported(cls, modules: list[str]) -> list[str]:
-        if unknown := sorted(set(modules) - set(SUPPORTED_MODULES)):
-            raise ValueError(f"unsupported modules {unknown}; choose among {', '.join(SUPPORTED_MODULES)}")
+        if unknown := sorted(set(modules) - set(ALL_MODULES)):
+            raise ValueError(f"unsupported modules {unknown}; choose among {', '.join(ALL_MODULES)}")
         return sorted(set(modules))
 
 
 class CreateFineTuningJob(BaseModel):
-    model: str
-    training_file: str
+    model: str = Field(json_schema_extra={"minLength": 1})
+    training_file: str = Field(json_schema_extra={"minLength": 1})
     validation_file: str | None = None
     hyperparameters: Hyperparameters | None = Field(None, description="Deprecated by OpenAI in favour of `method`.")
     method: Method | None = None

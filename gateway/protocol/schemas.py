@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+# What the validators below enforce, stated in the OpenAPI schema too (so generated clients and
+# schemathesis see the real constraints); the validators keep their clearer messages.
+NON_EMPTY: dict[str, Any] = {"minLength": 1}
+_CONTENT = {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}
+_CALLS = {"required": ["role", "tool_calls"],
+          "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -42,6 +50,9 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    # content, unless it is an assistant message with tool calls
+    model_config = ConfigDict(json_schema_extra={"anyOf": [_CONTENT, _CALLS]})
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -126,7 +137,7 @@ class ResponseFormat(BaseModel):
 class SamplingFields(BaseModel):
     """Parameters shared by chat and text completions."""
 
-    model: str
+    model: str = Field(json_schema_extra=NON_EMPTY)
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -201,12 +212,17 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        _TOKEN_IDS,
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1},
+    ]}, description="One prompt: text or token ids (a list of one prompt is that prompt).")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     # Recognised but unsupported: refused when set.
-    echo: bool = False
-    suffix: str | None = None
+    echo: bool = Field(False, json_schema_extra={"const": False})
+    suffix: str | None = Field(None, json_schema_extra={"anyOf": [{"type": "string", "maxLength": 0}, {"type": "null"}]})
 
     @field_validator("prompt")
     @classmethod
@@ -383,8 +399,13 @@ MAX_EMBEDDING_INPUTS = 2048  # as OpenAI: inputs per request
 class EmbeddingRequest(BaseModel):
     """`POST /v1/embeddings`: one text, texts, one token-id list or token-id lists."""
 
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    model: str = Field(json_schema_extra=NON_EMPTY)
+    input: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS},
+        _TOKEN_IDS,
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS},
+    ]})
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None

@@ -34,11 +34,16 @@ class TextConfig(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    model: str
+    model: str = Field(json_schema_extra={"minLength": 1})
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "string", "enum": ["none", "auto", "required"]},
+        {"type": "object", "properties": {"type": {"const": "function"}, "name": {"type": "string", "minLength": 1}},
+         "required": ["type", "name"]},
+        {"type": "null"},
+    ]})
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     max_output_tokens: int | None = Field(None, ge=1)
