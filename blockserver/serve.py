@@ -20,6 +20,7 @@ from blockserver.throughput import ThroughputCache
 from blocks.checkpoint import checkpoint_hash, default_model_name, load_config, resolve_model
 from blocks.span import BlockSpan
 from blocks.gguf_checkpoint import embedded_model_path
+from swarm.node_options import configure_threads
 from swarm.node import SwarmNode, start_node
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 def run(config: ServerConfig) -> None:
     """Serve until interrupted."""
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    configure_threads(config.torch_threads)
     try:
         trio.run(serve, config)
     except KeyboardInterrupt:

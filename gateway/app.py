@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from adapters import AdapterStore
 from blocks.head import ModelHead
@@ -22,9 +22,9 @@ from gateway.fine_tuning.trainer import Trainer
 from gateway.inference import chat, completions
 from gateway.responses import routes as responses_routes
 from gateway.metrics import GatewayMetrics, RequestCounter
-from gateway.models import HeadLoader, ModelCard, ModelRegistry
+from gateway.models import HeadLoader, ModelCard, ModelRegistry, SwarmCoverage
 from gateway.protocol.errors import install_error_handlers
-from gateway.protocol.schemas import ErrorResponse, Health, Model, ModelList
+from gateway.protocol.schemas import ErrorResponse, Health, Model
 from gateway.settings import Settings
 from gateway.state import Gateway, GatewayDep, TenantDep
 from gateway.storage.database import Database
@@ -47,20 +47,51 @@ class ModelCoverage(BaseModel):
     complete: bool
 
 
+class ModelSwarmCoverage(BaseModel):
+    """swarmgate extension of a base model's card: its blocks in the swarm, from the servers' records."""
+
+    num_blocks: int
+    missing_blocks: list[int]
+    complete: bool
+    servers: int
+    checkpoints: list[str]
+
+
+class ListedModel(Model):
+    """OpenAI's model object plus vLLM's `parent` and swarmgate's `servable`, `note` and `coverage`."""
+
+    max_model_len: int | None = Field(None, description="Context length in tokens (vLLM's extension); "
+                                                         "null for a swarm model this gateway has no folder of.")
+    parent: str | None = Field(None, description="A fine-tuned model's base model.")
+    servable: bool = Field(True, description="Whether this gateway answers requests for the model.")
+    note: str | None = Field(None, description="Why the model is not servable here.")
+    coverage: ModelSwarmCoverage | None = Field(
+        None, description="Base models: the swarm's servers for the model (null: no server announces it).")
+
+
+class ListedModels(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ListedModel]
+
+
 class SwarmView(BaseModel):
     models: list[ModelCoverage]
     swarm: dict[str, Any]
 
 
 def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: HeadLoader | None = None) -> FastAPI:
-    """Load each served model's head and tokenizer, and wire the routes to `backend`.
+    """Read each served model's config, load the first `settings.max_loaded_models` heads and
+    tokenizers (the others on first use), and wire the routes to `backend`.
 
     `head_loader` builds a model's head from its checkpoint folder; by default
     `blocks.head.ModelHead` on `settings.head_device` in `settings.head_dtype`.
     """
     database = Database(settings.data_dir)
     fine_tuned = FineTunedModels(database, AdapterStore(settings.data_dir / "adapters"))
-    models = ModelRegistry.load(settings.models, head_loader or _model_head_loader(settings), fine_tuned)
+    models = ModelRegistry.load(
+        settings.models, head_loader or _model_head_loader(settings), fine_tuned,
+        max_loaded=settings.max_loaded_models, swarm_models=lambda: backend.swarm_state().get("models", {}),
+    )
     file_store = FileStore(database, settings.data_dir / "files")
     jobs = JobStore(database)
     metrics = GatewayMetrics(
@@ -104,12 +135,13 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
         return Health()
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
-    async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
-        """The base models and the caller's own fine-tuned models."""
-        return ModelList(data=[_model(card) for card in gateway.models.cards(tenant)])
+    async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ListedModels:
+        """This gateway's base models, the swarm's other base models (`servable: false`), then the
+        caller's own fine-tuned models; base models with their coverage in the swarm."""
+        return ListedModels(data=[_model(card) for card in gateway.models.cards(tenant)])
 
     @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
-    async def retrieve_model(model_id: str, gateway: GatewayDep, tenant: TenantDep) -> Model:
+    async def retrieve_model(model_id: str, gateway: GatewayDep, tenant: TenantDep) -> ListedModel:
         return _model(gateway.models.card(model_id, tenant))
 
     @app.get("/v1/swarm", responses=ERROR_RESPONSES)
@@ -134,8 +166,17 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
     return app
 
 
-def _model(card: ModelCard) -> Model:
-    return Model(id=card.id, created=card.created, owned_by=card.owned_by, max_model_len=card.context_length)
+def _model(card: ModelCard) -> ListedModel:
+    return ListedModel(id=card.id, created=card.created, owned_by=card.owned_by, max_model_len=card.context_length,
+                       parent=card.parent, servable=card.servable, note=card.note, coverage=_coverage(card.coverage))
+
+
+def _coverage(coverage: SwarmCoverage | None) -> ModelSwarmCoverage | None:
+    if coverage is None:
+        return None
+    return ModelSwarmCoverage(num_blocks=coverage.num_blocks, missing_blocks=list(coverage.missing_blocks),
+                              complete=coverage.complete, servers=coverage.servers,
+                              checkpoints=list(coverage.checkpoints))
 
 
 def _authenticator(settings: Settings, database: Database) -> Authenticator:

@@ -19,7 +19,7 @@ from swarm.node_options import NodeOptions
 
 logger = logging.getLogger(__name__)
 
-ReadyCallback = Callable[[str, str], None]  # base URL, model name
+ReadyCallback = Callable[[str, str], None]  # base URL, model names (comma-separated)
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,16 @@ def run(
     on_ready: ReadyCallback | None = None,
     wait_for_coverage: float = 0,
 ) -> None:
-    """Serve the first of ``settings.models`` until interrupted. ``on_ready`` runs once uvicorn listens
-    and, when ``wait_for_coverage`` > 0, every block of the model is served (or that many seconds passed)."""
-    name, model_path = next(iter(settings.models.items()))
-    num_blocks = load_config(model_path).num_hidden_layers
+    """Serve ``settings.models`` until interrupted. ``on_ready`` runs once uvicorn listens and, when
+    ``wait_for_coverage`` > 0, every block of every model is served (or that many seconds passed)."""
+    served = [
+        SwarmModel(name, load_config(path).num_hidden_layers, checkpoint_hash(path))
+        for name, path in settings.models.items()
+    ]
+    name = ", ".join(model.name for model in served)
     bridge = SwarmBridge(**node.kwargs(), allow_peers=options.allow_peers).start()
     try:
-        backend = SwarmBackend(
-            bridge, [SwarmModel(name, num_blocks, checkpoint_hash(model_path))], wire_codec=options.wire_codec
-        )
+        backend = SwarmBackend(bridge, served, wire_codec=options.wire_codec)
         app = create_app(settings, backend)
         server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning"))
         base_url = f"http://{options.host}:{options.port}/v1"
@@ -56,7 +57,7 @@ def run(
         def announce_when_ready() -> None:
             deadline = time.monotonic() + wait_for_coverage
             while not server.started or (
-                not backend.coverage(name).complete and time.monotonic() < deadline
+                not all(backend.coverage(model.name).complete for model in served) and time.monotonic() < deadline
             ):
                 if server.should_exit:
                     return

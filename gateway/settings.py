@@ -13,6 +13,11 @@ class Settings(BaseModel):
     models: dict[str, Path] = Field(
         description="Served model id -> local checkpoint folder holding its tokenizer, embeddings and LM head."
     )
+    max_loaded_models: int = Field(
+        4, ge=1,
+        description="Most models whose head and tokenizer are in memory at once; one more loads on first use "
+        "and evicts the least recently used.",
+    )
     data_dir: Path = Field(
         Path(".swarmgate"),
         description="The SQLite database (tenants, keys, files, jobs), uploaded files and tenants' adapters.",

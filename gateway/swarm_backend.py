@@ -17,6 +17,7 @@ from gateway.backend import BlocksUnavailable, Coverage, InferenceSession, Swarm
 from swarm import training
 from swarm.bridge import SwarmBridge
 from swarm.health import swarm_state
+from swarm.node_options import configure_threads
 from blocks.lora_weights import LoraWeights
 from swarm.protocol import BUSY, RemoteError
 from swarm.routing import NoChainError, missing_blocks
@@ -32,6 +33,7 @@ class SwarmModel:
 
 class SwarmBackend:
     def __init__(self, bridge: SwarmBridge, models: list[SwarmModel], *, wire_codec: str = "int8") -> None:
+        configure_threads()  # $SWARMGATE_TORCH_THREADS for the head's compute, like the servers'
         self.bridge = bridge
         self.models = {model.name: model for model in models}
         self.wire_codec = wire_codec
@@ -64,7 +66,8 @@ class SwarmBackend:
 
     def coverage(self, model: str) -> Coverage:
         served = self.models[model]
-        return Coverage(served.num_blocks, tuple(missing_blocks(self.bridge.servers(model), served.num_blocks)))
+        records = [r for r in self.bridge.servers(model) if r.checkpoint == served.checkpoint]  # other weights: no cover
+        return Coverage(served.num_blocks, tuple(missing_blocks(records, served.num_blocks)))
 
     def swarm_state(self) -> dict[str, Any]:
         return swarm_state(self.bridge.servers()) | {"replays": self.bridge.replays()}

@@ -8,6 +8,7 @@ the bytes; nothing here can execute data.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
@@ -47,6 +48,55 @@ def _code() -> torch.Tensor:
     return _dynamic_code
 
 
+_direct: Any = None  # bitsandbytes' CPU kernels called through ctypes, or False where absent
+
+
+def _cpu_kernels() -> Any:
+    """bitsandbytes' own float32 CPU blockwise kernels, called directly.
+
+    The same C functions its ``quantize_blockwise``/``dequantize_blockwise`` run on CPU (so the
+    bytes are identical), without the torch.library dispatch around them, which costs more than
+    the kernel for one decode step's hidden state (~35 us of ~85 us per call for 768 values).
+    """
+    global _direct
+    if _direct is None:
+        _bnb()
+        try:
+            from bitsandbytes.cextension import lib
+            from bitsandbytes.functional import get_ptr
+
+            _direct = (lib.cquantize_blockwise_cpu_fp32, lib.cdequantize_blockwise_cpu_fp32, get_ptr)
+        except (ImportError, AttributeError):
+            _direct = False
+    return _direct
+
+
+def _quantize(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [n] on CPU -> (uint8 [n], float32 absmax per block)."""
+    kernels = _cpu_kernels()
+    if not kernels:
+        quantized, state = _bnb().quantize_blockwise(flat, code=_code(), blocksize=INT8_BLOCKSIZE)
+        return quantized, state.absmax.float()
+    quantize, _, ptr = kernels
+    flat = flat.contiguous()
+    absmax = torch.empty(math.ceil(flat.numel() / INT8_BLOCKSIZE), dtype=torch.float32)
+    quantized = torch.empty(flat.shape, dtype=torch.uint8)
+    quantize(ptr(_code()), ptr(flat), ptr(absmax), ptr(quantized), ctypes.c_longlong(INT8_BLOCKSIZE),
+             ctypes.c_longlong(flat.numel()))
+    return quantized, absmax
+
+
+def _dequantize(quantized: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    kernels = _cpu_kernels()
+    if not kernels:
+        return _bnb().dequantize_blockwise(quantized, absmax=absmax, code=_code(), blocksize=INT8_BLOCKSIZE)
+    _, dequantize, ptr = kernels
+    values = torch.empty(quantized.shape, dtype=torch.float32)
+    dequantize(ptr(_code()), ptr(quantized), ptr(absmax), ptr(values), ctypes.c_longlong(INT8_BLOCKSIZE),
+               ctypes.c_longlong(quantized.numel()))
+    return values
+
+
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
@@ -69,9 +119,9 @@ def encode(tensor: torch.Tensor, codec: str) -> dict[str, Any]:
         message["data"] = _raw_bytes(tensor.to(_DTYPES[codec]))
     else:
         flat = tensor.reshape(-1).float()
-        quantized, state = _bnb().quantize_blockwise(flat, code=_code(), blocksize=INT8_BLOCKSIZE)
+        quantized, absmax = _quantize(flat)
         message["data"] = _raw_bytes(quantized)
-        message["absmax"] = _raw_bytes(state.absmax.float())
+        message["absmax"] = _raw_bytes(absmax)
     return message
 
 
@@ -110,10 +160,7 @@ def decode(message: Any, *, max_elements: int) -> torch.Tensor:
             return torch.empty(shape, dtype=dtype)
         quantized = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         scales = torch.frombuffer(bytearray(absmax), dtype=torch.float32)
-        values = _bnb().dequantize_blockwise(
-            quantized, absmax=scales, code=_code(), blocksize=INT8_BLOCKSIZE
-        )
-        return values.reshape(shape).to(dtype)
+        return _dequantize(quantized, scales).reshape(shape).to(dtype)
 
     wire_dtype = dtype if codec == "none" else _DTYPES[codec]
     if len(data) != numel * wire_dtype.itemsize:

@@ -9,6 +9,7 @@ so it does not wait a whole announce interval to see the swarm (ARCHITECTURE.md 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Collection, Sequence
@@ -29,9 +30,16 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from swarm import protocol
 from swarm.protocol import ProtocolError
-from swarm.records import RecordTable, ServerRecord
+from swarm.records import MAX_RECORDS, RecordTable, ServerRecord
 
 logger = logging.getLogger(__name__)
+
+# py-libp2p's yamux sends a WINDOW_UPDATE frame after every read by default ("release on read"):
+# reading one wire frame (header, then payload) cost two extra encrypted frames each way, i.e. ~8
+# per decode token over a 2-server chain. Off, it credits the window go-yamux's way (once half of
+# it has been consumed). Read at call time, so set before any stream exists; SWARMGATE users may
+# still override it in the environment.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 CONNECT_TIMEOUT = 10.0
 MAX_RECORD_FRAME = 4 * 1024 * 1024
@@ -120,26 +128,36 @@ class SwarmNode:
         if self.allow_peers is not None and record.peer_id not in self.allow_peers | {self.peer_id}:
             logger.debug("ignored the record of %s: not in the allowed peers", record.peer_id)
             return
-        self.records.add(record)
+        if not self.records.add(record):
+            logger.debug("ignored the record of %s: the record table is full", record.peer_id)
+            return
         self._raw_records[record.peer_id] = wire
+        if len(self._raw_records) > MAX_RECORDS:
+            self._live_wires()
         if record.peer_id != self.peer_id:
             self.host.get_peerstore().add_addrs(
                 ID.from_base58(record.peer_id), [multiaddr.Multiaddr(a) for a in record.addrs], _ADDR_TTL
             )
 
+    def _live_wires(self) -> dict[str, dict[str, Any]]:
+        """The signed wires of live records; expired ones are dropped, so both tables stay bounded."""
+        live = {r.peer_id for r in self.records.live()}
+        for gone in self._raw_records.keys() - live:
+            del self._raw_records[gone]
+        return self._raw_records
+
     async def _receive_records(self, subscription: Any) -> None:
         while True:
             message = await subscription.get()
             try:
-                self._accept(cbor2.loads(message.data))
+                self._accept(protocol.decode_cbor(message.data))
             except Exception as error:  # a bad record never stops discovery
                 logger.warning("dropped a bad record: %s", error)
 
     async def _serve_records(self, stream: protocol.Stream) -> None:
         try:
             await protocol.read_frame(stream, max_bytes=1024)
-            live = {r.peer_id for r in self.records.live()}
-            wires = [w for p, w in self._raw_records.items() if p in live]
+            wires = list(self._live_wires().values())
             await protocol.write_frame(stream, {"type": "records", "records": wires})
         except Exception as error:
             logger.debug("records request failed: %s", error)

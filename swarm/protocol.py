@@ -91,6 +91,50 @@ async def write_frame(stream: Stream, message: dict[str, Any]) -> None:
     await stream.write(pack_frame(message))
 
 
+_PLAIN_SCALARS = (str, bytes, bool, float, type(None))
+_INT_LIMIT = 1 << 64
+_MAX_DEPTH = 32
+
+
+def decode_cbor(payload: bytes) -> Any:
+    """CBOR bytes -> plain data (maps with string keys, lists, strings, bytes, numbers, None).
+
+    Anything else is refused with ProtocolError: semantic tags (decimals, dates, sets, regexes)
+    whose use can take unbounded time, and any value bigger than its bytes. Shared references
+    and string references let ~200 bytes stand for 2**40 elements, so the walk counts every
+    element and string byte it meets against a budget proportional to the payload and stops as
+    soon as that is spent: amplification, cycles and depth are refused in time linear in the frame.
+    """
+    try:
+        value = cbor2.loads(payload)
+    except Exception as error:
+        raise ProtocolError(f"frame is not valid CBOR: {error}") from error
+    budget = 2 * len(payload) + 64
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        budget -= 1
+        if isinstance(item, (str, bytes)):
+            budget -= len(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -_INT_LIMIT < item < _INT_LIMIT:
+                raise ProtocolError("integer out of range")
+        elif isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                raise ProtocolError("map keys must be strings")
+            pending.extend((v, depth + 1) for v in item.values())
+            budget -= sum(len(key) for key in item)
+        elif isinstance(item, list):
+            pending.extend((v, depth + 1) for v in item)
+        elif not isinstance(item, _PLAIN_SCALARS):
+            raise ProtocolError(f"unsupported CBOR value of type {type(item).__name__}")
+        if budget < 0:
+            raise ProtocolError("CBOR value is larger than its bytes (shared or cyclic references)")
+        if depth > _MAX_DEPTH:
+            raise ProtocolError(f"CBOR nesting deeper than {_MAX_DEPTH}")
+    return value
+
+
 async def read_frame(stream: Stream, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> dict[str, Any]:
     """Read one frame; raises EOFError on a cleanly closed stream, ProtocolError on bad input."""
     try:
@@ -110,10 +154,7 @@ async def read_frame(stream: Stream, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
         raise
     except Exception as error:
         raise ProtocolError(f"stream failed mid-frame: {error}") from error
-    try:
-        message = cbor2.loads(payload)
-    except Exception as error:
-        raise ProtocolError(f"frame is not valid CBOR: {error}") from error
+    message = decode_cbor(payload)
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("frame must be a map with a string 'type'")
     return message

@@ -78,15 +78,30 @@ class ServerRecord:
         return record
 
 
-class RecordTable:
-    """The live records this node knows, one per server peer."""
+MAX_RECORDS = 1024
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+
+class RecordTable:
+    """The live records this node knows, one per server peer, at most `max_records` of them.
+
+    Keys are free, so anyone can sign records of made-up servers: a full table refuses records
+    of peers it does not hold yet (known peers still refresh), and expired ones make room. This
+    bounds memory; it does not stop a flood from crowding out servers that join during it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_records: int = MAX_RECORDS) -> None:
         self._clock = clock
+        self._max_records = max_records
         self._records: dict[str, ServerRecord] = {}
 
-    def add(self, record: ServerRecord) -> None:
+    def add(self, record: ServerRecord) -> bool:
+        """Store `record`; False when the table is full of other live peers' records."""
+        if record.peer_id not in self._records and len(self._records) >= self._max_records:
+            self.live()  # drop the expired
+            if len(self._records) >= self._max_records:
+                return False
         self._records[record.peer_id] = record
+        return True
 
     def live(self, model: str | None = None) -> list[ServerRecord]:
         now = self._clock()

@@ -111,13 +111,16 @@ def start_swarm(
     *,
     extra_args: Sequence[str] = (),
     log_dir: Path | None = None,
+    initial_peers: Sequence[str] = (),
+    log_prefix: str = "server",
 ) -> list[ServerProcess]:
-    """One server per span; the first is the swarm's entry point for the others."""
+    """One server per span joining through ``initial_peers``, else the first is the swarm's entry
+    point for the others; logs in ``<log_dir>/<log_prefix>-<index>.log``."""
     servers: list[ServerProcess] = []
     try:
         for index, blocks in enumerate(spans):
-            log_file = log_dir / f"server-{index}.log" if log_dir else None
-            peers = servers[0].addrs if servers else ()
+            log_file = log_dir / f"{log_prefix}-{index}.log" if log_dir else None
+            peers = initial_peers or (servers[0].addrs if servers else ())
             servers.append(start_server(model, blocks, initial_peers=peers, extra_args=extra_args, log_file=log_file))
     except BaseException:
         stop_all(servers)

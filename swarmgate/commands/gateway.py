@@ -1,23 +1,46 @@
-"""``swarmgate gateway``: join the swarm as a client and serve the OpenAI API with uvicorn."""
+"""``swarmgate gateway``: join the swarm as a client and serve the OpenAI API with uvicorn.
+
+``--model`` may repeat: the gateway serves every model it has a folder of (tokenizer, embeddings and
+LM head; loaded on first use, at most ``--max-loaded-models`` at once). Models the swarm serves
+without a folder here are listed by ``/v1/models`` as not servable.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from blocks.checkpoint import default_model_name, resolve_model
 from gateway import serve
-from swarmgate.options import add_gateway_options, add_option, gateway_settings, node_options, serve_options
+from swarmgate.options import (
+    Repeated, add_gateway_options, add_option, gateway_settings, model_folder, node_options, serve_options,
+)
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     gateway = commands.add_parser("gateway", help="serve the OpenAI-compatible API over a swarm")
-    add_option(gateway, "--model", required=True, help="checkpoint folder or hub id (tokenizer, embeddings, head)")
-    add_option(gateway, "--model-name", default=None, help="model id the swarm announces (default: folder name)")
+    add_option(gateway, "--model", action=Repeated, required=True, metavar="MODEL",
+               help="checkpoint folder, hub id or packaged model (tokenizer, embeddings, head); repeat it to "
+                    "serve several models (env: space-separated)")
+    add_option(gateway, "--model-name", default=None,
+               help="model id the swarm announces (default: folder name); only with a single --model")
     add_gateway_options(gateway)
     gateway.set_defaults(run=main)
 
 
 def main(args: argparse.Namespace) -> None:
-    model_path = resolve_model(args.model)
-    name = args.model_name or default_model_name(args.model)
-    serve.run(gateway_settings(args, {name: model_path}), node_options(args), serve_options(args))
+    serve.run(gateway_settings(args, served_models(args.model, args.model_name)), node_options(args),
+              serve_options(args))
+
+
+def served_models(models: list[str], model_name: str | None = None) -> dict:
+    """Model id -> checkpoint folder for each ``--model``; ids must differ."""
+    if model_name and len(models) > 1:
+        raise SystemExit("swarmgate gateway: --model-name names a single --model; "
+                         "with several, each is announced by its folder's name")
+    served: dict = {}
+    for model in models:
+        name, path = model_folder(model)
+        name = model_name or name
+        if name in served:
+            raise SystemExit(f"swarmgate gateway: two --model values are both named {name!r}")
+        served[name] = path
+    return served

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from blocks.gguf_checkpoint import PACKAGED
 from blocks.quant import QUANT_MODES, check_quant
 from blockserver import serve
 from blockserver.config import ServerConfig
 from blockserver.limits import ServerLimits
 from gateway.settings import resolve_device
-from swarmgate.options import DEVICES, DTYPES, add_option, add_swarm_options, node_options
+from swarmgate.options import DEVICES, DTYPES, add_option, add_swarm_options, model_folder, node_options
 
 DEFAULT = ServerConfig()
 LIMITS = ServerLimits()
@@ -18,7 +20,8 @@ LIMITS = ServerLimits()
 def add_command(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser("server", help="serve a span of a model's layers to the swarm")
     add_option(server, "--model", default=DEFAULT.model,
-               help="checkpoint folder or Hugging Face hub id (default: the embedded SmolLM2-135M-Instruct)")
+               help="checkpoint folder, Hugging Face hub id or packaged model (SmolLM2-135M-Instruct, gemma-3-270m) "
+                    "(default: the embedded SmolLM2-135M-Instruct)")
     add_option(server, "--model-name", default=DEFAULT.model_name,
                help="name announced to the swarm (default: folder name)")
     add_option(server, "--blocks", default=None, metavar="START:END",
@@ -88,6 +91,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_train_tokens=args.max_train_tokens,
         adapter_cache_bytes=args.adapter_cache_mb * 2**20,
     )
+    if args.model in PACKAGED and not Path(args.model).expanduser().is_dir():
+        args.model = str(model_folder(args.model)[1])  # converted once; the folder is named after the model
     return ServerConfig(
         model=args.model, model_name=args.model_name, blocks=blocks, num_blocks=args.num_blocks,
         rebalance_interval=args.rebalance_interval, balance_quality=args.balance_quality,
