@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -194,29 +192,20 @@ class HttpUp:
     """``swarmgate up --device cuda --servers 2`` on the checkpoint: streamed chat with the SDK."""
 
     def __init__(self, path: Path, wire_codec: str, port: int, data_dir: Path) -> None:
-        import re
-        import subprocess
-
-        self.data_dir = data_dir
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "swarmgate.cli", "up", "--model", str(path), "--servers", "2", "--device", "cuda",
-             "--port", str(port), "--wire-codec", wire_codec, "--data-dir", str(data_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
-        fields: dict[str, str] = {}
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if match := re.match(r"\s*(base URL|API key|model):\s*(\S+)", line):
-                fields[match.group(1)] = match.group(2)
-            if len(fields) == 3:
-                break
-        if len(fields) < 3:
-            self.dump_logs()
-            raise RuntimeError(f"swarmgate up exited with {self.process.wait()} before it was ready")
         from openai import OpenAI
 
-        self.model = fields["model"]
-        self.client = OpenAI(base_url=fields["base URL"], api_key=fields["API key"], max_retries=0, timeout=600)
+        from swarmgate.launcher import start_up
+
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.up = start_up(["--model", str(path), "--servers", "2", "--device", "cuda", "--port", str(port),
+                                "--wire-codec", wire_codec, "--data-dir", str(data_dir)], log=data_dir / "up.log")
+        except RuntimeError:
+            self.dump_logs()
+            raise
+        self.process, self.model = self.up.process, self.up.model
+        self.client = OpenAI(base_url=self.up.base_url, api_key=self.up.api_key, max_retries=0, timeout=600)
 
     def request(self, text: str, max_tokens: int) -> tuple[float, float]:
         """One streamed greedy chat completion: (seconds to the first chunk, seconds to the end)."""

@@ -24,11 +24,8 @@ with the load other processes put on a shared machine.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +37,7 @@ from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import BENCHMARK_CONFIG, build_checkpoint
 from swarm import codec, protocol
 from swarm.bridge import SwarmBridge
-from swarmgate.launcher import start_swarm, stop_all
+from swarmgate.launcher import start_swarm, start_up, stop_all
 
 CODECS = ("none", "float16", "int8")
 
@@ -107,31 +104,17 @@ class HttpSwarm:
         self.wire_codec = wire_codec
         self.name = f"HTTP up, {wire_codec}" + (f", {threads} thr" if threads else "") + (f" [{tree.name}]" if tree else "")
         env = {"SWARMGATE_TORCH_THREADS": str(threads)} if threads else {}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "swarmgate.cli", "up", "--model", str(path), "--servers", "2",
-             "--port", str(port), "--wire-codec", wire_codec, "--data-dir", tempfile.mkdtemp(prefix="swarmgate-bench-")],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-            env={**os.environ, **(env or {})}, cwd=tree,
-        )
-        fields: dict[str, str] = {}
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if match := re.match(r"\s*(base URL|API key|model):\s*(\S+)", line):
-                fields[match.group(1)] = match.group(2)
-            if len(fields) == 3:
-                break
-        if len(fields) < 3:
-            raise RuntimeError(f"swarmgate up exited with {self.process.wait()} before it was ready")
-        from openai import OpenAI
-
-        self.model = fields["model"]
+        self.up = start_up(["--model", str(path), "--servers", "2", "--port", str(port), "--wire-codec", wire_codec,
+                            "--data-dir", tempfile.mkdtemp(prefix="swarmgate-bench-")], env=env, cwd=tree)
+        self.process, self.model = self.up.process, self.up.model
         import psutil
+        from openai import OpenAI
 
         gateway = psutil.Process(self.process.pid)
         self.processes = {"gateway": gateway} | {
             f"server {i}": child for i, child in enumerate(sorted(gateway.children(), key=lambda c: c.pid))
         }
-        self.client = OpenAI(base_url=fields["base URL"], api_key=fields["API key"], max_retries=0, timeout=600)
+        self.client = OpenAI(base_url=self.up.base_url, api_key=self.up.api_key, max_retries=0, timeout=600)
 
     def request(self, prompt: list[int], max_tokens: int) -> tuple[float, float]:
         """One streamed greedy completion: (seconds to the first chunk, seconds to the end)."""

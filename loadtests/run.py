@@ -12,32 +12,20 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from swarmgate.launcher import UpProcess, start_up
+
 HERE = Path(__file__).resolve().parent
 
 
-def start_swarm(servers: int, port: int, max_users: int) -> tuple[subprocess.Popen, str, str, str]:
+def start_swarm(servers: int, port: int, max_users: int) -> UpProcess:
     """`swarmgate up` with a tenant limit above the user count (all users share one key)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "swarmgate.cli", "up", "--servers", str(servers), "--port", str(port),
-         "--max-concurrent-requests", str(2 * max_users), "--data-dir", tempfile.mkdtemp(prefix="swarmgate-load-")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    fields: dict[str, str] = {}
-    assert process.stdout is not None
-    for line in process.stdout:
-        if match := re.match(r"\s*(base URL|API key|model):\s*(\S+)", line):
-            fields[match.group(1)] = match.group(2)
-        if len(fields) == 3:
-            break
-    if len(fields) < 3:
-        raise RuntimeError(f"swarmgate up exited with {process.wait()} before it was ready")
-    return process, fields["base URL"].removesuffix("/v1"), fields["API key"], fields["model"]
+    return start_up(["--servers", str(servers), "--port", str(port), "--max-concurrent-requests", str(2 * max_users),
+                     "--data-dir", tempfile.mkdtemp(prefix="swarmgate-load-")])
 
 
 def run_locust(base_url: str, api_key: str, model: str, users: int, duration: str, max_tokens: int) -> dict:
@@ -77,17 +65,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
 
-    process = None
+    up = None
     base_url, api_key, model = args.base_url, args.api_key, args.model
     if base_url is None:
-        process, base_url, api_key, model = start_swarm(args.servers, args.port, max(args.users))
+        up = start_swarm(args.servers, args.port, max(args.users))
+        base_url, api_key, model = up.base_url.removesuffix("/v1"), up.api_key, up.model
     try:
         results = [run_locust(base_url, api_key, model, users, args.duration, args.max_tokens)
                    for users in args.users]
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(30)
+        if up is not None:
+            up.stop()
     columns = ["users", "requests/s", "ttft p50 ms", "ttft p95 ms", "tokens/s", "errors"]
     print("".join(f"{c:>14}" for c in columns))
     for result in results:

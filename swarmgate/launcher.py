@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
@@ -131,3 +133,63 @@ def start_swarm(
 def stop_all(servers: Sequence[ServerProcess]) -> None:
     for server in servers:
         server.stop()
+
+
+READY_LINE = re.compile(r"\s*(base URL|API key|model):\s*(\S+)")
+
+
+@dataclass
+class UpProcess:
+    """A running ``swarmgate up`` and what it printed once ready."""
+
+    process: subprocess.Popen
+    base_url: str  # ends with /v1, as clients take it
+    api_key: str
+    model: str
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (``up`` stops its servers), then SIGKILL if it lingers."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def start_up(args: Sequence[str], *, log: Path | None = None, env: dict[str, str] | None = None,
+             cwd: Path | None = None, timeout: float = 600.0) -> UpProcess:
+    """``swarmgate up ARGS`` as a child process in its own session; returns once it printed its
+    base URL, key and model. Its output keeps being drained (into `log` when given), so it never
+    blocks on a full pipe; RuntimeError, with the log's tail, if it exits or times out first."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "swarmgate.cli", "up", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True, env={**os.environ, **(env or {})}, cwd=cwd,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:
+        assert process.stdout is not None
+        with open(log or os.devnull, "a") as out:
+            for line in process.stdout:
+                out.write(line)
+                out.flush()
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
+    fields: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(fields) < 3:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+        except queue.Empty:
+            line = None
+        if line is None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            process.kill()
+            raise RuntimeError(f"swarmgate up was not ready (exit code {process.wait()}):\n{tail}")
+        if match := READY_LINE.match(line):
+            fields[match.group(1)] = match.group(2)
+    return UpProcess(process, fields["base URL"], fields["API key"], fields["model"])

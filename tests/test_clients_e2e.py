@@ -17,16 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import random
-import re
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,6 +28,7 @@ import pydantic
 import pytest
 
 from blocks.tiny_checkpoints import build_checkpoint
+from swarmgate.launcher import UpProcess, start_up
 from tests.support import free_port
 
 pytestmark = pytest.mark.e2e
@@ -47,68 +41,19 @@ NOT_IN_EXTRAS = "not in the test extras (its openai pin conflicts with openai-ag
 READY_TIMEOUT = 240.0  # the embedded model's first conversion takes tens of seconds on top of startup
 
 
-@dataclass(frozen=True)
-class Up:
-    base_url: str  # ends with /v1, as clients take it
-    api_key: str
-    model: str
-    log: Path
-
-
-def _read_ready(process: subprocess.Popen, log: Path) -> dict[str, str]:
-    """The base URL, key and model `swarmgate up` prints once the swarm covers the model.
-
-    A thread keeps draining stdout afterwards (into the log), so the process never blocks on it.
-    """
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def drain() -> None:
-        assert process.stdout is not None
-        with open(log, "a") as out:
-            for line in process.stdout:
-                out.write(line)
-                out.flush()
-                lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=drain, daemon=True).start()
-    fields: dict[str, str] = {}
-    deadline = time.monotonic() + READY_TIMEOUT
-    while len(fields) < 3:
-        try:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-        except queue.Empty:
-            raise AssertionError(f"swarmgate up not ready in {READY_TIMEOUT} s:\n{log.read_text()[-3000:]}") from None
-        if line is None:
-            raise AssertionError(f"swarmgate up exited ({process.wait()}):\n{log.read_text()[-3000:]}")
-        if match := re.match(r"\s*(base URL|API key|model):\s*(\S+)", line):
-            fields[match.group(1)] = match.group(2)
-    return fields
-
-
 @contextmanager
-def swarmgate_up(model: Path, data_dir: Path, *extra: str) -> Iterator[Up]:
+def swarmgate_up(model: Path, data_dir: Path, *extra: str) -> Iterator[UpProcess]:
     """`swarmgate up --model MODEL` with one block server; stopped (SIGTERM, then SIGKILL) afterwards."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = data_dir / "up.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "swarmgate.cli", "up", "--model", str(model), "--servers", "1",
-         "--port", str(free_port()), "--data-dir", str(data_dir), "--max-concurrent-requests", "8", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    up = start_up(["--model", str(model), "--servers", "1", "--port", str(free_port()), "--data-dir", str(data_dir),
+                   "--max-concurrent-requests", "8", *extra], log=data_dir / "up.log", timeout=READY_TIMEOUT)
     try:
-        fields = _read_ready(process, log)
-        yield Up(fields["base URL"], fields["API key"], fields["model"], log)
+        yield up
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        up.stop()
 
 
-def sdk(up: Up) -> openai.OpenAI:
+def sdk(up: UpProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=up.base_url, api_key=up.api_key, max_retries=0, timeout=120)
 
 
@@ -151,7 +96,7 @@ ASK = "What is the weather in Paris?"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     root = tmp_path_factory.mktemp("clients")
     checkpoint = build_checkpoint(root / "tiny-clients", max_position_embeddings=2048)
     with swarmgate_up(checkpoint, root / "data") as up:
@@ -159,7 +104,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 
 
 @pytest.fixture(scope="module", params=["tiny", pytest.param("smol", marks=pytest.mark.slow)])
-def up(request: pytest.FixtureRequest) -> Up:
+def up(request: pytest.FixtureRequest) -> UpProcess:
     """Every client test runs on the tiny checkpoint and (slow) on the real embedded model."""
     return request.getfixturevalue(request.param)
 
@@ -258,7 +203,7 @@ STRUCTURED_PAIRS = 50
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     try:
         from blocks.gguf_checkpoint import embedded_model_path
 
