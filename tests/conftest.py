@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 
 from blocks.tiny_checkpoints import build_checkpoint
+from tests.support import serve
 
 # family -> build_checkpoint kwargs; each exercises something the others do not.
 TINY_MODELS = {
@@ -28,3 +31,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def llama_path(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def base_url(app: FastAPI) -> Iterator[str]:
+    """The module's `app` on a real uvicorn (each gateway test module defines its own `app`)."""
+    with serve(app) as url:
+        yield url

@@ -26,7 +26,7 @@ from gateway.app import create_app
 from gateway.inference.sampling import Sampler, SamplingParams
 from gateway.settings import Settings
 from gateway.storage.tenants import KeyStore
-from tests.support import LocalBackend, serve
+from tests.support import LocalBackend
 
 pytestmark = pytest.mark.e2e
 
@@ -79,12 +79,6 @@ def app(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     app = create_app(settings, LocalBackend(checkpoint, MODEL), head_loader=lambda path: head)
     app.state.test_keys = {tenant: KeyStore(data_dir).create_key(tenant) for tenant in ("acme", "globex")}
     return app
-
-
-@pytest.fixture(scope="module")
-def base_url(app: FastAPI) -> Iterator[str]:
-    with serve(app) as url:
-        yield url
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from gateway.app import create_app
 from gateway.embeddings.pooling import MAX_ROWS, batches
 from gateway.settings import Settings
 from gateway.storage.tenants import KeyStore
-from tests.support import LocalBackend, serve
+from tests.support import LocalBackend
 
 pytestmark = pytest.mark.e2e
 
@@ -62,12 +62,6 @@ def app(checkpoint: Path, backend: LocalBackend, tmp_path_factory: pytest.TempPa
     app = create_app(settings, backend, head_loader=lambda path: head)
     app.state.test_key = KeyStore(data_dir).create_key("acme")
     return app
-
-
-@pytest.fixture(scope="module")
-def base_url(app: FastAPI) -> Iterator[str]:
-    with serve(app) as url:
-        yield url
 
 
 @pytest.fixture

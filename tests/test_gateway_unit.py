@@ -26,7 +26,7 @@ from blocks.tiny_checkpoints import build_checkpoint
 from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.storage.tenants import KeyStore
-from tests.support import LocalBackend, serve, small_id, wait_until
+from tests.support import LocalBackend, small_id, wait_until
 
 pytestmark = pytest.mark.e2e  # the API through a real uvicorn
 
@@ -78,12 +78,6 @@ def app(checkpoint: Path, backend: LocalBackend, head_loader, data_dir: Path) ->
 @pytest.fixture(scope="module")
 def api_key(app: FastAPI, data_dir: Path) -> str:
     return KeyStore(data_dir).create_key("acme")
-
-
-@pytest.fixture(scope="module")
-def base_url(app: FastAPI) -> Iterator[str]:
-    with serve(app) as url:
-        yield url
 
 
 @pytest.fixture(autouse=True)
