@@ -39,12 +39,14 @@ class SwarmClient:
         max_retries: int = SessionConfig.max_retries,
         replace_wait: float = SessionConfig.replace_wait,
         backoff: PeerBackoff | None = None,
+        push: bool = SessionConfig.push,
     ):
         self.node = node
         self.step_timeout = step_timeout
         self.max_retries = max_retries  # server failures one step or one forward survives
         self.replace_wait = replace_wait  # seconds a session waits for some server to take over a lost span
         self.backoff = backoff or PeerBackoff()
+        self.push = push  # sessions' servers push along the chain (else this client relays each hop)
         self.uploads = AdapterUploads(node, timeout=step_timeout)
         self._load: Counter[str] = Counter()  # this client's open sessions per server
         self.replays = 0  # failed hops replaced and replayed in any session (for metrics)
@@ -102,7 +104,7 @@ class SwarmClient:
 
     async def start(self, request: SessionRequest) -> InferenceSession:
         """Open a session over every block of `request.model`."""
-        config = SessionConfig(self.step_timeout, self.max_retries, self.replace_wait)
+        config = SessionConfig(self.step_timeout, self.max_retries, self.replace_wait, self.push)
         session = InferenceSession(self, request, config)
         await session.open()
         return session

@@ -59,6 +59,7 @@ class SessionConfig:
     step_timeout: float = 60.0
     max_retries: int = 8  # server failures one step survives
     replace_wait: float = 10.0  # seconds to wait for some server to take over a lost span
+    push: bool = True  # servers push outputs along the chain; False: this client relays every hop (as Petals does)
 
 
 @dataclass(eq=False)
@@ -195,7 +196,7 @@ class InferenceSession:
         steps = len(self._offsets)
         for hop in self._hops:
             self._start_reader(hop)
-        await self._send(self._hops[0], steps - 1, route=self._hops[1:])
+        await self._send(self._hops[0], steps - 1, route=self._hops[1:] if self._config.push else ())
         while (behind := next((h for h in self._hops if h.done < steps), None)) is not None:
             with trio.move_on_after(self._config.step_timeout) as idle:
                 batch = [await events.receive()]
