@@ -39,9 +39,12 @@ LLAMA_8B = dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, i
                 vocab_size=128256)
 
 
-def build_checkpoint(out: Path, *, num_layers: int, seed: int = 0) -> Path:
-    """Config, tokenizer and random bf16 weights of Llama-3.1-8B's shapes, generated on the GPU and
-    written as one safetensors shard per few layers by a thread pool (no float32 CPU model)."""
+def build_checkpoint(out: Path, *, num_layers: int, seed: int = 0, shapes: dict[str, int] = LLAMA_8B,
+                     device: str = "cuda") -> Path:
+    """Config, tokenizer and random bf16 weights of Llama-3.1-8B's shapes (or `shapes`), generated on
+    `device` and written as one safetensors shard per few layers by a thread pool (no float32 CPU
+    model). ``benchmarks.gpu_training`` builds its checkpoints here too; tiny shapes on the CPU
+    test the benchmarks without a GPU."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, GenerationConfig
 
@@ -49,7 +52,7 @@ def build_checkpoint(out: Path, *, num_layers: int, seed: int = 0) -> Path:
         return out
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    shapes = dict(LLAMA_8B, num_layers=num_layers)
+    shapes = dict(shapes, num_layers=num_layers)
     tokenizer = train_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS, END_OF_TEXT)}
     config = AutoConfig.for_model(
@@ -67,10 +70,10 @@ def build_checkpoint(out: Path, *, num_layers: int, seed: int = 0) -> Path:
 
     h, i, v = shapes["hidden_size"], shapes["intermediate_size"], shapes["vocab_size"]
     kv = h // shapes["num_heads"] * shapes["num_kv_heads"]
-    generator = torch.Generator(device="cuda").manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, device="cuda", generator=generator, dtype=torch.bfloat16) * 0.02).cpu()
+        return (torch.randn(*shape, device=device, generator=generator, dtype=torch.bfloat16) * 0.02).cpu()
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bfloat16)

@@ -1,7 +1,8 @@
-"""Per-session KV-cache bookkeeping for a block server: admission limits, lookup, idle expiry.
+"""Per-session KV-cache bookkeeping for a block server: admission limits, lookup, idle expiry, rollback.
 
 A session reserves `batch * max_length` tokens up front, so a server never runs out of cache
-mid-generation; it refuses new sessions instead.
+mid-generation; it refuses new sessions instead. A session can be truncated (speculative
+decoding drops the positions of rejected draft tokens): `rollback` cuts either kind of cache.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Session:
     cache: object
     position: int = 0  # tokens already in the cache
     last_used: float = 0.0
+    truncations: int = 0  # the client's truncation count this cache reflects (see `truncate`)
 
     @property
     def tokens(self) -> int:
@@ -46,7 +48,20 @@ class Session:
             raise ValueError(
                 f"session {self.id!r}: {self.position} + {n} tokens exceed its max_length of {self.max_length}"
             )
+        trim_windows(self.cache)
         self.position += n
+
+    def truncate(self, position: int, truncations: int) -> None:
+        """Keep the first `position` tokens, as of the client's `truncations`-th truncation.
+
+        The count orders truncations against resent steps: a step resent after a failure carries
+        the count it was first sent with, so a server tells a new truncation (a higher count)
+        from a duplicate of a step it has computed already (the same count).
+        """
+        if not 0 <= position <= self.position:
+            raise ValueError(f"session {self.id!r}: cannot truncate to {position}, it holds {self.position} tokens")
+        rollback(self.cache, position)
+        self.position, self.truncations = position, truncations
 
 
 class SessionCaches:
@@ -92,6 +107,7 @@ class SessionCaches:
             reserve = getattr(cache, "reserve", None)
             if reserve is not None:  # a static cache sizes itself from what the session may hold
                 reserve(batch, max_length)
+            keep_past(cache)
             session = Session(session_id, batch, max_length, cache, last_used=self._clock())
             self._sessions[session_id] = session
             return session
@@ -118,6 +134,40 @@ class SessionCaches:
             for sid in expired:
                 del self._sessions[sid]
             return expired
+
+
+def keep_past(cache: object) -> None:
+    """Let a DynamicCache's sliding-window layers roll back: they keep their past (transformers'
+    switch for assisted decoding) until `trim_windows` drops what no step can need any more."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "is_sliding", False) and hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+
+
+def trim_windows(cache: object) -> None:
+    """Before a step: sliding-window layers keeping their past drop all but the last window - 1
+    positions (what the step attends to), as assisted decoding does after each step; the step's
+    own positions can then be rolled back."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "record_past", False) and layer.get_seq_length() >= layer.sliding_window:
+            layer.crop(0)
+
+
+def rollback(cache: object, position: int) -> None:
+    """Forget the cache's positions from `position` on: a static cache moves its length back (the
+    buffers stay, later steps overwrite them and masks never look past the length); a
+    DynamicCache crops each layer — a sliding-window one only as far back as it kept (the last
+    step's positions, see `trim_windows`), else ValueError."""
+    if isinstance(cache, StaticKV):
+        cache.length = min(cache.length, position)
+        return
+    for layer in cache.layers:  # type: ignore[attr-defined]  # only the span's layers hold any
+        if (seen := layer.get_seq_length()) <= position:
+            continue
+        drop, held = seen - position, layer.keys.shape[-2]
+        if getattr(layer, "is_sliding", False) and held - drop < min(position, layer.sliding_window - 1):
+            raise ValueError(f"cannot roll a sliding-window layer back {drop} positions: it kept only the last {held}")
+        layer.crop(-drop)  # transformers' convention: minus the tokens to drop
 
 
 class StaticKV:

@@ -26,3 +26,4 @@ class ServerConfig:
     announce_interval: float = 5.0
     torch_threads: int = 0  # 0: torch's default
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    drill_corrupt: float = 0.0  # a drill: corrupt this fraction of outputs on purpose (blockserver/drill.py)

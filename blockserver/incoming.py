@@ -3,9 +3,11 @@ hidden states, and answer or close without caring whether the peer is still ther
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import trio
 
 from blocks.span import BlockSpan
 from blockserver.limits import ServerLimits
@@ -17,8 +19,23 @@ class NotHeldError(ProtocolError):
     """A request names blocks this server does not hold (any more: the client saw an old record)."""
 
 
-async def read(stream: Stream, limits: ServerLimits) -> dict[str, Any]:
-    return await protocol.read_frame(stream, max_bytes=limits.max_frame_bytes)
+class ReadTimeout(ProtocolError):
+    """A peer sent no complete frame in time: nothing, or part of one (a stalled or hostile peer)."""
+
+
+async def read(stream: Stream, limits: ServerLimits, timeout: float = math.inf) -> dict[str, Any]:
+    """The next frame, whole within `timeout` seconds, else ReadTimeout: no peer holds a handler forever."""
+    with trio.move_on_after(timeout):
+        return await protocol.read_frame(stream, max_bytes=limits.max_frame_bytes)
+    raise ReadTimeout(f"no complete frame within {timeout:g} s")
+
+
+def expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
+    """`message` if it is a `kind` frame. Unlike ``protocol.expect`` (for replies), a peer's
+    ``error`` frame is just a wrong request here, and its type is not echoed back at length."""
+    if message["type"] != kind:
+        raise ProtocolError(f"expected a {kind!r} frame, got {message['type'][:40]!r}")
+    return message
 
 
 def wire_codec(request: dict[str, Any]) -> str:
@@ -70,5 +87,12 @@ async def try_send(stream: Stream, message: dict[str, Any]) -> None:
 async def try_close(stream: Stream) -> None:
     try:
         await stream.close()
+    except Exception:
+        pass
+
+
+async def try_reset(stream: Stream) -> None:
+    try:
+        await stream.reset()
     except Exception:
         pass

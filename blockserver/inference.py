@@ -26,6 +26,7 @@ from blocks.lora import SpanLora
 from blocks.span import BlockSpan
 from blockserver import incoming
 from blockserver.adapter_cache import UnknownAdapterError
+from blockserver.drill import Drill
 from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
 from swarm import codec, protocol
@@ -62,6 +63,7 @@ class InferenceService:
         compute: trio.CapacityLimiter,
         metrics: ServerMetrics,
         session_adapter: Callable[[dict[str, Any]], SpanLora | None],
+        drill: Drill,
     ) -> None:
         self.node = node
         self.span = span  # BlockServer.move_to replaces it
@@ -71,6 +73,7 @@ class InferenceService:
         self.compute = compute  # shared with the other protocols: one computation at a time
         self.metrics = metrics
         self.session_adapter = session_adapter  # the adapter an ``open`` frame names
+        self.drill = drill  # --drill-corrupt: corrupts a fraction of outputs on purpose
         self._live: dict[str, _LiveSession] = {}
 
     # -- session lifetime ------------------------------------------------------------------------
@@ -93,8 +96,7 @@ class InferenceService:
     async def handle_inference(self, stream: Stream) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
         try:
-            with trio.fail_after(self.limits.open_timeout):
-                request = protocol.expect(await incoming.read(stream, self.limits), "open")
+            request = incoming.expect(await incoming.read(stream, self.limits, self.limits.open_timeout), "open")
             session_id, batch, max_length, wire_codec = self._validate_open(request)
             # the session keeps these, whatever moves come later
             loaded, span = self.span, incoming.span_part(self.span, request)
@@ -110,10 +112,10 @@ class InferenceService:
             await incoming.try_send(stream, protocol.error_frame(str(error), protocol.BUSY))
         except UnknownAdapterError as error:
             await incoming.try_send(stream, protocol.error_frame(str(error), protocol.UNKNOWN_ADAPTER))
-        except (ProtocolError, protocol.RemoteError, ValueError) as error:
+        except (ProtocolError, ValueError) as error:
             logger.info("inference stream from %s refused: %s", peer, error)
             await incoming.try_send(stream, protocol.error_frame(str(error)))
-        except (EOFError, trio.TooSlowError) as error:
+        except EOFError as error:
             logger.info("client %s went away: %r", peer, error)
         except Exception as error:  # stream resets and the like: the session just ends
             logger.info("inference stream from %s ended: %r", peer, error)
@@ -161,7 +163,7 @@ class InferenceService:
                 message = await incoming.read(live.client, self.limits)
                 if message["type"] == "close":
                     break
-                await live.inbox.send(protocol.expect(message, "step"))
+                await live.inbox.send(incoming.expect(message, "step"))
         except EOFError:
             pass
         except ProtocolError as error:
@@ -171,10 +173,18 @@ class InferenceService:
 
     # -- PUSH ------------------------------------------------------------------------------------
     async def handle_push(self, stream: Stream) -> None:
-        """Steps pushed by the previous server of a chain, for any of our sessions."""
+        """Steps pushed by the previous server of a chain, for any of our sessions.
+
+        The first step comes at once (the pusher opens the stream to send it); later ones as fast
+        as the session goes, so the stream may idle as long as a session may. A stream idle longer
+        is reset, not closed: the pusher's next write then fails, and it tells its client that the
+        step was not pushed, rather than believing it was.
+        """
+        timeout = self.limits.read_timeout
         try:
             while True:
-                message = protocol.expect(await incoming.read(stream, self.limits), "step")
+                message = incoming.expect(await incoming.read(stream, self.limits, timeout), "step")
+                timeout = self.limits.idle_timeout
                 live = self._live.get(require(message, "session", str))
                 try:
                     if live is None:
@@ -184,6 +194,10 @@ class InferenceService:
                     logger.info("push for a closed or unknown session dropped")
         except EOFError:
             pass
+        except incoming.ReadTimeout as error:
+            self.metrics.errors.labels("read_timeout").inc()
+            logger.info("push stream reset: %s", error)
+            await incoming.try_reset(stream)
         except Exception as error:
             logger.info("push stream ended: %r", error)
         finally:
@@ -211,6 +225,15 @@ class InferenceService:
         session = self.caches.get(live.id)
         span = live.span or self.span
         position = require(message, "position", int)
+        if position < 0:
+            raise ProtocolError(f"step at position {position}: positions start at 0")
+        truncations = message.get("truncations", 0)
+        if not isinstance(truncations, int) or truncations < 0:
+            raise ProtocolError("'truncations' must be a count >= 0")
+        if truncations > session.truncations:  # the client cut positions since our last step: roll back
+            if position > session.position:
+                raise ProtocolError(f"truncation to {position}, but the session holds {session.position} tokens")
+            session.truncate(position, truncations)
         if position < session.position:
             logger.debug("session %s: step at %d dropped, already at %d", live.id, position, session.position)
             return None
@@ -221,10 +244,12 @@ class InferenceService:
         if position != session.position:
             raise ProtocolError(f"step at position {position}, but the session is at {session.position}")
         tokens = hidden.shape[1]
+        if tokens == 0:  # nothing to compute (the eager path could not even run it): the output is the input
+            return codec.encode(hidden, live.codec)
         session.advance(tokens)  # raises ValueError past max_length, before any compute
         started = time.perf_counter()
         output = await trio.to_thread.run_sync(
-            lambda: span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter),
+            lambda: self.drill(span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter)),
             limiter=self.compute,
         )
         self.metrics.step_seconds.observe(time.perf_counter() - started)
@@ -247,7 +272,7 @@ class InferenceService:
                 with trio.fail_after(self.limits.push_timeout):
                     stream = await self._next_hop(live, hop)
                     frame = {"type": "step", "session": hop["session"], "position": position,
-                             "hidden": output, "route": route[1:]}
+                             "hidden": output, "route": route[1:], "truncations": message.get("truncations", 0)}
                     await protocol.write_frame(stream, frame)
                 reply["pushed"] = hop["session"]
             except Exception as error:

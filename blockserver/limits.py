@@ -1,4 +1,5 @@
-"""What a block server accepts: sessions, cached tokens, batch, frame and request sizes, timeouts."""
+"""What a block server accepts: sessions, cached tokens, batch, frame and request sizes, timeouts,
+and how much of it one peer may take (blockserver/peers.py)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,23 @@ class ServerLimits:
     drain_timeout: float = 60.0  # after a move, sessions on the old span may run this long
     max_train_tokens: int = 4096  # batch * length of one training forward/backward
     adapter_cache_bytes: int = 256 * 2**20  # LoRA adapters kept by digest (LRU)
+    # A whole FORWARD/TRAIN request, or a PUSH stream's first step, must arrive within it (a 64 MiB
+    # frame needs ~5 Mbit/s): a peer that sends nothing, or part of a frame, holds no handler longer.
+    read_timeout: float = 120.0
+    # Per peer. A gateway is one peer carrying many users' sessions, so the defaults never throttle an
+    # honest one: its sessions are capped by max_sessions anyway, its other streams are few.
+    max_peer_sessions: int = 0  # open INFERENCE streams (sessions) of one peer; 0: max_sessions
+    max_peer_streams: int = 256  # open FORWARD, TRAIN or PUSH streams of one peer, per protocol
+    peer_stream_rate: float = 500.0  # new streams per second of one peer, all protocols (a token bucket that
+    peer_stream_burst: int = 1000  # holds this many): only floods reach either
+
+    def peer_cap(self, kind: str) -> int:
+        """Concurrent streams one peer may hold of protocol `kind` (``inference``, ``push``, ...).
+
+        A previous server of a chain pushes on one stream per session it shares with us, so PUSH
+        allows at least ``max_sessions`` streams from a peer, whatever ``max_peer_streams`` says."""
+        if kind == "inference":
+            return self.max_peer_sessions or self.max_sessions
+        if kind == "push":
+            return max(self.max_peer_streams, self.max_sessions)
+        return self.max_peer_streams

@@ -24,6 +24,11 @@ class ServerMetrics:
         self.throughput = Gauge("swarmgate_server_throughput", "Measured tokens/s through the span",
                                 registry=registry)
         self.moves = Counter("swarmgate_server_span_moves", "Moves to another span (rebalancing)", registry=registry)
+        self.refused = Counter("swarmgate_server_refused_streams", "Streams refused to a peer over its per-peer limits",
+                               ["protocol", "reason"], registry=registry)
+        self.drill_corrupted = Gauge("swarmgate_server_drill_corrupted",
+                                     "Outputs corrupted on purpose (--drill-corrupt: a drill, never in production)",
+                                     registry=registry)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Answer ``GET /metrics`` on `port` from a background thread."""

@@ -14,6 +14,7 @@ import trio
 
 from blockserver import placement
 from blockserver.config import ServerConfig
+from blockserver.drill import Drill
 from blockserver.metrics import ServerMetrics
 from blockserver.server import BlockServer
 from blockserver.throughput import ThroughputCache
@@ -43,6 +44,10 @@ def run(config: ServerConfig) -> None:
 
 
 async def serve(config: ServerConfig) -> None:
+    drill = Drill(config.drill_corrupt)
+    if config.drill_corrupt:
+        logger.warning("DRILL: this server corrupts %g of its outputs on purpose (--drill-corrupt); clients that "
+                       "verify should ban it. Never use this outside a drill or a test.", config.drill_corrupt)
     if config.model:
         model_path = await trio.to_thread.run_sync(resolve_model, config.model)
         name = default_model_name(config.model)
@@ -71,6 +76,7 @@ async def serve(config: ServerConfig) -> None:
             announce_interval=config.announce_interval,
             throughput_cache=ThroughputCache(),
             metrics=ServerMetrics(),
+            drill=drill,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)

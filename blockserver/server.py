@@ -3,7 +3,8 @@
 Trio program. ``BlockServer`` hosts the node, the span and the session caches, registers one
 service per protocol (INFERENCE and PUSH: blockserver/inference.py, FORWARD: forward.py, TRAIN:
 training.py) and announces its record. Compute runs in a worker thread, one computation at a time
-over all protocols, so the host keeps serving.
+over all protocols, so the host keeps serving. Every handler sits behind a ``PeerGate``
+(blockserver/peers.py): one peer cannot take all the streams or sessions.
 
 Failures elsewhere are the normal case (DESIGN.md §7). The server can move to another span
 (``move_to``, rebalancing): sessions opened on the old span keep it until they end or a drain
@@ -20,10 +21,12 @@ import trio
 
 from blocks.cache import SessionCaches
 from blocks.span import BlockSpan
+from blockserver.drill import Drill
 from blockserver.forward import ForwardService
 from blockserver.inference import InferenceService
 from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
+from blockserver.peers import PeerGate
 from blockserver.throughput import ThroughputCache, span_throughput
 from blockserver.training import TrainingService
 from swarm import codec, protocol
@@ -45,6 +48,7 @@ class BlockServer:
         announce_interval: float = 5.0,
         throughput_cache: ThroughputCache | None = None,
         metrics: ServerMetrics | None = None,
+        drill: Drill | None = None,
     ) -> None:
         self.node = node
         self.span = span
@@ -57,25 +61,28 @@ class BlockServer:
         self.throughput_cache = throughput_cache
         self.metrics = metrics or ServerMetrics()
         self.metrics.sessions.set_function(lambda: self.caches.num_sessions)
+        self.drill = drill or Drill()
+        self.metrics.drill_corrupted.set_function(lambda: self.drill.corrupted)
+        self.peers = PeerGate(limits, self.metrics)
         self._nursery: trio.Nursery | None = None
         self._compute = trio.CapacityLimiter(1)
-        self.training = TrainingService(span, limits, self._compute)
+        self.training = TrainingService(span, limits, self._compute, self.metrics, self.drill)
         self.inference = InferenceService(
             node, span, checkpoint=checkpoint, limits=limits, caches=self.caches, compute=self._compute,
-            metrics=self.metrics, session_adapter=self.training.session_adapter,
+            metrics=self.metrics, session_adapter=self.training.session_adapter, drill=self.drill,
         )
-        self.forward = ForwardService(span, limits, self._compute, self.metrics)
+        self.forward = ForwardService(span, limits, self._compute, self.metrics, self.drill)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Register the protocols, announce, and run until cancelled."""
         await self._measure(self.span)
         # bitsandbytes loads on the first int8 message; pay that here, not in a client's step (or replay).
         await trio.to_thread.run_sync(codec.encode, torch.zeros(1, 1, 8), "int8")
-        host = self.node.host
-        host.set_stream_handler(protocol.INFERENCE, self.inference.handle_inference)
-        host.set_stream_handler(protocol.PUSH, self.inference.handle_push)
-        host.set_stream_handler(protocol.FORWARD, self.forward.handle)
-        host.set_stream_handler(protocol.TRAIN, self.training.handle)
+        host, guard = self.node.host, self.peers.guard
+        host.set_stream_handler(protocol.INFERENCE, guard("inference", self.inference.handle_inference))
+        host.set_stream_handler(protocol.PUSH, guard("push", self.inference.handle_push))
+        host.set_stream_handler(protocol.FORWARD, guard("forward", self.forward.handle))
+        host.set_stream_handler(protocol.TRAIN, guard("train", self.training.handle))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._announce_forever)

@@ -6,7 +6,8 @@ keeping activations from the client's ``forward`` until its ``backward``. So not
 expire, a client that vanishes costs nothing, memory is bounded per request, and any server of
 the same span can answer a backward.
 
-Requests, any number per stream, each answered by one frame:
+Requests, any number per stream, each answered by one frame and each due within the read
+timeout of the stream's opening or the previous answer:
 - ``upload`` {adapter: digest, scaling, tensors: {PEFT name: tensor (codec none)}} -> ``stored``
 - ``forward`` {adapter, codec, hidden} -> ``output`` {hidden}
 - ``backward`` {adapter, codec, hidden, grad} -> ``grads`` {grad_input, grads: {name: tensor}}
@@ -30,7 +31,9 @@ from blocks.lora_weights import LoraWeights
 from blocks.span import BlockSpan
 from blockserver import incoming
 from blockserver.adapter_cache import AdapterCache, UnknownAdapterError
+from blockserver.drill import Drill
 from blockserver.limits import ServerLimits
+from blockserver.metrics import ServerMetrics
 from swarm import codec, protocol
 from swarm.protocol import ProtocolError, Stream, field as require
 
@@ -38,9 +41,14 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingService:
-    def __init__(self, span: BlockSpan, limits: ServerLimits, compute: trio.CapacityLimiter) -> None:
+    def __init__(
+        self, span: BlockSpan, limits: ServerLimits, compute: trio.CapacityLimiter,
+        metrics: ServerMetrics | None = None, drill: Drill | None = None,
+    ) -> None:
         self.limits = limits
         self.compute = compute  # shared with inference: one computation at a time
+        self.metrics = metrics or ServerMetrics()
+        self.drill = drill or Drill()  # --drill-corrupt: corrupts a fraction of outputs on purpose
         self.span = span
 
     @property
@@ -68,10 +76,13 @@ class TrainingService:
     async def handle(self, stream: Stream) -> None:
         try:
             while True:
-                request = await incoming.read(stream, self.limits)
+                request = await incoming.read(stream, self.limits, self.limits.read_timeout)
                 await protocol.write_frame(stream, await self._answer(request))
         except EOFError:
             pass
+        except incoming.ReadTimeout as error:
+            self.metrics.errors.labels("read_timeout").inc()
+            await incoming.try_send(stream, protocol.error_frame(str(error)))
         except ProtocolError as error:  # an unreadable frame: the stream is out of step, end it
             await incoming.try_send(stream, protocol.error_frame(str(error)))
         except Exception as error:
@@ -86,7 +97,7 @@ class TrainingService:
             return protocol.error_frame(f"this server serves blocks [{self.span.start}, {self.span.end}) now, not {blocks}")
         try:
             if request["type"] not in handlers:
-                raise ProtocolError(f"unknown request {request['type']!r}; expected one of {', '.join(handlers)}")
+                raise ProtocolError(f"unknown request {request['type'][:40]!r}; expected one of {', '.join(handlers)}")
             return await handlers[request["type"]](request)
         except UnknownAdapterError as error:
             return protocol.error_frame(str(error), protocol.UNKNOWN_ADAPTER)
@@ -122,7 +133,9 @@ class TrainingService:
         span, adapter = self.span, self.session_adapter(request)
         wire_codec = incoming.wire_codec(request)
         hidden = self._hidden(request, "hidden", span)
-        output = await trio.to_thread.run_sync(lambda: span.forward(hidden, adapter=adapter), limiter=self.compute)
+        output = await trio.to_thread.run_sync(
+            lambda: self.drill(span.forward(hidden, adapter=adapter)), limiter=self.compute
+        )
         return {"type": "output", "hidden": codec.encode(output, wire_codec)}
 
     async def _backward(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +146,7 @@ class TrainingService:
         if grad.shape != hidden.shape:
             raise ProtocolError(f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
         grad_input, grads = await trio.to_thread.run_sync(
-            lambda: span.backward(hidden, grad, adapter), limiter=self.compute
+            lambda: self.drill(span.backward(hidden, grad, adapter)), limiter=self.compute
         )
         return {
             "type": "grads",

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from adapters import AdapterStore
 from blocks.head import ModelHead
 from gateway.backend import InferenceBackend
+from gateway.dashboard import routes as dashboard_routes
 from gateway.embeddings import routes as embeddings_routes
 from gateway.fine_tuning import files
 from gateway.fine_tuning import routes as fine_tuning_routes
@@ -75,8 +76,18 @@ class ListedModels(BaseModel):
 
 
 class SwarmView(BaseModel):
-    models: list[ModelCoverage]
-    swarm: dict[str, Any]
+    """What `GET /v1/swarm` returns; the page at `GET /dashboard` draws it."""
+
+    models: list[ModelCoverage] = Field(description="This gateway's models and whether it can serve them now.")
+    swarm: dict[str, Any] = Field(description=(
+        "The backend's own view of the swarm. Over a real swarm: `models` (per model name: `num_blocks`, "
+        "`covered`, `missing_blocks`, `checkpoints`, `blocks` (each block's `servers` and summed `throughput`) and "
+        "`servers` (each one's `peer_id`, span `start`-`end`, `throughput` in tokens/s, `sessions`, `free_tokens` "
+        "of KV cache, `quant`, `version`, `addrs`, and `rtt_ms`: the round trip this gateway measured, null if it "
+        "has not talked to that server)), `replays` (failed hops replayed), `verification` (spot checks, "
+        "mismatches, undecided, bans) and `banned` (`peer_id`, `reason`, `since` in unix seconds: servers this "
+        "gateway caught returning wrong outputs and never chooses again)."
+    ))
 
 
 def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: HeadLoader | None = None) -> FastAPI:
@@ -96,7 +107,7 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
     jobs = JobStore(database)
     metrics = GatewayMetrics(
         coverage=lambda: [(model.id, backend.coverage(model.id)) for model in models],
-        replays=lambda: int(backend.swarm_state().get("replays", 0)),
+        swarm_state=backend.swarm_state,
     )
     gateway = Gateway(
         settings=settings,
@@ -163,6 +174,7 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
     upload_errors = ERROR_RESPONSES | {status: {"model": ErrorResponse} for status in (411, 413)}
     app.include_router(files.router, responses=upload_errors)
     app.include_router(fine_tuning_routes.router, responses=upload_errors)
+    app.include_router(dashboard_routes.router)
     return app
 
 

@@ -38,9 +38,13 @@ class InferenceSession(Protocol):
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [b, t, h] in, last block's output [b, t, h] out (before the final norm).
 
-        The first call is the prefill (t >= 1), later calls feed one token per row (t = 1); the
-        session tracks positions itself.
+        The first call is the prefill (t >= 1), later calls feed one token per row (t = 1), or
+        more with speculative drafts; the session tracks positions itself.
         """
+        ...
+
+    async def truncate(self, position: int) -> None:
+        """Forget the positions from `position` on (rejected drafts); the next step starts there."""
         ...
 
     async def close(self) -> None:
@@ -84,6 +88,11 @@ class BackendError(Exception):
 
 class SwarmBusy(BackendError):
     """Every chain that could serve the request is at capacity; worth retrying later (429)."""
+
+
+class SwarmUnreachable(BackendError):
+    """Servers that cover the model failed while the session opened, and no other chain took over
+    in time (a kill or a restart under way); worth retrying shortly (503)."""
 
 
 class BlocksUnavailable(BackendError):

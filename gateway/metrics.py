@@ -2,13 +2,15 @@
 
 Each app has its own registry (several apps can live in one process, as in tests). Request
 counts come from a middleware; generation timings from ``inference.serving.start_generation``;
-swarm coverage and replays are read from the backend at scrape time, so they are never stale.
+swarm coverage, replays and verification counts are read from the backend at scrape time, so they
+are never stale.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,10 +20,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.backend import Coverage
 
 
+SwarmState = Callable[[], dict[str, Any]]  # the backend's ``swarm_state``
+VERIFICATION = {
+    "checks": "Hop outputs recomputed by another server and compared",
+    "mismatches": "Checks whose outputs disagreed beyond the tolerance",
+    "undecided": "Mismatches no third server could settle",
+    "bans": "Servers banned for wrong outputs",
+}
+
+
 class _SwarmCollector(Collector):
-    def __init__(self, coverage: Callable[[], Iterable[tuple[str, Coverage]]], replays: Callable[[], int]):
+    def __init__(self, coverage: Callable[[], Iterable[tuple[str, Coverage]]], swarm_state: SwarmState):
         self._coverage = coverage
-        self._replays = replays
+        self._swarm_state = swarm_state
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         gauge = GaugeMetricFamily("swarmgate_swarm_coverage_ratio", "Share of the model's blocks some server serves",
@@ -30,12 +41,16 @@ class _SwarmCollector(Collector):
             served = coverage.num_blocks - len(coverage.missing)
             gauge.add_metric([model], served / max(coverage.num_blocks, 1))
         yield gauge
+        state = self._swarm_state()
         yield CounterMetricFamily("swarmgate_replays", "Sessions rebuilt on another server after a failure",
-                                  value=self._replays())
+                                  value=int(state.get("replays", 0)))
+        counts = state.get("verification", {})
+        for name, documentation in VERIFICATION.items():
+            yield CounterMetricFamily(f"swarmgate_verification_{name}", documentation, value=int(counts.get(name, 0)))
 
 
 class GatewayMetrics:
-    def __init__(self, coverage: Callable[[], Iterable[tuple[str, Coverage]]], replays: Callable[[], int]):
+    def __init__(self, coverage: Callable[[], Iterable[tuple[str, Coverage]]], swarm_state: SwarmState):
         self.registry = CollectorRegistry()
         self.requests = Counter("swarmgate_requests", "HTTP requests by route and status",
                                 ["method", "path", "status"], registry=self.registry)
@@ -49,7 +64,12 @@ class GatewayMetrics:
             "swarmgate_decode_tokens_per_second", "Per-request decode speed after the first token", ["model"],
             registry=self.registry, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
         )
-        self.registry.register(_SwarmCollector(coverage, replays))
+        self.drafted = Counter("swarmgate_speculative_drafted_tokens", "Draft tokens sent through the swarm",
+                               ["model"], registry=self.registry)
+        self.accepted = Counter("swarmgate_speculative_accepted_tokens",
+                                "Draft tokens the sampler agreed with (each saved a step)", ["model"],
+                                registry=self.registry)
+        self.registry.register(_SwarmCollector(coverage, swarm_state))
 
     def observe_generation(self, model: str, started: float, first_token: float | None, tokens: int) -> None:
         self.tokens.labels(model).inc(tokens)
@@ -59,6 +79,11 @@ class GatewayMetrics:
         decode_time = time.monotonic() - first_token
         if tokens > 1 and decode_time > 0:
             self.tokens_per_second.labels(model).observe((tokens - 1) / decode_time)
+
+    def observe_speculation(self, model: str, drafted: int, accepted: int) -> None:
+        if drafted:
+            self.drafted.labels(model).inc(drafted)
+            self.accepted.labels(model).inc(accepted)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

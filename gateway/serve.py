@@ -30,6 +30,7 @@ class ServeOptions:
     port: int = 8000
     wire_codec: str = "int8"  # hidden-state encoding between gateway and servers
     allow_peers: list[str] | None = None  # route only through these servers; None: any
+    verify_fraction: float = 0.0  # chance that a session's hop is recomputed elsewhere at a step
 
 
 def run(
@@ -47,7 +48,8 @@ def run(
         for name, path in settings.models.items()
     ]
     name = ", ".join(model.name for model in served)
-    bridge = SwarmBridge(**node.kwargs(), allow_peers=options.allow_peers).start()
+    bridge = SwarmBridge(**node.kwargs(), allow_peers=options.allow_peers,
+                         verify_fraction=options.verify_fraction).start()
     try:
         backend = SwarmBackend(bridge, served, wire_codec=options.wire_codec)
         app = create_app(settings, backend)

@@ -39,6 +39,11 @@ class Settings(BaseModel):
         description="Tokens (rows x length) per training forward through the swarm, so also the longest example; "
         "keep it within the servers' --max-train-tokens.",
     )
+    speculative_tokens: int = Field(
+        0, ge=0, le=32,
+        description="Most tokens drafted per step by prompt lookup and verified by the swarm in the same pass "
+        "(speculative decoding, exact: outputs are plain decoding's); 0 turns it off.",
+    )
     head_device: str = Field(
         "cpu", description="Where embeddings, final norm, LM head and sampling run: cpu or cuda (resolved, not auto)."
     )

@@ -1,7 +1,8 @@
 """``InferenceBackend`` over the real swarm, through ``swarm.bridge.SwarmBridge``.
 
 Translates the swarm's failures into the backend's vocabulary: no chain covering the model ->
-``BlocksUnavailable`` (503), every candidate server full -> ``SwarmBusy`` (429). Fine-tuning's
+``BlocksUnavailable`` (503), every candidate server full -> ``SwarmBusy`` (429), every chain's
+servers failing while the session opens -> ``SwarmUnreachable`` (503). Fine-tuning's
 forward and backward go through ``swarm.training`` in float32 (codec ``none``): gradients are
 exact, and a training step's activations are few next to a generation's.
 """
@@ -12,14 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import trio
+from libp2p.exceptions import BaseLibp2pError
 
-from gateway.backend import BlocksUnavailable, Coverage, InferenceSession, SwarmBusy
+from gateway.backend import BlocksUnavailable, Coverage, InferenceSession, SwarmBusy, SwarmUnreachable
 from swarm import training
 from swarm.bridge import SwarmBridge
 from swarm.health import swarm_state
 from swarm.node_options import configure_threads
 from blocks.lora_weights import LoraWeights
-from swarm.protocol import BUSY, RemoteError
+from swarm.protocol import BUSY, ProtocolError, RemoteError
 from swarm.routing import NoChainError, missing_blocks
 from swarm.session import SessionRequest
 
@@ -52,7 +55,10 @@ class SwarmBackend:
         except RemoteError as error:
             if error.code == BUSY:
                 raise SwarmBusy(f"the swarm has no capacity for this request now: {error}") from error
-            raise
+            raise SwarmUnreachable(f"the swarm could not open a session: {error}") from error
+        except (OSError, trio.TooSlowError, BaseLibp2pError, ProtocolError) as error:  # ConnectionError is an OSError
+            raise SwarmUnreachable(f"servers of model '{model}' failed while opening a session ({error!r}); "
+                                   "retry shortly") from error
 
     def differentiable_blocks(self, model: str, hidden: torch.Tensor, adapter: LoraWeights) -> torch.Tensor:
         served = self.models[model]
@@ -70,4 +76,9 @@ class SwarmBackend:
         return Coverage(served.num_blocks, tuple(missing_blocks(records, served.num_blocks)))
 
     def swarm_state(self) -> dict[str, Any]:
-        return swarm_state(self.bridge.servers()) | {"replays": self.bridge.replays()}
+        """The swarm as this gateway sees it (``swarm.health.swarm_state``, with the round trips it
+        measured), plus its replays, its verification counts and the peers it banned."""
+        return swarm_state(self.bridge.servers(), rtt=self.bridge.rtts()) | {
+            "replays": self.bridge.replays(), "verification": self.bridge.verification(),
+            "banned": self.bridge.banned(),
+        }

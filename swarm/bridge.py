@@ -34,11 +34,13 @@ class SwarmBridge:
         key_pair: KeyPair | None = None,
         allow_peers: Collection[str] | None = None,
         step_timeout: float = SessionConfig.step_timeout,
+        verify_fraction: float = SessionConfig.verify_fraction,
     ) -> None:
         self._node_args = dict(
             listen=listen, initial_peers=initial_peers, psk=psk, key_pair=key_pair, allow_peers=allow_peers
         )
         self._step_timeout = step_timeout
+        self._verify_fraction = verify_fraction
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -76,7 +78,7 @@ class SwarmBridge:
 
     async def _main(self) -> None:
         async with start_node(**self._node_args) as node:
-            self.client = SwarmClient(node, step_timeout=self._step_timeout)
+            self.client = SwarmClient(node, step_timeout=self._step_timeout, verify_fraction=self._verify_fraction)
             self._stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -137,6 +139,21 @@ class SwarmBridge:
         assert self.client is not None
         return self.snapshot(lambda: self.client.node.records.live(model))
 
+    def banned(self) -> list[dict[str, Any]]:
+        """Peers this gateway banned for wrong outputs: ``[{peer_id, reason, since}]``, oldest first."""
+        assert self.client is not None
+        return self.snapshot(lambda: [ban.to_json() for ban in self.client.bans.entries()])
+
+    def rtts(self) -> dict[str, float]:
+        """Measured round trip (seconds) to each peer this client has talked to."""
+        assert self.client is not None
+        return self.snapshot(self.client.node.rtts)
+
+    def verification(self) -> dict[str, int]:
+        """Checks, mismatches, undecided mismatches and bans of this gateway's verification so far."""
+        assert self.client is not None
+        return self.client.verification.to_json()
+
     def replays(self) -> int:
         """Failed hops replaced and replayed so far, over all sessions."""
         assert self.client is not None
@@ -156,6 +173,9 @@ class BridgedSession:
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         return await self._bridge.run(self._session.step, hidden)
+
+    async def truncate(self, position: int) -> None:
+        await self._bridge.run(self._session.truncate, position)
 
     async def close(self) -> None:
         await asyncio.shield(self._bridge.run(self._session.close))

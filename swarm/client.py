@@ -9,10 +9,14 @@ after the servers' next announcements.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import random
 import secrets
 import time
 from collections import Counter
-from typing import Awaitable, Callable, Iterable, TypeVar
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import torch
 
@@ -22,10 +26,23 @@ from swarm.backoff import PeerBackoff
 from swarm.node import SwarmNode
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError, choose_chain
+from swarm.trust.bans import BanList
+from swarm.trust.verification import VerificationStats, judge
 from swarm.session import Hop, InferenceSession, RetriesExhausted, SessionConfig, SessionRequest
 from swarm.uploads import AdapterUploads
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+_draw = random.SystemRandom()  # which spans are checked: servers must not be able to predict it
+
+
+@dataclass(frozen=True)
+class Checked:
+    """How ``along_chain`` spot-checks a span: what the call computes, and its result as a tensor."""
+
+    what: str  # for ban reasons: "cache-less forward", "training backward", ...
+    wire_codec: str
+    as_tensor: Callable[[Any], torch.Tensor]
 
 
 class SwarmClient:
@@ -40,12 +57,16 @@ class SwarmClient:
         replace_wait: float = SessionConfig.replace_wait,
         backoff: PeerBackoff | None = None,
         push: bool = SessionConfig.push,
+        verify_fraction: float = SessionConfig.verify_fraction,
     ):
         self.node = node
         self.step_timeout = step_timeout
         self.max_retries = max_retries  # server failures one step or one forward survives
         self.replace_wait = replace_wait  # seconds a session waits for some server to take over a lost span
         self.backoff = backoff or PeerBackoff()
+        self.verify_fraction = verify_fraction  # chance that a session's hop is checked at a step
+        self.bans = BanList()  # peers caught returning wrong outputs: never chosen again
+        self.verification = VerificationStats()
         self.push = push  # sessions' servers push along the chain (else this client relays each hop)
         self.uploads = AdapterUploads(node, timeout=step_timeout)
         self._load: Counter[str] = Counter()  # this client's open sessions per server
@@ -55,10 +76,10 @@ class SwarmClient:
     def choose(
         self, model: str, start: int, end: int, *, avoid: Iterable[str] = (), partial: bool = True
     ) -> list[ServerRecord]:
-        """The cheapest chain over blocks [start, end) without the peers in `avoid`, and without
-        recently failed peers unless only they can serve (routing.choose_chain on ``partial``)."""
+        """The cheapest chain over blocks [start, end) without the peers in `avoid` or banned ones,
+        and without recently failed peers unless only they can serve (routing.choose_chain on ``partial``)."""
         records = self.node.records.live(model)
-        avoid = frozenset(avoid)
+        avoid = frozenset(avoid) | self.bans.banned()
         options = dict(start=start, partial=partial, rtt=self.node.rtt, load=self._load.__getitem__)
         try:
             return choose_chain(model, records, end, exclude=avoid | self.backoff.avoided(), **options)
@@ -87,6 +108,24 @@ class SwarmClient:
     def replayed(self) -> None:
         self.replays += 1
 
+    def shadow_chain(self, like: ServerRecord, *, avoid: Iterable[str]) -> list[ServerRecord]:
+        """Other servers for `like`'s blocks: one that holds them all, drawn at random (a server
+        must not know whether it will check or be checked, nor by whom) and of the same weight
+        quantization when there is one, else the cheapest chain."""
+        avoid = frozenset(avoid) | self.bans.banned()
+        holders = [r for r in self.node.records.live(like.model) if r.checkpoint == like.checkpoint
+                   and r.start <= like.start and like.end <= r.end and r.peer_id not in avoid]
+        alike = [r for r in holders if r.quant == like.quant] or holders
+        if alike:
+            return [dataclasses.replace(secrets.choice(alike), start=like.start, end=like.end)]
+        return self.choose(like.model, like.start, like.end, avoid=avoid)
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        if peer_id not in self.bans:
+            logger.warning("banning server %s: %s", peer_id, reason)
+            self.verification.bans += 1
+        self.bans.ban(peer_id, reason)
+
     # -- inference sessions ----------------------------------------------------------------------
     async def open_session(
         self,
@@ -104,7 +143,7 @@ class SwarmClient:
 
     async def start(self, request: SessionRequest) -> InferenceSession:
         """Open a session over every block of `request.model`."""
-        config = SessionConfig(self.step_timeout, self.max_retries, self.replace_wait, self.push)
+        config = SessionConfig(self.step_timeout, self.max_retries, self.replace_wait, self.push, self.verify_fraction)
         session = InferenceSession(self, request, config)
         await session.open()
         return session
@@ -136,13 +175,16 @@ class SwarmClient:
         value: T,
         *,
         partial: bool = False,
+        checked: Checked | None = None,
     ) -> T:
         """``value = await call(record, value)`` for each span of a chain over every block, in order.
 
         A server that fails is avoided and the walk goes on from the same block on another chain;
         an ``invalid`` error reply means the request itself is wrong, and is raised at once. With
         ``partial``, records may be narrowed to part of a server's span: `call` must then send
-        ``blocks`` [record.start, record.end] so the server computes just those.
+        ``blocks`` [record.start, record.end] so the server computes just those (and ``checked``
+        needs that). With ``checked``, each span is spot-checked with probability
+        ``verify_fraction`` (``spot_check``).
         """
         block, failed, last_error = 0, set(), None
         while block < num_blocks:
@@ -152,7 +194,10 @@ class SwarmClient:
                 raise error from last_error
             for record in chain:
                 try:
-                    value = await call(record, value)
+                    result = await call(record, value)
+                    if checked is not None and self.verify_fraction and _draw.random() < self.verify_fraction:
+                        result = await self.spot_check(record, call, value, result, checked)
+                    value = result
                 except Exception as error:
                     if isinstance(error, protocol.RemoteError) and error.code == protocol.INVALID:
                         raise
@@ -165,6 +210,42 @@ class SwarmClient:
                 self.succeeded(record.peer_id)
                 block = record.end
         return value
+
+    async def spot_check(
+        self, record: ServerRecord, call: Callable[[ServerRecord, T], Awaitable[T]], value: T, result: T,
+        checked: Checked,
+    ) -> T:
+        """`result` of ``call(record, value)``, checked: recomputed by other servers of the same
+        blocks and compared (swarm/trust/verification.py); when a third server sides against
+        `record`'s, its server is banned and the majority's result returned instead. `call` must have
+        no side effects beyond its result."""
+
+        async def recompute(avoid: set[str]) -> tuple[T, list[ServerRecord]]:
+            records, output = self.shadow_chain(record, avoid=avoid), value
+            for shadow in records:
+                output = await call(shadow, output)
+            return output, records
+
+        try:
+            shadow_result, shadows = await recompute({record.peer_id})
+        except Exception as error:  # no other server, or it failed: nothing to compare with this time
+            logger.info("spot check of %s skipped: %r", record.peer_id, error)
+            return result
+
+        async def referee() -> tuple[torch.Tensor, list[str]]:
+            reference, referees = await recompute({record.peer_id, *(r.peer_id for r in shadows)})
+            return checked.as_tensor(reference), [r.peer_id for r in referees]
+
+        quants = (record.quant, *(r.quant for r in shadows))
+        verdict = await judge(checked.as_tensor(result), checked.as_tensor(shadow_result), checked.wire_codec, quants,
+                              referee, self.verification)
+        where = f"wrong outputs on blocks [{record.start}, {record.end}) ({checked.what})"
+        if verdict.hop_wrong:
+            self.ban(record.peer_id, f"{where}, outvoted by {[r.peer_id for r in shadows] + verdict.referee}")
+            return shadow_result
+        for shadow in shadows if verdict.shadow_wrong else ():
+            self.ban(shadow.peer_id, f"{where}, outvoted by {[record.peer_id] + verdict.referee}")
+        return result
 
     async def forward(
         self, model: str, num_blocks: int, hidden: torch.Tensor, *, wire_codec: str = "int8"
@@ -179,7 +260,9 @@ class SwarmClient:
             )
             return protocol.field(reply, "hidden", dict)
 
-        wire = await self.along_chain(model, num_blocks, through, codec.encode(hidden, wire_codec), partial=True)
+        checked = Checked("cache-less forward", wire_codec, lambda wire: codec.decode(wire, max_elements=hidden.numel()))
+        wire = await self.along_chain(model, num_blocks, through, codec.encode(hidden, wire_codec), partial=True,
+                                      checked=checked)
         result = codec.decode(wire, max_elements=hidden.numel())
         if list(result.shape) != list(hidden.shape):
             raise protocol.ProtocolError(f"chain returned shape {list(result.shape)}, sent {list(hidden.shape)}")

@@ -1,22 +1,26 @@
 """The swarm's health per model: each block's servers, and whether every block is covered.
 
 ``swarm_state(records)`` is a plain, JSON-ready dict: the gateway's ``GET /v1/swarm`` returns it
-as is, and ``swarmgate health`` (swarmgate/commands/health.py) prints it for an operator.
+as is (with the round trips the gateway measured) and its ``GET /dashboard`` page draws it, and
+``swarmgate health`` (swarmgate/commands/health.py) prints it for an operator.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from swarm.records import ServerRecord
 from swarm.routing import format_blocks
 
 
-def swarm_state(records: Iterable[ServerRecord]) -> dict[str, Any]:
+def swarm_state(records: Iterable[ServerRecord], rtt: Mapping[str, float] | None = None) -> dict[str, Any]:
     """``{"models": {name: {num_blocks, covered, missing_blocks, checkpoints, blocks, servers}}}``.
 
     A model's block count is what its servers announce (the largest span end if none does).
+    ``rtt`` is the observer's measured round trip to each peer, in seconds: each server's
+    ``rtt_ms`` (None where unmeasured, e.g. a peer the observer never opened a session on).
     """
+    rtt = rtt or {}
     by_model: dict[str, list[ServerRecord]] = {}
     for record in records:
         by_model.setdefault(record.model, []).append(record)
@@ -50,6 +54,7 @@ def swarm_state(records: Iterable[ServerRecord]) -> dict[str, Any]:
                     "quant": r.quant,
                     "version": r.version,
                     "addrs": list(r.addrs),
+                    "rtt_ms": round(rtt[r.peer_id] * 1000, 2) if r.peer_id in rtt else None,
                 }
                 for r in group
             ],

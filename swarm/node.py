@@ -4,6 +4,8 @@ Every process in a swarm — block server, gateway, health probe — runs one ``
 Discovery is gossipsub: servers publish signed records on one topic and every node keeps the
 live ones in a ``RecordTable``; a node that joins also pulls the records its first peer knows,
 so it does not wait a whole announce interval to see the swarm (ARCHITECTURE.md says why).
+Records are taken by the topic's validator, so gossipsub forwards only records a node took:
+a flood or a forgery stops at the first honest node, and only the peer that sent it loses score.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Collection, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Collection, Sequence
 
 import cbor2
 import multiaddr
@@ -43,7 +45,34 @@ os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 CONNECT_TIMEOUT = 10.0
 MAX_RECORD_FRAME = 4 * 1024 * 1024
+# One record, as signed: a server's is ~0.5 KiB with a few addresses. Every node keeps up to
+# MAX_RECORDS of them, adds their addresses to its peerstore and serves them to joining nodes.
+MAX_RECORD_BYTES = 8 * 1024
+MAX_RECORD_ADDRS = 16
+RECORDS_REQUEST_TIMEOUT = 10.0  # a peer that opens a RECORDS stream must ask within it
+# Gossipsub penalises a neighbour that forwards more messages than this per second on a topic; an
+# honest relay forwards every server's records (one per server per announce interval, 5 s by default).
+GOSSIP_FORWARD_RATE = 100.0
+MIN_RECORD_INTERVAL = 0.1  # a peer's records closer together than this are dropped (servers send one per 5 s)
 _ADDR_TTL = 3600
+
+
+def _guarded(handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+    """`handler`, except that a peer's bad frame resets its stream instead of ending this node.
+
+    py-libp2p's pubsub lets a ``DecodeError`` from one malformed RPC escape its stream handler, and
+    from there the host's nursery: 9 bytes on ``/meshsub/1.0.0`` from anyone who can dial stopped a
+    server (benchmarks/swarm_scale.py met it at 24 servers; docs/scaling.md).
+    """
+
+    async def handle(stream: Any) -> None:
+        try:
+            await handler(stream)
+        except Exception as error:
+            logger.warning("reset a gossip stream of %s: %r", stream.muxed_conn.peer_id, error)
+            await stream.reset()
+
+    return handle
 
 
 def _signed_payload(wire: dict[str, Any]) -> bytes:
@@ -67,6 +96,7 @@ class SwarmNode:
         self.allow_peers = None if allow_peers is None else frozenset(allow_peers)
         self.records = RecordTable()
         self._raw_records: dict[str, dict[str, Any]] = {}
+        self._accepted_at: dict[str, float] = {}  # peer -> when its last record was accepted
         self._rtt: dict[str, float] = {}
 
     @property
@@ -103,6 +133,9 @@ class SwarmNode:
     def rtt(self, peer_id: str) -> float | None:
         return self._rtt.get(peer_id)
 
+    def rtts(self) -> dict[str, float]:
+        return dict(self._rtt)
+
     # -- records -------------------------------------------------------------------------------
     def sign_record(self, record: ServerRecord) -> dict[str, Any]:
         wire = record.to_wire()
@@ -114,49 +147,79 @@ class SwarmNode:
         self._accept(wire)
         await self.pubsub.publish(protocol.RECORDS_TOPIC, cbor2.dumps(wire))
 
-    def _accept(self, wire: Any) -> None:
-        """Validate a record (signed by the peer it describes) and store it."""
+    def _accept(self, wire: Any, publisher: str | None = None) -> bool:
+        """Validate a record (signed by the peer it describes) and store it; raises ProtocolError
+        on a bad one. Returns whether it may travel on (gossip forwards only those).
+
+        `publisher` is the gossipsub originator of an announcement (None for a pulled record): a
+        server announces only itself, so a record published by another peer is refused — one
+        identity cannot flood records of many made-up servers. A peer's records closer together
+        than MIN_RECORD_INTERVAL are dropped and not forwarded; only accepted (validly signed)
+        records count, so a forger cannot crowd out a real server's records.
+        """
         record = ServerRecord.from_wire(wire, received_at=time.monotonic())
+        if publisher is not None and publisher != record.peer_id:
+            raise ProtocolError(f"record of {record.peer_id} published by {publisher}: servers announce themselves")
+        payload = _signed_payload(wire)
+        if len(payload) > MAX_RECORD_BYTES or len(record.addrs) > MAX_RECORD_ADDRS:
+            raise ProtocolError(f"record of {record.peer_id} is oversized: {len(payload)} bytes, "
+                                f"{len(record.addrs)} addresses (at most {MAX_RECORD_BYTES}, {MAX_RECORD_ADDRS})")
         signature = wire.get("signature")
         public_key = ID.from_base58(record.peer_id).extract_public_key()
-        if (
-            not isinstance(signature, bytes)
-            or public_key is None
-            or not public_key.verify(_signed_payload(wire), signature)
-        ):
+        if not isinstance(signature, bytes) or public_key is None or not public_key.verify(payload, signature):
             raise ProtocolError(f"record of {record.peer_id} has a bad signature")
+        last = self._accepted_at.get(record.peer_id)
+        if last is not None and record.received_at - last < MIN_RECORD_INTERVAL:
+            logger.debug("ignored the record of %s: it announces too often", record.peer_id)
+            return self._raw_records.get(record.peer_id) == wire  # the same one again (pulled, then gossiped) is no spam
         if self.allow_peers is not None and record.peer_id not in self.allow_peers | {self.peer_id}:
             logger.debug("ignored the record of %s: not in the allowed peers", record.peer_id)
-            return
+            return True  # valid, only not for this node
         if not self.records.add(record):
             logger.debug("ignored the record of %s: the record table is full", record.peer_id)
-            return
+            return True
         self._raw_records[record.peer_id] = wire
+        self._accepted_at[record.peer_id] = record.received_at
         if len(self._raw_records) > MAX_RECORDS:
             self._live_wires()
-        if record.peer_id != self.peer_id:
-            self.host.get_peerstore().add_addrs(
-                ID.from_base58(record.peer_id), [multiaddr.Multiaddr(a) for a in record.addrs], _ADDR_TTL
-            )
+        # Not into libp2p's peerstore: its AutoConnector dials peers found there until a node holds
+        # 200 connections, so every node would connect to every server (docs/scaling.md). Every
+        # stream to a server is opened with the addresses of its record (open_stream).
+        return True
 
     def _live_wires(self) -> dict[str, dict[str, Any]]:
         """The signed wires of live records; expired ones are dropped, so both tables stay bounded."""
         live = {r.peer_id for r in self.records.live()}
         for gone in self._raw_records.keys() - live:
             del self._raw_records[gone]
+            self._accepted_at.pop(gone, None)
         return self._raw_records
 
-    async def _receive_records(self, subscription: Any) -> None:
+    def _validate_announcement(self, forwarder: ID, message: Any) -> bool:
+        """Gossipsub's validator of the records topic: take the record; forward it only if taken.
+
+        This node's own announcements were taken by ``announce`` already. A bad record never
+        stops discovery: it is dropped, and counts against the peer that forwarded it.
+        """
+        publisher = ID(message.from_id).to_base58()
+        if publisher == self.peer_id:
+            return True
+        try:
+            return self._accept(protocol.decode_cbor(message.data), publisher=publisher)
+        except Exception as error:
+            logger.info("dropped a bad record from %s: %s", forwarder, error)
+            return False
+
+    @staticmethod
+    async def _drain(subscription: Any) -> None:
+        """The subscription keeps this node in the topic's mesh; its records were taken by the validator."""
         while True:
-            message = await subscription.get()
-            try:
-                self._accept(protocol.decode_cbor(message.data))
-            except Exception as error:  # a bad record never stops discovery
-                logger.warning("dropped a bad record: %s", error)
+            await subscription.get()
 
     async def _serve_records(self, stream: protocol.Stream) -> None:
         try:
-            await protocol.read_frame(stream, max_bytes=1024)
+            with trio.fail_after(RECORDS_REQUEST_TIMEOUT):  # a peer that asks nothing holds no handler
+                await protocol.read_frame(stream, max_bytes=1024)
             wires = list(self._live_wires().values())
             await protocol.write_frame(stream, {"type": "records", "records": wires})
         except Exception as error:
@@ -198,17 +261,21 @@ async def start_node(
     key_pair = key_pair or create_new_key_pair()
     host = new_host(key_pair=key_pair, psk=psk)
     gossipsub = GossipSub(
-        protocols=[GOSSIPSUB_PROTOCOL], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1
+        protocols=[GOSSIPSUB_PROTOCOL], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
+        max_messages_per_topic_per_second=GOSSIP_FORWARD_RATE,
     )
     pubsub = Pubsub(host, gossipsub)
+    for proto in gossipsub.get_protocols():
+        host.set_stream_handler(proto, _guarded(pubsub.stream_handler))
     node = SwarmNode(host, pubsub, key_pair, announce_addrs=announce_addrs, allow_peers=allow_peers)
+    pubsub.set_topic_validator(protocol.RECORDS_TOPIC, node._validate_announcement, False)
     host.set_stream_handler(protocol.RECORDS, node._serve_records)
     async with host.run([multiaddr.Multiaddr(a) for a in listen]):
         async with background_trio_service(pubsub), background_trio_service(gossipsub):
             await pubsub.wait_until_ready()
             subscription = await pubsub.subscribe(protocol.RECORDS_TOPIC)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(node._receive_records, subscription)
+                nursery.start_soon(node._drain, subscription)
                 await _join(node, initial_peers)
                 try:
                     yield node

@@ -14,6 +14,10 @@ servers drop a step at a position they already hold, and every output names the 
 pushed to, so the client sends a step itself to any next hop that did not get it. Each hop
 answers each step exactly once, whatever failed where.
 
+``truncate`` forgets the last positions (speculative decoding's rejected drafts): the records are
+cut there, so a replay rebuilds only what is kept, and later steps carry the truncation count; a
+count new to a server rolls its session back to the step's position (the same count: a duplicate).
+
 A session sees its client only through ``ChainProvider`` (chains, load, backoff, opening hops)
 and a ``SessionConfig``; a ``SessionRequest`` says what the session asks of every server.
 """
@@ -32,6 +36,7 @@ from blocks.lora_weights import LoraWeights
 from swarm import codec, protocol
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError
+from swarm.trust.checks import Chains, SpotChecks
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,7 @@ class SessionConfig:
     max_retries: int = 8  # server failures one step survives
     replace_wait: float = 10.0  # seconds to wait for some server to take over a lost span
     push: bool = True  # servers push outputs along the chain; False: this client relays every hop (as Petals does)
+    verify_fraction: float = 0.0  # chance that a step's hop is recomputed on another server and compared
 
 
 @dataclass(eq=False)
@@ -70,6 +76,7 @@ class Hop:
     session: str
     stream: protocol.Stream
     inputs: list[dict[str, Any]] = field(default_factory=list)  # wire input of each step, as far as known
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # wire output of each step, as far as known
     done: int = 0  # steps whose output came back
     reader: trio.CancelScope | None = None
 
@@ -77,8 +84,8 @@ class Hop:
         return {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
 
 
-class ChainProvider(Protocol):
-    """What a session needs of its client."""
+class ChainProvider(Chains, Protocol):
+    """What a session needs of its client (what its spot checks need, too)."""
 
     def choose(self, model: str, start: int, end: int, *, avoid: Iterable[str] = ()) -> list[ServerRecord]:
         """A chain over blocks [start, end) without the peers in `avoid`; raises NoChainError."""
@@ -90,15 +97,9 @@ class ChainProvider(Protocol):
 
     def release(self, *peer_ids: str) -> None: ...
 
-    def failed(self, peer_id: str) -> float:
-        """Back off from a failed server; returns for how many seconds it is avoided."""
-        ...
-
     def succeeded(self, peer_id: str) -> None: ...
 
-    def replayed(self) -> None:
-        """Count a failed hop replaced and replayed."""
-        ...
+    def replayed(self) -> None: ...  # count a failed hop replaced and replayed
 
     async def open_hop(self, record: ServerRecord, request: SessionRequest) -> Hop:
         """Open `request`'s session on `record`'s server, for `record`'s blocks."""
@@ -125,6 +126,10 @@ class InferenceSession:
         self._output: dict[str, Any] | None = None
         self._events: trio.MemorySendChannel | None = None
         self._nursery: trio.Nursery | None = None
+        self._checks = SpotChecks(chains, request, fraction=config.verify_fraction, timeout=config.step_timeout,
+                                  close_streams=self._close)
+        self._max_elements = 0  # of a decoded step: batch x max_length x hidden size
+        self._truncations = 0  # how many times `truncate` cut positions; every step frame carries it
         self.position = 0
 
     @property
@@ -132,24 +137,25 @@ class InferenceSession:
         return [hop.record for hop in self._hops]
 
     async def open(self) -> None:
-        """Open sessions along a chain over every block; a server that refuses is replaced."""
+        """Open sessions along a chain over every block; a server that refuses or fails is replaced,
+        waiting up to ``replace_wait`` for another when none is left (one restarting, say); but
+        servers that are full answer at once (the caller may retry later or elsewhere)."""
 
         def find() -> list[ServerRecord] | None:
-            try:
-                return self._chains.choose(self.request.model, 0, self.request.num_blocks, avoid=self._failed)
-            except NoChainError:
-                if self._failed:
-                    return None  # only the servers that just failed could serve: report why they failed
-                raise
+            chain = self._find(0, self.request.num_blocks)
+            busy = isinstance(self._last_error, protocol.RemoteError) and self._last_error.code == protocol.BUSY
+            if chain is None and busy:
+                raise self._last_error
+            return chain
 
-        hops = await self._open_hops(find, wait=0.0)
+        hops = await self._open_hops(find, wait=self._config.replace_wait)
         if hops is None:
             raise self._last_error
         self._hops = hops
 
     # -- steps -----------------------------------------------------------------------------------
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, tokens, hidden] in, same out; prefill first, then one token at a time."""
+        """[batch, tokens, hidden] in, same out: the prompt, then the next token (and any drafts)."""
         if self._error is not None:
             raise RuntimeError(f"the session failed earlier: {self._error!r}")
         batch, max_length = self.request.batch, self.request.max_length
@@ -158,6 +164,7 @@ class InferenceSession:
         if self.position + hidden.shape[1] > max_length:
             raise ValueError(f"session is limited to {max_length} tokens")
         self._offsets.append(self.position)
+        self._max_elements = batch * max_length * hidden.shape[2]
         self._hops[0].inputs.append(codec.encode(hidden, self.request.wire_codec))
         try:
             output = await self._run_step()
@@ -165,10 +172,32 @@ class InferenceSession:
             self._error = error  # the chain's state is unknown now: no further steps
             raise
         self.position += hidden.shape[1]
-        result = codec.decode(output, max_elements=batch * max_length * hidden.shape[2])
+        result = codec.decode(output, max_elements=self._max_elements)
         if list(result.shape) != list(hidden.shape):
             raise protocol.ProtocolError(f"chain returned shape {list(result.shape)}, sent {list(hidden.shape)}")
         return result.to(hidden.dtype)
+
+    async def truncate(self, position: int) -> None:
+        """Forget positions [position, self.position), between steps, with no round trip (see above);
+        shadows that computed a forgotten position are closed: the next check rebuilds them."""
+        if self._error is not None:
+            raise RuntimeError(f"the session failed earlier: {self._error!r}")
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot truncate to {position}: the session holds {self.position} tokens")
+        if position == self.position:
+            return
+        keep = sum(1 for offset in self._offsets if offset < position)  # steps with a kept token
+        cut = keep > 0 and (self._offsets[keep:] + [self.position])[0] > position  # inside step keep - 1
+        for hop in self._hops:
+            del hop.inputs[keep:], hop.outputs[keep:]
+            for records in (hop.inputs, hop.outputs) if cut else ():
+                if len(records) == keep:  # the cut step's first tokens, as exact bytes
+                    hidden = codec.decode(records[-1], max_elements=self._max_elements)
+                    records[-1] = codec.encode(hidden[:, :position - self._offsets[keep - 1]], "none")
+            hop.done = min(hop.done, keep)
+        del self._offsets[keep:]
+        self.position, self._truncations = position, self._truncations + 1
+        await self._checks.truncated(keep, cut)
 
     async def _run_step(self) -> dict[str, Any]:
         """Drive the current step to the end of the chain, replacing hops that fail on the way."""
@@ -197,6 +226,13 @@ class InferenceSession:
         for hop in self._hops:
             self._start_reader(hop)
         await self._send(self._hops[0], steps - 1, route=self._hops[1:] if self._config.push else ())
+        await self._collect(events)
+        while await self._verify():
+            await self._collect(events)  # the chain was rebuilt after a liar: drive the step again
+
+    async def _collect(self, events: trio.MemoryReceiveChannel) -> None:
+        """Until every hop answered the current step, replacing those that fail."""
+        steps = len(self._offsets)
         while (behind := next((h for h in self._hops if h.done < steps), None)) is not None:
             with trio.move_on_after(self._config.step_timeout) as idle:
                 batch = [await events.receive()]
@@ -245,6 +281,8 @@ class InferenceSession:
             raise protocol.ProtocolError(f"server {hop.record.peer_id} answered for another step")
         hidden = protocol.field(frame, "hidden", dict)
         hop.done += 1
+        if len(hop.outputs) == step:
+            hop.outputs.append(hidden)
         index = self._hops.index(hop)
         if index + 1 == len(self._hops):
             if step == len(self._offsets) - 1:
@@ -264,6 +302,8 @@ class InferenceSession:
         """
         frame = {"type": "step", "position": self._offsets[step], "hidden": hop.inputs[step],
                  "route": [after.route_entry() for after in route]}
+        if self._truncations:
+            frame["truncations"] = self._truncations
         try:
             with trio.fail_after(self._config.step_timeout):
                 await protocol.write_frame(hop.stream, frame)
@@ -283,28 +323,34 @@ class InferenceSession:
 
     async def _replace(self, hop: Hop, error: BaseException) -> None:
         """Swap a failed hop for a chain of new hops over its blocks, and replay its inputs there."""
-        start, end = hop.record.start, hop.record.end
+        await self._rebuild([hop], error)
+        self._chains.replayed()
 
-        def find() -> list[ServerRecord] | None:
-            try:
-                return self._chains.choose(self.request.model, start, end, avoid=self._failed)
-            except NoChainError:
-                return None  # maybe a server is (re)joining: look again until replace_wait is over
-
-        new = await self._open_hops(find, wait=self._config.replace_wait)
+    async def _rebuild(self, old: list[Hop], error: BaseException | None = None) -> None:
+        """Replace consecutive hops `old` by a new chain over their blocks and replay the recorded inputs."""
+        start, end = old[0].record.start, old[-1].record.end
+        new = await self._open_hops(lambda: self._find(start, end), wait=self._config.replace_wait)
         if new is None:
             raise NoChainError(self.request.model, list(range(start, end))) from error
-        new[0].inputs = list(hop.inputs)
-        await self._drop(hop)
-        index = self._hops.index(hop)
-        self._hops[index:index + 1] = new
-        self._chains.replayed()
-        logger.info("replaying %d steps into blocks [%d, %d) on %s", len(new[0].inputs), new[0].record.start,
-                    new[-1].record.end, ", ".join(h.record.peer_id for h in new))
+        new[0].inputs = list(old[0].inputs)
+        for hop in old:
+            await self._drop(hop)
+        index = self._hops.index(old[0])
+        self._hops[index:index + len(old)] = new
+        logger.info("replaying %d steps into blocks [%d, %d) on %s", len(new[0].inputs), start, end,
+                    ", ".join(h.record.peer_id for h in new))
         for hop in new:
             self._start_reader(hop)
         for step in range(len(new[0].inputs)):
             await self._send(new[0], step)
+
+    def _find(self, start: int, end: int) -> list[ServerRecord] | None:
+        try:
+            return self._chains.choose(self.request.model, start, end, avoid=self._failed)
+        except NoChainError:
+            if not self._hops and not self._failed:
+                raise  # opening, and no server failed: there is no chain at all
+            return None  # a server may be (re)joining; or, opening, the failed ones' errors say why
 
     async def _open_hops(self, find: Callable[[], list[ServerRecord] | None], *, wait: float) -> list[Hop] | None:
         """Open the chain `find` proposes; on a refusal, note the failure and ask again.
@@ -334,15 +380,32 @@ class InferenceSession:
                 self._note_failure(chain[len(hops)].peer_id, error)
 
     async def _drop(self, hop: Hop, *, background: bool = True) -> None:
-        """Stop reading a hop and close its stream, so its server frees the cache (in the
-        background during a step: a dead server must not hold up the recovery)."""
+        """Stop reading a hop and close its stream (and its shadow's), so its server frees the
+        cache (in the background during a step: a dead server must not hold up the recovery)."""
         if hop.reader is not None:
             hop.reader.cancel()
         self._chains.release(hop.record.peer_id)
-        if background and self._nursery is not None:
-            self._nursery.start_soon(_close, hop.stream)
-        else:
-            await _close(hop.stream)
+        await self._checks.drop(hop, background=background)
+        await self._close([hop.stream], background=background)
+
+    async def _close(self, streams: list[protocol.Stream], *, background: bool = True) -> None:
+        for stream in streams:
+            if background and self._nursery is not None:
+                self._nursery.start_soon(_close, stream)
+            else:
+                await _close(stream)
+
+    # -- verification ------------------------------------------------------------------------------
+    async def _verify(self) -> bool:
+        """Spot-check this step's hops (swarm/trust/checks.py). True when a hop was caught lying:
+        that hop and every later one (their caches hold what followed the lie) are rebuilt and
+        replayed, so the step must be collected again."""
+        liars = await self._checks.liars(self._hops, self._offsets, self._max_elements)
+        if not liars:
+            return False
+        await self._rebuild(self._hops[min(self._hops.index(hop) for hop in liars):])
+        self._output = None
+        return True
 
     async def close(self) -> None:
         """Closing the streams frees every server's cache for this session.

@@ -5,24 +5,33 @@ The gateway holds the adapter and its optimizer state (DESIGN.md §6); servers c
 each span; ``backward`` walks the chain in reverse, sending each span its input again with the
 gradient of its output, and collects the gradient of the input and of that span's LoRA tensors.
 ``remote_blocks`` wraps the pair as an autograd function, so a local loop calls
-``loss.backward()`` and finds the gradients on its LoRA tensors. Exact by default: float32 on
-the wire (codec ``none``). Batches are right-padded (the blocks see no padding mask; causal
-attention keeps real tokens blind to the padding after them, and the loss must ignore it).
+``loss.backward()`` and finds the gradients on its LoRA tensors. Exact by default: codec ``none``
+sends the hidden states in their own dtype (the head's: bf16 from a GPU gateway, float32 from a
+CPU one). The adapter goes to the host once per step, its per-span parts (and their digests,
+which name it on every request of the step) are computed once, and they are uploaded to every
+server of the chain at once as the forward starts. Batches are right-padded (the blocks see no
+padding mask; causal attention keeps real tokens blind to the padding after them, and the loss
+must ignore it).
 From asyncio, await these through ``SwarmBridge.run``; from a plain thread, ``SwarmBridge.call``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import trio
 
 from swarm import codec, protocol
 from swarm.client import SwarmClient
 from blocks.lora_weights import LoraWeights
 from swarm.records import ServerRecord
+from swarm.routing import NoChainError
+
+logger = logging.getLogger(__name__)
 
 Runner = Callable[[Callable[[], Awaitable[Any]]], Any]  # e.g. SwarmBridge.call
 
@@ -38,11 +47,12 @@ class TrainContext:
     """What ``backward`` needs from ``forward``: the chain, each span's input, the adapter."""
 
     client: SwarmClient
-    adapter: LoraWeights
+    adapter: _StepAdapter
     hops: tuple[_Hop, ...]
     wire_codec: str
     shape: torch.Size
     dtype: torch.dtype
+    device: torch.device  # the forward's input's: its gradient goes back there
 
 
 async def forward(
@@ -60,16 +70,23 @@ async def forward(
     """
     if hidden.dim() != 3:
         raise ValueError(f"expected hidden states [batch, tokens, hidden], got {list(hidden.shape)}")
+    adapter = adapter if isinstance(adapter, _StepAdapter) else _StepAdapter.of(adapter)
     hops: list[_Hop] = []
 
-    async def through(record: ServerRecord, wire: dict[str, Any]) -> dict[str, Any]:
-        reply = await _call(client, record, adapter, {"type": "forward", "codec": wire_codec, "hidden": wire}, "output")
-        hops.append(_Hop(record, wire))
-        return protocol.field(reply, "hidden", dict)
+    async with trio.open_nursery() as nursery:
+        uploaded = _upload_ahead(nursery, client, model, num_blocks, adapter)
 
-    wire = await client.along_chain(model, num_blocks, through, codec.encode(hidden, wire_codec))
-    output = _decode(wire, hidden.shape, hidden.dtype)
-    return output, TrainContext(client, adapter, tuple(hops), wire_codec, hidden.shape, hidden.dtype)
+        async def through(record: ServerRecord, wire: dict[str, Any]) -> dict[str, Any]:
+            if record.peer_id in uploaded:
+                await uploaded[record.peer_id].wait()
+            reply = await _call(client, record, adapter, {"type": "forward", "codec": wire_codec, "hidden": wire},
+                                "output")
+            hops.append(_Hop(record, wire))
+            return protocol.field(reply, "hidden", dict)
+
+        wire = await client.along_chain(model, num_blocks, through, codec.encode(hidden, wire_codec))
+    output = _decode(wire, hidden.shape, hidden.dtype, hidden.device)
+    return output, TrainContext(client, adapter, tuple(hops), wire_codec, hidden.shape, hidden.dtype, hidden.device)
 
 
 async def backward(context: TrainContext, grad_output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -82,6 +99,7 @@ async def backward(context: TrainContext, grad_output: torch.Tensor) -> tuple[to
         raise ValueError(f"grad_output {list(grad_output.shape)} must have the output's shape {list(context.shape)}")
     grad = codec.encode(grad_output.to(context.dtype), context.wire_codec)
     grads: dict[str, torch.Tensor] = {}
+    devices = {name: t.device for name, t in context.adapter.source.items()}
     for hop in reversed(context.hops):
         request = {"type": "backward", "codec": context.wire_codec, "hidden": hop.inputs, "grad": grad}
         reply = await _call(context.client, hop.record, context.adapter, request, "grads")
@@ -91,8 +109,8 @@ async def backward(context: TrainContext, grad_output: torch.Tensor) -> tuple[to
         if set(received) != set(expected):
             raise protocol.ProtocolError(f"server {hop.record.peer_id} returned gradients for other tensors")
         for name, wire in received.items():
-            grads[name] = _decode(wire, expected[name].shape, expected[name].dtype)
-    return _decode(grad, context.shape, context.dtype), grads
+            grads[name] = _decode(wire, expected[name].shape, expected[name].dtype, devices[name])
+    return _decode(grad, context.shape, context.dtype, context.device), grads
 
 
 def remote_blocks(
@@ -143,6 +161,36 @@ class _RemoteBlocks(torch.autograd.Function):
         return (None, grad_input, *(grads[name] for name in spec.names))
 
 
+def _upload_ahead(
+    nursery: trio.Nursery, client: SwarmClient, model: str, num_blocks: int, adapter: LoraWeights
+) -> dict[str, trio.Event]:
+    """Start uploading the adapter's part to every server of the chain the forward will most likely
+    take, all at once, so later servers receive theirs while earlier ones compute (a step's adapter
+    is new, ~27 MB per half of an 8B model: uploaded one after the other, about a fifth of a step
+    through two servers on an H200, benchmarks/gpu_training.py). Returns peer id -> set once that upload ended. A failed one, or one to a server the
+    forward does not take, costs only its bytes: a request's own upload-and-retry covers it."""
+    try:
+        chain = client.choose(model, 0, num_blocks, partial=False)
+    except NoChainError:
+        return {}  # along_chain raises it, with the waiting it does
+    ended: dict[str, trio.Event] = {}
+
+    async def upload(record: ServerRecord, part: LoraWeights, done: trio.Event) -> None:
+        try:
+            await client.uploads.upload(record, part)
+        except Exception as error:
+            logger.debug("upload ahead to %s failed: %r", record.peer_id, error)
+        finally:
+            done.set()
+
+    for record in chain:
+        part = adapter.span(record.start, record.end)
+        if part.tensors:
+            ended[record.peer_id] = trio.Event()
+            nursery.start_soon(upload, record, part, ended[record.peer_id])
+    return ended
+
+
 async def _call(
     client: SwarmClient, record: ServerRecord, adapter: LoraWeights, request: dict[str, Any], reply_type: str
 ) -> dict[str, Any]:
@@ -158,8 +206,30 @@ async def _call(
     return await client.uploads.run(record, adapter, attempt)
 
 
-def _decode(wire: Any, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def _decode(wire: Any, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     tensor = codec.decode(wire, max_elements=shape.numel())
     if tensor.shape != shape:
         raise protocol.ProtocolError(f"expected a tensor of shape {list(shape)}, got {list(tensor.shape)}")
-    return tensor.to(dtype)
+    return tensor.to(device, dtype)
+
+
+class _StepAdapter(LoraWeights):
+    """One step's adapter: its tensors copied to the host once (they are hashed and sent from
+    there), each span's part made once, so its digest (a hash of ~27 MB per span of an 8B model's
+    rank-16 attention adapter) is computed once per step rather than once per request.
+    ``source`` keeps the caller's tensors: gradients go to their devices."""
+
+    source: dict[str, torch.Tensor]
+    _parts: dict[tuple[int, int], LoraWeights]
+
+    @classmethod
+    def of(cls, adapter: LoraWeights) -> "_StepAdapter":
+        on_host = cls({name: t.detach().to("cpu") for name, t in adapter.tensors.items()}, adapter.scaling)
+        object.__setattr__(on_host, "source", dict(adapter.tensors))
+        object.__setattr__(on_host, "_parts", {})
+        return on_host
+
+    def span(self, start: int, end: int) -> LoraWeights:
+        if (start, end) not in self._parts:
+            self._parts[(start, end)] = super().span(start, end)
+        return self._parts[(start, end)]

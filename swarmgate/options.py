@@ -18,6 +18,7 @@ from swarm.codec import CODECS
 from swarm.identity import load_or_create_identity
 from swarm.node_options import NodeOptions
 from swarm.pnet import read_swarm_key
+from swarm.trust.verification import PUBLIC_VERIFY_FRACTION
 
 ENV_PREFIX = "SWARMGATE_"
 DEVICES = ["auto", "cpu", "cuda"]
@@ -147,6 +148,14 @@ def add_gateway_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--fine-tune-max-tokens", type=int, default=setting("fine_tune_max_tokens"),
                help="tokens (rows x length) per training pass through the swarm, and the longest example; "
                     "keep within the servers' --max-train-tokens")
+    add_option(parser, "--speculative-tokens", type=int, default=setting("speculative_tokens"), metavar="K",
+               help="most tokens drafted per step by prompt lookup and verified by the chain in the same pass "
+                    "(speculative decoding: the same outputs in fewer round trips where text repeats); 0: off")
+    add_option(parser, "--verify-fraction", default="auto", metavar="F",
+               help="chance that each server of a generation's chain is spot-checked at a step: its outputs "
+                    "recomputed by another server, a third deciding a mismatch, liars banned (README: "
+                    f"Verification); auto: {PUBLIC_VERIFY_FRACTION} in a public swarm, 0 with --swarm-key, "
+                    "--allow-peers or in swarmgate up")
     add_swarm_options(parser)
     add_routing_options(parser)
 
@@ -167,9 +176,25 @@ def gateway_settings(args: argparse.Namespace, models: dict[str, Any]) -> Settin
         max_concurrent_requests=args.max_concurrent_requests,
         max_upload_bytes=args.max_upload_mb * 2**20,
         fine_tune_learning_rate=args.fine_tune_learning_rate,
+        speculative_tokens=args.speculative_tokens,
         fine_tune_max_tokens=args.fine_tune_max_tokens,
     )
 
 
-def serve_options(args: argparse.Namespace) -> ServeOptions:
-    return ServeOptions(host=args.host, port=args.port, wire_codec=args.wire_codec, allow_peers=args.allow_peers)
+def serve_options(args: argparse.Namespace, *, own_servers: bool = False) -> ServeOptions:
+    """``own_servers``: the servers are this command's own (swarmgate up), so trusted by default."""
+    return ServeOptions(host=args.host, port=args.port, wire_codec=args.wire_codec, allow_peers=args.allow_peers,
+                        verify_fraction=verify_fraction(args, own_servers))
+
+
+def verify_fraction(args: argparse.Namespace, own_servers: bool) -> float:
+    if args.verify_fraction == "auto":
+        trusted = own_servers or args.swarm_key or args.allow_peers
+        return 0.0 if trusted else PUBLIC_VERIFY_FRACTION
+    try:
+        fraction = float(args.verify_fraction)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:
+        raise SystemExit(f"swarmgate: --verify-fraction must be auto or a number in [0, 1], got {args.verify_fraction!r}")
+    return fraction

@@ -20,6 +20,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from blocks.cache import keep_past, rollback, trim_windows
 from blocks.checkpoint import load_config
 from blocks.lora import SpanLora
 from blocks.lora_weights import LoraWeights
@@ -92,6 +93,7 @@ class LocalSession:
     def __init__(self, backend: LocalBackend, batch: int, max_length: int, lora: SpanLora | None):
         self.backend, self.batch, self.max_length, self.lora = backend, batch, max_length, lora
         self.cache = backend.span.new_cache()
+        keep_past(self.cache)
         self.length = 0
         self.steps = 0
         self.closed = False
@@ -102,10 +104,16 @@ class LocalSession:
         self.length += hidden.shape[1]
         assert self.length <= self.max_length, "gateway fed more tokens than it reserved"
         self.steps += 1
+        trim_windows(self.cache)
         await asyncio.sleep(self.backend.step_delay)  # also lets concurrent requests interleave step by step
         if self.backend.fail_at_step == self.steps:
             raise RuntimeError("secret internal detail")
         return self.backend.span.forward(hidden, cache=self.cache, position=position, adapter=self.lora)
+
+    async def truncate(self, position: int) -> None:
+        assert 0 <= position <= self.length
+        rollback(self.cache, position)
+        self.length = position
 
     async def close(self) -> None:
         assert not self.closed, "session closed twice"

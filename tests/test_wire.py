@@ -1,17 +1,25 @@
-"""Unit tests of the wire: tensor codecs, frames, records, routing."""
+"""Unit tests of the wire: tensor codecs, frames, records (who may announce, how often, how many),
+routing, and a block server's per-peer limits."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import cbor2
 import pytest
 import torch
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 
+from blockserver.limits import ServerLimits
+from blockserver.metrics import ServerMetrics
+from blockserver.peers import PeerGate
 from swarm import codec, protocol
+from swarm import node as node_module
 from swarm.node import start_node
-from swarm.records import RecordTable, ServerRecord
+from swarm.records import MAX_RECORDS, RecordTable, ServerRecord
 from swarm.routing import NoChainError, choose_chain, format_blocks
 
 
@@ -175,3 +183,160 @@ def test_int8_wire_bytes_per_element_near_one():
     per_element = 1 + 4 / codec.INT8_BLOCKSIZE  # a byte per element and a float32 scale per block
     assert len(frame) / tensor.numel() <= per_element * 1.01
     assert math.isclose(len(frame) / tensor.numel(), per_element, abs_tol=0.01)
+
+
+# -- per-peer limits of a block server ----------------------------------------------------------------
+
+def _gate(clock, **limits):
+    return PeerGate(ServerLimits(**limits), ServerMetrics(), clock=clock)
+
+
+def test_peer_gate_caps_concurrent_streams_per_peer_and_protocol():
+    gate = _gate(lambda: 0.0, max_sessions=8, max_peer_sessions=2, max_peer_streams=3)
+    assert [gate.admit("a", "inference") for _ in range(3)] == [None, None, "concurrent"]
+    assert gate.admit("b", "inference") is None  # another peer has caps of its own
+    assert [gate.admit("a", "forward") for _ in range(4)] == [None, None, None, "concurrent"]
+    assert [gate.admit("a", "push") for _ in range(9)][-2:] == [None, "concurrent"]  # push: at least max_sessions
+    gate.release("a", "inference")
+    assert gate.admit("a", "inference") is None
+
+
+def test_peer_gate_defaults_never_cap_sessions_below_the_server():
+    gate = _gate(lambda: 0.0, max_sessions=64)
+    assert all(gate.admit("gateway", "inference") is None for _ in range(64))
+
+
+def test_peer_gate_rate_limits_new_streams():
+    now = [0.0]
+    gate = _gate(lambda: now[0], peer_stream_rate=10.0, peer_stream_burst=5)
+    admitted = []
+    for _ in range(8):
+        admitted.append(gate.admit("a", "forward"))
+        if admitted[-1] is None:
+            gate.release("a", "forward")
+    assert admitted == [None] * 5 + ["rate"] * 3
+    assert gate.admit("b", "forward") is None
+    now[0] = 0.2  # two tokens back
+    assert [gate.admit("a", "train") for _ in range(3)] == [None, None, "rate"]
+
+
+def test_peer_gate_forgets_idle_peers():
+    now = [0.0]
+    gate = _gate(lambda: now[0], peer_stream_rate=100.0, peer_stream_burst=10)
+    for peer in range(5000):
+        assert gate.admit(f"p{peer}", "forward") is None
+        gate.release(f"p{peer}", "forward")
+        now[0] += 0.001
+    assert len(gate._buckets) <= 1100  # those that have not refilled yet
+
+
+# -- record announcements: who may publish them, how often, how many ----------------------------------
+
+def test_records_are_announced_by_their_own_server_only():
+    async def main():
+        async with start_node() as node, start_node() as other:
+            wire = other.sign_record(_record(other.peer_id, 0, 4))
+            with pytest.raises(protocol.ProtocolError, match="servers announce themselves"):
+                node._accept(wire, publisher=node.peer_id)  # relayed as if it were the publisher's own
+            node._accept(wire, publisher=other.peer_id)
+            assert [r.peer_id for r in node.records.live("m")] == [other.peer_id]
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("oversized", [
+    {"addrs": ("/ip4/127.0.0.1/tcp/1",) * (node_module.MAX_RECORD_ADDRS + 1)},
+    {"model": "m" * node_module.MAX_RECORD_BYTES},
+])
+def test_oversized_records_are_refused(oversized):
+    async def main():
+        async with start_node() as node, start_node() as other:
+            record = dataclasses.replace(_record(other.peer_id, 0, 4), **oversized)
+            with pytest.raises(protocol.ProtocolError, match="oversized"):
+                node._accept(other.sign_record(record), publisher=other.peer_id)
+
+    trio.run(main)
+
+
+def test_a_peer_that_announces_too_often_is_ignored_meanwhile():
+    async def main():
+        async with start_node() as node, start_node() as other:
+            node._accept(other.sign_record(_record(other.peer_id, 0, 4)), publisher=other.peer_id)
+            node._accept(other.sign_record(_record(other.peer_id, 0, 2)), publisher=other.peer_id)
+            assert node.records.live("m")[0].end == 4
+            await trio.sleep(node_module.MIN_RECORD_INTERVAL)
+            node._accept(other.sign_record(_record(other.peer_id, 0, 2)), publisher=other.peer_id)
+            assert node.records.live("m")[0].end == 2
+
+    trio.run(main)
+
+
+def test_an_unchanged_record_announced_again_is_refreshed():
+    """Signatures are deterministic, so an idle server announces the very same bytes each time:
+    they must still renew the record, or it would expire while its server is alive."""
+    async def main():
+        async with start_node() as node, start_node() as other:
+            wire = other.sign_record(_record(other.peer_id, 0, 4, ttl=0.5))
+            node._accept(wire, publisher=other.peer_id)
+            for _ in range(4):
+                await trio.sleep(0.3)
+                node._accept(wire, publisher=other.peer_id)
+            assert [r.peer_id for r in node.records.live("m")] == [other.peer_id]
+
+    trio.run(main)
+
+
+def test_a_flood_of_pulled_records_stays_bounded():
+    """Records pulled from a peer carry other servers' signatures, so one peer can hand over many:
+    the table, the raw wires and the announce times all stay within MAX_RECORDS."""
+    async def main():
+        async with start_node() as node:
+            for _ in range(MAX_RECORDS + 300):
+                key_pair = create_new_key_pair()
+                peer = ID.from_pubkey(key_pair.public_key).to_base58()
+                wire = _record(peer, 0, 4, ttl=600).to_wire()
+                wire["signature"] = key_pair.private_key.sign(node_module._signed_payload(wire))
+                node._accept(wire)
+            assert len(node.records.live()) <= MAX_RECORDS
+            assert len(node._raw_records) <= MAX_RECORDS + 1 and len(node._accepted_at) <= MAX_RECORDS + 1
+
+    trio.run(main)
+
+
+def test_a_records_request_that_never_comes_is_cut_off(monkeypatch):
+    monkeypatch.setattr(node_module, "RECORDS_REQUEST_TIMEOUT", 0.5)
+
+    async def main():
+        async with start_node() as node, start_node() as asker:
+            stream = await asker.open_stream(node.peer_id, protocol.RECORDS, node.multiaddrs())
+            with trio.fail_after(5):
+                with pytest.raises(EOFError):
+                    await protocol.read_frame(stream)  # the server closes the silent stream
+
+    trio.run(main)
+
+
+def test_gossip_carries_only_records_that_nodes_took():
+    """An attacker gossips records of made-up servers through a relay: neither the relay nor a node
+    behind it takes any (the relay does not forward them, and scores the attacker down), while a
+    real server's record, announced after the flood, arrives."""
+    async def main():
+        async with start_node() as relay:
+            peers = relay.multiaddrs()
+            async with start_node(initial_peers=peers) as attacker, start_node(initial_peers=peers) as server, \
+                    start_node(initial_peers=peers) as listener:
+                await trio.sleep(2.0)  # the topic's mesh forms on heartbeats
+                for _ in range(50):
+                    key_pair = create_new_key_pair()
+                    wire = _record(ID.from_pubkey(key_pair.public_key).to_base58(), 0, 4, ttl=600).to_wire()
+                    wire["signature"] = key_pair.private_key.sign(node_module._signed_payload(wire))
+                    await attacker.pubsub.publish(protocol.RECORDS_TOPIC, cbor2.dumps(wire))
+                await server.announce(_record(server.peer_id, 0, 4, ttl=600))
+                with trio.fail_after(10):
+                    while not listener.records.live("m"):
+                        await trio.sleep(0.1)
+                await trio.sleep(0.5)
+                for node in (relay, listener):
+                    assert [r.peer_id for r in node.records.live("m")] == [server.peer_id]
+
+    trio.run(main)

@@ -135,14 +135,18 @@ class LoraOptimizer:
 
     def __init__(
         self, adapter: LoraAdapter, head: Head, blocks: BlocksFn, *, learning_rate: float, total_steps: int,
-        max_tokens: int, pad_id: int,
+        max_tokens: int, pad_id: int, device: torch.device | str = "cpu",
     ) -> None:
         self._adapter = adapter
         self._head = head
         self._blocks = blocks
         self._max_tokens = max_tokens
         self._pad_id = pad_id
-        self.params = {name: t.detach().float().clone().requires_grad_(True) for name, t in adapter.tensors.items()}
+        # On the head's device: AdamW and the clipping then run there (on a GPU, ~1 ms for an 8B
+        # model's rank-16 attention LoRA instead of ~0.1 s of CPU), and gradients arrive there.
+        self.params = {
+            name: t.detach().to(device, torch.float32).clone().requires_grad_(True) for name, t in adapter.tensors.items()
+        }
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=learning_rate, weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: max(0.0, 1 - step / max(1, total_steps))

@@ -202,7 +202,7 @@ class Trainer:
         optimizer = LoraOptimizer(
             initial, model.head, lambda hidden, lora: self.backend.differentiable_blocks(job.model, hidden, lora),
             learning_rate=self.settings.fine_tune_learning_rate * hp.learning_rate_multiplier, total_steps=total,
-            max_tokens=self.settings.fine_tune_max_tokens, pad_id=_pad_id(model),
+            max_tokens=self.settings.fine_tune_max_tokens, pad_id=_pad_id(model), device=model.head.device,
         )
         order = torch.Generator().manual_seed(job.seed)
         step, trained_tokens, started = 0, 0, time.monotonic()

@@ -9,6 +9,21 @@ Guided rows (a `Guide` on the job) are masked by their grammar in the sampler; e
 next masks are filled in a worker thread while the swarm computes the step, off the critical
 path. Text is decoded without special tokens, except the tool-call markers the request's tool
 parser needs (`GenerationJob.keep_markers`, e.g. Mistral's `[TOOL_CALLS]`).
+
+Speculative decoding (`speculative_tokens` > 0, gateway/inference/speculative.py): a step feeds
+the tokens the servers lack (the prompt, then the last sampled token) plus up to k drafted ones;
+the sampler then runs on each position's logits in order, exactly as it would have one step at a
+time, and the round stops at the first position where a row's sampled token is not its draft
+(or all rows finished); the session is truncated to the positions whose inputs were right. The
+token at each position is thus the very token plain decoding samples there — same processing
+(penalties, logit bias, min_tokens), same grammar masks, same raw logprobs, same draws from the
+request's seeded generator — so nothing falls back to plain decoding: greedy output, seeded
+output, guided output and logprobs are those of plain decoding, up to the floating-point
+rounding of a multi-token step against one-token steps on the servers (a near-tie can flip).
+For a sampled row this *is* standard speculative sampling with a point-mass draft: the draft x
+is kept with probability p(x), and a rejection emits a token drawn from p without x, normalised.
+Rows share one session and so one truncation: a round keeps the drafts every unfinished row
+accepted, and `n` > 1 gains only where the rows' drafts agree.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from anyio.to_thread import run_sync
 from gateway.backend import InferenceBackend, InferenceSession
 from gateway.models import ServedModel
 from gateway.inference.sampling import SampledToken, Sampler, SamplingParams
+from gateway.inference.speculative import ngram_draft
 from gateway.protocol.schemas import FinishReason, Usage
 from gateway.inference.stops import TextStream
 
@@ -95,11 +111,16 @@ class Generation:
     """One generation's swarm session and loop: `open()`, then `steps()` or `collect()`, `close()`.
 
     `close()` is idempotent, shielded from cancellation and runs `on_close` (e.g. releasing the
-    tenant's concurrency slot), so every exit path may call it.
+    tenant's concurrency slot), so every exit path may call it. `speculative_tokens`: most draft
+    tokens per step (0: plain decoding); `drafted`/`accepted` count them.
     """
 
-    def __init__(self, job: GenerationJob, backend: InferenceBackend, *, on_close: Callable[[], None] | None = None):
+    def __init__(self, job: GenerationJob, backend: InferenceBackend, *, on_close: Callable[[], None] | None = None,
+                 speculative_tokens: int = 0):
         self.job = job
+        self.speculative_tokens = speculative_tokens
+        self.drafted = 0  # draft tokens sent through the swarm
+        self.accepted = 0  # of them, those the sampler agreed with
         self._backend = backend
         self._on_close = on_close
         self._session: InferenceSession | None = None
@@ -119,6 +140,8 @@ class Generation:
         self._streams = [TextStream(decode, job.stops) for _ in range(job.n)]
         self._finished: list[FinishReason | None] = [None] * job.n
         self._completion_tokens = [0] * job.n
+        self._contexts = [list(job.prompt_ids) for _ in range(job.n)]  # what drafts are looked up in
+        self._position = 0  # tokens the servers' caches hold
 
     async def open(self) -> None:
         """Reserve the swarm chain; `SwarmBusy`/`BlocksUnavailable` surface here, before any output."""
@@ -149,10 +172,11 @@ class Generation:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def steps(self) -> AsyncIterator[list[ChoiceDelta]]:
-        """Run to the end, yielding each step's deltas (only for choices that changed)."""
+        """Run to the end, yielding each token's deltas (only for choices that changed)."""
         assert self._session is not None, "open() the generation first"
         prompt = torch.tensor([self.job.prompt_ids] * self.job.n, dtype=torch.long)
-        hidden = await run_sync(self.job.model.head.embed, prompt)
+        drafts = self._drafts()
+        hidden = await run_sync(self.job.model.head.embed, torch.cat([prompt, drafts], dim=1))
         guided = self._sampler.matchers is not None
         while hidden is not None:
             if guided:  # the next masks are filled in a thread while the swarm computes
@@ -161,10 +185,15 @@ class Generation:
                 await masks
             else:
                 output = await self._session.step(hidden)
-            deltas, hidden = await run_sync(self._advance, output)
+            self._position += hidden.shape[1]
+            per_token, hidden, drafts, kept = await run_sync(self._advance, output, drafts)
+            if kept < self._position:  # positions fed rejected drafts
+                await self._session.truncate(kept)
+                self._position = kept
             self.first_token_at = self.first_token_at or time.monotonic()
-            if deltas:
-                yield deltas
+            for deltas in per_token:
+                if deltas:
+                    yield deltas
 
     async def collect(self) -> list[ChoiceResult]:
         """Run to the end and return the whole choices."""
@@ -177,15 +206,49 @@ class Generation:
                 result.finish_reason = delta.finish_reason or result.finish_reason
         return results
 
-    def _advance(self, output: torch.Tensor) -> tuple[list[ChoiceDelta], torch.Tensor | None]:
-        """Worker thread: sample from the last position, update the choices, embed what comes next."""
-        head = self.job.model.head
-        sampled = self._sampler.sample(head.logits(output[:, -1:, :])[:, -1, :])
-        deltas = [delta for row, token in enumerate(sampled) if (delta := self._update(row, token))]
-        if all(self._finished):
-            return deltas, None
-        next_ids = torch.tensor([[token.token_id] for token in sampled], dtype=torch.long)
-        return deltas, head.embed(next_ids)
+    def _advance(
+        self, output: torch.Tensor, drafts: torch.Tensor
+    ) -> tuple[list[list[ChoiceDelta]], torch.Tensor | None, torch.Tensor, int]:
+        """Worker thread: sample the step's positions from the first one after the fed tokens, in
+        order, while every unfinished row's token is its draft; update the choices, draft anew and
+        embed what comes next. Returns the deltas per sampled token, the next step's hidden states
+        (None when done), its drafts, and how many positions of the servers' caches stay valid.
+
+        Each position's logits go through the head alone, the shape plain decoding uses.
+        """
+        head, count = self.job.model.head, drafts.shape[1]
+        first = output.shape[1] - count - 1  # the position that predicts the first draft
+        proposed, per_token = drafts.tolist(), []
+        for i in range(count + 1):
+            sampled = self._sampler.sample(head.logits(output[:, first + i:first + i + 1, :])[:, -1, :])
+            for context, token in zip(self._contexts, sampled):
+                context.append(token.token_id)
+            per_token.append([delta for row, token in enumerate(sampled) if (delta := self._update(row, token))])
+            if all(self._finished):
+                self._count_drafts(count, i)
+                return per_token, None, drafts, self._position
+            if i == count or any(not self._finished[row] and token.token_id != proposed[row][i]
+                                 for row, token in enumerate(sampled)):
+                break
+        self._count_drafts(count, i)
+        kept = self._position - count + i  # the fed tokens and the drafts that were right
+        drafts = self._drafts()
+        next_ids = torch.cat([torch.tensor([[token.token_id] for token in sampled], dtype=torch.long), drafts], dim=1)
+        return per_token, head.embed(next_ids), drafts, kept
+
+    def _count_drafts(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+
+    def _drafts(self) -> torch.Tensor:
+        """[n, k] drafts for the next step: as many as every unfinished row has (so a row without
+        a lookup match means none), within the tokens still to generate."""
+        budget = min(self.speculative_tokens, self.job.max_tokens - self._sampler.generated - 1)
+        rows = [ngram_draft(context, budget) if not finished else None
+                for context, finished in zip(self._contexts, self._finished)]
+        count = min((len(draft) for draft in rows if draft is not None), default=0)
+        return torch.tensor([draft[:count] if draft is not None else [0] * count for draft in rows],
+                            dtype=torch.long).reshape(len(rows), count)
 
     def _update(self, row: int, token: SampledToken) -> ChoiceDelta | None:
         if self._finished[row]:

@@ -54,8 +54,10 @@ async def start_generation(gateway: Gateway, job: GenerationJob, tenant: str) ->
             # Labelled by base model: tenants' fine-tuned ids would make unbounded label sets.
             gateway.metrics.observe_generation(job.model.swarm_id, generation.opened_at, generation.first_token_at,
                                                generation.usage().completion_tokens)
+            gateway.metrics.observe_speculation(job.model.swarm_id, generation.drafted, generation.accepted)
 
-    generation = Generation(job, gateway.backend, on_close=finished)
+    generation = Generation(job, gateway.backend, on_close=finished,
+                            speculative_tokens=gateway.settings.speculative_tokens)
     try:
         await generation.open()
     except BaseException:

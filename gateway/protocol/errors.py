@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.backend import BlocksUnavailable, SwarmBusy
+from gateway.backend import BlocksUnavailable, SwarmBusy, SwarmUnreachable
 from gateway.protocol.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def from_exception(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, SwarmBusy):
         return RateLimited(str(exc) or "The swarm is at capacity, please retry later.", code="swarm_busy")
-    if isinstance(exc, BlocksUnavailable):
+    if isinstance(exc, (BlocksUnavailable, SwarmUnreachable)):
         return ServiceUnavailable(str(exc))
     log.error("internal error", exc_info=exc)
     return APIError(INTERNAL_ERROR)
@@ -211,6 +211,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(SwarmBusy, _on_api_error)
     app.add_exception_handler(BlocksUnavailable, _on_api_error)
+    app.add_exception_handler(SwarmUnreachable, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(ClientDisconnected, _on_client_disconnected)

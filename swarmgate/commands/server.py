@@ -60,6 +60,19 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     add_option(server, "--torch-threads", type=int, default=DEFAULT.torch_threads, help="0: torch's default")
     add_option(server, "--metrics-port", type=int, default=DEFAULT.metrics_port,
                help="serve Prometheus metrics on this port, all interfaces (default 0: off)")
+    add_option(server, "--read-timeout", type=float, default=LIMITS.read_timeout,
+               help="seconds a peer has to send a whole FORWARD/TRAIN request or a push stream's first step")
+    add_option(server, "--max-peer-sessions", type=int, default=LIMITS.max_peer_sessions,
+               help="open sessions of one peer (a gateway is one peer for all its users; default 0: --max-sessions)")
+    add_option(server, "--max-peer-streams", type=int, default=LIMITS.max_peer_streams,
+               help="open FORWARD, TRAIN or PUSH streams of one peer, per protocol (PUSH: at least --max-sessions)")
+    add_option(server, "--peer-stream-rate", type=float, default=LIMITS.peer_stream_rate,
+               help="new streams per second one peer may open, over a burst of --peer-stream-burst")
+    add_option(server, "--peer-stream-burst", type=int, default=LIMITS.peer_stream_burst,
+               help="new streams one peer may open at once")
+    add_option(server, "--drill-corrupt", type=float, default=DEFAULT.drill_corrupt, metavar="P",
+               help="DRILL ONLY: add noise to a random fraction P (0 to 1) of this server's outputs, to rehearse "
+                    "and test verification (--verify-fraction on clients); logs a warning at start")
     server.set_defaults(run=main)
 
 
@@ -90,7 +103,14 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_forward_tokens=args.max_forward_tokens,
         max_train_tokens=args.max_train_tokens,
         adapter_cache_bytes=args.adapter_cache_mb * 2**20,
+        read_timeout=args.read_timeout,
+        max_peer_sessions=args.max_peer_sessions,
+        max_peer_streams=args.max_peer_streams,
+        peer_stream_rate=args.peer_stream_rate,
+        peer_stream_burst=args.peer_stream_burst,
     )
+    if not 0.0 <= args.drill_corrupt <= 1.0:
+        raise SystemExit(f"swarmgate server: --drill-corrupt must be in [0, 1], got {args.drill_corrupt}")
     if args.model in PACKAGED and not Path(args.model).expanduser().is_dir():
         args.model = str(model_folder(args.model)[1])  # converted once; the folder is named after the model
     return ServerConfig(
@@ -98,7 +118,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         rebalance_interval=args.rebalance_interval, balance_quality=args.balance_quality,
         node=node_options(args), announce_addrs=args.announce_addrs, device=args.device, dtype=args.dtype,
         quant=args.quant, limits=limits, announce_interval=args.announce_interval,
-        torch_threads=args.torch_threads, metrics_port=args.metrics_port,
+        torch_threads=args.torch_threads, metrics_port=args.metrics_port, drill_corrupt=args.drill_corrupt,
     )
 
 

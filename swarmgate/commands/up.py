@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> None:
                                    initial_peers=servers[0].addrs if servers else (), log_prefix=log_prefix)
         node = replace(node_options(args), initial_peers=servers[0].addrs)
         api_key = args.api_key or KeyStore(data_dir).create_key(DEFAULT_TENANT)
-        serve.run(gateway_settings(args, models), node, serve_options(args),
+        serve.run(gateway_settings(args, models), node, serve_options(args, own_servers=True),
                   on_ready=lambda base_url, names: _print_ready(base_url, api_key, names), wait_for_coverage=60.0)
     except KeyboardInterrupt:
         pass

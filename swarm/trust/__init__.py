@@ -1,0 +1,1 @@
+"""Trusting servers less: spot-checks of their outputs against independent servers, and bans."""
