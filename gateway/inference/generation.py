@@ -119,6 +119,7 @@ class Generation:
                  speculative_tokens: int = 0):
         self.job = job
         self.speculative_tokens = speculative_tokens
+        self._draft_length = speculative_tokens  # adapts to how often drafts are right (see _count_drafts)
         self.drafted = 0  # draft tokens sent through the swarm
         self.accepted = 0  # of them, those the sampler agreed with
         self._backend = backend
@@ -237,13 +238,18 @@ class Generation:
         return per_token, head.embed(next_ids), drafts, kept
 
     def _count_drafts(self, drafted: int, accepted: int) -> None:
+        """Count, and adapt the draft length as transformers' assisted decoding does: longer after
+        a round that kept every draft, shorter after a miss (rejected positions cost compute)."""
         self.drafted += drafted
         self.accepted += accepted
+        if drafted:
+            grown = self._draft_length + 2 if accepted == drafted else self._draft_length - 1
+            self._draft_length = max(1, min(self.speculative_tokens, grown))
 
     def _drafts(self) -> torch.Tensor:
         """[n, k] drafts for the next step: as many as every unfinished row has (so a row without
         a lookup match means none), within the tokens still to generate."""
-        budget = min(self.speculative_tokens, self.job.max_tokens - self._sampler.generated - 1)
+        budget = min(self._draft_length, self.job.max_tokens - self._sampler.generated - 1)
         rows = [ngram_draft(context, budget) if not finished else None
                 for context, finished in zip(self._contexts, self._finished)]
         count = min((len(draft) for draft in rows if draft is not None), default=0)
