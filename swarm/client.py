@@ -43,6 +43,8 @@ class Checked:
     what: str  # for ban reasons: "cache-less forward", "training backward", ...
     wire_codec: str
     as_tensor: Callable[[Any], torch.Tensor]
+    single_server: bool = False  # the call can't be split along a chain: only one server may recompute it
+    whole_spans: bool = False  # the call can't name part of a server's span (TRAIN): recompute on whole spans
 
 
 class SwarmClient:
@@ -108,17 +110,19 @@ class SwarmClient:
     def replayed(self) -> None:
         self.replays += 1
 
-    def shadow_chain(self, like: ServerRecord, *, avoid: Iterable[str]) -> list[ServerRecord]:
+    def shadow_chain(self, like: ServerRecord, *, avoid: Iterable[str], whole_spans: bool = False) -> list[ServerRecord]:
         """Other servers for `like`'s blocks: one that holds them all, drawn at random (a server
         must not know whether it will check or be checked, nor by whom) and of the same weight
-        quantization when there is one, else the cheapest chain."""
+        quantization when there is one, else the cheapest chain. `whole_spans`: only servers
+        whose whole span they are (for requests that cannot name part of a span)."""
         avoid = frozenset(avoid) | self.bans.banned()
         holders = [r for r in self.node.records.live(like.model) if r.checkpoint == like.checkpoint
-                   and r.start <= like.start and like.end <= r.end and r.peer_id not in avoid]
+                   and r.start <= like.start and like.end <= r.end and r.peer_id not in avoid
+                   and (not whole_spans or (r.start, r.end) == (like.start, like.end))]
         alike = [r for r in holders if r.quant == like.quant] or holders
         if alike:
             return [dataclasses.replace(secrets.choice(alike), start=like.start, end=like.end)]
-        return self.choose(like.model, like.start, like.end, avoid=avoid)
+        return self.choose(like.model, like.start, like.end, avoid=avoid, partial=not whole_spans)
 
     def ban(self, peer_id: str, reason: str) -> None:
         if peer_id not in self.bans:
@@ -195,7 +199,7 @@ class SwarmClient:
             for record in chain:
                 try:
                     result = await call(record, value)
-                    if checked is not None and self.verify_fraction and _draw.random() < self.verify_fraction:
+                    if checked is not None and self.check_drawn():
                         result = await self.spot_check(record, call, value, result, checked)
                     value = result
                 except Exception as error:
@@ -211,6 +215,10 @@ class SwarmClient:
                 block = record.end
         return value
 
+    def check_drawn(self) -> bool:
+        """Whether to spot-check the span at hand: true with probability ``verify_fraction``."""
+        return bool(self.verify_fraction) and _draw.random() < self.verify_fraction
+
     async def spot_check(
         self, record: ServerRecord, call: Callable[[ServerRecord, T], Awaitable[T]], value: T, result: T,
         checked: Checked,
@@ -221,7 +229,9 @@ class SwarmClient:
         no side effects beyond its result."""
 
         async def recompute(avoid: set[str]) -> tuple[T, list[ServerRecord]]:
-            records, output = self.shadow_chain(record, avoid=avoid), value
+            records, output = self.shadow_chain(record, avoid=avoid, whole_spans=checked.whole_spans), value
+            if checked.single_server and len(records) > 1:
+                raise NoChainError(record.model, list(range(record.start, record.end)))  # nobody holds them all
             for shadow in records:
                 output = await call(shadow, output)
             return output, records

@@ -26,7 +26,7 @@ import torch
 import trio
 
 from swarm import codec, protocol
-from swarm.client import SwarmClient
+from swarm.client import Checked, SwarmClient
 from blocks.lora_weights import LoraWeights
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError
@@ -48,7 +48,7 @@ class TrainContext:
 
     client: SwarmClient
     adapter: _StepAdapter
-    hops: tuple[_Hop, ...]
+    hops: tuple[_Hop, ...]  # the spans' servers as the forward used them (honest ones, after a check)
     wire_codec: str
     shape: torch.Size
     dtype: torch.dtype
@@ -71,22 +71,25 @@ async def forward(
     if hidden.dim() != 3:
         raise ValueError(f"expected hidden states [batch, tokens, hidden], got {list(hidden.shape)}")
     adapter = adapter if isinstance(adapter, _StepAdapter) else _StepAdapter.of(adapter)
-    hops: list[_Hop] = []
 
     async with trio.open_nursery() as nursery:
         uploaded = _upload_ahead(nursery, client, model, num_blocks, adapter)
 
-        async def through(record: ServerRecord, wire: dict[str, Any]) -> dict[str, Any]:
+        async def through(record: ServerRecord, value: _Walk) -> _Walk:
+            """No side effects: a spot check may run it again on other servers and keep theirs."""
+            wire, hops = value
             if record.peer_id in uploaded:
                 await uploaded[record.peer_id].wait()
             reply = await _call(client, record, adapter, {"type": "forward", "codec": wire_codec, "hidden": wire},
                                 "output")
-            hops.append(_Hop(record, wire))
-            return protocol.field(reply, "hidden", dict)
+            return protocol.field(reply, "hidden", dict), (*hops, _Hop(record, wire))
 
-        wire = await client.along_chain(model, num_blocks, through, codec.encode(hidden, wire_codec))
+        checked = Checked("training forward", wire_codec, lambda value: codec.decode(value[0], max_elements=hidden.numel()),
+                          whole_spans=True)
+        wire, hops = await client.along_chain(model, num_blocks, through, (codec.encode(hidden, wire_codec), ()),
+                                              checked=checked)
     output = _decode(wire, hidden.shape, hidden.dtype, hidden.device)
-    return output, TrainContext(client, adapter, tuple(hops), wire_codec, hidden.shape, hidden.dtype, hidden.device)
+    return output, TrainContext(client, adapter, hops, wire_codec, hidden.shape, hidden.dtype, hidden.device)
 
 
 async def backward(context: TrainContext, grad_output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -97,20 +100,53 @@ async def backward(context: TrainContext, grad_output: torch.Tensor) -> tuple[to
     """
     if grad_output.shape != context.shape:
         raise ValueError(f"grad_output {list(grad_output.shape)} must have the output's shape {list(context.shape)}")
-    grad = codec.encode(grad_output.to(context.dtype), context.wire_codec)
+    client, grad = context.client, codec.encode(grad_output.to(context.dtype), context.wire_codec)
     grads: dict[str, torch.Tensor] = {}
     devices = {name: t.device for name, t in context.adapter.source.items()}
     for hop in reversed(context.hops):
-        request = {"type": "backward", "codec": context.wire_codec, "hidden": hop.inputs, "grad": grad}
-        reply = await _call(context.client, hop.record, context.adapter, request, "grads")
-        grad = protocol.field(reply, "grad_input", dict)
         expected = context.adapter.span(hop.record.start, hop.record.end).tensors
-        received = protocol.field(reply, "grads", dict)
-        if set(received) != set(expected):
-            raise protocol.ProtocolError(f"server {hop.record.peer_id} returned gradients for other tensors")
-        for name, wire in received.items():
-            grads[name] = _decode(wire, expected[name].shape, expected[name].dtype, devices[name])
+
+        async def span_backward(record: ServerRecord, grad_wire: dict[str, Any]) -> _Grads:
+            request = {"type": "backward", "codec": context.wire_codec, "hidden": hop.inputs, "grad": grad_wire}
+            reply = await _call(client, record, context.adapter, request, "grads")
+            received = protocol.field(reply, "grads", dict)
+            if set(received) != set(expected):
+                raise protocol.ProtocolError(f"server {record.peer_id} returned gradients for other tensors")
+            names = sorted(received)
+            tensors = [_decode(received[name], expected[name].shape, expected[name].dtype, torch.device("cpu"))
+                       for name in names]
+            return _Grads(_decode(protocol.field(reply, "grad_input", dict), context.shape, context.dtype,
+                                  torch.device("cpu")), dict(zip(names, tensors)))
+
+        result = await span_backward(hop.record, grad)
+        if client.check_drawn():
+            checked = Checked("training backward", context.wire_codec, _Grads.as_rows, single_server=True,
+                              whole_spans=True)
+            result = await client.spot_check(hop.record, span_backward, grad, result, checked)
+        grad = codec.encode(result.grad_input, context.wire_codec)
+        for name, tensor in result.lora.items():
+            grads[name] = tensor.to(devices[name])
     return _decode(grad, context.shape, context.dtype, context.device), grads
+
+
+_Walk = tuple[dict[str, Any], tuple[_Hop, ...]]  # a forward's wire tensor so far, and the spans it went through
+
+
+@dataclass(frozen=True)
+class _Grads:
+    """One span's backward: the gradient of its input and of its LoRA tensors (on the host)."""
+
+    grad_input: torch.Tensor
+    lora: dict[str, torch.Tensor]
+
+    def as_rows(self) -> torch.Tensor:
+        """Everything as rows of one [1, rows, width] tensor for ``judge``: the input gradient's
+        token rows, and each LoRA gradient's rows along its longer side, zero-padded (which
+        leaves every row's norm, so its relative error, unchanged)."""
+        rows = [self.grad_input.reshape(-1, self.grad_input.shape[-1]).float()]
+        rows += [(t if t.shape[-1] >= t.shape[0] else t.T).float() for t in self.lora.values()]
+        width = max(r.shape[-1] for r in rows)
+        return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows]).unsqueeze(0)
 
 
 def remote_blocks(

@@ -3,7 +3,8 @@
 Unit tests of the tolerance and the vote; then a real swarm — honest servers, two per span, plus
 one started with ``--drill-corrupt 1.0`` holding every block (so the cheapest chain uses the liar)
 — behind a real gateway with ``--verify-fraction 1``: answers equal transformers' greedy tokens,
-and the liar is listed as banned in ``/v1/swarm`` and counted in ``/metrics``.
+and the liar is listed as banned in ``/v1/swarm`` and counted in ``/metrics``; cache-less
+forwards and LoRA training steps (forward and backward) through the same swarm are checked too.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 import trio
 from transformers import AutoTokenizer
 
+from adapters import create_adapter
 from blocks.head import ModelHead
 from gateway.storage.tenants import KeyStore
+from swarm import training
 from swarm.bridge import SwarmBridge
 from swarm.trust.bans import BanList
 from swarm.trust.verification import VerificationStats, judge, relative_errors, tolerance
@@ -180,3 +183,47 @@ def test_cache_less_forwards_are_checked_too(liar_swarm):
     assert bans == {"honest": [], "all": [liar.peer_id]}
     for result in results["all"]:
         torch.testing.assert_close(result, results["honest"][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.e2e
+def test_training_forward_and_backward_are_checked_too(liar_swarm):
+    """LoRA training steps (forward, then backward span by span) with a liar among three servers
+    of blocks 0-1 (training requests name whole spans: the 0-3 liar can't stand in), every span
+    checked: outputs and gradients are the honest servers', and the liar ends banned."""
+    path, honest, data_dir = liar_swarm["path"], liar_swarm["honest"], liar_swarm["data_dir"]
+    liar = start_server(path, "0:2", initial_peers=honest[0].addrs, log_file=data_dir / "training-liar.log",
+                        extra_args=[*FAST_ANNOUNCE, "--drill-corrupt", "1.0"])
+    weights = create_adapter(path, base_name="llama", r=4, alpha=8, seed=3).weights()
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 6, ModelHead(path).config.hidden_size, generator=generator)
+    grad_output = torch.randn(hidden.shape, generator=generator)
+
+    async def step(bridge: SwarmBridge) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        output, context = await training.forward(bridge.client, path.name, 4, hidden, weights)
+        grad_input, grads = await training.backward(context, grad_output)
+        return output, grad_input, grads
+
+    results, bans = {}, {}
+    try:
+        for name, extra in (("honest", set()), ("with a liar", {liar.peer_id})):
+            bridge = SwarmBridge(initial_peers=honest[0].addrs, allow_peers={s.peer_id for s in honest} | extra,
+                                 step_timeout=30.0, verify_fraction=1.0).start()
+            try:
+                wait_for_servers(bridge, path.name, 4 + len(extra))
+                # each check of blocks 0-1 draws its second server among the other two: 6 steps
+                # leave the liar unwatched with odds of about 2**-12
+                results[name] = [bridge.call(functools.partial(step, bridge)) for _ in range(6)]
+                bans[name] = [ban["peer_id"] for ban in bridge.banned()]
+            finally:
+                bridge.stop()
+    finally:
+        stop_all([liar])
+    assert bans == {"honest": [], "with a liar": [liar.peer_id]}
+    (output, grad_input, grads) = results["honest"][0]
+    assert any(g.abs().max() > 0 for g in grads.values())
+    for got_output, got_input, got_grads in results["with a liar"]:
+        torch.testing.assert_close(got_output, output, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_input, grad_input, rtol=1e-4, atol=1e-5)
+        assert got_grads.keys() == grads.keys()
+        for key, value in grads.items():
+            torch.testing.assert_close(got_grads[key], value, rtol=1e-4, atol=1e-6)
