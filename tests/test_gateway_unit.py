@@ -18,14 +18,19 @@ import httpx
 import openai
 import pytest
 import torch
+import trio
 from fastapi import FastAPI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blocks.head import ModelHead
 from blocks.tiny_checkpoints import build_checkpoint
 from gateway.app import create_app
+from gateway.backend import SwarmBusy, SwarmUnreachable
+from gateway.protocol.errors import from_exception
 from gateway.settings import Settings
 from gateway.storage.tenants import KeyStore
+from gateway.swarm_backend import SwarmBackend, SwarmModel
+from swarm.protocol import RemoteError
 from tests.support import LocalBackend, small_id, wait_until
 
 pytestmark = pytest.mark.e2e  # the API through a real uvicorn
@@ -517,3 +522,19 @@ def test_keys_are_stored_hashed(tmp_path):
     assert db.execute("SELECT count(*) FROM keys WHERE tenant = 'acme'").fetchone() == (2,)
     db.close()
     assert key not in dump and key[3:] not in dump
+
+
+@pytest.mark.parametrize("failure", [trio.TooSlowError(), ConnectionError("reset"), RemoteError("refused")])
+def test_swarm_failures_while_opening_answer_503(failure):
+    """Servers that die while a session opens (after the session's own retries) are a 503 the
+    client may retry, not an internal error; a full swarm stays a 429."""
+
+    class FailingBridge:
+        async def open_session(self, request: Any) -> None:
+            raise failure
+
+    backend = SwarmBackend(FailingBridge(), [SwarmModel("m", 4, "digest")])  # type: ignore[arg-type]
+    with pytest.raises(SwarmUnreachable) as raised:
+        asyncio.run(backend.open_session("m", batch=1, max_length=8))
+    assert from_exception(raised.value).status_code == 503
+    assert from_exception(SwarmBusy("full")).status_code == 429
