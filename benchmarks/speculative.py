@@ -37,7 +37,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.wan_net import delayed_swarm, uniform
+from benchmarks.wan_net import add_run_arguments, delayed_swarm, uniform
 from blocks.checkpoint import checkpoint_hash
 from blocks.gguf_checkpoint import embedded_model_path
 from blocks.head import ModelHead
@@ -203,11 +203,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="speculative_tokens to compare with 0")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--tokens", type=int, default=48, help="generated tokens (EOS ignored)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--codec", default="int8", choices=("none", "float16", "int8"))
-    parser.add_argument("--server-threads", type=int, default=1, help="torch threads per server")
-    parser.add_argument("--max-seconds", type=float, default=1800.0, help="the whole run stops after this long")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "swarmgate-bench")
+    add_run_arguments(parser)
     args = parser.parse_args()
 
     signal.signal(signal.SIGTERM, _stop_on_signal)

@@ -10,12 +10,14 @@ Loopback only; every process has a deadline and is killed at the end (parent-dea
   measures one first), too much for 48 here, so servers are forked from a zygote that imported
   all that once (then ``gc.freeze``, so pages stay shared): each child runs
   ``swarmgate.cli.main(["server", ...])``, the CLI's own code, as its own process with its own host,
-  port and identity, at a few tens of MB of its own (measured too).
+  port and identity, at a few tens of MB of its own (measured too). The zygote and the servers'
+  lifecycle: benchmarks/swarm_scale_processes.py.
 - `--delayed` of them behind a delaying TCP proxy (benchmarks/wan_link.py: this kernel has no netem)
   whose address they announce, so every connection *to* them is `--delay` seconds late each way.
 - a probe: a libp2p host *without* gossipsub that pulls each server's record table over the
   RECORDS protocol — each server's own view of the swarm. It does not gossip: a node connected to
-  all servers would relay for them and speed up what it measures.
+  all servers would relay for them and speed up what it measures. It, and the kernel's counters of
+  phase 2: benchmarks/swarm_scale_probe.py.
 - the gateway's swarm client in-process (``SwarmBridge``) for routing and generation.
 
 Phases:
@@ -44,18 +46,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import faulthandler
-import gc
-import importlib
 import json
 import logging
 import os
 import random
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -63,361 +60,22 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import cbor2
-import multiaddr
 import torch
-import trio
-from libp2p import new_host
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.peer.id import ID
 
 from benchmarks.churn import FailureCounter, Phase, client, watch_moves
-from benchmarks.wan_link import READY_PREFIX as LINK_READY
+from benchmarks.swarm_scale_probe import (Probe, completeness, converged, cpu_seconds, first_seen, memory_mb,
+                                          own_spans, socket_bytes)
+from benchmarks.swarm_scale_processes import RATE_LIMITED, Server, Swarm, Zygote, alive, log_lines
 from blocks.head import ModelHead
 from blocks.tiny_checkpoints import build_checkpoint
-from swarm import protocol
 from swarm.bridge import SwarmBridge
-from swarm.node import MAX_RECORD_FRAME
 from swarm.session import SessionRequest
-from swarmgate.launcher import READY_PREFIX
-from tests.support import free_port
 from transformers import AutoModelForCausalLM
 
 NUM_LAYERS = 8  # benchmarks.churn.client opens sessions over this many blocks
 FAMILIES = ("llama", "qwen2")
-PRELOAD = ("torch", "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
-           "bitsandbytes", "swarmgate.cli")
-Views = dict[str, dict[str, tuple[str, int, int]] | None]  # server -> {peer: (model, start, end)}; None: no answer
-
-
-# -- a zygote forks the servers: imports paid once, their pages shared -------------------------------
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def zygote_main() -> None:
-    """Import what a server needs, then fork one server per JSON request line on stdin; print its pid."""
-    _die_with_parent()
-    for name in PRELOAD:
-        importlib.import_module(name)
-    torch.set_num_threads(1)
-    gc.collect()
-    gc.freeze()  # collections in the children skip the shared heap, so they do not copy its pages
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
-    print("ready", flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        print(pid, flush=True)
-
-
-def _child(request: dict[str, Any]) -> NoReturn:
-    code = 1
-    try:
-        os.setsid()
-        _die_with_parent()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.environ.update(request["env"])
-        deadline = threading.Timer(request["deadline"], os._exit, (3,))
-        deadline.daemon = True
-        deadline.start()
-        importlib.import_module("swarmgate.cli").main(request["argv"])
-        code = 0
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-    finally:
-        os._exit(code)
-
-
-class Zygote:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from benchmarks.swarm_scale import zygote_main; zygote_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parents[1])
-        self.lock = threading.Lock()
-        assert self.process.stdout is not None and self.process.stdout.readline() == "ready\n", "zygote failed"
-
-    def fork(self, argv: list[str], log: Path, env: dict[str, str], deadline: float) -> int:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        with self.lock:
-            self.process.stdin.write(json.dumps(dict(argv=argv, log=str(log), env=env, deadline=deadline)) + "\n")
-            self.process.stdin.flush()
-            return int(self.process.stdout.readline())
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-
-# -- the servers -----------------------------------------------------------------------------------
-
-def alive(pid: int) -> bool:
-    if pid <= 0:  # not forked yet; os.kill(0, ...) would signal our own process group
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-@dataclass
-class Server:
-    index: int
-    model: str
-    pid: int
-    delayed: bool
-    addrs: list[str]
-    ready_at: float
-    proxy: subprocess.Popen | None = None
-    killed_at: float | None = None
-
-    @property
-    def peer_id(self) -> str:
-        return self.addrs[0].rsplit("/p2p/", 1)[1]
-
-    def kill(self) -> None:
-        self.killed_at = self.killed_at or time.monotonic()
-        if alive(self.pid):
-            os.kill(self.pid, signal.SIGKILL)
-        if self.proxy is not None and self.proxy.poll() is None:
-            self.proxy.kill()
-            self.proxy.wait()
-
-
-class Swarm:
-    """Starts (through the zygote), tracks and kills the servers and their delay proxies."""
-
-    def __init__(self, args: argparse.Namespace, models: list[Path], work: Path, zygote: Zygote) -> None:
-        self.args, self.models, self.work, self.zygote = args, models, work, zygote
-        self.servers: list[Server] = []
-        self.lock = threading.Lock()
-        self.rng = random.Random(args.seed)
-        self.env = {"SWARMGATE_CACHE": str(work / "cache"), "SWARMGATE_TORCH_THREADS": "1"}
-        self.deadline = args.max_minutes * 60
-        self.failed_starts: list[str] = []
-
-    def alive(self) -> list[Server]:
-        """The running servers that printed their ready line. A server being started (by a restart
-        during churn) is listed in `servers` before it has a pid or addresses: not alive yet."""
-        with self.lock:
-            return [s for s in self.servers if s.addrs and s.killed_at is None and alive(s.pid)]
-
-    def start(self, model: Path, delayed: bool) -> Server:
-        running = self.alive()
-        peers = running[:1] if self.args.join == "star" else self.rng.sample(running, min(3, len(running)))
-        argv = ["server", "--model", str(model), "--num-blocks", str(self.args.num_blocks), "--torch-threads", "1",
-                "--announce-interval", str(self.args.announce_interval),
-                "--rebalance-interval", str(self.args.rebalance_interval)]
-        argv += ["--initial-peers", *[s.addrs[0] for s in peers]] if peers else []
-        proxy = None
-        if delayed:
-            port = free_port()
-            proxy = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.wan_link", "--listen", "127.0.0.1:0", "--target",
-                 f"127.0.0.1:{port}", "--delay", str(self.args.delay), "--max-seconds", str(self.deadline)],
-                stdout=subprocess.PIPE, text=True)  # bounded by --max-seconds
-            assert proxy.stdout is not None
-            link = proxy.stdout.readline()
-            assert link.startswith(LINK_READY), f"delay proxy did not start: {link!r}"
-            argv += ["--listen", f"/ip4/127.0.0.1/tcp/{port}",
-                     "--announce-addrs", f"/ip4/127.0.0.1/tcp/{link.split(':')[-1].strip()}"]
-        with self.lock:  # listed at once, so a failed start is cleaned up too
-            server = Server(len(self.servers), model.name, 0, delayed, [], 0.0, proxy)
-            self.servers.append(server)
-        log = self.work / f"server-{server.index}.log"
-        log.touch()
-        server.pid = self.zygote.fork(argv, log, self.env, self.deadline)
-        deadline = time.monotonic() + 180
-        while not (ready := [line for line in log.read_text().splitlines() if line.startswith(READY_PREFIX)]):
-            if not alive(server.pid) or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"server {server.index} did not start: {last_error(log)}")
-            time.sleep(0.1)
-        server.addrs, server.ready_at = ready[0][len(READY_PREFIX):].split(), time.monotonic()
-        return server
-
-    def start_retrying(self, model: Path, delayed: bool, tries: int = 3) -> Server:
-        """`start`, again (a new peer) when a server dies before it is ready; each failure is kept."""
-        for attempt in range(tries):
-            try:
-                return self.start(model, delayed)
-            except RuntimeError as error:
-                self.failed_starts.append(str(error))
-                if attempt == tries - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    def crashes(self) -> dict[str, Any]:
-        """Servers that died without being killed, before or after their ready line, and why."""
-        with self.lock:
-            died = [s for s in self.servers if s.addrs and s.killed_at is None and not alive(s.pid)]
-        reasons = Counter(last_error(self.work / f"server-{s.index}.log") for s in died)
-        reasons.update(error.split(": ", 1)[-1] for error in self.failed_starts)
-        return {"after_ready": len(died), "before_ready": len(self.failed_starts), "reasons": dict(reasons)}
-
-    def stop(self) -> list[int]:
-        """Kill everything; the pids still alive afterwards (expected none)."""
-        with self.lock:
-            servers = list(self.servers)
-        for server in servers:
-            server.kill()
-        time.sleep(0.5)
-        return [s.pid for s in servers if s.pid and alive(s.pid)]
-
-
-# -- the probe: each server's view, over RECORDS, from a host that does not gossip ---------------------
-
-class Probe:
-    def __init__(self, interval: float = 2.0) -> None:
-        self.interval = interval
-        self.targets: dict[str, list[str]] = {}  # peer id -> addrs of the servers to ask
-        self.rounds: list[tuple[float, float, Views]] = []  # (started, ended, views)
-        self.record_bytes: list[int] = []  # wire size of the signed records seen
-        self.paused = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-
-    def start(self) -> "Probe":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    async def _main(self) -> None:
-        host = new_host(key_pair=create_new_key_pair())
-        async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-            while not self._stop.is_set():
-                if not self.paused.is_set() and self.targets:
-                    started, views = time.monotonic(), {}
-                    limiter = trio.CapacityLimiter(8)
-                    async with trio.open_nursery() as nursery:
-                        for peer, addrs in list(self.targets.items()):
-                            nursery.start_soon(self._view, host, peer, addrs, views, limiter)
-                    self.rounds.append((started, time.monotonic(), views))
-                await trio.sleep(self.interval)
-
-    async def _view(self, host: Any, peer: str, addrs: list[str], views: Views, limiter: trio.CapacityLimiter) -> None:
-        async with limiter:
-            views[peer] = None
-            try:
-                with trio.fail_after(10):
-                    peer_id = ID.from_base58(peer)
-                    host.get_peerstore().add_addrs(peer_id, [multiaddr.Multiaddr(a) for a in addrs], 3600)
-                    stream = await host.new_stream(peer_id, [protocol.RECORDS])
-                    reply = await protocol.request(stream, {"type": "records?"}, "records", timeout=10,
-                                                   max_bytes=MAX_RECORD_FRAME)
-            except Exception:
-                return
-            wires = protocol.field(reply, "records", list)
-            views[peer] = {w["peer_id"]: (w["model"], w["start"], w["end"]) for w in wires}
-            if len(self.record_bytes) < 1000:
-                self.record_bytes += [len(cbor2.dumps(w)) for w in wires[:2]]
-
-
-def first_seen(rounds: list[tuple[float, float, Views]], server: Server, others: list[Server]) -> float | None:
-    """When every other server that answered held `server`'s record (end of that probe round)."""
-    for started, ended, views in rounds:
-        if started < server.ready_at:
-            continue
-        answered = [views.get(o.peer_id) for o in others if o.peer_id in views]
-        if answered and all(v is not None and server.peer_id in v for v in answered):
-            return ended
-    return None
-
-
-def converged(rounds: list[tuple[float, float, Views]], after: float, expected: set[str]) -> float | None:
-    """End of the first round started after `after` in which every expected server answered with
-    exactly the expected set of servers."""
-    for started, ended, views in rounds:
-        if started >= after and all(views.get(p) is not None and set(views[p]) == expected for p in expected):
-            return ended
-    return None
-
-
-def completeness(rounds: list[tuple[float, float, Views]], after: float, expected: set[str]) -> dict[str, float]:
-    """Over the views answered in rounds started after `after`: the mean share of the expected
-    servers a view holds, and the share of views holding all of them (steady state: 1 and 1)."""
-    shares = [len(expected & set(v)) / len(expected) for started, _, views in rounds if started >= after
-              for p, v in views.items() if p in expected and v is not None]
-    return {"mean_share_of_records_held": round(statistics.fmean(shares), 4) if shares else 0.0,
-            "share_of_complete_views": round(sum(x == 1 for x in shares) / len(shares), 4) if shares else 0.0,
-            "views": len(shares)}
-
-
-def own_spans(rounds: list[tuple[float, float, Views]]) -> list[tuple[float, str, tuple[int, int]]]:
-    """(time, server, span) whenever a server's own record shows a span it did not show before."""
-    last: dict[str, tuple[int, int]] = {}
-    changes = []
-    for _, ended, views in rounds:
-        for peer, view in views.items():
-            if view and peer in view:
-                span = view[peer][1:]
-                if last.get(peer) != span:
-                    changes.append((ended, peer, span))
-                last[peer] = span
-    return changes
-
-
-# -- measurements from the outside ---------------------------------------------------------------------
-
-_SS_SOCKET = re.compile(r"pid=(\d+),")
-_SS_BYTES = re.compile(r"bytes_(acked|received):(\d+)")
-
-
-def socket_bytes() -> dict[tuple[int, str], tuple[int, int]]:
-    """(pid, local and remote address) -> (bytes acked, bytes received) of every established TCP socket."""
-    out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True, text=True, timeout=60).stdout
-    sockets, key = {}, None
-    for line in out.splitlines():
-        if not line.startswith((" ", "\t")):
-            match = _SS_SOCKET.search(line)
-            key = (int(match.group(1)), " ".join(line.split()[2:4])) if match else None
-        elif key is not None:
-            counters = dict(_SS_BYTES.findall(line))
-            sockets[key] = (int(counters.get("acked", 0)), int(counters.get("received", 0)))
-    return sockets
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def memory_mb(pid: int) -> dict[str, float]:
-    keys = {"Rss": "rss", "Pss": "pss", "Private_Dirty": "private"}
-    values = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in keys:
-            values[keys[name]] = int(rest.split()[0]) / 1024
-    return values
-
-
-def last_error(log: Path) -> str:
-    """The last line of a log that names an error (a crash's cause), shortened."""
-    lines = [line.strip(" |+") for line in log.read_text(errors="replace").splitlines() if "Error" in line]
-    return lines[-1][:160] if lines else "no error logged"
-
-
-def log_lines(work: Path, text: str) -> int:
-    """Lines containing `text` over all server logs so far (e.g. gossipsub's rate-limit drops)."""
-    return sum(log.read_text(errors="replace").count(text) for log in work.glob("server-*.log"))
-
-
-RATE_LIMITED = "Rate limit exceeded"  # py-libp2p's gossipsub: a message from a peer over 10/s is not forwarded
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.swarm_decode import checkpoint
-from benchmarks.wan_net import delayed_swarm, exit_on_signals, uniform
+from benchmarks.wan_net import add_run_arguments, delayed_swarm, exit_on_signals, uniform
 from blocks.head import ModelHead
 from blocks.tiny_checkpoints import build_checkpoint
 from swarm.bridge import SwarmBridge
@@ -165,11 +165,7 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32, help="decoded tokens after the first")
     parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--codec", default="int8", choices=("none", "float16", "int8"))
-    parser.add_argument("--server-threads", type=int, default=1, help="torch threads per server")
-    parser.add_argument("--max-seconds", type=float, default=1800.0, help="the whole run stops after this long")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "swarmgate-bench")
+    add_run_arguments(parser)
     args = parser.parse_args()
 
     exit_on_signals()

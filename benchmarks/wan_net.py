@@ -31,6 +31,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -73,6 +74,16 @@ def exit_on_signals() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark run over a delayed swarm that benchmarks/wan.py and
+    benchmarks/speculative.py share, so both are set up (and their checkpoints cached) alike."""
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--codec", default="int8", choices=("none", "float16", "int8"))
+    parser.add_argument("--server-threads", type=int, default=1, help="torch threads per server")
+    parser.add_argument("--max-seconds", type=float, default=1800.0, help="the whole run stops after this long")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "swarmgate-bench")
 
 
 def remove_stale() -> None:
