@@ -38,7 +38,7 @@ def test_only_errors_of_requests_at_the_gateway_restart_are_forgiven():
 def test_a_short_soak_meets_every_criterion(tmp_path):
     args = soak.parse_args([
         "--minutes", "0.5", "--streams", "4", "--spans", "1", "--per-span", "2", "--max-tokens", "8",
-        "--kill-every", "4", "8", "--restart-after", "1", "--ft-epochs", "1", "--ft-kill-every", "1", "3",
+        "--kill-every", "4", "8", "--restart-after", "1", "--ft-epochs", "4", "--ft-kill-every", "0.3", "1",
         "--warmup", "5", "--rss-interval", "1", "--settle", "20", "--out", str(tmp_path),
     ])
     report = soak.run(args)
@@ -47,6 +47,8 @@ def test_a_short_soak_meets_every_criterion(tmp_path):
     assert requests.ok > 0 and requests.ok_after_restart > 0 and requests.wrong == requests.lost == 0
     assert report.restart is not None and report.chaos.kills >= 1
     assert report.chaos.restarts == report.chaos.kills and not report.chaos.restart_failures
-    assert report.fine_tune is not None and report.fine_tune[2] >= 1  # a server died while the job trained
+    # a server died while the job trained (8 steps take seconds even on a fast machine; the first
+    # kill comes within 1 s of the job's start)
+    assert report.fine_tune is not None and report.fine_tune[2] >= 1
     assert any(g.growth is not None and g.label.startswith("gateway") for g in report.memory)
     assert (tmp_path / "rss.csv").read_text().count("\n") > 10
