@@ -25,7 +25,7 @@ from gateway.inference.sampling import SampledToken
 from gateway.inference.streaming import sse_response
 from gateway.inference.tokens import TokenPieces
 from gateway.models import ServedModel
-from gateway.protocol.schemas import FinishReason, SamplingFields, Usage
+from gateway.protocol.schemas import FinishReason, SamplingFields
 from gateway.settings import Settings
 from gateway.state import Gateway
 

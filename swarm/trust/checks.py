@@ -16,7 +16,6 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 import torch
 import trio
 
-from swarm import protocol
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError
 from swarm.trust.verification import OpenHop, ShadowChain, VerificationStats, concat, judge
