@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import random
 
+import hypothesis
 import numpy as np
 import pytest
 import torch
 
 from blocks.tiny_checkpoints import EOS, END_OF_TEXT, train_tokenizer
-from gateway.agents import guided
+from gateway.agents import guided, utf8
 from gateway.agents.tool_parsers import HermesParser
 
 try:
@@ -77,7 +78,9 @@ def sample_rows(library, matchers, tokenizer, closer_bias, *, seed, max_steps=40
             assert m.accept(token), f"sampled token {token} rejected by its own mask"
             tokens[row].append(token)
     assert all(m.is_terminated() for m in matchers), "grammar did not finish within the step budget"
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    assert not any("\ufffd" in text for text in texts), f"ill-formed UTF-8 got through the mask: {texts}"
+    return texts
 
 
 # ------------------------------------------------------------------ random schemas
@@ -121,21 +124,10 @@ def random_object(rng: random.Random, depth: int = 0) -> dict:
     }
 
 
-def _without_stray_bytes(value):
-    """The value with U+FFFD dropped from its strings: the known xgrammar limitation described in `check`."""
-    if isinstance(value, str):
-        return value.replace("\ufffd", "")
-    if isinstance(value, list):
-        return [_without_stray_bytes(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _without_stray_bytes(v) for k, v in value.items()}
-    return value
-
-
 def check(value, schema) -> None:
     """Validate `value` against the subset of JSON Schema random_schema writes."""
     if jsonschema is not None:
-        jsonschema.validate(_without_stray_bytes(value), schema)
+        jsonschema.validate(value, schema)
         return
     if "anyOf" in schema:
         errors = []
@@ -150,10 +142,7 @@ def check(value, schema) -> None:
         assert value in schema["enum"], (value, schema)
     if kind == "string":
         assert isinstance(value, str), (value, schema)
-        # Known xgrammar limitation: under random logits a byte-level vocabulary can spell invalid
-        # UTF-8 inside a string; it decodes to U+FFFD (still valid JSON) and each stray byte counts
-        # as one character, so only the rest is held to maxLength.
-        assert len(value.replace("\ufffd", "")) <= schema.get("maxLength", len(value)), (value, schema)
+        assert len(value) <= schema.get("maxLength", len(value)), (value, schema)
     elif kind == "integer":
         assert isinstance(value, int) and not isinstance(value, bool), (value, schema)
         assert schema.get("minimum", value) <= value <= schema.get("maximum", value), (value, schema)
@@ -280,3 +269,40 @@ def test_matcher_only_allows_stop_after_completion(library, stops):
     assert m.accept(stops[0]) and m.is_terminated()
     logits = torch.randn(PADDED_VOCAB)
     assert torch.equal(m.mask(logits.clone()), logits), "a terminated matcher must not mask"
+
+
+# ------------------------------------------------------------------ well-formed UTF-8
+
+
+@hypothesis.settings(max_examples=2000, deadline=None)
+@hypothesis.given(hypothesis.strategies.binary(max_size=12))
+def test_utf8_states_accept_exactly_well_formed_text(data):
+    """`advance` ends on a boundary exactly for the byte strings a strict decoder accepts."""
+    try:
+        data.decode("utf-8")
+        well_formed = True
+    except UnicodeDecodeError:
+        well_formed = False
+    assert (utf8.advance(utf8.BOUNDARY, data) == utf8.BOUNDARY) == well_formed
+
+
+@pytest.mark.parametrize(
+    ("lead", "bad"),
+    [(b"\xe0", 0x84), (b"\xed", 0xA6), (b"\xf0", 0x8B), (b"\xf4", 0x90), (b"", 0xC0), (b"\xe4", 0x41)],
+    ids=["overlong-3", "surrogate", "overlong-4", "past-10FFFF", "overlong-2", "missing-continuation"],
+)
+def test_guided_strings_cannot_spell_ill_formed_utf8(library, lead, bad):
+    """Byte by byte (the tiny vocabulary has every single byte): the lead is allowed, the byte
+    that would make the character ill-formed is not, and after a rollback any lead is fine again."""
+    byte_token = {data: i for i, data in enumerate(library.info.decoded_vocab) if len(data) == 1}
+
+    def allowed(m: guided.GuidedMatcher, byte: int) -> bool:
+        return bool(torch.isfinite(m.mask(torch.zeros(PADDED_VOCAB))[byte_token[bytes([byte])]]))
+
+    m = library.matcher(guided.json_schema({"type": "string"}))
+    assert m.accept_text('"')
+    for byte in lead:
+        assert allowed(m, byte) and m.accept(byte_token[bytes([byte])])
+    assert not allowed(m, bad)
+    m.rollback(len(lead))
+    assert allowed(m, 0xE4) and allowed(m, 0x41)

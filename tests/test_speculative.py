@@ -147,7 +147,7 @@ def test_speculation_gives_plain_decodings_tokens(local, case):
     guide = None
     if case == "guided":
         library = grammar_library(model.tokenizer, vocab_size=model.head.vocab_size, stop_token_ids=model.eos_token_ids)
-        guide = Guide(library.compile(json_object()), library.vocab_size, "json_object")
+        guide = Guide(library, json_object())
     job = GenerationJob(model=model, prompt_ids=prompt, n=n, max_tokens=40, params=params, stops=stops, guide=guide)
     plain, plain_run = _run(job, backend, 0)
     plain_steps = backend.sessions[-1].steps

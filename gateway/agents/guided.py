@@ -42,6 +42,7 @@ import xgrammar as xgr
 from xgrammar.structural_tag import JSONSchemaFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat
 
 from gateway.agents.tool_prompt import TOOL_CALL_BEGIN, TOOL_CALL_END
+from gateway.agents.utf8 import BOUNDARY, Utf8Masks, Utf8State
 
 __all__ = [
     "GrammarSpec",
@@ -160,6 +161,7 @@ class GrammarLibrary:
         stops = sorted(set(stop_token_ids)) if stop_token_ids else None
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
         self.vocab_size = self.info.vocab_size
+        self.utf8 = Utf8Masks(self.info.decoded_vocab, self.vocab_size)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
         self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
@@ -202,12 +204,12 @@ class GrammarLibrary:
 
     def matcher(self, spec: GrammarSpec) -> GuidedMatcher:
         """A fresh per-row matcher for `spec`."""
-        return GuidedMatcher(self.compile(spec), self.vocab_size)
+        return GuidedMatcher(self.compile(spec), self.utf8)
 
     def matchers(self, spec: GrammarSpec, n: int) -> list[GuidedMatcher]:
         """`n` matchers (one per choice) sharing one compiled grammar."""
         compiled = self.compile(spec)
-        return [GuidedMatcher(compiled, self.vocab_size) for _ in range(n)]
+        return [GuidedMatcher(compiled, self.utf8) for _ in range(n)]
 
 
 _libraries: weakref.WeakKeyDictionary[Any, dict[tuple, GrammarLibrary]] = weakref.WeakKeyDictionary()
@@ -227,19 +229,26 @@ def grammar_library(
 
 
 class GuidedMatcher:
-    """Grammar state of one generated row."""
+    """Grammar state of one generated row, plus where its text stands in a UTF-8 character."""
 
-    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int):
+    def __init__(self, compiled: xgr.CompiledGrammar, utf8: Utf8Masks):
         self._matcher = xgr.GrammarMatcher(compiled)
-        self.vocab_size = vocab_size
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self._utf8 = utf8
+        self._utf8_states: list[Utf8State] = [BOUNDARY]  # one per accepted token, for rollback
+        self.vocab_size = utf8.vocab_size
+        self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
         self._ready = False  # the bitmask describes the current state
 
     def prepare(self) -> None:
         """Fill the next-token bitmask now (idempotent until the next `accept`)."""
         if not self._ready and not self._matcher.is_terminated():
             self._matcher.fill_next_token_bitmask(self._bitmask, 0)
+            self._bitmask[0] &= self.utf8_mask()
             self._ready = True
+
+    def utf8_mask(self) -> torch.Tensor:
+        """The bitmask row of tokens that keep the text well-formed UTF-8 from here."""
+        return self._utf8.mask(self._utf8_states[-1])
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """Set disallowed tokens to -inf in place, on a row `[vocab]` or a single-row `[1, vocab]`;
@@ -261,10 +270,13 @@ class GuidedMatcher:
     def accept(self, token_id: int) -> bool:
         """Advance by one sampled token; False (and no change) if the grammar forbids it."""
         self._ready = False
-        return bool(self._matcher.accept_token(int(token_id)))
+        if not self._matcher.accept_token(int(token_id)):
+            return False
+        self._utf8_states.append(self._utf8.after(self._utf8_states[-1], int(token_id)))
+        return True
 
     def accept_text(self, text: str) -> bool:
-        """Advance by a literal string (e.g. a forced prefix)."""
+        """Advance by a literal string (e.g. a forced prefix; whole characters, so no UTF-8 state)."""
         self._ready = False
         return bool(self._matcher.accept_string(text))
 
@@ -279,10 +291,12 @@ class GuidedMatcher:
     def rollback(self, num_tokens: int = 1) -> None:
         self._ready = False
         self._matcher.rollback(num_tokens)
+        del self._utf8_states[len(self._utf8_states) - num_tokens :]
 
     def reset(self) -> None:
         self._ready = False
         self._matcher.reset()
+        self._utf8_states = [BOUNDARY]
 
 
 _batch_matcher = threading.local()
@@ -310,6 +324,8 @@ def apply_masks(matchers: Sequence[GuidedMatcher | None], logits: torch.Tensor) 
         if batch is None:
             batch = _batch_matcher.value = xgr.BatchGrammarMatcher(max_threads="auto")
         batch.batch_fill_next_token_bitmask([m._matcher for _, m in to_fill], bitmask, [i for i, _ in to_fill])
+        for i, m in to_fill:
+            bitmask[i] &= m.utf8_mask()
     xgr.apply_token_bitmask_inplace(
         logits, bitmask.to(logits.device), vocab_size=vocab_size, indices=[i for i, _ in active]
     )

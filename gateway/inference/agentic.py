@@ -100,10 +100,10 @@ def plan_chat(body: ChatCompletionRequest, model: ServedModel) -> ChatPlan:
     if spec is not None:
         library = model.grammars()
         try:
-            compiled = library.compile(spec)
+            library.compile(spec)  # cached for the rows' matchers; a bad schema is the client's 400
         except ValueError as error:
             raise InvalidRequest(f"Invalid {param}: {error}", param=param) from None
-        guide = Guide(compiled, library.vocab_size, spec.kind)
+        guide = Guide(library, spec)
     parser: ToolParser | None = None
     forced_hermes = False
     if guide is not None and guide.kind == "tool_calls":

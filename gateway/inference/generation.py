@@ -66,16 +66,17 @@ class GenerationJob:
 
 @dataclass(frozen=True)
 class Guide:
-    """A compiled grammar (`xgrammar.CompiledGrammar`) and the logits width it masks."""
+    """A grammar spec every row follows, and the `GrammarLibrary` (vocabulary) that compiled it."""
 
-    compiled: Any
-    vocab_size: int
-    kind: str = ""  # "json_schema" | "json_object" | "tool_calls"
+    library: Any
+    spec: Any  # `gateway.agents.guided.GrammarSpec`
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind  # "json_schema" | "json_object" | "tool_calls"
 
     def matchers(self, n: int) -> list[Any]:
-        from gateway.agents.guided import GuidedMatcher
-
-        return [GuidedMatcher(self.compiled, self.vocab_size) for _ in range(n)]
+        return self.library.matchers(self.spec, n)
 
 
 def marker_decoder(tokenizer: Any, markers: tuple[str, ...]) -> Callable[[list[int]], str]:
