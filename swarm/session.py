@@ -12,7 +12,9 @@ bytes and deterministic compute give the same caches), and the step resumes at t
 dead server forwarded the step before dying is unknowable, so the step is simply sent on again:
 servers drop a step at a position they already hold, and every output names the session it was
 pushed to, so the client sends a step itself to any next hop that did not get it. Each hop
-answers each step exactly once, whatever failed where.
+answers each step exactly once, whatever failed where. A server that failed is not proposed again
+within the step; one that only timed out is, once no other can take its blocks (under load, a
+slow server is not a dead one).
 
 ``truncate`` forgets the last positions (speculative decoding's rejected drafts): the records are
 cut there, so a replay rebuilds only what is kept, and later steps carry the truncation count; a
@@ -120,6 +122,7 @@ class InferenceSession:
         self._hops: list[Hop] = []
         self._offsets: list[int] = []  # position of each step
         self._failed: set[str] = set()  # peers that failed during the current step
+        self._slow: set[str] = set()  # peers that timed out during it: maybe loaded, not dead
         self._failures = 0
         self._last_error: BaseException = ConnectionError("no server answered")
         self._error: BaseException | None = None
@@ -201,7 +204,7 @@ class InferenceSession:
 
     async def _run_step(self) -> dict[str, Any]:
         """Drive the current step to the end of the chain, replacing hops that fail on the way."""
-        self._failed, self._failures, self._output = set(), 0, None
+        self._failed, self._slow, self._failures, self._output = set(), set(), 0, None
         self._events, events = trio.open_memory_channel[tuple[Hop, Any]](math.inf)
         failure: Exception | None = None
         try:
@@ -315,7 +318,7 @@ class InferenceSession:
     def _note_failure(self, peer_id: str, error: BaseException) -> None:
         self._failures += 1
         self._last_error = error
-        self._failed.add(peer_id)
+        (self._slow if isinstance(error, (TimeoutError, trio.TooSlowError)) else self._failed).add(peer_id)
         avoided_for = self._chains.failed(peer_id)
         logger.warning("server %s failed (%r); avoiding it for %.0f s", peer_id, error, avoided_for)
         if self._failures > self._config.max_retries:
@@ -345,12 +348,15 @@ class InferenceSession:
             await self._send(new[0], step)
 
     def _find(self, start: int, end: int) -> list[ServerRecord] | None:
-        try:
-            return self._chains.choose(self.request.model, start, end, avoid=self._failed)
-        except NoChainError:
-            if not self._hops and not self._failed:
-                raise  # opening, and no server failed: there is no chain at all
-            return None  # a server may be (re)joining; or, opening, the failed ones' errors say why
+        """A chain avoiding this step's failed and slow peers; failing that, a slow peer again (a
+        timeout under load is not a crash, and a slow server beats none); else None."""
+        for avoid in (self._failed | self._slow, self._failed) if self._slow else (self._failed,):
+            try:
+                return self._chains.choose(self.request.model, start, end, avoid=avoid)
+            except NoChainError:
+                if not self._hops and not self._failed and not self._slow:
+                    raise  # opening, and no server failed: there is no chain at all
+        return None  # a server may be (re)joining; or, opening, the failed ones' errors say why
 
     async def _open_hops(self, find: Callable[[], list[ServerRecord] | None], *, wait: float) -> list[Hop] | None:
         """Open the chain `find` proposes; on a refusal, note the failure and ask again.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import trio
 
 from blocks.head import ModelHead
 from swarm.backoff import PeerBackoff
+from swarm.node import CONNECT_TIMEOUT
 from swarm.records import ServerRecord
 from swarm.routing import choose_chain
 from swarm.session import InferenceSession
@@ -218,6 +220,33 @@ def test_concurrent_sessions_spread_over_redundant_servers(redundant_swarm):
     used = Counter(record.peer_id for chain in chains for record in chain)
     print(f"\nsessions per server: {sorted(used.values())}")
     assert set(used) == {server.peer_id for server in servers}, used  # every redundant server got some
+
+
+@pytest.mark.e2e
+def test_servers_that_only_time_out_are_tried_again(llama_path, tmp_path, undisturbed):
+    """Both servers of blocks 2-4 freeze (SIGSTOP) for longer than the step timeout and than a
+    stream open's (node.CONNECT_TIMEOUT): each times out in turn, then, nothing else holding those
+    blocks, the session goes back to one of them and gets through once it answers again. A
+    timeout under load is not a crash: the request is not lost."""
+    # records live 3 announce intervals: longer than the freeze, as with the default interval
+    announce = ["--announce-interval", str(CONNECT_TIMEOUT)]
+    with running_swarm(llama_path, ["0:2", "2:4", "2:4"], extra_args=announce, log_dir=tmp_path) as (servers, bridge):
+        bridge.snapshot(lambda: (setattr(bridge.client, "step_timeout", 1.0),
+                                 setattr(bridge.client, "replace_wait", 1.0)))
+        frozen = [server.process for server in servers if server.blocks == "2:4"]
+        freeze_for = CONNECT_TIMEOUT + 2
+
+        def freeze(index: int, session: InferenceSession) -> None:
+            if index == 5:
+                for process in frozen:
+                    process.send_signal(signal.SIGSTOP)
+                threading.Timer(freeze_for, lambda: [p.send_signal(signal.SIGCONT) for p in frozen]).start()
+
+        head = ModelHead(llama_path)
+        tokens, durations = _generate(bridge, head, llama_path.name, _prompt(head.vocab_size), before_step=freeze)
+        assert tokens == undisturbed["hf"]
+        assert durations[5] > CONNECT_TIMEOUT, durations  # the step did wait out the freeze
+        print(f"\nstep through a {freeze_for:.0f} s freeze of every server of a span: {durations[5]:.1f} s")
 
 
 # -- units ---------------------------------------------------------------------------------------
