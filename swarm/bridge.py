@@ -17,7 +17,7 @@ import trio
 from libp2p.crypto.keys import KeyPair
 
 from swarm.client import SwarmClient
-from swarm.node import start_node
+from swarm.node import RTT_PROBE_INTERVAL, start_node
 from swarm.records import ServerRecord
 from swarm.session import InferenceSession, SessionConfig, SessionRequest
 
@@ -35,12 +35,16 @@ class SwarmBridge:
         allow_peers: Collection[str] | None = None,
         step_timeout: float = SessionConfig.step_timeout,
         verify_fraction: float = SessionConfig.verify_fraction,
+        rtt_probe_interval: float | None = RTT_PROBE_INTERVAL,
     ) -> None:
+        """`rtt_probe_interval`: seconds between rounds of pings that keep routing's round-trip
+        estimates fresh (`SwarmNode.probe_rtts`); None leaves them to session opens alone."""
         self._node_args = dict(
             listen=listen, initial_peers=initial_peers, psk=psk, key_pair=key_pair, allow_peers=allow_peers
         )
         self._step_timeout = step_timeout
         self._verify_fraction = verify_fraction
+        self._rtt_probe_interval = rtt_probe_interval
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -82,6 +86,8 @@ class SwarmBridge:
             self._stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._rtt_probe_interval is not None:
+                    nursery.start_soon(node.probe_rtts, self._rtt_probe_interval)
                 self._token = trio.lowlevel.current_trio_token()
                 self._started.set()
                 await self._stop.wait()

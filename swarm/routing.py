@@ -8,6 +8,11 @@ and the overhead, so fewer hops win unless the longer chain is clearly faster. A
 multiplies its whole cost: queued sessions delay its compute and its replies alike, and the
 multiplier is what makes concurrent sessions spread over redundant servers even where compute is
 cheap next to the network.
+
+Round trips come from `RttEstimates`: the minimum of a peer's recent samples, not an average. A
+sample (a session's open, a periodic ping) can only be delayed, by a busy client or server, never
+sped up; so the minimum is the path's own latency, and one slow sample from a loaded moment does
+not make a near server look far.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import bisect
 import dataclasses
 import heapq
 import random
+import time
+from collections import deque
+from collections.abc import Collection
 from typing import Callable, Iterable
 
 from swarm.records import ServerRecord
@@ -24,6 +32,36 @@ DEFAULT_RTT = 0.005  # seconds, for peers we have not measured yet
 HOP_OVERHEAD = 0.002  # seconds per hop beyond the round trip
 LOAD_PENALTY = 0.5  # each open session makes a server look this much slower, relatively
 JITTER = 0.05  # relative noise that breaks ties between equivalent servers
+
+
+class RttEstimates:
+    """Each peer's round trip: the minimum of its last `window` samples younger than `max_age`
+    seconds (old ones go, so a path that became slower is seen as such)."""
+
+    def __init__(self, window: int = 8, max_age: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.window, self.max_age = window, max_age
+        self._clock = clock
+        self._samples: dict[str, deque[tuple[float, float]]] = {}  # peer -> (when, seconds)
+
+    def observe(self, peer_id: str, seconds: float) -> None:
+        self._samples.setdefault(peer_id, deque(maxlen=self.window)).append((self._clock(), seconds))
+
+    def get(self, peer_id: str) -> float | None:
+        samples = self._samples.get(peer_id)
+        if not samples:
+            return None
+        oldest = self._clock() - self.max_age
+        while samples and samples[0][0] < oldest:
+            samples.popleft()
+        return min((seconds for _, seconds in samples), default=None)
+
+    def all(self) -> dict[str, float]:
+        return {peer: rtt for peer in list(self._samples) if (rtt := self.get(peer)) is not None}
+
+    def stalest(self, peers: Collection[str], count: int) -> list[str]:
+        """Up to `count` of `peers`, those never measured first, then by their newest sample's age."""
+        newest = {peer: samples[-1][0] if (samples := self._samples.get(peer)) else -1.0 for peer in peers}
+        return sorted(newest, key=newest.__getitem__)[:count]
 
 
 class NoChainError(LookupError):

@@ -27,7 +27,8 @@ def running_swarm(
 ) -> Iterator[tuple[list[ServerProcess], SwarmBridge]]:
     """Servers for ``spans`` plus a client bridge that already sees all of them."""
     servers = start_swarm(model, spans, extra_args=[*FAST_ANNOUNCE, *extra_args], log_dir=log_dir)
-    bridge = SwarmBridge(initial_peers=servers[0].addrs, step_timeout=30.0)
+    # no pings: tests steer routing by setting round trips (node.observe_rtt) that pings would undercut
+    bridge = SwarmBridge(initial_peers=servers[0].addrs, step_timeout=30.0, rtt_probe_interval=None)
     try:
         bridge.start()
         wait_for_servers(bridge, model.name, len(spans))
