@@ -14,7 +14,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from blocks import family, lora
+from blocks import batching, family, lora
 from blocks.cache import StaticKV
 from blocks.checkpoint import load_config
 from blocks.quant import check_quant, quantize_linears, weight_bytes
@@ -160,6 +160,18 @@ class BlockSpan:
                 return self._forward_static(hidden, cache, position, adapter)
         with torch.inference_mode(), lora.applied(adapter), self._gpu.lock:
             return self._forward(hidden, cache, position)
+
+    def batches(self, cache: object) -> bool:
+        """Whether one-token steps on `cache` can run together with other sessions' (`forward_batch`)."""
+        return batching.batchable(self, cache)
+
+    def forward_batch(
+        self, steps: list[tuple[torch.Tensor, Cache, int]], adapter: lora.SpanLora | None = None
+    ) -> list[torch.Tensor]:
+        """One-token steps `(hidden, cache, position)` of several sessions sharing `adapter`, in
+        one pass (blocks/batching.py); each output as `forward` would give it."""
+        with torch.inference_mode(), lora.applied(adapter), self._gpu.lock:
+            return batching.decode_together(self, steps)
 
     def backward(
         self, hidden: torch.Tensor, grad_output: torch.Tensor, adapter: lora.SpanLora | None

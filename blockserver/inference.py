@@ -26,6 +26,7 @@ from blocks.lora import SpanLora
 from blocks.span import BlockSpan
 from blockserver import incoming
 from blockserver.adapter_cache import UnknownAdapterError
+from blockserver.batcher import DecodeBatcher
 from blockserver.drill import Drill
 from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
@@ -75,6 +76,8 @@ class InferenceService:
         self.session_adapter = session_adapter  # the adapter an ``open`` frame names
         self.drill = drill  # --drill-corrupt: corrupts a fraction of outputs on purpose
         self._live: dict[str, _LiveSession] = {}
+        self.batcher = DecodeBatcher(compute, metrics, max_rows=limits.max_batch_rows, finish=drill)
+        metrics.queued_steps.set_function(lambda: self.batcher.queued)
 
     # -- session lifetime ------------------------------------------------------------------------
     async def drain(self, span: BlockSpan) -> None:
@@ -248,10 +251,13 @@ class InferenceService:
             return codec.encode(hidden, live.codec)
         session.advance(tokens)  # raises ValueError past max_length, before any compute
         started = time.perf_counter()
-        output = await trio.to_thread.run_sync(
-            lambda: self.drill(span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter)),
-            limiter=self.compute,
-        )
+        if tokens == 1 and span.batches(session.cache):
+            output = await self.batcher.step(span, hidden, session.cache, position, live.adapter)
+        else:
+            output = await trio.to_thread.run_sync(
+                lambda: self.drill(span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter)),
+                limiter=self.compute,
+            )
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.steps.inc()
         self.metrics.tokens.inc(tokens * session.batch)

@@ -17,6 +17,10 @@ class ServerMetrics:
         self.tokens = Counter("swarmgate_server_tokens", "Tokens computed by inference steps", registry=registry)
         self.step_seconds = Histogram("swarmgate_server_step_seconds", "Compute time of one inference step",
                                       registry=registry)
+        self.batch_rows = Histogram("swarmgate_server_batch_rows", "Rows of one batched decode forward",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
+        self.queued_steps = Gauge("swarmgate_server_queued_steps", "Decode steps waiting for the compute slot",
+                                  registry=registry)
         self.errors = Counter("swarmgate_server_errors", "Requests answered with an error or ended by one",
                               ["kind"], registry=registry)
         self.span_start = Gauge("swarmgate_server_span_start", "First block served", registry=registry)

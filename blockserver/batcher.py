@@ -1,0 +1,99 @@
+"""Continuous batching of decode steps: sessions' one-token steps that wait for the compute slot
+run as one forward of the span (blocks/batching.py) when they get it.
+
+No timer: a step that finds the slot free runs at once, alone; steps that arrive while a
+computation runs queue up, and whichever of them gets the slot next takes every queued step it
+can batch with (same span weights, same adapter) up to `max_rows` rows, in arrival order. So a
+lone stream pays nothing, and under load sessions join and leave the batch step by step. The
+others find their result ready when their turn for the slot comes and give it straight back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from blocks.lora import SpanLora
+from blocks.span import BlockSpan
+from blockserver.metrics import ServerMetrics
+
+
+@dataclass(eq=False)
+class _Step:
+    span: BlockSpan
+    adapter: SpanLora | None
+    hidden: torch.Tensor
+    cache: Any
+    position: int
+    done: trio.Event = field(default_factory=trio.Event)
+    output: torch.Tensor | None = None
+    error: BaseException | None = None
+
+    def joins(self, other: "_Step") -> bool:
+        return self.span is other.span and self.adapter is other.adapter
+
+
+class DecodeBatcher:
+    def __init__(self, compute: trio.CapacityLimiter, metrics: ServerMetrics, *, max_rows: int,
+                 finish: Callable[[torch.Tensor], torch.Tensor] = lambda output: output):
+        self.compute = compute  # shared with every other computation of the server
+        self.metrics = metrics
+        self.max_rows = max_rows
+        self.finish = finish  # applied to each output in the worker thread (the drill)
+        self._queue: list[_Step] = []
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def step(self, span: BlockSpan, hidden: torch.Tensor, cache: Any, position: int,
+                   adapter: SpanLora | None) -> torch.Tensor:
+        """The output of one one-token step (`span.batches(cache)` must hold), maybe computed
+        together with other sessions'."""
+        mine = _Step(span, adapter, hidden, cache, position)
+        self._queue.append(mine)
+        try:
+            async with self.compute:
+                if not mine.done.is_set():
+                    await self._run(self._take(mine))
+        finally:
+            if mine in self._queue:  # cancelled while waiting: nobody computes it
+                self._queue.remove(mine)
+        await mine.done.wait()
+        if mine.error is not None:
+            raise mine.error
+        assert mine.output is not None
+        return mine.output
+
+    def _take(self, leader: _Step) -> list[_Step]:
+        """The leader's step, then the queued ones that join it, oldest first, within `max_rows`."""
+        batch, rows = [leader], leader.hidden.shape[0]
+        for step in self._queue:
+            if step is not leader and step.joins(leader) and rows + step.hidden.shape[0] <= self.max_rows:
+                batch.append(step)
+                rows += step.hidden.shape[0]
+        self._queue = [step for step in self._queue if step not in batch]
+        return batch
+
+    async def _run(self, batch: list[_Step]) -> None:
+        leader = batch[0]
+
+        def compute() -> list[torch.Tensor]:
+            outputs = leader.span.forward_batch([(s.hidden, s.cache, s.position) for s in batch], leader.adapter)
+            return [self.finish(output) for output in outputs]
+
+        try:
+            outputs = await trio.to_thread.run_sync(compute)
+        except BaseException as error:
+            for step in batch:
+                step.error = error if isinstance(error, Exception) else RuntimeError(f"batch cancelled: {error!r}")
+                step.done.set()
+            raise
+        self.metrics.batch_rows.observe(sum(s.hidden.shape[0] for s in batch))
+        for step, output in zip(batch, outputs):
+            step.output = output
+            step.done.set()

@@ -1,0 +1,93 @@
+"""Continuous batching on a span (blocks/batching.py): one-token steps of several sessions, at
+different positions and with different row counts, computed in one pass give what each session's
+own step gives, and leave every cache as its own steps would (the next steps agree too).
+
+Tolerance: float32, 1e-5 absolute on hidden states of unit scale — a batched matmul may sum in
+another order than a one-row one, nothing more.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from blocks.lora import SpanLora
+from blocks.span import BlockSpan
+from blocks.tiny_checkpoints import build_checkpoint
+
+TOLERANCE = 1e-5
+# families whose spans batch, and those that run alone (ALiBi, or sliding-window layers)
+BATCHED = {
+    "llama": dict(family="llama"),
+    "qwen3": dict(family="qwen3", num_kv_heads=2),
+    "mixtral": dict(family="mixtral", num_kv_heads=2, intermediate_size=96),
+    "phi3": dict(family="phi3", num_kv_heads=2),
+}
+ALONE = {
+    "bloom": dict(family="bloom"),
+    "falcon": dict(family="falcon", num_kv_heads=2),
+    "mistral_sliding": dict(family="mistral", num_kv_heads=2, sliding_window=16),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("batching")
+    return {name: build_checkpoint(root / name, **kwargs) for name, kwargs in {**BATCHED, **ALONE}.items()}
+
+
+def _prefilled(span: BlockSpan, lengths: list[tuple[int, int]], seed: int = 0):
+    """Sessions (rows, prompt length) with their caches prefilled; returns [(cache, position)]."""
+    generator = torch.Generator().manual_seed(seed)
+    sessions = []
+    for rows, length in lengths:
+        cache = span.new_cache()
+        span.forward(torch.randn(rows, length, span.hidden_size, generator=generator), cache=cache, position=0)
+        sessions.append((cache, length))
+    return sessions
+
+
+@pytest.mark.parametrize("name", list(BATCHED))
+def test_batched_steps_equal_each_sessions_own(name, checkpoints):
+    span = BlockSpan(checkpoints[name], 1, 4)
+    shapes = [(1, 5), (2, 11), (1, 1), (1, 23)]  # rows, prompt length: n > 1 and ragged positions
+    batched, alone = _prefilled(span, shapes), _prefilled(span, shapes)
+    assert all(span.batches(cache) for cache, _ in batched)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(3):  # the caches the batch left must serve the next steps exactly too
+        hidden = [torch.randn(rows, 1, span.hidden_size, generator=generator) for rows, _ in shapes]
+        together = span.forward_batch([(h, cache, position + step) for h, (cache, position) in zip(hidden, batched)])
+        for h, out, (cache, position) in zip(hidden, together, alone):
+            own = span.forward(h, cache=cache, position=position + step)
+            torch.testing.assert_close(out, own, atol=TOLERANCE, rtol=0)
+    assert [cache.get_seq_length(1) for cache, _ in batched] == [length + 3 for _, length in shapes]
+
+
+def test_batched_steps_apply_the_shared_adapter(checkpoints):
+    span = BlockSpan(checkpoints["llama"], 0, 4)
+    generator = torch.Generator().manual_seed(2)
+    pairs = {prefix: (torch.randn(4, module.in_features, generator=generator) * 0.1,
+                      torch.randn(module.out_features, 4, generator=generator) * 0.1)
+             for prefix, module in span.lora_targets.items()}
+    adapter = SpanLora(pairs, scaling=2.0)
+    sessions, alone = _prefilled(span, [(1, 4), (1, 9)]), _prefilled(span, [(1, 4), (1, 9)])
+    hidden = [torch.randn(1, 1, span.hidden_size, generator=generator) for _ in sessions]
+    together = span.forward_batch([(h, c, p) for h, (c, p) in zip(hidden, sessions)], adapter)
+    for h, out, (cache, position) in zip(hidden, together, alone):
+        torch.testing.assert_close(out, span.forward(h, cache=cache, position=position, adapter=adapter),
+                                   atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(ALONE))
+def test_alibi_and_sliding_window_spans_do_not_batch(name, checkpoints):
+    span = BlockSpan(checkpoints[name], 0, 4)
+    assert not span.batches(span.new_cache())
+
+
+def test_a_step_at_the_wrong_position_is_refused(checkpoints):
+    span = BlockSpan(checkpoints["llama"], 0, 4)
+    (cache, position), = _prefilled(span, [(1, 3)])
+    with pytest.raises(ValueError, match="does not follow"):
+        span.forward_batch([(torch.randn(1, 1, span.hidden_size), cache, position + 1)])

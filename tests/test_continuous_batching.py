@@ -1,0 +1,87 @@
+"""Continuous batching through the real path: concurrent streams through a `swarmgate gateway` and
+two server processes give each exactly what it gives alone, and the servers did batch them.
+
+Codec none, float32, the tiny Llama. Requests differ in prompt length, `n`, sampling (greedy,
+and seeded sampling with penalties) and stop strings; each is first sent alone, then all at once
+(twice, so sessions join and leave batches at different steps). The servers' Prometheus
+histogram `swarmgate_server_batch_rows` must show forwards of more than one row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from gateway.storage.tenants import KeyStore
+from swarmgate.launcher import start_swarm, stop_all
+from tests.support import free_port
+from tests.swarm_harness import FAST_ANNOUNCE, start_gateway, wait_covered
+
+pytestmark = pytest.mark.e2e
+
+REQUESTS = [
+    dict(prompt="Hello", max_tokens=12, temperature=0),
+    dict(prompt="The quick brown fox jumps over the lazy dog and then it", max_tokens=16, temperature=0),
+    dict(prompt="Once upon a time", max_tokens=10, temperature=0.8, seed=7, n=2),
+    dict(prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15", max_tokens=14, temperature=0,
+         frequency_penalty=0.5),
+    dict(prompt="A", max_tokens=8, temperature=1.0, seed=3, top_p=0.9),
+    dict(prompt="To be or not to be, that is", max_tokens=12, temperature=0, stop=["e"]),
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models, tmp_path_factory):
+    path = tiny_models["llama"]
+    data_dir = tmp_path_factory.mktemp("batching")
+    key = KeyStore(data_dir).create_key("acme")
+    ports = [free_port(), free_port()]
+    servers = [*start_swarm(path, ["0:2"], extra_args=[*FAST_ANNOUNCE, "--metrics-port", str(ports[0])],
+                            log_dir=data_dir, log_prefix="first")]
+    gateway = None
+    try:
+        servers += start_swarm(path, ["2:4"], extra_args=[*FAST_ANNOUNCE, "--metrics-port", str(ports[1])],
+                               log_dir=data_dir, initial_peers=servers[0].addrs, log_prefix="second")
+        gateway, base = start_gateway(path, servers[0].addrs, data_dir, "--max-concurrent-requests", "32",
+                                      "--wire-codec", "none")
+        wait_covered(base, key)
+        yield {"base": base, "key": key, "model": path.name, "metrics": ports}
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(30)
+        stop_all(servers)
+
+
+def _batched_forwards(port: int) -> dict[str, float]:
+    """Cumulative bucket counts of swarmgate_server_batch_rows, by upper bound."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith("swarmgate_server_batch_rows_bucket")}
+
+
+def test_concurrent_streams_equal_their_solo_runs_and_were_batched(stack):
+    client = openai.AsyncOpenAI(base_url=f"{stack['base']}/v1", api_key=stack["key"], max_retries=0, timeout=300)
+
+    async def one(request: dict) -> list[tuple[str, str]]:
+        completion = await client.completions.create(model=stack["model"], **request)
+        return [(choice.text, choice.finish_reason) for choice in completion.choices]
+
+    async def run() -> tuple[list, list]:
+        alone = [await one(request) for request in REQUESTS]
+        together = [await asyncio.gather(*(one(request) for request in REQUESTS)) for _ in range(2)]
+        return alone, together
+
+    before = [_batched_forwards(port) for port in stack["metrics"]]
+    alone, together = asyncio.run(run())
+    for round_ in together:
+        assert round_ == alone
+    after = [_batched_forwards(port) for port in stack["metrics"]]
+    for port_before, port_after in zip(before, after):
+        multi_row = (port_after["+Inf"] - port_after["1.0"]) - (port_before["+Inf"] - port_before["1.0"])
+        assert multi_row > 0, f"no forward of more than one row: {port_after}"
+    print(f"\nbatched forwards (more than one row) per server: "
+          f"{[a['+Inf'] - a['1.0'] for a in after]} of {[a['+Inf'] for a in after]}")
