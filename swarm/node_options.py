@@ -11,7 +11,6 @@ import torch
 from libp2p.crypto.keys import KeyPair
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
-TORCH_THREADS_ENV = "SWARMGATE_TORCH_THREADS"
 
 logger = logging.getLogger(__name__)
 

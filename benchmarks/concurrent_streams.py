@@ -1,0 +1,96 @@
+"""Many streams at once through the product: aggregate tokens/s of N concurrent completions
+against one stream alone, with the servers' continuous batching on and off, in one run.
+
+    python -m benchmarks.concurrent_streams [--streams 1 8] [--tokens 48] [--servers 2] [--codec none]
+
+For each setting (``--max-batch-rows`` 64, and 1 = every session's step its own forward) it starts
+``swarmgate up`` on the ~100M-parameter benchmark checkpoint (``BENCHMARK_CONFIG``, float32, CPU),
+warms up, then for each N sends N greedy completions of ``--tokens`` tokens at once over HTTP
+(the ``openai`` SDK, different prompts) and prints the aggregate completion tokens/s, the
+slowest request's latency, and the ratio to one stream of the same setting. Every concurrent
+answer is checked against the same prompt's answer alone (greedy, codec none: identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+
+from blocks.tiny_checkpoints import BENCHMARK_CONFIG, build_checkpoint
+from swarmgate.launcher import start_up
+from tests.support import free_port
+
+PROMPTS = [
+    "The quick brown fox", "Once upon a time there was", "A computer program is", "Networks of computers",
+    "Every morning they went out", "Hello! How are you", "The model reads the text", "The farmer watches",
+]
+
+
+async def _complete(client: openai.AsyncOpenAI, model: str, prompt: str, tokens: int) -> tuple[str, int, float]:
+    started = time.perf_counter()
+    completion = await client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0,
+                                                 extra_body={"min_tokens": tokens})
+    return completion.choices[0].text, completion.usage.completion_tokens, time.perf_counter() - started
+
+
+async def _measure(base_url: str, key: str, model: str, streams: list[int], tokens: int) -> dict[str, dict]:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
+    prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(max(streams))]
+    alone = {}
+    for prompt in prompts[: max(streams)]:  # warm-up, and each prompt's answer alone
+        alone[prompt] = (await _complete(client, model, prompt, tokens))[0]
+    results = {}
+    for n in streams:
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(_complete(client, model, p, tokens) for p in prompts[:n]))
+        wall = time.perf_counter() - started
+        mismatches = sum(text != alone[p] for p, (text, _, _) in zip(prompts, answers))
+        results[str(n)] = {"tokens_per_second": sum(a[1] for a in answers) / wall,
+                           "slowest_request_s": max(a[2] for a in answers), "differs_from_alone": mismatches}
+    return results
+
+
+def run(checkpoint: Path, rows: int, args: argparse.Namespace) -> dict[str, dict]:
+    up = start_up(["--model", str(checkpoint), "--servers", str(args.servers), "--port", str(free_port()),
+                   "--wire-codec", args.codec, "--max-concurrent-requests", str(2 * max(args.streams)),
+                   "--data-dir", tempfile.mkdtemp(prefix="swarmgate-streams-")],
+                  env={"SWARMGATE_MAX_BATCH_ROWS": str(rows)})
+    try:
+        return asyncio.run(_measure(up.base_url, up.api_key, up.model, args.streams, args.tokens))
+    finally:
+        up.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--codec", default="none")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if 1 not in args.streams:
+        args.streams = [1, *args.streams]
+    checkpoint = build_checkpoint(Path(tempfile.mkdtemp(prefix="swarmgate-bench-")) / "bench-100m", **BENCHMARK_CONFIG)
+    report = {}
+    for label, rows in (("batched", 64), ("unbatched", 1)):
+        results = run(checkpoint, rows, args)
+        one = results["1"]["tokens_per_second"]
+        for n, result in results.items():
+            result["x_one_stream"] = result["tokens_per_second"] / one
+            print(f"{label:>9} {n:>3} streams: {result['tokens_per_second']:6.1f} tokens/s "
+                  f"({result['x_one_stream']:.2f}x one stream), slowest request {result['slowest_request_s']:.1f} s, "
+                  f"{result['differs_from_alone']} differ from their solo answer", flush=True)
+        report[label] = results
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
