@@ -8,7 +8,9 @@ For each setting (``--max-batch-rows`` 64, and 1 = every session's step its own 
 warms up, then for each N sends N greedy completions of ``--tokens`` tokens at once over HTTP
 (the ``openai`` SDK, different prompts) and prints the aggregate completion tokens/s, the
 slowest request's latency, and the ratio to one stream of the same setting. Every concurrent
-answer is checked against the same prompt's answer alone (greedy, codec none: identical).
+answer is checked against the same prompt's answer alone (greedy, codec none: identical). Then the
+time to first token of a ``--prefix``-token prompt, and of a second one sharing those tokens (the
+servers' prefix cache), and their ratio.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +42,22 @@ async def _complete(client: openai.AsyncOpenAI, model: str, prompt: str, tokens:
     return completion.choices[0].text, completion.usage.completion_tokens, time.perf_counter() - started
 
 
-async def _measure(base_url: str, key: str, model: str, streams: list[int], tokens: int) -> dict[str, dict]:
+async def _shared_prefix(client: openai.AsyncOpenAI, model: str, prefix: int) -> dict[str, float]:
+    """TTFT (a one-token request, as benchmarks/gpu_serving.py times it) of a token-id prompt, then
+    of one sharing its first `prefix` tokens (a system prompt, a conversation's next turn)."""
+    rng = random.Random(0)
+    first = [rng.randrange(10, 30000) for _ in range(prefix + 24)]
+    second = first[:prefix] + [rng.randrange(10, 30000) for _ in range(24)]
+    times = []
+    for prompt in (first, second):
+        started = time.perf_counter()
+        await client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0)
+        times.append(time.perf_counter() - started)
+    return {"first_ttft_s": times[0], "sharing_ttft_s": times[1], "ratio": times[1] / times[0]}
+
+
+async def _measure(base_url: str, key: str, model: str, streams: list[int], tokens: int,
+                   prefix: int) -> dict[str, dict]:
     client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
     prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(max(streams))]
     alone = {}
@@ -53,6 +71,8 @@ async def _measure(base_url: str, key: str, model: str, streams: list[int], toke
         mismatches = sum(text != alone[p] for p, (text, _, _) in zip(prompts, answers))
         results[str(n)] = {"tokens_per_second": sum(a[1] for a in answers) / wall,
                            "slowest_request_s": max(a[2] for a in answers), "differs_from_alone": mismatches}
+    if prefix:
+        results["shared_prefix"] = await _shared_prefix(client, model, prefix)
     return results
 
 
@@ -62,7 +82,7 @@ def run(checkpoint: Path, rows: int, args: argparse.Namespace) -> dict[str, dict
                    "--data-dir", tempfile.mkdtemp(prefix="swarmgate-streams-")],
                   env={"SWARMGATE_MAX_BATCH_ROWS": str(rows)})
     try:
-        return asyncio.run(_measure(up.base_url, up.api_key, up.model, args.streams, args.tokens))
+        return asyncio.run(_measure(up.base_url, up.api_key, up.model, args.streams, args.tokens, args.prefix))
     finally:
         up.stop()
 
@@ -73,6 +93,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--codec", default="none")
+    parser.add_argument("--prefix", type=int, default=1000, help="tokens two prompts share (0: skip)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if 1 not in args.streams:
@@ -81,12 +102,18 @@ def main() -> None:
     report = {}
     for label, rows in (("batched", 64), ("unbatched", 1)):
         results = run(checkpoint, rows, args)
+        shared = results.pop("shared_prefix", None)
         one = results["1"]["tokens_per_second"]
         for n, result in results.items():
             result["x_one_stream"] = result["tokens_per_second"] / one
             print(f"{label:>9} {n:>3} streams: {result['tokens_per_second']:6.1f} tokens/s "
                   f"({result['x_one_stream']:.2f}x one stream), slowest request {result['slowest_request_s']:.1f} s, "
                   f"{result['differs_from_alone']} differ from their solo answer", flush=True)
+        if shared:
+            print(f"{label:>9} a prompt sharing {args.prefix} tokens with the one before: TTFT "
+                  f"{shared['sharing_ttft_s']:.2f} s against {shared['first_ttft_s']:.2f} s "
+                  f"({shared['ratio']:.2f}x)", flush=True)
+            results["shared_prefix"] = shared
         report[label] = results
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

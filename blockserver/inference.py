@@ -23,6 +23,7 @@ import trio
 
 from blocks.cache import SessionCaches, SessionLimitError, UnknownSessionError
 from blocks.lora import SpanLora
+from blocks.prefix_cache import BLOCK, PrefixCache
 from blocks.span import BlockSpan
 from blockserver import incoming
 from blockserver.adapter_cache import UnknownAdapterError
@@ -48,6 +49,7 @@ class _LiveSession:
     cancel: trio.CancelScope
     next_hops: dict[str, Stream] = field(default_factory=dict)  # peer id -> push stream
     adapter: SpanLora | None = None  # LoRA applied to every step of the session
+    adapter_digest: str | None = None  # its name: part of the prefix cache's keys
     span: BlockSpan | None = None  # the blocks it computes, on the weights loaded when it opened
     loaded: BlockSpan | None = None  # the server's span then: after a move, drained
 
@@ -77,6 +79,7 @@ class InferenceService:
         self.drill = drill  # --drill-corrupt: corrupts a fraction of outputs on purpose
         self._live: dict[str, _LiveSession] = {}
         self.batcher = DecodeBatcher(compute, metrics, max_rows=limits.max_batch_rows, finish=drill)
+        self.prefixes = PrefixCache(limits.prefix_cache_tokens) if limits.prefix_cache_tokens >= BLOCK else None
         metrics.queued_steps.set_function(lambda: self.batcher.queued)
 
     # -- session lifetime ------------------------------------------------------------------------
@@ -107,7 +110,8 @@ class InferenceService:
             self.caches.open(session_id, batch=batch, max_length=max_length, cache=span.new_cache())
             try:
                 await protocol.write_frame(stream, {"type": "opened", "session": session_id})
-                await self._run_session(session_id, stream, wire_codec, adapter, span, loaded)
+                await self._run_session(session_id, stream, wire_codec, adapter, span, loaded,
+                                        request.get("adapter"))
             finally:
                 self.caches.close(session_id)
         except SessionLimitError as error:
@@ -144,12 +148,12 @@ class InferenceService:
 
     async def _run_session(
         self, session_id: str, stream: Stream, wire_codec: str, adapter: SpanLora | None, span: BlockSpan,
-        loaded: BlockSpan,
+        loaded: BlockSpan, adapter_digest: str | None,
     ) -> None:
         inbox_send, inbox = trio.open_memory_channel[dict[str, Any]](64)
         with trio.CancelScope() as cancel:
-            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter, span=span,
-                                loaded=loaded)
+            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter,
+                                adapter_digest=adapter_digest, span=span, loaded=loaded)
             self._live[session_id] = live
             try:
                 async with trio.open_nursery() as nursery:
@@ -253,6 +257,8 @@ class InferenceService:
         started = time.perf_counter()
         if tokens == 1 and span.batches(session.cache):
             output = await self.batcher.step(span, hidden, session.cache, position, live.adapter)
+        elif position == 0 and session.batch == 1 and self.prefixes is not None and span.batches(session.cache):
+            output = await self._prefill(live, span, hidden, session.cache)
         else:
             output = await trio.to_thread.run_sync(
                 lambda: self.drill(span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter)),
@@ -262,6 +268,17 @@ class InferenceService:
         self.metrics.steps.inc()
         self.metrics.tokens.inc(tokens * session.batch)
         return codec.encode(output, live.codec)
+
+    async def _prefill(self, live: _LiveSession, span: BlockSpan, hidden, cache) -> Any:
+        """A one-row prompt through the prefix cache (blocks/prefix_cache.py)."""
+        assert self.prefixes is not None
+        namespace = f"{span.start}:{span.end}:{live.adapter_digest}"
+        output, reused = await trio.to_thread.run_sync(
+            lambda: self.prefixes.prefill(span, hidden, cache, namespace, live.adapter), limiter=self.compute
+        )
+        self.metrics.prefix_tokens.labels("hit").inc(reused)
+        self.metrics.prefix_tokens.labels("miss").inc(hidden.shape[1] - reused)
+        return self.drill(output)
 
     async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: dict[str, Any]) -> None:
         """Push to the next server first (it is on the critical path), then report to the client.

@@ -21,6 +21,9 @@ class ServerMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
         self.queued_steps = Gauge("swarmgate_server_queued_steps", "Decode steps waiting for the compute slot",
                                   registry=registry)
+        self.prefix_tokens = Counter("swarmgate_server_prefix_cache_tokens",
+                                     "Prompt tokens of cacheable prefills, by whether the prefix cache held them",
+                                     ["result"], registry=registry)
         self.errors = Counter("swarmgate_server_errors", "Requests answered with an error or ended by one",
                               ["kind"], registry=registry)
         self.span_start = Gauge("swarmgate_server_span_start", "First block served", registry=registry)

@@ -1,5 +1,6 @@
-"""Continuous batching through the real path: concurrent streams through a `swarmgate gateway` and
-two server processes give each exactly what it gives alone, and the servers did batch them.
+"""Continuous batching and prefix caching through the real path: concurrent streams through a
+`swarmgate gateway` and two server processes give each exactly what it gives alone, and the
+servers did batch them; a prompt sharing an earlier one's start reuses it and stays exact.
 
 Codec none, float32, the tiny Llama. Requests differ in prompt length, `n`, sampling (greedy,
 and seeded sampling with penalties) and stop strings; each is first sent alone, then all at once
@@ -14,6 +15,8 @@ import asyncio
 import httpx
 import openai
 import pytest
+import torch
+from transformers import AutoTokenizer
 
 from gateway.storage.tenants import KeyStore
 from swarmgate.launcher import start_swarm, stop_all
@@ -85,3 +88,29 @@ def test_concurrent_streams_equal_their_solo_runs_and_were_batched(stack):
         assert multi_row > 0, f"no forward of more than one row: {port_after}"
     print(f"\nbatched forwards (more than one row) per server: "
           f"{[a['+Inf'] - a['1.0'] for a in after]} of {[a['+Inf'] for a in after]}")
+
+
+def test_a_prompt_sharing_an_earlier_ones_start_reuses_it_exactly(stack, tiny_models):
+    """Token-id prompts of 150 tokens, the second sharing the first's 130: each server serves the
+    second's first two 64-token blocks from its prefix cache, and the greedy tokens equal
+    transformers' on the whole prompt."""
+    from tests.swarm_harness import reference_model
+
+    client = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key=stack["key"], max_retries=0, timeout=120)
+    generator = torch.Generator().manual_seed(5)
+    first = torch.randint(10, 500, (150,), generator=generator).tolist()
+    second = first[:130] + torch.randint(10, 500, (20,), generator=generator).tolist()
+    hits_before = [_prefix_tokens(port)["hit"] for port in stack["metrics"]]
+    model, tokenizer = reference_model(tiny_models["llama"]), AutoTokenizer.from_pretrained(tiny_models["llama"])
+    for prompt in (first, second):
+        completion = client.completions.create(model=stack["model"], prompt=prompt, max_tokens=8, temperature=0)
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+        assert completion.choices[0].text == tokenizer.decode(expected[0, len(prompt):], skip_special_tokens=True)
+    hits = [_prefix_tokens(port)["hit"] - before for port, before in zip(stack["metrics"], hits_before)]
+    assert hits == [128, 128], hits
+
+
+def _prefix_tokens(port: int) -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {line.split('result="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith("swarmgate_server_prefix_cache_tokens_total")}

@@ -47,6 +47,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     add_option(server, "--max-batch", type=int, default=LIMITS.max_batch, help="rows of one session")
     add_option(server, "--max-batch-rows", type=int, default=LIMITS.max_batch_rows,
                help="rows of one continuous batch of different sessions' decode steps (1: no batching)")
+    add_option(server, "--prefix-cache-tokens", type=int, default=LIMITS.prefix_cache_tokens,
+               help="tokens of recent prompts' starts kept to skip recomputing them (0: off)")
     add_option(server, "--session-idle-timeout", type=float, default=LIMITS.idle_timeout,
                help="seconds before an idle session's cache is freed")
     add_option(server, "--max-frame-bytes", type=int, default=LIMITS.max_frame_bytes,
@@ -101,6 +103,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_tokens=args.max_cache_tokens,
         max_batch=args.max_batch,
         max_batch_rows=args.max_batch_rows,
+        prefix_cache_tokens=args.prefix_cache_tokens,
         idle_timeout=args.session_idle_timeout,
         max_frame_bytes=args.max_frame_bytes,
         max_forward_tokens=args.max_forward_tokens,

@@ -1,0 +1,95 @@
+"""Prefix caching on a server: the keys, values and outputs of recently computed prompt blocks, so a
+prompt that starts like an earlier one (a shared system prompt, the next turn of a conversation)
+skips recomputing that start.
+
+A block is `BLOCK` consecutive tokens from position 0. Its key chains a hash of the span's input
+bytes for it onto the previous block's key, starting from a namespace (span range, adapter): a
+span's inputs for a given prefix are the same bytes whenever the prefix, checkpoint, upstream
+spans, codec and adapter are, so equal keys mean equal prefixes, and an adapter's prefix never
+serves another. An entry holds the block's per-layer keys and values and the span's output for
+it: the next server needs those outputs as its inputs (and finds them in its own cache in turn).
+
+Bounded by tokens, least recently used first. Entries are copied into a session's cache, never
+shared, so sessions that diverge after a common prefix never see each other's positions. Only
+spans that batch (DynamicCache, full attention: `BlockSpan.batches`) and one-row sessions use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 64  # tokens per cached block
+
+
+@dataclass(frozen=True)
+class _Block:
+    keys: tuple[torch.Tensor, ...]  # per layer of the span [1, kv_heads, BLOCK, head_dim]
+    values: tuple[torch.Tensor, ...]
+    output: torch.Tensor  # [1, BLOCK, hidden]
+
+
+class PrefixCache:
+    def __init__(self, max_tokens: int):
+        self.max_blocks = max_tokens // BLOCK
+        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def keys(hidden: torch.Tensor, namespace: str) -> list[bytes]:
+        """The chained key of each whole block of `hidden` [1, tokens, h] (the inputs from position 0)."""
+        keys, previous = [], hashlib.blake2b(namespace.encode(), digest_size=16).digest()
+        for start in range(0, hidden.shape[1] - BLOCK + 1, BLOCK):
+            chunk = hidden[:, start : start + BLOCK].contiguous()
+            previous = hashlib.blake2b(previous + str(chunk.dtype).encode() + chunk.numpy().tobytes(),
+                                       digest_size=16).digest()
+            keys.append(previous)
+        return keys
+
+    def prefill(self, span, hidden: torch.Tensor, cache, namespace: str, adapter=None) -> tuple[torch.Tensor, int]:
+        """`span.forward(hidden, cache=cache, position=0, adapter=adapter)`, reusing cached blocks
+        of the prompt's start and caching its other whole blocks; returns the output and how many
+        tokens came from the cache. The last token is always computed: a cached prefix is never
+        the whole prompt."""
+        with torch.inference_mode():
+            return self._prefill(span, hidden, cache, namespace, adapter)
+
+    def _prefill(self, span, hidden, cache, namespace, adapter) -> tuple[torch.Tensor, int]:
+        keys = self.keys(hidden[:, :-1], namespace)
+        with self._lock:
+            found = []
+            for key in keys:
+                if (block := self._blocks.get(key)) is None:
+                    break
+                self._blocks.move_to_end(key)
+                found.append(block)
+        reused = len(found) * BLOCK
+        for local, layer in enumerate(range(span.start, span.end)):
+            if found:
+                cache.update(torch.cat([b.keys[local] for b in found], dim=2),
+                             torch.cat([b.values[local] for b in found], dim=2), layer)
+        computed = span.forward(hidden[:, reused:], cache=cache, position=reused, adapter=adapter)
+        output = torch.cat([*(b.output for b in found), computed], dim=1) if found else computed
+        self._store(span, cache, output, keys[len(found):], len(found))
+        return output, reused
+
+    def _store(self, span, cache, output: torch.Tensor, keys: list[bytes], first: int) -> None:
+        new = {}
+        for index, key in enumerate(keys, start=first):
+            window = slice(index * BLOCK, (index + 1) * BLOCK)
+            layers = [cache.layers[layer] for layer in range(span.start, span.end)]
+            new[key] = _Block(tuple(layer.keys[:, :, window].clone() for layer in layers),
+                              tuple(layer.values[:, :, window].clone() for layer in layers),
+                              output[:, window].clone())
+        with self._lock:
+            self._blocks.update(new)
+            while len(self._blocks) > self.max_blocks:
+                self._blocks.popitem(last=False)
+
+    @property
+    def tokens(self) -> int:
+        return len(self._blocks) * BLOCK

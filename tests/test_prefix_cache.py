@@ -1,0 +1,79 @@
+"""Prefix caching (blocks/prefix_cache.py): a prompt that starts like an earlier one reuses the
+cached blocks of that start, and what it computes — outputs and the cache its next steps use —
+equals computing it all (float32, 1e-5). Other adapters never share; memory is bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blocks.prefix_cache import BLOCK, PrefixCache
+from blocks.span import BlockSpan
+
+TOLERANCE = 1e-5
+
+
+def _prompt(tokens: int, seed: int, hidden: int) -> torch.Tensor:
+    return torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def _plain(span: BlockSpan, prompt: torch.Tensor, steps: list[torch.Tensor]) -> list[torch.Tensor]:
+    cache = span.new_cache()
+    outputs = [span.forward(prompt, cache=cache, position=0)]
+    for index, step in enumerate(steps):
+        outputs.append(span.forward(step, cache=cache, position=prompt.shape[1] + index))
+    return outputs
+
+
+def _cached(span: BlockSpan, prefixes: PrefixCache, prompt: torch.Tensor, steps: list[torch.Tensor],
+            namespace: str = "ns") -> tuple[list[torch.Tensor], int]:
+    cache = span.new_cache()
+    output, reused = prefixes.prefill(span, prompt, cache, namespace)
+    outputs = [output]
+    for index, step in enumerate(steps):
+        outputs.append(span.forward(step, cache=cache, position=prompt.shape[1] + index))
+    return outputs, reused
+
+
+def test_a_shared_start_is_reused_and_what_follows_is_exact(llama_path):
+    span = BlockSpan(llama_path, 1, 3)
+    prefixes = PrefixCache(max_tokens=16 * BLOCK)
+    first = _prompt(2 * BLOCK + 10, 0, span.hidden_size)
+    second = torch.cat([first[:, : 2 * BLOCK + 3], _prompt(40, 1, span.hidden_size)], dim=1)  # diverges in block 2
+    steps = [_prompt(1, 10 + i, span.hidden_size) for i in range(3)]
+
+    outputs, reused = _cached(span, prefixes, first, steps)
+    assert reused == 0 and prefixes.tokens == 2 * BLOCK
+    for got, want in zip(outputs, _plain(span, first, steps)):
+        torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+
+    again, reused = _cached(span, prefixes, first, steps)  # the same prompt: both whole blocks
+    assert reused == 2 * BLOCK
+    for got, want in zip(again, outputs):
+        torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+
+    diverged, reused = _cached(span, prefixes, second, steps)  # shares two blocks, then its own tokens
+    assert reused == 2 * BLOCK
+    for got, want in zip(diverged, _plain(span, second, steps)):
+        torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+
+
+def test_a_prefix_never_serves_another_namespace_and_the_cache_stays_bounded(llama_path):
+    span = BlockSpan(llama_path, 0, 2)
+    prefixes = PrefixCache(max_tokens=3 * BLOCK)
+    prompt = _prompt(2 * BLOCK + 1, 0, span.hidden_size)
+    assert _cached(span, prefixes, prompt, [], namespace="adapter-a")[1] == 0
+    assert _cached(span, prefixes, prompt, [], namespace="adapter-b")[1] == 0  # another adapter: computed
+    assert _cached(span, prefixes, prompt, [], namespace="adapter-b")[1] == 2 * BLOCK
+    assert prefixes.tokens == 3 * BLOCK  # 4 blocks stored, the least recently used one dropped
+    assert _cached(span, prefixes, prompt, [], namespace="adapter-a")[1] == 0  # its first block went, so all
+
+
+def test_the_whole_prompt_is_never_served_from_the_cache(llama_path):
+    span = BlockSpan(llama_path, 0, 4)
+    prefixes = PrefixCache(max_tokens=8 * BLOCK)
+    prompt = _prompt(2 * BLOCK, 3, span.hidden_size)  # exactly two blocks: the last token is computed
+    _cached(span, prefixes, prompt, [])
+    outputs, reused = _cached(span, prefixes, prompt, [])
+    assert reused == BLOCK
+    torch.testing.assert_close(outputs[0], _plain(span, prompt, [])[0], atol=TOLERANCE, rtol=0)
