@@ -2,7 +2,8 @@
 
 Choices are the rows of one batch in one swarm session, so they share the prompt's prefill.
 All head compute (embeddings, LM head, sampling, detokenization) runs in a worker thread, one
-hop per step, so the event loop keeps serving other requests and streams. `steps()` yields the
+hop per step, so the event loop keeps serving other requests and streams; generations that reach
+the LM head together share one call of it (gateway/inference/head_batching.py). `steps()` yields the
 same per-step deltas to the streaming and the non-streaming path.
 
 Guided rows (a `Guide` on the job) are masked by their grammar in the sampler; each step their
@@ -42,6 +43,7 @@ from anyio.to_thread import run_sync
 from gateway.backend import InferenceBackend, InferenceSession
 from gateway.models import ServedModel
 from gateway.inference.sampling import SampledToken, Sampler, SamplingParams
+from gateway.inference.head_batching import combined_logits
 from gateway.inference.speculative import ngram_draft
 from gateway.protocol.schemas import FinishReason, Usage
 from gateway.inference.stops import TextStream
@@ -219,10 +221,11 @@ class Generation:
         Each position's logits go through the head alone, the shape plain decoding uses.
         """
         head, count = self.job.model.head, drafts.shape[1]
+        logits = combined_logits(head)  # one LM head call for all generations that sample now
         first = output.shape[1] - count - 1  # the position that predicts the first draft
         proposed, per_token = drafts.tolist(), []
         for i in range(count + 1):
-            sampled = self._sampler.sample(head.logits(output[:, first + i:first + i + 1, :])[:, -1, :])
+            sampled = self._sampler.sample(logits(output[:, first + i:first + i + 1, :])[:, -1, :])
             for context, token in zip(self._contexts, sampled):
                 context.append(token.token_id)
             per_token.append([delta for row, token in enumerate(sampled) if (delta := self._update(row, token))])
