@@ -83,7 +83,11 @@ class DecodeBatcher:
         leader = batch[0]
 
         def compute() -> list[torch.Tensor]:
-            outputs = leader.span.forward_batch([(s.hidden, s.cache, s.position) for s in batch], leader.adapter)
+            if len(batch) == 1:  # alone: the plain forward, bit for bit what a lone session always got
+                outputs = [leader.span.forward(leader.hidden, cache=leader.cache, position=leader.position,
+                                               adapter=leader.adapter)]
+            else:
+                outputs = leader.span.forward_batch([(s.hidden, s.cache, s.position) for s in batch], leader.adapter)
             return [self.finish(output) for output in outputs]
 
         try:
