@@ -15,6 +15,7 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.swarm_backend import SwarmBackend, SwarmModel
 from swarm.bridge import SwarmBridge
+from swarm.node import RTT_PROBE_INTERVAL
 from swarm.node_options import NodeOptions
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class ServeOptions:
     wire_codec: str = "int8"  # hidden-state encoding between gateway and servers
     allow_peers: list[str] | None = None  # route only through these servers; None: any
     verify_fraction: float = 0.0  # chance that a session's hop is recomputed elsewhere at a step
+    rtt_probe_interval: float = RTT_PROBE_INTERVAL  # seconds between rounds of pings for routing; 0: none
 
 
 def run(
@@ -48,8 +50,8 @@ def run(
         for name, path in settings.models.items()
     ]
     name = ", ".join(model.name for model in served)
-    bridge = SwarmBridge(**node.kwargs(), allow_peers=options.allow_peers,
-                         verify_fraction=options.verify_fraction).start()
+    bridge = SwarmBridge(**node.kwargs(), allow_peers=options.allow_peers, verify_fraction=options.verify_fraction,
+                         rtt_probe_interval=options.rtt_probe_interval or None).start()
     try:
         backend = SwarmBackend(bridge, served, wire_codec=options.wire_codec)
         app = create_app(settings, backend)

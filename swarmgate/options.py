@@ -106,6 +106,9 @@ def add_routing_options(parser: argparse.ArgumentParser) -> None:
     """For nodes that route through servers (gateways, clients)."""
     add_option(parser, "--allow-peers", nargs="*", default=SERVE.allow_peers, metavar="PEER_ID",
                help="route only through servers with these peer ids (default: any server of the swarm)")
+    add_option(parser, "--rtt-probe-interval", type=float, default=SERVE.rtt_probe_interval, metavar="SECONDS",
+               help="seconds between rounds of pings that measure servers' round trips for routing; "
+                    "0: learn them from opened sessions only")
 
 
 def node_options(args: argparse.Namespace) -> NodeOptions:
@@ -184,7 +187,7 @@ def gateway_settings(args: argparse.Namespace, models: dict[str, Any]) -> Settin
 def serve_options(args: argparse.Namespace, *, own_servers: bool = False) -> ServeOptions:
     """``own_servers``: the servers are this command's own (swarmgate up), so trusted by default."""
     return ServeOptions(host=args.host, port=args.port, wire_codec=args.wire_codec, allow_peers=args.allow_peers,
-                        verify_fraction=verify_fraction(args, own_servers))
+                        verify_fraction=verify_fraction(args, own_servers), rtt_probe_interval=args.rtt_probe_interval)
 
 
 def verify_fraction(args: argparse.Namespace, own_servers: bool) -> float:
