@@ -68,8 +68,8 @@ class PrefixCache:
                 self._blocks.move_to_end(key)
                 found.append(block)
         reused = len(found) * BLOCK
-        for local, layer in enumerate(range(span.start, span.end)):
-            if found:
+        if found:
+            for local, layer in enumerate(range(span.start, span.end)):
                 cache.update(torch.cat([b.keys[local] for b in found], dim=2),
                              torch.cat([b.values[local] for b in found], dim=2), layer)
         computed = span.forward(hidden[:, reused:], cache=cache, position=reused, adapter=adapter)
@@ -79,9 +79,9 @@ class PrefixCache:
 
     def _store(self, span, cache, output: torch.Tensor, keys: list[bytes], first: int) -> None:
         new = {}
+        layers = [cache.layers[layer] for layer in range(span.start, span.end)]
         for index, key in enumerate(keys, start=first):
             window = slice(index * BLOCK, (index + 1) * BLOCK)
-            layers = [cache.layers[layer] for layer in range(span.start, span.end)]
             new[key] = _Block(tuple(layer.keys[:, :, window].clone() for layer in layers),
                               tuple(layer.values[:, :, window].clone() for layer in layers),
                               output[:, window].clone())
