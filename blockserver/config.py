@@ -27,3 +27,4 @@ class ServerConfig:
     torch_threads: int = 0  # 0: torch's default
     metrics_port: int = 0  # 0: no Prometheus endpoint
     drill_corrupt: float = 0.0  # a drill: corrupt this fraction of outputs on purpose (blockserver/drill.py)
+    drill_only: str | None = None  # ... of this kind of output only (blockserver.drill.KINDS)

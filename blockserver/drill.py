@@ -6,6 +6,10 @@ fraction P of its outputs — inference steps (prefill and decode), cache-less f
 training forwards and backwards — after computing them and before the wire codec, so the
 corrupted bytes are exactly what a dishonest server would send (and push on along a chain).
 
+``--drill-only KIND`` limits the lies to one kind of output (``prefill``, ``decode``, ``forward``,
+``backward``): a liar that answers what is easy to watch honestly and lies elsewhere, which shows
+each kind is checked on its own.
+
 The noise is unmistakable: Gaussian, with a standard deviation equal to each row's RMS (along
 the last dimension), so a corrupted output's relative error is ~1, far beyond any codec or
 quantization tolerance. Which outputs are corrupted is drawn per output, unpredictably. P = 0
@@ -22,19 +26,25 @@ import torch
 Output = TypeVar("Output")
 
 
+KINDS = ("prefill", "decode", "forward", "backward")
+
+
 class Drill:
-    def __init__(self, fraction: float = 0.0, rng: random.Random | None = None) -> None:
+    def __init__(self, fraction: float = 0.0, rng: random.Random | None = None, only: str | None = None) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"the drill's corrupt fraction must be in [0, 1], got {fraction}")
+        if only is not None and only not in KINDS:
+            raise ValueError(f"the drill's kind must be one of {', '.join(KINDS)}, got {only!r}")
         self.fraction = fraction
+        self.only = only
         self._rng = rng or random.Random()
         self.corrupted = 0  # outputs corrupted so far (metrics, tests)
 
-    def __call__(self, output: Output) -> Output:
-        """`output` — a tensor, or a tuple or dict of them (one output, corrupted as a whole) —
-        or, with probability `fraction`, a noisy copy of it. One draw per output; runs in the
-        compute thread, like the computation it corrupts."""
-        if self.fraction == 0.0 or self._rng.random() >= self.fraction:
+    def __call__(self, output: Output, kind: str) -> Output:
+        """`output` of `kind` (one of KINDS) — a tensor, or a tuple or dict of them (one output,
+        corrupted as a whole) — or, with probability `fraction`, a noisy copy of it. One draw per
+        output; runs in the compute thread, like the computation it corrupts."""
+        if self.fraction == 0.0 or self.only not in (None, kind) or self._rng.random() >= self.fraction:
             return output
         self.corrupted += 1
         return _noisy_all(output)

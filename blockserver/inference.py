@@ -13,6 +13,7 @@ until they end or ``drain`` fails them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -78,7 +79,7 @@ class InferenceService:
         self.session_adapter = session_adapter  # the adapter an ``open`` frame names
         self.drill = drill  # --drill-corrupt: corrupts a fraction of outputs on purpose
         self._live: dict[str, _LiveSession] = {}
-        self.batcher = DecodeBatcher(compute, metrics, max_rows=limits.max_batch_rows, finish=drill)
+        self.batcher = DecodeBatcher(compute, metrics, max_rows=limits.max_batch_rows, finish=functools.partial(drill, kind="decode"))
         self.prefixes = PrefixCache(limits.prefix_cache_tokens) if limits.prefix_cache_tokens >= BLOCK else None
         metrics.queued_steps.set_function(lambda: self.batcher.queued)
 
@@ -261,7 +262,8 @@ class InferenceService:
             output = await self._prefill(live, span, hidden, session.cache)
         else:
             output = await trio.to_thread.run_sync(
-                lambda: self.drill(span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter)),
+                lambda: self.drill(span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter),
+                                   "prefill" if position == 0 else "decode"),
                 limiter=self.compute,
             )
         self.metrics.step_seconds.observe(time.perf_counter() - started)
@@ -278,7 +280,7 @@ class InferenceService:
         )
         self.metrics.prefix_tokens.labels("hit").inc(reused)
         self.metrics.prefix_tokens.labels("miss").inc(hidden.shape[1] - reused)
-        return self.drill(output)
+        return self.drill(output, "prefill")
 
     async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: dict[str, Any]) -> None:
         """Push to the next server first (it is on the critical path), then report to the client.

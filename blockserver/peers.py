@@ -15,25 +15,17 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from blockserver import incoming
 from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
 from swarm import protocol
 from swarm.protocol import Stream
+from swarm.trust.rate import PeerBuckets
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Stream], Awaitable[None]]
-_PRUNE_AT = 1024  # peers remembered before full buckets of idle peers are forgotten
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    stamp: float
-
 
 class PeerGate:
     def __init__(
@@ -41,10 +33,8 @@ class PeerGate:
     ) -> None:
         self.limits = limits
         self.metrics = metrics
-        self._clock = clock
         self._open: Counter[tuple[str, str]] = Counter()  # (peer, protocol) -> streams being handled
-        self._buckets: dict[str, _Bucket] = {}
-        self._prune_at = _PRUNE_AT
+        self._new_streams = PeerBuckets(limits.peer_stream_burst, limits.peer_stream_rate, clock)
 
     def guard(self, kind: str, handler: Handler) -> Handler:
         """`handler` for streams of protocol `kind`, behind this gate."""
@@ -70,17 +60,8 @@ class PeerGate:
         """Count a new stream of `peer`, or say why it is refused (``concurrent`` or ``rate``)."""
         if self._open[peer, kind] >= self.limits.peer_cap(kind):
             return "concurrent"
-        now = self._clock()
-        bucket = self._buckets.get(peer)
-        if bucket is None:
-            if len(self._buckets) >= self._prune_at:
-                self._prune(now)
-            bucket = self._buckets[peer] = _Bucket(float(self.limits.peer_stream_burst), now)
-        bucket.tokens = self._refilled(bucket, now)
-        bucket.stamp = now
-        if bucket.tokens < 1:
+        if not self._new_streams.take(peer):
             return "rate"
-        bucket.tokens -= 1
         self._open[peer, kind] += 1
         return None
 
@@ -88,14 +69,3 @@ class PeerGate:
         self._open[peer, kind] -= 1
         if not self._open[peer, kind]:
             del self._open[peer, kind]
-
-    def _refilled(self, bucket: _Bucket, now: float) -> float:
-        limits = self.limits
-        return min(float(limits.peer_stream_burst), bucket.tokens + (now - bucket.stamp) * limits.peer_stream_rate)
-
-    def _prune(self, now: float) -> None:
-        """Forget buckets that have refilled (a fresh one is the same), so memory follows the active peers."""
-        for peer, bucket in list(self._buckets.items()):
-            if self._refilled(bucket, now) >= self.limits.peer_stream_burst:
-                del self._buckets[peer]
-        self._prune_at = max(_PRUNE_AT, 2 * len(self._buckets))

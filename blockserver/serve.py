@@ -44,10 +44,11 @@ def run(config: ServerConfig) -> None:
 
 
 async def serve(config: ServerConfig) -> None:
-    drill = Drill(config.drill_corrupt)
+    drill = Drill(config.drill_corrupt, only=config.drill_only)
     if config.drill_corrupt:
-        logger.warning("DRILL: this server corrupts %g of its outputs on purpose (--drill-corrupt); clients that "
-                       "verify should ban it. Never use this outside a drill or a test.", config.drill_corrupt)
+        logger.warning("DRILL: this server corrupts %g of its %soutputs on purpose (--drill-corrupt); clients "
+                       "that verify should ban it. Never use this outside a drill or a test.", config.drill_corrupt,
+                       f"{config.drill_only} " if config.drill_only else "")
     if config.model:
         model_path = await trio.to_thread.run_sync(resolve_model, config.model)
         name = default_model_name(config.model)

@@ -134,7 +134,7 @@ class TrainingService:
         wire_codec = incoming.wire_codec(request)
         hidden = self._hidden(request, "hidden", span)
         output = await trio.to_thread.run_sync(
-            lambda: self.drill(span.forward(hidden, adapter=adapter)), limiter=self.compute
+            lambda: self.drill(span.forward(hidden, adapter=adapter), "forward"), limiter=self.compute
         )
         return {"type": "output", "hidden": codec.encode(output, wire_codec)}
 
@@ -146,7 +146,7 @@ class TrainingService:
         if grad.shape != hidden.shape:
             raise ProtocolError(f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
         grad_input, grads = await trio.to_thread.run_sync(
-            lambda: self.drill(span.backward(hidden, grad, adapter)), limiter=self.compute
+            lambda: self.drill(span.backward(hidden, grad, adapter), "backward"), limiter=self.compute
         )
         return {
             "type": "grads",

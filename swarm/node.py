@@ -37,6 +37,7 @@ from swarm import protocol
 from swarm.protocol import ProtocolError
 from swarm.records import MAX_RECORDS, RecordTable, ServerRecord
 from swarm.routing import RttEstimates
+from swarm.trust.rate import PeerBuckets
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ MAX_RECORD_FRAME = 4 * 1024 * 1024
 MAX_RECORD_BYTES = 8 * 1024
 MAX_RECORD_ADDRS = 16
 RECORDS_REQUEST_TIMEOUT = 10.0  # a peer that opens a RECORDS stream must ask within it
+# A RECORDS reply carries every live record (up to MAX_RECORDS x MAX_RECORD_BYTES): a node asks
+# once when it joins and a health probe once per run, so a peer gets a few at once, then one per 10 s.
+RECORDS_BURST, RECORDS_RATE = 4, 0.1
 # Gossipsub penalises a neighbour that forwards more messages than this per second on a topic; an
 # honest relay forwards every server's records (one per server per announce interval, 5 s by default).
 GOSSIP_FORWARD_RATE = 100.0
@@ -108,6 +112,7 @@ class SwarmNode:
         self._raw_records: dict[str, dict[str, Any]] = {}
         self._accepted_at: dict[str, float] = {}  # peer -> when its last record was accepted
         self._rtt = RttEstimates()
+        self._records_asks = PeerBuckets(RECORDS_BURST, RECORDS_RATE)
 
     @property
     def peer_id(self) -> str:
@@ -263,6 +268,10 @@ class SwarmNode:
         try:
             with trio.fail_after(RECORDS_REQUEST_TIMEOUT):  # a peer that asks nothing holds no handler
                 await protocol.read_frame(stream, max_bytes=1024)
+            if not self._records_asks.take(stream.muxed_conn.peer_id.to_base58()):
+                await protocol.write_frame(stream, protocol.error_frame(
+                    "too many records requests from this peer; retry later", protocol.BUSY))
+                return
             wires = list(self._live_wires().values())
             await protocol.write_frame(stream, {"type": "records", "records": wires})
         except Exception as error:

@@ -32,7 +32,7 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 def test_an_honest_drill_returns_outputs_untouched():
     drill = Drill(0.0)
     tensor = torch.randn(2, 5, 16)
-    assert drill(tensor) is tensor
+    assert drill(tensor, "decode") is tensor
     assert drill.corrupted == 0
 
 
@@ -52,7 +52,7 @@ def test_zero_outputs_change_too():
 
 def test_one_draw_per_output_corrupts_all_its_tensors():
     grad_input, grads = torch.randn(1, 4, 8), {"a": torch.randn(2, 8), "b": torch.randn(8, 2)}
-    corrupted_input, corrupted_grads = Drill(1.0)((grad_input, grads))
+    corrupted_input, corrupted_grads = Drill(1.0)((grad_input, grads), "backward")
     assert relative_error(corrupted_input, grad_input) > 0.5
     assert all(relative_error(corrupted_grads[name], grads[name]) > 0.5 for name in grads)
 
@@ -60,7 +60,7 @@ def test_one_draw_per_output_corrupts_all_its_tensors():
 def test_the_fraction_is_drawn_per_output():
     drill = Drill(0.3, rng=random.Random(1))
     tensor = torch.ones(1, 4)
-    changed = sum(not torch.equal(drill(tensor), tensor) for _ in range(2000))
+    changed = sum(not torch.equal(drill(tensor, "forward"), tensor) for _ in range(2000))
     assert changed == drill.corrupted and 500 < changed < 700
 
 
@@ -68,6 +68,14 @@ def test_the_fraction_is_drawn_per_output():
 def test_fractions_outside_0_1_are_refused(fraction):
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Drill(fraction)
+
+
+def test_a_drill_of_one_kind_leaves_the_other_kinds_honest():
+    drill, tensor = Drill(1.0, only="backward"), torch.randn(2, 3, 8)
+    assert all(drill(tensor, kind) is tensor for kind in ("prefill", "decode", "forward"))
+    assert not torch.equal(drill(tensor, "backward"), tensor) and drill.corrupted == 1
+    with pytest.raises(ValueError):
+        Drill(1.0, only="everything")
 
 
 # -- an honest server and a drill server over the wire ---------------------------------------------

@@ -4,7 +4,8 @@ Unit tests of the tolerance and the vote; then a real swarm — honest servers, 
 one started with ``--drill-corrupt 1.0`` holding every block (so the cheapest chain uses the liar)
 — behind a real gateway with ``--verify-fraction 1``: answers equal transformers' greedy tokens,
 and the liar is listed as banned in ``/v1/swarm`` and counted in ``/metrics``; cache-less
-forwards and LoRA training steps (forward and backward) through the same swarm are checked too.
+forwards and LoRA training steps (forward and backward) through the same swarm are checked too, and
+liars that lie on one kind of output only (``--drill-only decode``, ``backward``) are caught there.
 """
 
 from __future__ import annotations
@@ -165,6 +166,33 @@ async def _greedy(bridge: SwarmBridge, head: ModelHead, model: str, prompt: torc
 
 
 @pytest.mark.e2e
+def test_a_liar_on_decode_steps_only_is_caught_there(liar_swarm):
+    """A liar (every block) that answers prefills honestly and corrupts every decode step: decode
+    checks alone must catch it, and the tokens stay those of the honest servers."""
+    path, honest, data_dir = liar_swarm["path"], liar_swarm["honest"], liar_swarm["data_dir"]
+    liar = start_server(path, "0:4", initial_peers=honest[0].addrs, log_file=data_dir / "decode-liar.log",
+                        extra_args=[*FAST_ANNOUNCE, "--drill-corrupt", "1.0", "--drill-only", "decode"])
+    head = ModelHead(path)
+    prompt = torch.randint(3, head.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    tokens, bans = {}, {}
+    try:
+        for name, extra in (("honest", set()), ("with a liar", {liar.peer_id})):
+            bridge = SwarmBridge(initial_peers=honest[0].addrs, allow_peers={s.peer_id for s in honest} | extra,
+                                 step_timeout=30.0, verify_fraction=1.0, rtt_probe_interval=0).start()
+            try:
+                wait_for_servers(bridge, path.name, 4 + len(extra))
+                tokens[name] = bridge.call(_greedy, bridge, head, path.name, prompt)
+                bans[name] = [ban["peer_id"] for ban in bridge.banned()]
+            finally:
+                bridge.stop()
+    finally:
+        stop_all([liar])
+    assert bans == {"honest": [], "with a liar": [liar.peer_id]}
+    assert tokens["with a liar"] == tokens["honest"]
+    assert "DRILL: this server corrupts 1 of its decode outputs" in (data_dir / "decode-liar.log").read_text()
+
+
+@pytest.mark.e2e
 def test_cache_less_forwards_are_checked_too(liar_swarm):
     """Cache-less forwards (span by span, no session) through the liar's swarm, every span checked:
     the result is the honest servers' and the liar ends banned."""
@@ -187,13 +215,16 @@ def test_cache_less_forwards_are_checked_too(liar_swarm):
 
 
 @pytest.mark.e2e
-def test_training_forward_and_backward_are_checked_too(liar_swarm):
+@pytest.mark.parametrize("lies", ["every output", "backward"])
+def test_training_forward_and_backward_are_checked_too(liar_swarm, lies):
     """LoRA training steps (forward, then backward span by span) with a liar among three servers
     of blocks 0-1 (training requests name whole spans: the 0-3 liar can't stand in), every span
-    checked: outputs and gradients are the honest servers', and the liar ends banned."""
+    checked: outputs and gradients are the honest servers', and the liar ends banned — also one
+    that answers forwards honestly and corrupts only its backward outputs."""
     path, honest, data_dir = liar_swarm["path"], liar_swarm["honest"], liar_swarm["data_dir"]
-    liar = start_server(path, "0:2", initial_peers=honest[0].addrs, log_file=data_dir / "training-liar.log",
-                        extra_args=[*FAST_ANNOUNCE, "--drill-corrupt", "1.0"])
+    only = [] if lies == "every output" else ["--drill-only", lies]
+    liar = start_server(path, "0:2", initial_peers=honest[0].addrs, log_file=data_dir / f"training-liar-{lies}.log",
+                        extra_args=[*FAST_ANNOUNCE, "--drill-corrupt", "1.0", *only])
     weights = create_adapter(path, base_name="llama", r=4, alpha=8, seed=3).weights()
     generator = torch.Generator().manual_seed(4)
     hidden = torch.randn(2, 6, ModelHead(path).config.hidden_size, generator=generator)

@@ -227,7 +227,7 @@ def test_peer_gate_forgets_idle_peers():
         assert gate.admit(f"p{peer}", "forward") is None
         gate.release(f"p{peer}", "forward")
         now[0] += 0.001
-    assert len(gate._buckets) <= 1100  # those that have not refilled yet
+    assert len(gate._new_streams) <= 1100  # those that have not refilled yet
 
 
 # -- record announcements: who may publish them, how often, how many ----------------------------------
@@ -312,6 +312,25 @@ def test_a_records_request_that_never_comes_is_cut_off(monkeypatch):
             with trio.fail_after(5):
                 with pytest.raises(EOFError):
                     await protocol.read_frame(stream)  # the server closes the silent stream
+
+    trio.run(main)
+
+
+def test_records_requests_are_rate_limited_per_peer():
+    """A RECORDS reply carries every live record: one peer gets a burst of them, then ``busy``
+    until its bucket refills, while another peer is still answered."""
+    async def main():
+        async with start_node() as node, start_node() as asker, start_node() as other:
+            async def ask(who):
+                stream = await who.open_stream(node.peer_id, protocol.RECORDS, node.multiaddrs())
+                return await protocol.request(stream, {"type": "records?"}, "records", timeout=5)
+
+            for _ in range(node_module.RECORDS_BURST):
+                assert (await ask(asker))["records"] == []
+            with pytest.raises(protocol.RemoteError) as refused:
+                await ask(asker)
+            assert refused.value.code == protocol.BUSY
+            assert (await ask(other))["records"] == []
 
     trio.run(main)
 

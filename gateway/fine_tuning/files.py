@@ -30,7 +30,8 @@ def file_not_found(file_id: str, param: str | None = None) -> NotFound:
 
 @router.post("/v1/files")
 async def create_file(
-    file: Annotated[UploadFile, File(description="JSONL chat examples: one {\"messages\": [...]} per line.")],
+    file: Annotated[UploadFile, File(
+        description="JSONL chat examples: one {\"messages\": [...]} per line.", json_schema_extra={"minLength": 1})],
     purpose: Annotated[str, Form(description="Only `fine-tune` for now.", json_schema_extra={"enum": ["fine-tune"]})],
     gateway: GatewayDep,
     fine_tuning: FineTuningDep,

@@ -65,7 +65,8 @@ class SupervisedMethod(BaseModel):
 
 
 class Method(BaseModel):
-    type: Literal["supervised", "dpo", "reinforcement"]
+    type: Literal["supervised", "dpo", "reinforcement"] = Field(
+        json_schema_extra={"enum": ["supervised"]}, description="Only `supervised` is supported.")
     supervised: SupervisedMethod | None = None
     dpo: dict[str, Any] | None = None
     reinforcement: dict[str, Any] | None = None
@@ -111,7 +112,8 @@ class CreateFineTuningJob(BaseModel):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16
     )
-    integrations: list[Any] | None = None
+    integrations: list[Any] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "array", "maxItems": 0}, {"type": "null"}]}, description="Not supported: absent, null or empty.")
     lora: LoraOptions = Field(default_factory=LoraOptions)
 
     @model_validator(mode="after")

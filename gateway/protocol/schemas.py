@@ -125,7 +125,10 @@ class ResponseFormat(BaseModel):
     # JSON-schema mode): a JSON object matching the schema.
     schema_: dict[str, Any] | None = Field(None, alias="schema")
 
-    model_config = {"populate_by_name": True}
+    model_config = ConfigDict(populate_by_name=True, json_schema_extra={"anyOf": [
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"properties": {"json_schema": {"type": "object"}}, "required": ["json_schema"]},
+    ]})
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
@@ -134,18 +137,41 @@ class ResponseFormat(BaseModel):
         return self
 
 
+# Constraints between fields, stated in the schema too (the validators below enforce them).
+_STREAM_OPTIONS_NEED_STREAM = {"anyOf": [
+    {"properties": {"stream_options": {"type": "null"}}},
+    {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+]}
+_TOP_LOGPROBS_NEED_LOGPROBS = {"anyOf": [
+    {"properties": {"top_logprobs": {"type": "null"}}},
+    {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+]}
+_REQUIRED_TOOL_CHOICE_NEEDS_TOOLS = {"anyOf": [
+    {"properties": {"tool_choice": {"not": {"const": "required"}}}},
+    {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]},
+]}
+
+
 class SamplingFields(BaseModel):
     """Parameters shared by chat and text completions."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]})
 
     model: str = Field(json_schema_extra=NON_EMPTY)
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1}}, {"type": "null"},
+    ]})
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "object", "propertyNames": {"pattern": "^-?[0-9]+$"},
+         "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+        {"type": "null"},
+    ]})
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -184,6 +210,9 @@ class SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _STREAM_OPTIONS_NEED_STREAM, _TOP_LOGPROBS_NEED_LOGPROBS, _REQUIRED_TOOL_CHOICE_NEEDS_TOOLS,
+    ]})
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

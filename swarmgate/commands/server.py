@@ -9,6 +9,7 @@ from blocks.gguf_checkpoint import PACKAGED
 from blocks.quant import QUANT_MODES, check_quant
 from blockserver import serve
 from blockserver.config import ServerConfig
+from blockserver.drill import KINDS
 from blockserver.limits import ServerLimits
 from gateway.settings import resolve_device
 from swarmgate.options import DEVICES, DTYPES, add_option, add_swarm_options, model_folder, node_options
@@ -77,6 +78,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     add_option(server, "--drill-corrupt", type=float, default=DEFAULT.drill_corrupt, metavar="P",
                help="DRILL ONLY: add noise to a random fraction P (0 to 1) of this server's outputs, to rehearse "
                     "and test verification (--verify-fraction on clients); logs a warning at start")
+    add_option(server, "--drill-only", choices=KINDS, default=None,
+               help="DRILL ONLY: corrupt only outputs of this kind (default: every kind)")
     server.set_defaults(run=main)
 
 
@@ -124,7 +127,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         rebalance_interval=args.rebalance_interval, balance_quality=args.balance_quality,
         node=node_options(args), announce_addrs=args.announce_addrs, device=args.device, dtype=args.dtype,
         quant=args.quant, limits=limits, announce_interval=args.announce_interval,
-        torch_threads=args.torch_threads, metrics_port=args.metrics_port, drill_corrupt=args.drill_corrupt,
+        torch_threads=args.torch_threads, metrics_port=args.metrics_port,
+        drill_corrupt=args.drill_corrupt, drill_only=args.drill_only,
     )
 
 
