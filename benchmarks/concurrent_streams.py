@@ -10,7 +10,10 @@ warms up, then for each N sends N greedy completions of ``--tokens`` tokens at o
 slowest request's latency, and the ratio to one stream of the same setting. Every concurrent
 answer is checked against the same prompt's answer alone (greedy, codec none: identical). Then the
 time to first token of a ``--prefix``-token prompt, and of a second one sharing those tokens (the
-servers' prefix cache), and their ratio.
+servers' prefix cache), and their ratio. Then stalls: ``--stall-streams`` streamed completions
+decode while a ``--long-prompt``-token prompt arrives; the largest gap between two streamed tokens
+of any of them, against their median gap, once with the servers' chunked prefill (512-token
+chunks taking turns with decode steps) and once computing whole prompts (``--prefill-chunk 0``).
 """
 
 from __future__ import annotations
@@ -56,8 +59,35 @@ async def _shared_prefix(client: openai.AsyncOpenAI, model: str, prefix: int) ->
     return {"first_ttft_s": times[0], "sharing_ttft_s": times[1], "ratio": times[1] / times[0]}
 
 
+async def _stream_gaps(client: openai.AsyncOpenAI, model: str, prompt: str, tokens: int) -> list[float]:
+    """Seconds between consecutive streamed tokens of one greedy completion."""
+    stamps = []
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0,
+                                             stream=True, extra_body={"min_tokens": tokens})
+    async for _ in stream:
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+async def _stall(client: openai.AsyncOpenAI, model: str, streams: int, long_prompt: int) -> dict[str, float]:
+    """`streams` streamed completions decode; a second in, a `long_prompt`-token prompt arrives."""
+    rng = random.Random(1)
+    prompt = [rng.randrange(10, 30000) for _ in range(long_prompt)]
+
+    async def long_request() -> float:
+        await asyncio.sleep(1.0)
+        started = time.perf_counter()
+        await client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0)
+        return time.perf_counter() - started
+
+    *gaps, long_ttft = await asyncio.gather(
+        *(_stream_gaps(client, model, PROMPTS[i % len(PROMPTS)], 64) for i in range(streams)), long_request())
+    every = sorted(gap for stream in gaps for gap in stream)
+    return {"max_gap_s": every[-1], "median_gap_s": every[len(every) // 2], "long_prompt_ttft_s": long_ttft}
+
+
 async def _measure(base_url: str, key: str, model: str, streams: list[int], tokens: int,
-                   prefix: int) -> dict[str, dict]:
+                   prefix: int, stall: tuple[int, int] | None) -> dict[str, dict]:
     client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
     prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(max(streams))]
     alone = {}
@@ -73,16 +103,19 @@ async def _measure(base_url: str, key: str, model: str, streams: list[int], toke
                            "slowest_request_s": max(a[2] for a in answers), "differs_from_alone": mismatches}
     if prefix:
         results["shared_prefix"] = await _shared_prefix(client, model, prefix)
+    if stall:
+        results["stall"] = await _stall(client, model, *stall)
     return results
 
 
-def run(checkpoint: Path, rows: int, args: argparse.Namespace) -> dict[str, dict]:
+def run(checkpoint: Path, env: dict[str, str], args: argparse.Namespace, streams: list[int],
+        prefix: int) -> dict[str, dict]:
     up = start_up(["--model", str(checkpoint), "--servers", str(args.servers), "--port", str(free_port()),
                    "--wire-codec", args.codec, "--max-concurrent-requests", str(2 * max(args.streams)),
-                   "--data-dir", tempfile.mkdtemp(prefix="swarmgate-streams-")],
-                  env={"SWARMGATE_MAX_BATCH_ROWS": str(rows)})
+                   "--data-dir", tempfile.mkdtemp(prefix="swarmgate-streams-")], env=env)
+    stall = (args.stall_streams, args.long_prompt) if args.long_prompt else None
     try:
-        return asyncio.run(_measure(up.base_url, up.api_key, up.model, args.streams, args.tokens, args.prefix))
+        return asyncio.run(_measure(up.base_url, up.api_key, up.model, streams, args.tokens, prefix, stall))
     finally:
         up.stop()
 
@@ -94,15 +127,22 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--codec", default="none")
     parser.add_argument("--prefix", type=int, default=1000, help="tokens two prompts share (0: skip)")
+    parser.add_argument("--long-prompt", type=int, default=1800, help="tokens of the stalling prompt (0: skip)")
+    parser.add_argument("--stall-streams", type=int, default=4, help="streams decoding while it arrives")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if 1 not in args.streams:
         args.streams = [1, *args.streams]
     checkpoint = build_checkpoint(Path(tempfile.mkdtemp(prefix="swarmgate-bench-")) / "bench-100m", **BENCHMARK_CONFIG)
     report = {}
-    for label, rows in (("batched", 64), ("unbatched", 1)):
-        results = run(checkpoint, rows, args)
+    settings = [("batched", {"SWARMGATE_MAX_BATCH_ROWS": "64"}, args.streams, args.prefix),
+                ("unbatched", {"SWARMGATE_MAX_BATCH_ROWS": "1"}, args.streams, args.prefix)]
+    if args.long_prompt:  # the stall again, computing whole prompts
+        settings.append(("whole prompts", {"SWARMGATE_MAX_BATCH_ROWS": "64", "SWARMGATE_PREFILL_CHUNK": "0"}, [1], 0))
+    for label, env, streams, prefix in settings:
+        results = run(checkpoint, env, args, streams, prefix)
         shared = results.pop("shared_prefix", None)
+        stall = results.pop("stall", None)
         one = results["1"]["tokens_per_second"]
         for n, result in results.items():
             result["x_one_stream"] = result["tokens_per_second"] / one
@@ -114,6 +154,11 @@ def main() -> None:
                   f"{shared['sharing_ttft_s']:.2f} s against {shared['first_ttft_s']:.2f} s "
                   f"({shared['ratio']:.2f}x)", flush=True)
             results["shared_prefix"] = shared
+        if stall:
+            print(f"{label:>9} {args.stall_streams} streams while a {args.long_prompt}-token prompt arrives: largest "
+                  f"gap {stall['max_gap_s']:.2f} s (median {stall['median_gap_s']:.3f} s), the prompt's TTFT "
+                  f"{stall['long_prompt_ttft_s']:.2f} s", flush=True)
+            results["stall"] = stall
         report[label] = results
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

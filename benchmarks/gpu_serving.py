@@ -324,7 +324,7 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write): weight-read bound "
           f"{bandwidth / total:.0f} tokens/s (all weights), {bandwidth / per_token_bytes:.0f} (layers + LM head)")
     base = next((statistics.median(t) for name, t, _ in rows if name.startswith("transformers")), None)
-    print(f"\n| path | tokens/s | ms/token | TTFT ms | x generate | % of bound |")
+    print("\n| path | tokens/s | ms/token | TTFT ms | x generate | % of bound |")
     print("|---|---|---|---|---|---|")
     for name, times, ttft in rows:
         t = statistics.median(times)

@@ -33,6 +33,22 @@ class _Block:
     output: torch.Tensor  # [1, BLOCK, hidden]
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """A prompt's lookup: the keys of its whole blocks, and the outputs of those found cached."""
+
+    keys: list[bytes]
+    outputs: list[torch.Tensor]  # [1, BLOCK, hidden] each, the prompt's first blocks
+
+    @property
+    def reused(self) -> int:
+        return len(self.outputs) * BLOCK
+
+    def joined(self, computed: torch.Tensor) -> torch.Tensor:
+        """The whole prompt's output: the cached blocks' outputs, then `computed` for the rest."""
+        return torch.cat([*self.outputs, computed], dim=1) if self.outputs else computed
+
+
 class PrefixCache:
     def __init__(self, max_tokens: int):
         self.max_blocks = max_tokens // BLOCK
@@ -53,12 +69,18 @@ class PrefixCache:
     def prefill(self, span, hidden: torch.Tensor, cache, namespace: str, adapter=None) -> tuple[torch.Tensor, int]:
         """`span.forward(hidden, cache=cache, position=0, adapter=adapter)`, reusing cached blocks
         of the prompt's start and caching its other whole blocks; returns the output and how many
-        tokens came from the cache. The last token is always computed: a cached prefix is never
-        the whole prompt."""
-        with torch.inference_mode():
-            return self._prefill(span, hidden, cache, namespace, adapter)
+        tokens came from the cache. (A server computes the rest in chunks between `lookup` and
+        `store` instead.)"""
+        prefix = self.lookup(span, hidden, cache, namespace)
+        computed = span.forward(hidden[:, prefix.reused:], cache=cache, position=prefix.reused, adapter=adapter)
+        output = prefix.joined(computed)
+        self.store(span, cache, output, prefix)
+        return output, prefix.reused
 
-    def _prefill(self, span, hidden, cache, namespace, adapter) -> tuple[torch.Tensor, int]:
+    def lookup(self, span, hidden: torch.Tensor, cache, namespace: str) -> Prefix:
+        """The cached blocks the prompt `hidden` [1, tokens, h] starts with, their keys and values
+        copied into `cache`. The last token is always left to compute: a cached prefix is never
+        the whole prompt."""
         keys = self.keys(hidden[:, :-1], namespace)
         with self._lock:
             found = []
@@ -67,20 +89,19 @@ class PrefixCache:
                     break
                 self._blocks.move_to_end(key)
                 found.append(block)
-        reused = len(found) * BLOCK
         if found:
-            for local, layer in enumerate(range(span.start, span.end)):
-                cache.update(torch.cat([b.keys[local] for b in found], dim=2),
-                             torch.cat([b.values[local] for b in found], dim=2), layer)
-        computed = span.forward(hidden[:, reused:], cache=cache, position=reused, adapter=adapter)
-        output = torch.cat([*(b.output for b in found), computed], dim=1) if found else computed
-        self._store(span, cache, output, keys[len(found):], len(found))
-        return output, reused
+            with torch.inference_mode():
+                for local, layer in enumerate(range(span.start, span.end)):
+                    cache.update(torch.cat([b.keys[local] for b in found], dim=2),
+                                 torch.cat([b.values[local] for b in found], dim=2), layer)
+        return Prefix(keys, [block.output for block in found])
 
-    def _store(self, span, cache, output: torch.Tensor, keys: list[bytes], first: int) -> None:
+    def store(self, span, cache, output: torch.Tensor, prefix: Prefix) -> None:
+        """Cache the prompt's whole blocks that `lookup` did not find (`output` is the whole prompt's)."""
+        first = len(prefix.outputs)
         new = {}
         layers = [cache.layers[layer] for layer in range(span.start, span.end)]
-        for index, key in enumerate(keys, start=first):
+        for index, key in enumerate(prefix.keys[first:], start=first):
             window = slice(index * BLOCK, (index + 1) * BLOCK)
             new[key] = _Block(tuple(layer.keys[:, :, window].clone() for layer in layers),
                               tuple(layer.values[:, :, window].clone() for layer in layers),

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import trio
 
 from blocks.cache import SessionCaches, SessionLimitError, UnknownSessionError
@@ -258,29 +259,37 @@ class InferenceService:
         started = time.perf_counter()
         if tokens == 1 and span.batches(session.cache):
             output = await self.batcher.step(span, hidden, session.cache, position, live.adapter)
-        elif position == 0 and session.batch == 1 and self.prefixes is not None and span.batches(session.cache):
-            output = await self._prefill(live, span, hidden, session.cache)
         else:
-            output = await trio.to_thread.run_sync(
-                lambda: self.drill(span.forward(hidden, cache=session.cache, position=position, adapter=live.adapter),
-                                   "prefill" if position == 0 else "decode"),
-                limiter=self.compute,
-            )
+            output = await self._compute_chunked(live, span, hidden, session.cache, position)
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.steps.inc()
         self.metrics.tokens.inc(tokens * session.batch)
         return codec.encode(output, live.codec)
 
-    async def _prefill(self, live: _LiveSession, span: BlockSpan, hidden, cache) -> Any:
-        """A one-row prompt through the prefix cache (blocks/prefix_cache.py)."""
-        assert self.prefixes is not None
-        namespace = f"{span.start}:{span.end}:{live.adapter_digest}"
-        output, reused = await trio.to_thread.run_sync(
-            lambda: self.prefixes.prefill(span, hidden, cache, namespace, live.adapter), limiter=self.compute
-        )
-        self.metrics.prefix_tokens.labels("hit").inc(reused)
-        self.metrics.prefix_tokens.labels("miss").inc(hidden.shape[1] - reused)
-        return self.drill(output, "prefill")
+    async def _compute_chunked(self, live: _LiveSession, span: BlockSpan, hidden, cache, position: int) -> Any:
+        """A step of several tokens (a prompt), `limits.prefill_chunk` tokens at a time, each chunk
+        its own turn of the compute slot: one-token steps of other sessions waiting for it run
+        between chunks, so a long prompt delays them by a chunk, not by the whole prompt. A one-row
+        prompt goes through the prefix cache (blocks/prefix_cache.py) where the span batches."""
+        prefix = None
+        if position == 0 and hidden.shape[0] == 1 and self.prefixes is not None and span.batches(cache):
+            namespace = f"{span.start}:{span.end}:{live.adapter_digest}"
+            prefix = await trio.to_thread.run_sync(self.prefixes.lookup, span, hidden, cache, namespace,
+                                                   limiter=self.compute)
+            self.metrics.prefix_tokens.labels("hit").inc(prefix.reused)
+            self.metrics.prefix_tokens.labels("miss").inc(hidden.shape[1] - prefix.reused)
+        start = prefix.reused if prefix is not None else 0
+        chunk = self.limits.prefill_chunk or hidden.shape[1]
+        outputs = []
+        for begin in range(start, hidden.shape[1], chunk):
+            forward = functools.partial(span.forward, hidden[:, begin : begin + chunk], cache=cache,
+                                        position=position + begin, adapter=live.adapter)
+            outputs.append(await trio.to_thread.run_sync(forward, limiter=self.compute))
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        if prefix is not None:
+            output = prefix.joined(output)
+            await trio.to_thread.run_sync(self.prefixes.store, span, cache, output, prefix, limiter=self.compute)
+        return self.drill(output, "prefill" if position == 0 else "decode")
 
     async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: dict[str, Any]) -> None:
         """Push to the next server first (it is on the critical path), then report to the client.

@@ -5,7 +5,8 @@ servers did batch them; a prompt sharing an earlier one's start reuses it and st
 Codec none, float32, the tiny Llama. Requests differ in prompt length, `n`, sampling (greedy,
 and seeded sampling with penalties) and stop strings; each is first sent alone, then all at once
 (twice, so sessions join and leave batches at different steps). The servers' Prometheus
-histogram `swarmgate_server_batch_rows` must show forwards of more than one row.
+histogram `swarmgate_server_batch_rows` must show forwards of more than one row. The servers
+compute prompts in chunks of 16 tokens (`--prefill-chunk`), so prompts interleave with decode steps.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def stack(tiny_models, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("batching")
     key = KeyStore(data_dir).create_key("acme")
     ports = [free_port(), free_port()]
-    servers = [*start_swarm(path, ["0:2"], extra_args=[*FAST_ANNOUNCE, "--metrics-port", str(ports[0])],
+    chunks = ["--prefill-chunk", "16"]  # prompts are computed in chunks, after the prefix cache's blocks too
+    servers = [*start_swarm(path, ["0:2"], extra_args=[*FAST_ANNOUNCE, *chunks, "--metrics-port", str(ports[0])],
                             log_dir=data_dir, log_prefix="first")]
     gateway = None
     try:
-        servers += start_swarm(path, ["2:4"], extra_args=[*FAST_ANNOUNCE, "--metrics-port", str(ports[1])],
+        servers += start_swarm(path, ["2:4"], extra_args=[*FAST_ANNOUNCE, *chunks, "--metrics-port", str(ports[1])],
                                log_dir=data_dir, initial_peers=servers[0].addrs, log_prefix="second")
         gateway, base = start_gateway(path, servers[0].addrs, data_dir, "--max-concurrent-requests", "32",
                                       "--wire-codec", "none")

@@ -50,6 +50,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                help="rows of one continuous batch of different sessions' decode steps (1: no batching)")
     add_option(server, "--prefix-cache-tokens", type=int, default=LIMITS.prefix_cache_tokens,
                help="tokens of recent prompts' starts kept to skip recomputing them (0: off)")
+    add_option(server, "--prefill-chunk", type=int, default=LIMITS.prefill_chunk,
+               help="prompt tokens computed at a time; other sessions' decode steps run between chunks (0: whole prompts)")
     add_option(server, "--session-idle-timeout", type=float, default=LIMITS.idle_timeout,
                help="seconds before an idle session's cache is freed")
     add_option(server, "--max-frame-bytes", type=int, default=LIMITS.max_frame_bytes,
@@ -107,6 +109,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_batch=args.max_batch,
         max_batch_rows=args.max_batch_rows,
         prefix_cache_tokens=args.prefix_cache_tokens,
+        prefill_chunk=args.prefill_chunk,
         idle_timeout=args.session_idle_timeout,
         max_frame_bytes=args.max_frame_bytes,
         max_forward_tokens=args.max_forward_tokens,
@@ -118,6 +121,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         peer_stream_rate=args.peer_stream_rate,
         peer_stream_burst=args.peer_stream_burst,
     )
+    if args.prefill_chunk < 0:
+        raise SystemExit(f"swarmgate server: --prefill-chunk must be >= 0, got {args.prefill_chunk}")
     if not 0.0 <= args.drill_corrupt <= 1.0:
         raise SystemExit(f"swarmgate server: --drill-corrupt must be in [0, 1], got {args.drill_corrupt}")
     if args.model in PACKAGED and not Path(args.model).expanduser().is_dir():
