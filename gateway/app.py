@@ -105,16 +105,18 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
     )
     file_store = FileStore(database, settings.data_dir / "files")
     jobs = JobStore(database)
+    limiter = ConcurrencyLimiter(settings.max_concurrent_requests)
     metrics = GatewayMetrics(
         coverage=lambda: [(model.id, backend.coverage(model.id)) for model in models],
         swarm_state=backend.swarm_state,
+        active_generations=limiter.total,
     )
     gateway = Gateway(
         settings=settings,
         models=models,
         backend=backend,
         auth=_authenticator(settings, database),
-        limiter=ConcurrencyLimiter(settings.max_concurrent_requests),
+        limiter=limiter,
         metrics=metrics,
     )
     trainer = Trainer(settings=settings, jobs=jobs, files=file_store, fine_tuned=fine_tuned, models=models,

@@ -3,7 +3,7 @@
 Each app has its own registry (several apps can live in one process, as in tests). Request
 counts come from a middleware; generation timings from ``inference.serving.start_generation``;
 swarm coverage, replays and verification counts are read from the backend at scrape time, so they
-are never stale.
+are never stale, and so are generations in flight and the LM head's batching (per process).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backend import Coverage
+from gateway.inference.head_batching import head_load
 
 
 SwarmState = Callable[[], dict[str, Any]]  # the backend's ``swarm_state``
@@ -49,8 +50,26 @@ class _SwarmCollector(Collector):
             yield CounterMetricFamily(f"swarmgate_verification_{name}", documentation, value=int(counts.get(name, 0)))
 
 
+class _LoadCollector(Collector):
+    """How busy the gateway is, read at scrape time: generations in flight, and the LM head's
+    rounds and the calls they served (calls / rounds: how many generations share one head call)."""
+
+    def __init__(self, active_generations: Callable[[], int]):
+        self._active_generations = active_generations
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily("swarmgate_active_generations", "Generations in flight, all tenants",
+                                value=self._active_generations())
+        rounds, calls = head_load()
+        yield CounterMetricFamily("swarmgate_head_rounds", "LM head computations (one per round of concurrent "
+                                  "generations)", value=rounds)
+        yield CounterMetricFamily("swarmgate_head_calls", "Generations' LM head calls those rounds served",
+                                  value=calls)
+
+
 class GatewayMetrics:
-    def __init__(self, coverage: Callable[[], Iterable[tuple[str, Coverage]]], swarm_state: SwarmState):
+    def __init__(self, coverage: Callable[[], Iterable[tuple[str, Coverage]]], swarm_state: SwarmState,
+                 active_generations: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("swarmgate_requests", "HTTP requests by route and status",
                                 ["method", "path", "status"], registry=self.registry)
@@ -70,6 +89,7 @@ class GatewayMetrics:
                                 "Draft tokens the sampler agreed with (each saved a step)", ["model"],
                                 registry=self.registry)
         self.registry.register(_SwarmCollector(coverage, swarm_state))
+        self.registry.register(_LoadCollector(active_generations))
 
     def observe_generation(self, model: str, started: float, first_token: float | None, tokens: int) -> None:
         self.tokens.labels(model).inc(tokens)

@@ -78,6 +78,10 @@ class ConcurrencyLimiter:
     def active(self, tenant: str) -> int:
         return self._active[tenant]
 
+    def total(self) -> int:
+        """Generations in flight, over all tenants."""
+        return sum(self._active.values())
+
     def _release(self, tenant: str) -> None:
         self._active[tenant] -= 1
         if not self._active[tenant]:

@@ -81,15 +81,26 @@ def test_concurrent_streams_equal_their_solo_runs_and_were_batched(stack):
         return alone, together
 
     before = [_batched_forwards(port) for port in stack["metrics"]]
+    head_before = _gateway_metrics(stack["base"])
     alone, together = asyncio.run(run())
     for round_ in together:
         assert round_ == alone
     after = [_batched_forwards(port) for port in stack["metrics"]]
+    head = {name: value - head_before[name] for name, value in _gateway_metrics(stack["base"]).items()}
+    # the gateway's LM head served several generations per round, and nothing is left in flight
+    assert head["swarmgate_head_calls_total"] > head["swarmgate_head_rounds_total"] > 0, head
+    assert _gateway_metrics(stack["base"])["swarmgate_active_generations"] == 0
     for port_before, port_after in zip(before, after):
         multi_row = (port_after["+Inf"] - port_after["1.0"]) - (port_before["+Inf"] - port_before["1.0"])
         assert multi_row > 0, f"no forward of more than one row: {port_after}"
     print(f"\nbatched forwards (more than one row) per server: "
           f"{[a['+Inf'] - a['1.0'] for a in after]} of {[a['+Inf'] for a in after]}")
+
+
+def _gateway_metrics(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line.startswith(("swarmgate_head_", "swarmgate_active_generations"))}
 
 
 def test_a_prompt_sharing_an_earlier_ones_start_reuses_it_exactly(stack, tiny_models):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CombinedLogits", "combined_logits"]
+__all__ = ["CombinedLogits", "combined_logits", "head_load"]
 
 
 @dataclass(eq=False)
@@ -35,6 +35,7 @@ class CombinedLogits:
         self._waiting: list[_Call] = []
         self._leading = False
         self.rounds = 0  # calls of the underlying head (tests, metrics)
+        self.calls = 0  # generations' calls those rounds served: calls / rounds is the mean sharing
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """`logits(hidden)` for hidden [rows, tokens, h], maybe computed with other callers' rows."""
@@ -63,6 +64,7 @@ class CombinedLogits:
             try:
                 logits = self._logits(torch.cat([c.hidden for c in calls]))
                 self.rounds += 1
+                self.calls += len(calls)
                 for c, part in zip(calls, logits.split([c.hidden.shape[0] for c in calls])):
                     c.logits = part
             except BaseException as error:  # every caller of the round gets it
@@ -82,3 +84,10 @@ def combined_logits(head: Any) -> CombinedLogits:
         if (combined := _combined.get(head)) is None:
             combined = _combined[head] = CombinedLogits(head.logits)
         return combined
+
+
+def head_load() -> tuple[int, int]:
+    """LM-head rounds and the generations' calls they served, over every head of this process."""
+    with _combined_lock:
+        heads = list(_combined.values())
+    return sum(h.rounds for h in heads), sum(h.calls for h in heads)
