@@ -12,7 +12,9 @@ for a ``--prompt``-token prompt and ``--tokens`` greedy tokens:
 3. the in-process loop: ``ModelHead`` + two ``BlockSpan`` s on the GPU, eager and with CUDA graphs;
 4. the product: ``swarmgate up --device cuda --servers 2`` (two server processes on the one GPU,
    the gateway's head on it too), streamed greedy completions over HTTP with the ``openai`` SDK,
-   per ``--http-codecs``.
+   per ``--http-codecs``; then, with ``--streams``, N concurrent streamed chats (aggregate
+   completion tokens/s, the ratio to one stream's, TTFT p50), and the TTFT of a prompt sharing
+   its first ``--prefix`` tokens with the one before it (the servers' prefix cache) against the first's.
 
 Decode time per token is (T(N+1 tokens) - T(1 token)) / N for every path, so prefill and set-up
 cancel out; TTFT is the whole one-token request (prefill + one step + sampling [+ HTTP]).
@@ -203,7 +205,8 @@ class HttpUp:
         data_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.up = start_up(["--model", str(path), "--servers", "2", "--device", "cuda", "--port", str(port),
-                                "--wire-codec", wire_codec, "--data-dir", str(data_dir)], log=data_dir / "up.log")
+                                "--wire-codec", wire_codec, "--data-dir", str(data_dir),
+                                "--max-concurrent-requests", "256"], log=data_dir / "up.log")
         except RuntimeError:
             self.dump_logs()
             raise
@@ -221,6 +224,25 @@ class HttpUp:
             first = first or time.perf_counter()
         end = time.perf_counter()
         return (first or end) - started, end - started
+
+    def concurrent(self, text: str, max_tokens: int, streams: int) -> tuple[float, float]:
+        """`streams` streamed chats at once (different prompts): (completion tokens/s, TTFT p50)."""
+        started = time.perf_counter()
+        with ThreadPoolExecutor(streams) as pool:
+            times = list(pool.map(lambda i: self.request(f"{i}: {text}", max_tokens), range(streams)))
+        return streams * max_tokens / (time.perf_counter() - started), statistics.median(t for t, _ in times)
+
+    def shared_prefix(self, prefix: int) -> tuple[float, float]:
+        """TTFT of a token-id prompt of `prefix` + 24 tokens, then of one sharing its first `prefix`."""
+        generator = torch.Generator().manual_seed(1)
+        first = torch.randint(10, 30000, (prefix + 24,), generator=generator).tolist()
+        second = first[:prefix] + torch.randint(10, 30000, (24,), generator=generator).tolist()
+        ttfts = []
+        for prompt in (first, second):
+            started = time.perf_counter()
+            self.client.completions.create(model=self.model, prompt=prompt, max_tokens=1, temperature=0)
+            ttfts.append(time.perf_counter() - started)
+        return ttfts[0], ttfts[1]
 
     def dump_logs(self) -> None:
         for log in sorted((self.data_dir / "logs").glob("*.log")):
@@ -253,8 +275,8 @@ def chat_prompt(path: Path, tokens: int) -> str:
     return text
 
 
-def http_times(path: Path, text: str, tokens: int, repeats: int, wire_codec: str, port: int,
-               data_dir: Path) -> tuple[list[float], float, list[float]]:
+def http_times(path: Path, text: str, tokens: int, repeats: int, wire_codec: str, port: int, data_dir: Path,
+               streams: list[int], prefix: int) -> tuple[list[float], float, list[float]]:
     up = HttpUp(path, wire_codec, port, data_dir)
     try:
         up.request(text, 4)  # warm-up: lazy imports, connections
@@ -265,6 +287,16 @@ def http_times(path: Path, text: str, tokens: int, repeats: int, wire_codec: str
             per_token.append((long - short) / tokens)
             ttft.append(short)
             first_chunk.append(first)
+        if streams:
+            one = up.concurrent(text, tokens, 1)[0]
+            for n in streams:
+                rate, ttft_p50 = up.concurrent(text, tokens, n)
+                print(f"{wire_codec}, {n} concurrent streams: {rate:.1f} tokens/s in all ({rate / one:.2f}x one "
+                      f"stream's {one:.1f}), TTFT p50 {ttft_p50 * 1e3:.0f} ms", flush=True)
+        if prefix:
+            alone, sharing = up.shared_prefix(prefix)
+            print(f"{wire_codec}, a prompt sharing {prefix} tokens with the one before: TTFT {sharing * 1e3:.0f} ms "
+                  f"against {alone * 1e3:.0f} ms ({sharing / alone:.2f}x)", flush=True)
         return per_token, statistics.median(ttft), first_chunk
     except BaseException:
         up.dump_logs()
@@ -282,6 +314,8 @@ def main() -> None:
     parser.add_argument("--http-codecs", nargs="*", default=["bfloat16"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["generate", "local", "http"])
     parser.add_argument("--port", type=int, default=8890)
+    parser.add_argument("--streams", type=int, nargs="*", default=[8, 32], help="concurrent streams over HTTP")
+    parser.add_argument("--prefix", type=int, default=1000, help="tokens two prompts share (0: skip)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "swarmgate-gpu-bench")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -314,7 +348,7 @@ def main() -> None:
         text = chat_prompt(path, args.prompt)
         for index, wire_codec in enumerate(args.http_codecs):
             times, ttft, _ = http_times(path, text, args.tokens, args.repeats, wire_codec, args.port + index,
-                                        Path(tempfile.mkdtemp(prefix="swarmgate-gpu-up-")))
+                                        Path(tempfile.mkdtemp(prefix="swarmgate-gpu-up-")), args.streams, args.prefix)
             rows.append((f"HTTP, swarmgate up, {wire_codec}", times, ttft))
             print(f"{rows[-1][0]}: {1 / statistics.median(times):.1f} tokens/s", flush=True)
 

@@ -61,8 +61,8 @@ class PrefixCache:
         keys, previous = [], hashlib.blake2b(namespace.encode(), digest_size=16).digest()
         for start in range(0, hidden.shape[1] - BLOCK + 1, BLOCK):
             chunk = hidden[:, start : start + BLOCK].contiguous()
-            previous = hashlib.blake2b(previous + str(chunk.dtype).encode() + chunk.numpy().tobytes(),
-                                       digest_size=16).digest()
+            raw = chunk.view(torch.uint8).numpy().tobytes()  # any dtype's bytes (numpy has no bfloat16)
+            previous = hashlib.blake2b(previous + str(chunk.dtype).encode() + raw, digest_size=16).digest()
             keys.append(previous)
         return keys
 

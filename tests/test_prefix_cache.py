@@ -77,3 +77,12 @@ def test_the_whole_prompt_is_never_served_from_the_cache(llama_path):
     outputs, reused = _cached(span, prefixes, prompt, [])
     assert reused == BLOCK
     torch.testing.assert_close(outputs[0], _plain(span, prompt, [])[0], atol=TOLERANCE, rtol=0)
+
+
+def test_bfloat16_prompts_are_keyed_too(llama_path):
+    """A bf16 span (numpy has no bfloat16) keys, stores and reuses blocks as a float32 one does."""
+    span = BlockSpan(llama_path, 0, 2, dtype=torch.bfloat16)
+    prefixes = PrefixCache(max_tokens=4 * BLOCK)
+    prompt = _prompt(BLOCK + 5, 7, span.hidden_size).to(torch.bfloat16)
+    assert _cached(span, prefixes, prompt, [])[1] == 0
+    assert _cached(span, prefixes, prompt, [])[1] == BLOCK
