@@ -60,10 +60,11 @@ async def _shared_prefix(client: openai.AsyncOpenAI, model: str, prefix: int) ->
 
 
 async def _stream_gaps(client: openai.AsyncOpenAI, model: str, prompt: str, tokens: int) -> list[float]:
-    """Seconds between consecutive streamed tokens of one greedy completion."""
+    """Seconds between consecutive streamed tokens of one greedy completion (with logprobs: the
+    random checkpoint's tokens mostly decode to no text, and a chunk needs text or logprobs)."""
     stamps = []
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0,
-                                             stream=True, extra_body={"min_tokens": tokens})
+                                             stream=True, logprobs=1, extra_body={"min_tokens": tokens})
     async for _ in stream:
         stamps.append(time.perf_counter())
     return [b - a for a, b in zip(stamps, stamps[1:])]
@@ -105,6 +106,7 @@ async def _measure(base_url: str, key: str, model: str, streams: list[int], toke
         results["shared_prefix"] = await _shared_prefix(client, model, prefix)
     if stall:
         results["stall"] = await _stall(client, model, *stall)
+    await client.close()
     return results
 
 

@@ -37,7 +37,8 @@ class ForwardService:
             hidden = incoming.expect_hidden(
                 request, "hidden", span, max_elements=self.limits.max_forward_tokens * span.hidden_size
             )
-            output = await trio.to_thread.run_sync(lambda: self.drill(span.forward(hidden), "forward"), limiter=self.compute)
+            output = await trio.to_thread.run_sync(lambda: self.drill(span.forward(hidden), "forward"),
+                                                   limiter=self.compute)
             await protocol.write_frame(stream, {"type": "output", "hidden": codec.encode(output, wire_codec)})
         except ReadTimeout as error:
             self.metrics.errors.labels("read_timeout").inc()
