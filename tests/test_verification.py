@@ -165,6 +165,26 @@ async def _greedy(bridge: SwarmBridge, head: ModelHead, model: str, prompt: torc
         return out
 
 
+def _honest_then_with_liar(liar_swarm, liar, run, **bridge_args) -> tuple[dict, dict]:
+    """`run(bridge)` through a checking client (F = 1) of the honest servers only, then of them and
+    `liar` (stopped afterwards): each run's result and the peers it banned, by name."""
+    path, honest = liar_swarm["path"], liar_swarm["honest"]
+    results, bans = {}, {}
+    try:
+        for name, extra in (("honest", set()), ("with a liar", {liar.peer_id})):
+            bridge = SwarmBridge(initial_peers=honest[0].addrs, allow_peers={s.peer_id for s in honest} | extra,
+                                 step_timeout=30.0, verify_fraction=1.0, **bridge_args).start()
+            try:
+                wait_for_servers(bridge, path.name, 4 + len(extra))
+                results[name] = run(bridge)
+                bans[name] = [ban["peer_id"] for ban in bridge.banned()]
+            finally:
+                bridge.stop()
+    finally:
+        stop_all([liar])
+    return results, bans
+
+
 @pytest.mark.e2e
 def test_a_liar_on_decode_steps_only_is_caught_there(liar_swarm):
     """A liar (every block) that answers prefills honestly and corrupts every decode step: decode
@@ -174,19 +194,13 @@ def test_a_liar_on_decode_steps_only_is_caught_there(liar_swarm):
                         extra_args=[*FAST_ANNOUNCE, "--drill-corrupt", "1.0", "--drill-only", "decode"])
     head = ModelHead(path)
     prompt = torch.randint(3, head.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
-    tokens, bans = {}, {}
-    try:
-        for name, extra in (("honest", set()), ("with a liar", {liar.peer_id})):
-            bridge = SwarmBridge(initial_peers=honest[0].addrs, allow_peers={s.peer_id for s in honest} | extra,
-                                 step_timeout=30.0, verify_fraction=1.0, rtt_probe_interval=0).start()
-            try:
-                wait_for_servers(bridge, path.name, 4 + len(extra))
-                tokens[name] = bridge.call(_greedy, bridge, head, path.name, prompt)
-                bans[name] = [ban["peer_id"] for ban in bridge.banned()]
-            finally:
-                bridge.stop()
-    finally:
-        stop_all([liar])
+    def decode(bridge: SwarmBridge) -> list[list[int]]:
+        # the liar's one hop measures fastest, so it is on the chain and every decode step is checked
+        bridge.snapshot(lambda: [bridge.client.node.observe_rtt(s.peer_id, 0.2 if s is not liar else 0.001)
+                                 for s in (*honest, liar)])
+        return bridge.call(_greedy, bridge, head, path.name, prompt)
+
+    tokens, bans = _honest_then_with_liar(liar_swarm, liar, decode, rtt_probe_interval=0)
     assert bans == {"honest": [], "with a liar": [liar.peer_id]}
     assert tokens["with a liar"] == tokens["honest"]
     assert "DRILL: this server corrupts 1 of its decode outputs" in (data_dir / "decode-liar.log").read_text()
@@ -235,21 +249,10 @@ def test_training_forward_and_backward_are_checked_too(liar_swarm, lies):
         grad_input, grads = await training.backward(context, grad_output)
         return output, grad_input, grads
 
-    results, bans = {}, {}
-    try:
-        for name, extra in (("honest", set()), ("with a liar", {liar.peer_id})):
-            bridge = SwarmBridge(initial_peers=honest[0].addrs, allow_peers={s.peer_id for s in honest} | extra,
-                                 step_timeout=30.0, verify_fraction=1.0).start()
-            try:
-                wait_for_servers(bridge, path.name, 4 + len(extra))
-                # each check of blocks 0-1 draws its second server among the other two: 6 steps
-                # leave the liar unwatched with odds of about 2**-12
-                results[name] = [bridge.call(functools.partial(step, bridge)) for _ in range(6)]
-                bans[name] = [ban["peer_id"] for ban in bridge.banned()]
-            finally:
-                bridge.stop()
-    finally:
-        stop_all([liar])
+    # each check of blocks 0-1 draws its second server among the other two: 6 steps leave the liar
+    # unwatched with odds of about 2**-12
+    results, bans = _honest_then_with_liar(
+        liar_swarm, liar, lambda bridge: [bridge.call(functools.partial(step, bridge)) for _ in range(6)])
     assert bans == {"honest": [], "with a liar": [liar.peer_id]}
     (output, grad_input, grads) = results["honest"][0]
     assert any(g.abs().max() > 0 for g in grads.values())
