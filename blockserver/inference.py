@@ -50,6 +50,7 @@ class _LiveSession:
     inbox: trio.MemorySendChannel
     cancel: trio.CancelScope
     next_hops: dict[str, Stream] = field(default_factory=dict)  # peer id -> push stream
+    push_lock: trio.Lock = field(default_factory=trio.Lock)  # one stream per next hop, even opened ahead
     adapter: SpanLora | None = None  # LoRA applied to every step of the session
     adapter_digest: str | None = None  # its name: part of the prefix cache's keys
     span: BlockSpan | None = None  # the blocks it computes, on the weights loaded when it opened
@@ -107,6 +108,9 @@ class InferenceService:
         try:
             request = incoming.expect(await incoming.read(stream, self.limits, self.limits.open_timeout), "open")
             session_id, batch, max_length, wire_codec = self._validate_open(request)
+            push_to = request.get("push_to")
+            if push_to is not None and not (isinstance(push_to, dict) and isinstance(push_to.get("peer"), str)):
+                raise ProtocolError("'push_to' must be a map naming a 'peer'")
             # the session keeps these, whatever moves come later
             loaded, span = self.span, incoming.span_part(self.span, request)
             adapter = self.session_adapter(request)
@@ -114,7 +118,7 @@ class InferenceService:
             try:
                 await protocol.write_frame(stream, {"type": "opened", "session": session_id})
                 await self._run_session(session_id, stream, wire_codec, adapter, span, loaded,
-                                        request.get("adapter"))
+                                        request.get("adapter"), push_to)
             finally:
                 self.caches.close(session_id)
         except SessionLimitError as error:
@@ -151,7 +155,7 @@ class InferenceService:
 
     async def _run_session(
         self, session_id: str, stream: Stream, wire_codec: str, adapter: SpanLora | None, span: BlockSpan,
-        loaded: BlockSpan, adapter_digest: str | None,
+        loaded: BlockSpan, adapter_digest: str | None, push_to: dict[str, Any] | None,
     ) -> None:
         inbox_send, inbox = trio.open_memory_channel[dict[str, Any]](64)
         with trio.CancelScope() as cancel:
@@ -162,6 +166,8 @@ class InferenceService:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_client_steps, live, nursery.cancel_scope)
                     nursery.start_soon(self._run_steps, live, inbox)
+                    if push_to is not None:
+                        nursery.start_soon(self._open_push_ahead, live, push_to)
             finally:
                 del self._live[session_id]
                 for hop in live.next_hops.values():
@@ -185,8 +191,8 @@ class InferenceService:
     async def handle_push(self, stream: Stream) -> None:
         """Steps pushed by the previous server of a chain, for any of our sessions.
 
-        The first step comes at once (the pusher opens the stream to send it); later ones as fast
-        as the session goes, so the stream may idle as long as a session may. A stream idle longer
+        The first step comes soon (the pusher opens the stream when its session opens, or to send
+        it); later ones as fast as the session goes, so the stream may idle as long as a session may. A stream idle longer
         is reset, not closed: the pusher's next write then fails, and it tells its client that the
         step was not pushed, rather than believing it was.
         """
@@ -320,9 +326,22 @@ class InferenceService:
     async def _next_hop(self, live: _LiveSession, hop: Any) -> Stream:
         if not isinstance(hop, dict):
             raise ProtocolError("route entries must be maps")
-        peer = require(hop, "peer", str)
         require(hop, "session", str)
-        if peer not in live.next_hops:
-            addrs = [a for a in hop.get("addrs", []) if isinstance(a, str)][:8]
-            live.next_hops[peer] = await self.node.open_stream(peer, protocol.PUSH, addrs)
-        return live.next_hops[peer]
+        return await self._push_stream(live, require(hop, "peer", str), hop.get("addrs"))
+
+    async def _push_stream(self, live: _LiveSession, peer: str, addrs: Any) -> Stream:
+        async with live.push_lock:
+            if peer not in live.next_hops:
+                addrs = [a for a in addrs if isinstance(a, str)][:8] if isinstance(addrs, list) else []
+                live.next_hops[peer] = await self.node.open_stream(peer, protocol.PUSH, addrs)
+            return live.next_hops[peer]
+
+    async def _open_push_ahead(self, live: _LiveSession, push_to: dict[str, Any]) -> None:
+        """Open the push stream to the server the client named at ``open`` while the session waits
+        for its first step: dialling and negotiating it cost round trips that the first step would
+        otherwise wait for, server after server. A failure here only leaves it to the first push."""
+        try:
+            with trio.fail_after(self.limits.push_timeout):
+                await self._push_stream(live, push_to["peer"], push_to.get("addrs"))
+        except Exception as error:
+            logger.info("session %s: could not open the push stream ahead: %r", live.id, error)

@@ -152,15 +152,20 @@ class SwarmClient:
         await session.open()
         return session
 
-    async def open_hop(self, record: ServerRecord, request: SessionRequest) -> Hop:
-        """`request`'s session on `record`'s server, its span's adapter uploaded there first."""
-        return await self.uploads.run(record, request.adapter, lambda digest: self._open_hop(record, request, digest))
+    async def open_hop(self, record: ServerRecord, request: SessionRequest, push_to: ServerRecord | None = None) -> Hop:
+        """`request`'s session on `record`'s server, its span's adapter uploaded there first; the
+        server is told `push_to`, the next server of the chain, to open its push stream ahead."""
+        return await self.uploads.run(record, request.adapter,
+                                      lambda digest: self._open_hop(record, request, digest, push_to))
 
-    async def _open_hop(self, record: ServerRecord, request: SessionRequest, adapter: str | None) -> Hop:
+    async def _open_hop(self, record: ServerRecord, request: SessionRequest, adapter: str | None,
+                        push_to: ServerRecord | None) -> Hop:
         session = secrets.token_hex(16)
         stream = await self.node.open_stream(record.peer_id, protocol.INFERENCE, record.addrs)
         message = {"type": "open", "session": session, "batch": request.batch, "max_length": request.max_length,
                    "codec": request.wire_codec, "blocks": [record.start, record.end]}
+        if push_to is not None:
+            message["push_to"] = {"peer": push_to.peer_id, "addrs": list(push_to.addrs)}
         if request.checkpoint is not None:
             message["checkpoint"] = request.checkpoint
         if adapter is not None:

@@ -103,8 +103,9 @@ class ChainProvider(Chains, Protocol):
 
     def replayed(self) -> None: ...  # count a failed hop replaced and replayed
 
-    async def open_hop(self, record: ServerRecord, request: SessionRequest) -> Hop:
-        """Open `request`'s session on `record`'s server, for `record`'s blocks."""
+    async def open_hop(self, record: ServerRecord, request: SessionRequest, push_to: ServerRecord | None = None) -> Hop:
+        """Open `request`'s session on `record`'s server, for `record`'s blocks; `push_to`: the
+        server its outputs will be pushed to (a hint, so it can connect ahead)."""
         ...
 
 
@@ -372,18 +373,39 @@ class InferenceSession:
                 await trio.sleep(POLL_INTERVAL)
                 continue
             self._chains.reserve(chain)  # before any await, so concurrent sessions see this one's choice
-            hops: list[Hop] = []
+            hops: list[Hop | None] = [None] * len(chain)
+            errors: list[tuple[str, BaseException]] = []
             try:
-                for record in chain:
-                    hops.append(await self._chains.open_hop(record, self.request))
-                return hops
-            except BaseException as error:
-                self._chains.release(*(r.peer_id for r in chain[len(hops):]))
-                for hop in hops:
+                await self._open_all(chain, hops, errors)
+            except BaseException as cancelled:
+                errors.append(("", cancelled))
+            if not errors:
+                return [hop for hop in hops if hop is not None]
+            self._chains.release(*(record.peer_id for record, hop in zip(chain, hops) if hop is None))
+            for hop in hops:
+                if hop is not None:
                     await self._drop(hop)
+            for peer_id, error in errors:
                 if not isinstance(error, Exception):
-                    raise  # cancelled
-                self._note_failure(chain[len(hops)].peer_id, error)
+                    raise error  # cancelled
+                self._note_failure(peer_id, error)
+
+    async def _open_all(self, chain: list[ServerRecord], hops: list[Hop | None],
+                        errors: list[tuple[str, BaseException]]) -> None:
+        """Open every hop of `chain` at once (one round trip over a slow network, not one per hop),
+        filling `hops` and `errors` in. Each server is told the next one, to which it will push, so it
+        opens that stream while the client is still opening (a push stream costs round trips too)."""
+
+        async def open_hop(index: int, record: ServerRecord) -> None:
+            push_to = chain[index + 1] if self._config.push and index + 1 < len(chain) else None
+            try:
+                hops[index] = await self._chains.open_hop(record, self.request, push_to)
+            except Exception as error:
+                errors.append((record.peer_id, error))
+
+        async with trio.open_nursery() as nursery:
+            for index, record in enumerate(chain):
+                nursery.start_soon(open_hop, index, record)
 
     async def _drop(self, hop: Hop, *, background: bool = True) -> None:
         """Stop reading a hop and close its stream (and its shadow's), so its server frees the

@@ -222,6 +222,46 @@ def test_unknown_session_push_is_dropped(llama_swarm):
     _assert_still_serves(bridge, path)
 
 
+def test_a_session_opens_its_push_stream_before_the_first_step(llama_swarm):
+    """``open`` may name the server the session will push to (``push_to``): the server opens that
+    push stream at once, not when its first output is ready (over slow links the first step would
+    pay the dial and the protocol negotiation, server after server). Here the next hop is the test's
+    own node; a malformed ``push_to`` is refused."""
+    path, _, bridge = llama_swarm
+    record = _first_server(bridge, path.name)
+    node = bridge.client.node
+
+    async def push_stream_arrives(push_to) -> dict:
+        arrived = trio.Event()
+
+        async def handle(stream) -> None:
+            arrived.set()
+            try:
+                while await stream.read(1024):
+                    pass
+            except Exception:
+                pass  # the session's end closes or resets it
+
+        node.host.set_stream_handler(protocol.PUSH, handle)
+        stream = await node.open_stream(record.peer_id, protocol.INFERENCE, record.addrs)
+        try:
+            await protocol.write_frame(stream, {"type": "open", "session": "push-ahead-0001", "batch": 1,
+                                                "max_length": 16, "codec": "none", "push_to": push_to})
+            reply = await protocol.read_frame(stream)
+            if reply["type"] == "opened":
+                with trio.fail_after(10):
+                    await arrived.wait()  # and no step was sent
+            return reply
+        finally:
+            await stream.close()
+            node.host.remove_stream_handler(protocol.PUSH)
+
+    assert bridge.call(push_stream_arrives, {"peer": node.peer_id, "addrs": node.multiaddrs()})["type"] == "opened"
+    refused = bridge.call(push_stream_arrives, 5)
+    assert refused["type"] == "error" and "push_to" in refused["message"]
+    _assert_still_serves(bridge, path)
+
+
 def test_full_server_refuses_new_session(llama_swarm):
     path, _, bridge = llama_swarm
 
