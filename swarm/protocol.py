@@ -7,7 +7,8 @@ nothing on the wire is ever unpickled or executed.
 Protocols (one libp2p stream each):
 - ``INFERENCE``: a client's long-lived stream for one session on one server:
   ``open`` -> ``opened``; then ``step`` -> ``output`` (many); closing the stream ends the session.
-  ``open`` (and ``forward``) may name ``blocks`` [start, end], any part of the server's span; each
+  ``open`` (and ``forward``) may name ``blocks`` [start, end], any part of the server's span;
+  ``open`` may name ``push_to`` {peer, addrs}, the next server, whose push stream is opened ahead; each
   ``output`` names the session it was ``pushed`` to; a step at a position already held is dropped
   (a replay's duplicate), so resending a step is always safe.
 - ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain.
