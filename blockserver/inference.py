@@ -192,9 +192,9 @@ class InferenceService:
         """Steps pushed by the previous server of a chain, for any of our sessions.
 
         The first step comes soon (the pusher opens the stream when its session opens, or to send
-        it); later ones as fast as the session goes, so the stream may idle as long as a session may. A stream idle longer
-        is reset, not closed: the pusher's next write then fails, and it tells its client that the
-        step was not pushed, rather than believing it was.
+        it); later ones as fast as the session goes, so the stream may idle as long as a session
+        may. A stream idle longer is reset, not closed: the pusher's next write then fails, and it
+        tells its client that the step was not pushed, rather than believing it was.
         """
         timeout = self.limits.read_timeout
         try:

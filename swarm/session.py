@@ -374,24 +374,27 @@ class InferenceSession:
                 continue
             self._chains.reserve(chain)  # before any await, so concurrent sessions see this one's choice
             hops: list[Hop | None] = [None] * len(chain)
-            errors: list[tuple[str, BaseException]] = []
+            errors: list[tuple[str, Exception]] = []
             try:
                 await self._open_all(chain, hops, errors)
-            except BaseException as cancelled:
-                errors.append(("", cancelled))
+            except BaseException:  # cancelled
+                await self._abandon(chain, hops)
+                raise
             if not errors:
                 return [hop for hop in hops if hop is not None]
-            self._chains.release(*(record.peer_id for record, hop in zip(chain, hops) if hop is None))
-            for hop in hops:
-                if hop is not None:
-                    await self._drop(hop)
+            await self._abandon(chain, hops)
             for peer_id, error in errors:
-                if not isinstance(error, Exception):
-                    raise error  # cancelled
                 self._note_failure(peer_id, error)
 
+    async def _abandon(self, chain: list[ServerRecord], hops: list[Hop | None]) -> None:
+        """Give up a chain that did not open whole: release the servers not opened, close the others."""
+        self._chains.release(*(record.peer_id for record, hop in zip(chain, hops) if hop is None))
+        for hop in hops:
+            if hop is not None:
+                await self._drop(hop)
+
     async def _open_all(self, chain: list[ServerRecord], hops: list[Hop | None],
-                        errors: list[tuple[str, BaseException]]) -> None:
+                        errors: list[tuple[str, Exception]]) -> None:
         """Open every hop of `chain` at once (one round trip over a slow network, not one per hop),
         filling `hops` and `errors` in. Each server is told the next one, to which it will push, so it
         opens that stream while the client is still opening (a push stream costs round trips too)."""
