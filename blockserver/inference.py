@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,7 @@ class _LiveSession:
     inbox: trio.MemorySendChannel
     cancel: trio.CancelScope
     next_hops: dict[str, Stream] = field(default_factory=dict)  # peer id -> push stream
-    push_lock: trio.Lock = field(default_factory=trio.Lock)  # one stream per next hop, even opened ahead
+    push_locks: defaultdict[str, trio.Lock] = field(default_factory=lambda: defaultdict(trio.Lock))  # per next hop
     adapter: SpanLora | None = None  # LoRA applied to every step of the session
     adapter_digest: str | None = None  # its name: part of the prefix cache's keys
     span: BlockSpan | None = None  # the blocks it computes, on the weights loaded when it opened
@@ -166,7 +167,7 @@ class InferenceService:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_client_steps, live, nursery.cancel_scope)
                     nursery.start_soon(self._run_steps, live, inbox)
-                    if push_to is not None:
+                    if push_to is not None and push_to["peer"] != self.node.peer_id:
                         nursery.start_soon(self._open_push_ahead, live, push_to)
             finally:
                 del self._live[session_id]
@@ -330,7 +331,7 @@ class InferenceService:
         return await self._push_stream(live, require(hop, "peer", str), hop.get("addrs"))
 
     async def _push_stream(self, live: _LiveSession, peer: str, addrs: Any) -> Stream:
-        async with live.push_lock:
+        async with live.push_locks[peer]:  # one stream per next hop, even one being opened ahead
             if peer not in live.next_hops:
                 addrs = [a for a in addrs if isinstance(a, str)][:8] if isinstance(addrs, list) else []
                 live.next_hops[peer] = await self.node.open_stream(peer, protocol.PUSH, addrs)

@@ -40,6 +40,7 @@ RECORDS_TOPIC = "swarmgate/records/1"
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_REPLY_FRAME = 1024 * 1024 * 1024  # hidden states and gradients coming back from a server
+CLOSE_TIMEOUT = 2.0
 _HEADER = 4
 
 
@@ -198,11 +199,21 @@ async def request(
         with trio.fail_after(timeout):
             reply = expect(await read_frame(stream, max_bytes=max_bytes), reply_type)
     except BaseException:
-        await stream.close()
+        await close_quietly(stream)  # even when cancelled: the server frees what it reserved
         raise
     if not keep_open:
         await stream.close()
     return reply
+
+
+async def close_quietly(stream: Stream) -> None:
+    """Close `stream` even inside a cancelled scope (a closed stream is how a server learns a
+    session or request is over), giving up after CLOSE_TIMEOUT; a peer already gone is no error."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            await stream.close()
+        except Exception:
+            pass
 
 
 def field(message: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:

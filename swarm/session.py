@@ -42,7 +42,6 @@ from swarm.trust.checks import Chains, SpotChecks
 
 logger = logging.getLogger(__name__)
 
-CLOSE_TIMEOUT = 2.0
 POLL_INTERVAL = 0.5  # seconds between looks at the records while waiting for a replacement server
 
 
@@ -396,8 +395,10 @@ class InferenceSession:
     async def _open_all(self, chain: list[ServerRecord], hops: list[Hop | None],
                         errors: list[tuple[str, Exception]]) -> None:
         """Open every hop of `chain` at once (one round trip over a slow network, not one per hop),
-        filling `hops` and `errors` in. Each server is told the next one, to which it will push, so it
-        opens that stream while the client is still opening (a push stream costs round trips too)."""
+        filling `hops` and `errors` in; the first failure stops the others (the chain is given up,
+        and only the server that failed counts as failed). Each server is told the next one, to
+        which it will push, so it opens that stream while the client is still opening (a push
+        stream costs round trips too)."""
 
         async def open_hop(index: int, record: ServerRecord) -> None:
             push_to = chain[index + 1] if self._config.push and index + 1 < len(chain) else None
@@ -405,6 +406,7 @@ class InferenceSession:
                 hops[index] = await self._chains.open_hop(record, self.request, push_to)
             except Exception as error:
                 errors.append((record.peer_id, error))
+                nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for index, record in enumerate(chain):
@@ -422,9 +424,9 @@ class InferenceSession:
     async def _close(self, streams: list[protocol.Stream], *, background: bool = True) -> None:
         for stream in streams:
             if background and self._nursery is not None:
-                self._nursery.start_soon(_close, stream)
+                self._nursery.start_soon(protocol.close_quietly, stream)
             else:
-                await _close(stream)
+                await protocol.close_quietly(stream)
 
     # -- verification ------------------------------------------------------------------------------
     async def _verify(self) -> bool:
@@ -453,11 +455,3 @@ class InferenceSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-async def _close(stream: protocol.Stream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):  # cleanup outlives a cancelled step
-        try:
-            await stream.close()
-        except Exception:
-            pass  # the server is gone already

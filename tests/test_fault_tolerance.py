@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+from trio.testing import MockClock
 
 from blocks.head import ModelHead
 from swarm.backoff import PeerBackoff
 from swarm.node import CONNECT_TIMEOUT
 from swarm.records import ServerRecord
-from swarm.routing import choose_chain
-from swarm.session import InferenceSession
+from swarm.protocol import RemoteError
+from swarm.routing import NoChainError, choose_chain
+from swarm.session import Hop, InferenceSession, SessionConfig, SessionRequest
 from tests.swarm_harness import reference_model, running_swarm
 from swarmgate.launcher import ServerProcess
 
@@ -294,3 +296,60 @@ def test_local_load_spreads_sessions():
         (record,) = choose_chain("m", records, 4, load=load.__getitem__)
         load[record.peer_id] += 1
     assert load == {"x": 3, "y": 3}
+
+
+class _OpeningChains:
+    """A ChainProvider whose servers take `delay` to open, except those in `refuse`, which fail at once."""
+
+    def __init__(self, chains: list[list[ServerRecord]], refuse: set[str], delay: float) -> None:
+        self.chains, self.refuse, self.delay = chains, refuse, delay
+        self.opened: list[tuple[str, str | None]] = []  # (server, the server it was told to push to)
+        self.failures: list[str] = []
+        self.load: Counter = Counter()
+
+    def choose(self, model: str, start: int, end: int, *, avoid=()) -> list[ServerRecord]:
+        for chain in self.chains:
+            if not any(record.peer_id in avoid for record in chain):
+                return chain
+        raise NoChainError("no chain left")
+
+    def reserve(self, chain) -> None:
+        self.load.update(record.peer_id for record in chain)
+
+    def release(self, *peer_ids: str) -> None:
+        self.load.subtract(peer_ids)
+
+    def failed(self, peer_id: str) -> float:
+        self.failures.append(peer_id)
+        return 5.0
+
+    def succeeded(self, peer_id: str) -> None: ...
+
+    def replayed(self) -> None: ...
+
+    async def open_hop(self, record: ServerRecord, request, push_to: ServerRecord | None = None) -> Hop:
+        if record.peer_id in self.refuse:
+            raise RemoteError(f"{record.peer_id} refuses")
+        await trio.sleep(self.delay)
+        self.opened.append((record.peer_id, push_to.peer_id if push_to else None))
+        return Hop(record, f"session-{record.peer_id}", stream=None)
+
+
+def test_a_chain_opens_at_once_and_one_refusal_stops_it():
+    """Hops open concurrently, each told the next server; the first refusal cancels the others, only
+    the refusing server counts as failed, and the next chain avoids it."""
+    a, b, c, x = (_record(peer, start, start + 2) for peer, start in [("a", 0), ("b", 2), ("c", 4), ("x", 2)])
+    chains = _OpeningChains([[a, b, c], [a, x, c]], refuse={"b"}, delay=0.5)
+    session = InferenceSession(chains, SessionRequest("m", 6, max_length=16), SessionConfig(replace_wait=0))
+
+    async def open_session() -> float:
+        started = trio.current_time()
+        await session.open()
+        return trio.current_time() - started
+
+    seconds = trio.run(open_session, clock=MockClock(autojump_threshold=0))
+    assert chains.failures == ["b"]
+    assert sorted(chains.opened) == [("a", "x"), ("c", None), ("x", "c")]
+    assert seconds == pytest.approx(0.5)  # the three at once, the refused chain's slow hops cut short
+    assert [hop.record.peer_id for hop in session._hops] == ["a", "x", "c"]
+    assert +chains.load == Counter({"a": 1, "x": 1, "c": 1})
