@@ -194,6 +194,7 @@ def test_a_liar_on_decode_steps_only_is_caught_there(liar_swarm):
                         extra_args=[*FAST_ANNOUNCE, "--drill-corrupt", "1.0", "--drill-only", "decode"])
     head = ModelHead(path)
     prompt = torch.randint(3, head.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+
     def decode(bridge: SwarmBridge) -> list[list[int]]:
         # the liar's one hop measures fastest, so it is on the chain and every decode step is checked
         bridge.snapshot(lambda: [bridge.client.node.observe_rtt(s.peer_id, 0.2 if s is not liar else 0.001)
