@@ -24,6 +24,7 @@ class ServerConfig:
     quant: str = "none"
     limits: ServerLimits = field(default_factory=ServerLimits)
     announce_interval: float = 5.0
+    throughput: float = 0.0  # tokens/s through the span to announce; 0: measured (and cached) at start
     torch_threads: int = 0  # 0: torch's default
     metrics_port: int = 0  # 0: no Prometheus endpoint
     drill_corrupt: float = 0.0  # a drill: corrupt this fraction of outputs on purpose (blockserver/drill.py)

@@ -76,6 +76,7 @@ async def serve(config: ServerConfig) -> None:
             limits=config.limits,
             announce_interval=config.announce_interval,
             throughput_cache=ThroughputCache(),
+            fixed_throughput=config.throughput,
             metrics=ServerMetrics(),
             drill=drill,
         )

@@ -47,6 +47,7 @@ class BlockServer:
         limits: ServerLimits = ServerLimits(),
         announce_interval: float = 5.0,
         throughput_cache: ThroughputCache | None = None,
+        fixed_throughput: float = 0.0,
         metrics: ServerMetrics | None = None,
         drill: Drill | None = None,
     ) -> None:
@@ -59,6 +60,7 @@ class BlockServer:
         self.caches = SessionCaches(limits.max_sessions, limits.max_tokens, limits.idle_timeout)
         self.throughput = 0.0
         self.throughput_cache = throughput_cache
+        self.fixed_throughput = fixed_throughput  # --throughput: announced as given, never measured (0: measure)
         self.metrics = metrics or ServerMetrics()
         self.metrics.sessions.set_function(lambda: self.caches.num_sessions)
         self.drill = drill or Drill()
@@ -91,7 +93,7 @@ class BlockServer:
             task_status.started()
 
     async def _measure(self, span: BlockSpan) -> None:
-        self.throughput = await trio.to_thread.run_sync(
+        self.throughput = self.fixed_throughput or await trio.to_thread.run_sync(
             span_throughput, span, self.checkpoint, self.throughput_cache, limiter=self._compute
         )
         self.metrics.throughput.set(self.throughput)

@@ -33,6 +33,7 @@ from swarm.uploads import AdapterUploads
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
+SHADOW_ATTEMPTS = 3  # shadows tried per spot check before it is skipped (a failed one is not drawn again)
 _draw = random.SystemRandom()  # which spans are checked: servers must not be able to predict it
 
 
@@ -113,11 +114,13 @@ class SwarmClient:
     def shadow_chain(self, like: ServerRecord, *, avoid: Iterable[str], whole_spans: bool = False) -> list[ServerRecord]:
         """Other servers for `like`'s blocks: one that holds them all, drawn at random (a server
         must not know whether it will check or be checked, nor by whom) and of the same weight
-        quantization when there is one, else the cheapest chain. `whole_spans`: only servers
-        whose whole span they are (for requests that cannot name part of a span)."""
+        quantization when there is one, else the cheapest chain; recently failed servers only
+        through the chain's fallback. `whole_spans`: only servers whose whole span they are (for
+        requests that cannot name part of a span)."""
         avoid = frozenset(avoid) | self.bans.banned()
+        unwanted = avoid | self.backoff.avoided()
         holders = [r for r in self.node.records.live(like.model) if r.checkpoint == like.checkpoint
-                   and r.start <= like.start and like.end <= r.end and r.peer_id not in avoid
+                   and r.start <= like.start and like.end <= r.end and r.peer_id not in unwanted
                    and (not whole_spans or (r.start, r.end) == (like.start, like.end))]
         alike = [r for r in holders if r.quant == like.quant] or holders
         if alike:
@@ -230,7 +233,8 @@ class SwarmClient:
     ) -> T:
         """`result` of ``call(record, value)``, checked: recomputed by other servers of the same
         blocks and compared (swarm/trust/verification.py); when a third server sides against
-        `record`'s, its server is banned and the majority's result returned instead. `call` must have
+        `record`'s, its server is banned and the majority's result returned instead. A shadow
+        server that fails is avoided and another drawn, up to SHADOW_ATTEMPTS. `call` must have
         no side effects beyond its result."""
 
         async def recompute(avoid: set[str]) -> tuple[T, list[ServerRecord]]:
@@ -238,14 +242,21 @@ class SwarmClient:
             if checked.single_server and len(records) > 1:
                 raise NoChainError(record.model, list(range(record.start, record.end)))  # nobody holds them all
             for shadow in records:
-                output = await call(shadow, output)
+                try:
+                    output = await call(shadow, output)
+                except Exception:
+                    self.failed(shadow.peer_id)  # not drawn again while it backs off
+                    raise
             return output, records
 
-        try:
-            shadow_result, shadows = await recompute({record.peer_id})
-        except Exception as error:  # no other server, or it failed: nothing to compare with this time
-            logger.info("spot check of %s skipped: %r", record.peer_id, error)
-            return result
+        for attempt in range(1, SHADOW_ATTEMPTS + 1):
+            try:
+                shadow_result, shadows = await recompute({record.peer_id})
+                break
+            except Exception as error:  # no other server, or it failed (and is avoided from now on)
+                if isinstance(error, NoChainError) or attempt == SHADOW_ATTEMPTS:
+                    logger.info("spot check of %s skipped: %r", record.peer_id, error)
+                    return result
 
         async def referee() -> tuple[torch.Tensor, list[str]]:
             reference, referees = await recompute({record.peer_id, *(r.peer_id for r in shadows)})

@@ -10,6 +10,7 @@ a flood or a forgery stops at the first honest node, and only the peer that sent
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -213,9 +214,12 @@ class SwarmNode:
         self._accept(wire)
         await self.pubsub.publish(protocol.RECORDS_TOPIC, cbor2.dumps(wire))
 
-    def _accept(self, wire: Any, publisher: str | None = None) -> bool:
+    def _accept(self, wire: Any, publisher: str | None = None, age: float = 0.0) -> bool:
         """Validate a record (signed by the peer it describes) and store it; raises ProtocolError
         on a bad one. Returns whether it may travel on (gossip forwards only those).
+
+        `age` is how long the peer it was pulled from has held it: the record expires when it
+        would have there, so pulls cannot keep a stopped server's record alive.
 
         `publisher` is the gossipsub originator of an announcement (None for a pulled record): a
         server announces only itself, so a record published by another peer is refused — one
@@ -223,7 +227,10 @@ class SwarmNode:
         than MIN_RECORD_INTERVAL are dropped and not forwarded; only accepted (validly signed)
         records count, so a forger cannot crowd out a real server's records.
         """
-        record = ServerRecord.from_wire(wire, received_at=time.monotonic())
+        now = time.monotonic()
+        record = ServerRecord.from_wire(wire, received_at=now)
+        if age > 0:
+            record = dataclasses.replace(record, received_at=now - min(age, record.ttl))
         if publisher is not None and publisher != record.peer_id:
             raise ProtocolError(f"record of {record.peer_id} published by {publisher}: servers announce themselves")
         payload = _signed_payload(wire)
@@ -235,7 +242,7 @@ class SwarmNode:
         if not isinstance(signature, bytes) or public_key is None or not public_key.verify(payload, signature):
             raise ProtocolError(f"record of {record.peer_id} has a bad signature")
         last = self._accepted_at.get(record.peer_id)
-        if last is not None and record.received_at - last < MIN_RECORD_INTERVAL:
+        if last is not None and now - last < MIN_RECORD_INTERVAL:
             logger.debug("ignored the record of %s: it announces too often", record.peer_id)
             return self._raw_records.get(record.peer_id) == wire  # the same one again (pulled, then gossiped) is no spam
         if self.allow_peers is not None and record.peer_id not in self.allow_peers | {self.peer_id}:
@@ -245,7 +252,7 @@ class SwarmNode:
             logger.debug("ignored the record of %s: the record table is full", record.peer_id)
             return True
         self._raw_records[record.peer_id] = wire
-        self._accepted_at[record.peer_id] = record.received_at
+        self._accepted_at[record.peer_id] = now
         if len(self._raw_records) > MAX_RECORDS:
             self._live_wires()
         # Not into libp2p's peerstore: its AutoConnector dials peers found there until a node holds
@@ -290,8 +297,11 @@ class SwarmNode:
                 await protocol.write_frame(stream, protocol.error_frame(
                     "too many records requests from this peer; retry later", protocol.BUSY))
                 return
-            wires = list(self._live_wires().values())
-            await protocol.write_frame(stream, {"type": "records", "records": wires})
+            now, records = time.monotonic(), {r.peer_id: r for r in self.records.live()}
+            held = [(wire, round(now - records[peer].received_at, 3))
+                    for peer, wire in self._live_wires().items() if peer in records]
+            await protocol.write_frame(stream, {"type": "records", "records": [wire for wire, _ in held],
+                                                "ages": [age for _, age in held]})
         except Exception as error:
             logger.debug("records request failed: %s", error)
         finally:
@@ -303,10 +313,16 @@ class SwarmNode:
         reply = await protocol.request(
             stream, {"type": "records?"}, "records", timeout=CONNECT_TIMEOUT, max_bytes=MAX_RECORD_FRAME
         )
+        wires = protocol.field(reply, "records", list)
+        ages = reply.get("ages") or [0.0] * len(wires)  # how long the peer has held each
+        if not isinstance(ages, list) or len(ages) != len(wires):
+            raise protocol.ProtocolError("records reply: `ages` must list one age per record")
         accepted = 0
-        for wire in protocol.field(reply, "records", list):
+        for wire, age in zip(wires, ages):
             try:
-                self._accept(wire)
+                if not isinstance(age, (int, float)) or not age >= 0:
+                    raise protocol.ProtocolError(f"record age must be a number >= 0, got {age!r}")
+                self._accept(wire, age=float(age))
                 accepted += 1
             except Exception as error:
                 logger.warning("dropped a bad pulled record: %s", error)

@@ -7,7 +7,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import httpx
 import torch
@@ -38,8 +38,15 @@ def running_swarm(
         stop_all(servers)
 
 
-def wait_for_servers(bridge: SwarmBridge, model: str, count: int, timeout: float = 30.0) -> None:
-    wait_until(lambda: len(bridge.servers(model)) >= count, timeout, interval=0.1,
+def wait_for_servers(bridge: SwarmBridge, model: str, count: int, timeout: float = 30.0,
+                     including: Collection[str] = ()) -> None:
+    """Until `bridge` sees `count` servers of `model`, `including` these peers (a count alone can
+    be met by the record of a server stopped a moment ago, still live for its TTL)."""
+    def seen() -> bool:
+        peers = {record.peer_id for record in bridge.servers(model)}
+        return len(peers) >= count and peers.issuperset(including)
+
+    wait_until(seen, timeout, interval=0.1,
                message=lambda: f"saw {len(bridge.servers(model))} of {count} servers of {model}")
 
 

@@ -1,7 +1,8 @@
 """Verification of untrusted servers: spot-checks, a third server's vote, bans (swarm/trust/).
 
 Unit tests of the tolerance and the vote; then a real swarm — honest servers, two per span, plus
-one started with ``--drill-corrupt 1.0`` holding every block (so the cheapest chain uses the liar)
+one started with ``--drill-corrupt 1.0`` holding every block and announcing a high ``--throughput``
+(so the cheapest chain is the liar alone, whatever the others measured on a busy machine)
 — behind a real gateway with ``--verify-fraction 1``: answers equal transformers' greedy tokens,
 and the liar is listed as banned in ``/v1/swarm`` and counted in ``/metrics``; cache-less
 forwards and LoRA training steps (forward and backward) through the same swarm are checked too, and
@@ -11,6 +12,7 @@ liars that lie on one kind of output only (``--drill-only decode``, ``backward``
 from __future__ import annotations
 
 import functools
+import time
 
 import httpx
 import openai
@@ -24,6 +26,9 @@ from blocks.head import ModelHead
 from gateway.storage.tenants import KeyStore
 from swarm import training
 from swarm.bridge import SwarmBridge
+from swarm.client import SwarmClient
+from swarm.node import start_node
+from swarm.records import ServerRecord
 from swarm.trust.bans import BanList
 from swarm.trust.verification import VerificationStats, judge, relative_errors, tolerance
 from swarmgate.launcher import start_server, start_swarm, stop_all
@@ -77,6 +82,26 @@ def test_bans_are_permanent_and_keep_their_first_reason():
     assert [ban.reason for ban in bans.entries()] == ["wrong outputs on blocks [0, 2)"]
 
 
+def test_a_shadow_that_failed_is_not_drawn_again():
+    """A check whose shadow server failed (it died, its record not yet expired) skips, and the
+    next check draws around it: here the remaining chain of two honest spans."""
+    def record(peer: str, start: int, end: int) -> ServerRecord:
+        return ServerRecord(peer_id=peer, addrs=(), model="m", checkpoint="c", start=start, end=end,
+                            throughput=100.0, free_tokens=1000, sessions=0, ttl=60.0, received_at=time.monotonic())
+
+    async def main():
+        async with start_node() as node:
+            client = SwarmClient(node)
+            liar, dead, first, second = record("liar", 0, 4), record("dead", 0, 4), record("a", 0, 2), record("b", 2, 4)
+            for each in (liar, dead, first, second):
+                node.records.add(each)
+            assert [r.peer_id for r in client.shadow_chain(liar, avoid={"liar"})] == ["dead"]
+            client.failed("dead")
+            assert [r.peer_id for r in client.shadow_chain(liar, avoid={"liar"})] == ["a", "b"]
+
+    trio.run(main)
+
+
 # -- a swarm with a liar -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def liar_swarm(tiny_models, tmp_path_factory):
@@ -86,7 +111,7 @@ def liar_swarm(tiny_models, tmp_path_factory):
     servers = list(honest)
     try:
         servers.append(start_server(path, "0:4", initial_peers=honest[0].addrs,
-                                    extra_args=[*FAST_ANNOUNCE, "--drill-corrupt", "1.0"],
+                                    extra_args=[*FAST_ANNOUNCE, "--drill-corrupt", "1.0", "--throughput", "1e6"],
                                     log_file=data_dir / "liar.log"))
         yield {"path": path, "honest": honest, "liar": servers[-1], "data_dir": data_dir}
     finally:
@@ -97,12 +122,13 @@ def liar_swarm(tiny_models, tmp_path_factory):
 def test_gateway_bans_the_liar_and_answers_correctly(liar_swarm):
     path, data_dir, liar = liar_swarm["path"], liar_swarm["data_dir"], liar_swarm["liar"]
     key = KeyStore(data_dir).create_key("acme")
-    # no pings: unmeasured, the liar's one hop is the cheapest chain, so the first request meets it
+    # no pings: unmeasured and announcing 1e6 tokens/s, the liar's one hop is the cheapest chain, so
+    # the first request meets it
     gateway, base = start_gateway(path, liar_swarm["honest"][0].addrs, data_dir,
                                   "--verify-fraction", "1", "--wire-codec", "none", "--rtt-probe-interval", "0")
     try:
         wait_covered(base, key)
-        wait_until_five_servers(base, key, path.name)
+        wait_until_five_servers(base, key, path.name, liar.peer_id)
         tokenizer = AutoTokenizer.from_pretrained(path)
         prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt",
                                                return_dict=True)["input_ids"]
@@ -126,10 +152,11 @@ def test_gateway_bans_the_liar_and_answers_correctly(liar_swarm):
         gateway.wait(30)
 
 
-def wait_until_five_servers(base: str, key: str, model: str) -> None:
+def wait_until_five_servers(base: str, key: str, model: str, liar: str) -> None:
     def five() -> bool:
         view = httpx.get(f"{base}/v1/swarm", headers={"Authorization": f"Bearer {key}"}).json()
-        return len(view["swarm"]["models"].get(model, {}).get("servers", [])) == 5
+        servers = view["swarm"]["models"].get(model, {}).get("servers", [])
+        return len(servers) == 5 and liar in {server["peer_id"] for server in servers}
 
     wait_until(five, 60, message="the gateway did not see all five servers")
 
@@ -175,7 +202,7 @@ def _honest_then_with_liar(liar_swarm, liar, run, **bridge_args) -> tuple[dict, 
             bridge = SwarmBridge(initial_peers=honest[0].addrs, allow_peers={s.peer_id for s in honest} | extra,
                                  step_timeout=30.0, verify_fraction=1.0, **bridge_args).start()
             try:
-                wait_for_servers(bridge, path.name, 4 + len(extra))
+                wait_for_servers(bridge, path.name, 4 + len(extra), including=extra)
                 results[name] = run(bridge)
                 bans[name] = [ban["peer_id"] for ban in bridge.banned()]
             finally:
@@ -218,7 +245,7 @@ def test_cache_less_forwards_are_checked_too(liar_swarm):
         bridge = SwarmBridge(initial_peers=honest[0].addrs, allow_peers=allow, step_timeout=30.0,
                              verify_fraction=1.0).start()
         try:
-            wait_for_servers(bridge, path.name, 4 if allow else 5)
+            wait_for_servers(bridge, path.name, 4 if allow else 5, including=() if allow else {liar.peer_id})
             forward = functools.partial(bridge.client.forward, path.name, 4, hidden, wire_codec="none")
             results[name] = [bridge.call(forward) for _ in range(3)]
             bans[name] = [ban["peer_id"] for ban in bridge.banned()]

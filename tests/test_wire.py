@@ -286,6 +286,21 @@ def test_an_unchanged_record_announced_again_is_refreshed():
     trio.run(main)
 
 
+def test_a_pulled_record_expires_when_it_would_have_at_its_source():
+    """A joiner pulls the records its first peer holds, with how long that peer has held each: a
+    stopped server's record, about to expire there, must not start a fresh TTL at the joiner."""
+    async def main():
+        async with start_node() as holder, start_node() as stopped:
+            holder._accept(stopped.sign_record(_record(stopped.peer_id, 0, 4, ttl=1.0)), publisher=stopped.peer_id)
+            await trio.sleep(0.6)
+            async with start_node(initial_peers=holder.multiaddrs()) as joiner:  # joining pulls
+                assert [r.peer_id for r in joiner.records.live("m")] == [stopped.peer_id]
+                await trio.sleep(0.6)  # 1.2 s after the holder took it, 0.6 s after the pull
+                assert joiner.records.live("m") == [] and holder.records.live("m") == []
+
+    trio.run(main)
+
+
 def test_a_flood_of_pulled_records_stays_bounded():
     """Records pulled from a peer carry other servers' signatures, so one peer can hand over many:
     the table, the raw wires and the announce times all stay within MAX_RECORDS."""

@@ -64,6 +64,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                help="MiB of LoRA adapters kept by digest (least recently used evicted)")
     add_option(server, "--announce-interval", type=float, default=DEFAULT.announce_interval,
                help="seconds between record refreshes")
+    add_option(server, "--throughput", type=float, default=DEFAULT.throughput, metavar="TOKENS_PER_S",
+               help="announce this speed through the span instead of measuring it at start (default 0: measure; "
+                    "measurements are cached per checkpoint, span length and device)")
     add_option(server, "--torch-threads", type=int, default=DEFAULT.torch_threads, help="0: torch's default")
     add_option(server, "--metrics-port", type=int, default=DEFAULT.metrics_port,
                help="serve Prometheus metrics on this port, all interfaces (default 0: off)")
@@ -123,6 +126,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
     if args.prefill_chunk < 0:
         raise SystemExit(f"swarmgate server: --prefill-chunk must be >= 0, got {args.prefill_chunk}")
+    if args.throughput < 0:
+        raise SystemExit(f"swarmgate server: --throughput must be >= 0, got {args.throughput}")
     if not 0.0 <= args.drill_corrupt <= 1.0:
         raise SystemExit(f"swarmgate server: --drill-corrupt must be in [0, 1], got {args.drill_corrupt}")
     if args.model in PACKAGED and not Path(args.model).expanduser().is_dir():
@@ -131,7 +136,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         model=args.model, model_name=args.model_name, blocks=blocks, num_blocks=args.num_blocks,
         rebalance_interval=args.rebalance_interval, balance_quality=args.balance_quality,
         node=node_options(args), announce_addrs=args.announce_addrs, device=args.device, dtype=args.dtype,
-        quant=args.quant, limits=limits, announce_interval=args.announce_interval,
+        quant=args.quant, limits=limits, announce_interval=args.announce_interval, throughput=args.throughput,
         torch_threads=args.torch_threads, metrics_port=args.metrics_port,
         drill_corrupt=args.drill_corrupt, drill_only=args.drill_only,
     )
