@@ -1,11 +1,15 @@
 """Continuous batching of decode steps: sessions' one-token steps that wait for the compute slot
 run as one forward of the span (blocks/batching.py) when they get it.
 
-No timer: a step that finds the slot free runs at once, alone; steps that arrive while a
-computation runs queue up, and whichever of them gets the slot next takes every queued step it
-can batch with (same span weights, same adapter) up to `max_rows` rows, in arrival order. So a
-lone stream pays nothing, and under load sessions join and leave the batch step by step. The
-others find their result ready when their turn for the slot comes and give it straight back.
+Steps that arrive while a computation runs queue up, and whichever of them gets the slot next
+takes every queued step it can batch with (same span weights, same adapter) up to `max_rows`
+rows, in arrival order; the others find their result ready when their turn for the slot comes
+and give it straight back. Under load, sessions join and leave the batch step by step.
+
+A step that finds the slot free may wait up to `gather` seconds for the sessions that stepped
+about when its own previous step did (half a round either way) and not since: they decode in
+step with it (a gateway sends their steps within the same moment), so they run as one batch
+instead of drifting apart into ever smaller ones. A lone stream has no such peers and never waits.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import trio
 from blocks.lora import SpanLora
 from blocks.span import BlockSpan
 from blockserver.metrics import ServerMetrics
+
+
+ROUNDS_KEPT = 8  # a session that has not stepped for this many of a stepping session's rounds is forgotten
 
 
 @dataclass(eq=False)
@@ -38,13 +45,17 @@ class _Step:
 
 
 class DecodeBatcher:
-    def __init__(self, compute: trio.CapacityLimiter, metrics: ServerMetrics, *, max_rows: int,
+    def __init__(self, compute: trio.CapacityLimiter, metrics: ServerMetrics, *, max_rows: int, gather: float = 0.0,
                  finish: Callable[[torch.Tensor], torch.Tensor] = lambda output: output):
         self.compute = compute  # shared with every other computation of the server
         self.metrics = metrics
         self.max_rows = max_rows
+        self.gather = gather  # seconds a step may wait for the sessions of its round
         self.finish = finish  # applied to each output in the worker thread (the drill)
         self._queue: list[_Step] = []
+        self._arrived = trio.Event()  # set (and replaced) whenever a step is queued
+        # id(cache) -> when its session last stepped, and on what (no reference to the cache itself)
+        self._last_step: dict[int, tuple[float, BlockSpan, SpanLora | None]] = {}
 
     @property
     def queued(self) -> int:
@@ -55,10 +66,17 @@ class DecodeBatcher:
         """The output of one one-token step (`span.batches(cache)` must hold), maybe computed
         together with other sessions'."""
         mine = _Step(span, adapter, hidden, cache, position)
+        previous = self._last_step.get(id(cache), (None,))[0]
+        if self.gather > 0:
+            self._last_step[id(cache)] = (trio.current_time(), span, adapter)
         self._queue.append(mine)
+        self._arrived.set()
+        self._arrived = trio.Event()
         try:
             async with self.compute:
                 if not mine.done.is_set():
+                    if previous is not None and self.gather > 0:
+                        await self._gather(mine, previous)
                     await self._run(self._take(mine))
         finally:
             if mine in self._queue:  # cancelled while waiting: nobody computes it
@@ -68,6 +86,25 @@ class DecodeBatcher:
             raise mine.error
         assert mine.output is not None
         return mine.output
+
+    async def _gather(self, leader: _Step, previous: float) -> None:
+        """Wait up to ``gather`` seconds for the sessions that stepped within half a round of the
+        leader's `previous` step (and not since), on the same span and adapter, to queue with it,
+        or for the batch to fill."""
+        now = trio.current_time()
+        half_round = (now - previous) / 2
+        forgotten = now - ROUNDS_KEPT * 2 * half_round
+        for key in [key for key, (when, _, _) in self._last_step.items() if when < forgotten]:
+            del self._last_step[key]  # sessions that stopped stepping: the table stays bounded
+        expected = {key for key, (when, span, adapter) in self._last_step.items()
+                    if abs(when - previous) < half_round and span is leader.span and adapter is leader.adapter}
+        with trio.move_on_after(self.gather):
+            while True:
+                joining = [step for step in self._queue if step.joins(leader)]
+                if expected <= {id(step.cache) for step in joining} or \
+                        sum(step.hidden.shape[0] for step in joining) >= self.max_rows:
+                    return
+                await self._arrived.wait()
 
     def _take(self, leader: _Step) -> list[_Step]:
         """The leader's step, then the queued ones that join it, oldest first, within `max_rows`."""

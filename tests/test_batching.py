@@ -1,6 +1,7 @@
 """Continuous batching on a span (blocks/batching.py): one-token steps of several sessions, at
 different positions and with different row counts, computed in one pass give what each session's
-own step gives, and leave every cache as its own steps would (the next steps agree too).
+own step gives, and leave every cache as its own steps would (the next steps agree too). Then the
+server's batcher (blockserver/batcher.py): sessions stepping in time are gathered into one batch.
 
 Tolerance: float32, 1e-5 absolute on hidden states of unit scale — a batched matmul may sum in
 another order than a one-row one, nothing more.
@@ -8,14 +9,18 @@ another order than a one-row one, nothing more.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import trio
 
 from blocks.lora import SpanLora
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import build_checkpoint
+from blockserver.batcher import DecodeBatcher
+from blockserver.metrics import ServerMetrics
 
 TOLERANCE = 1e-5
 # families whose spans batch, and those that run alone (ALiBi, or sliding-window layers)
@@ -91,3 +96,56 @@ def test_a_step_at_the_wrong_position_is_refused(checkpoints):
     (cache, position), = _prefilled(span, [(1, 3)])
     with pytest.raises(ValueError, match="does not follow"):
         span.forward_batch([(torch.randn(1, 1, span.hidden_size), cache, position + 1)])
+
+
+# -- the server's batcher: which steps run together ---------------------------------------------
+class _CountingSpan:
+    """Stands in for a span: adds 1, and records how many rows each forward computed."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def forward(self, hidden, *, cache, position, adapter):
+        self.batches.append(hidden.shape[0])
+        return hidden + 1
+
+    def forward_batch(self, steps, adapter):
+        self.batches.append(sum(hidden.shape[0] for hidden, _, _ in steps))
+        return [hidden + 1 for hidden, _, _ in steps]
+
+
+def _rounds(gather: float, sessions: int, rounds: int, drift: float, adapters: list | None = None) -> list[int]:
+    """`sessions` decoding in step for `rounds` rounds, the first one's step sent `drift` seconds
+    before the others' (as a gateway's sends drift apart), each with its `adapters` entry: the
+    rows of each forward."""
+    adapters = adapters or [None] * sessions
+    span = _CountingSpan()
+
+    async def main():
+        batcher = DecodeBatcher(trio.CapacityLimiter(1), ServerMetrics(), max_rows=64, gather=gather)
+        caches = [object() for _ in range(sessions)]
+
+        async def step(cache, delay, adapter):
+            await trio.sleep(delay)
+            await batcher.step(span, torch.zeros(1, 1, 4), cache, 0, adapter)
+
+        for _ in range(rounds):
+            async with trio.open_nursery() as nursery:
+                for index, cache in enumerate(caches):
+                    nursery.start_soon(step, cache, drift if index else 0.0, adapters[index])
+            await trio.sleep(0.05)  # the rest of the round: the gateway's head, the other server
+
+    trio.run(main)
+    return span.batches
+
+
+def test_sessions_in_step_wait_for_each_other_and_others_never_wait():
+    assert _rounds(0.0, 3, 4, drift=0.02) == [1, 2] * 4  # the first step finds the slot free: alone
+    gathered = _rounds(0.2, 3, 4, drift=0.02)
+    assert gathered[:2] == [1, 2] and gathered[2:] == [3, 3, 3]  # from the second round on, one batch
+    started = time.perf_counter()
+    assert _rounds(1.0, 1, 4, drift=0.0) == [1] * 4
+    assert time.perf_counter() - started < 0.9  # 4 rounds of 0.05 s: no step waited out the 1 s gather
+    started = time.perf_counter()
+    assert _rounds(1.0, 2, 4, drift=0.02, adapters=[None, object()]) == [1] * 8  # another adapter never joins
+    assert time.perf_counter() - started < 0.9  # ... so nobody waits for it

@@ -48,6 +48,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     add_option(server, "--max-batch", type=int, default=LIMITS.max_batch, help="rows of one session")
     add_option(server, "--max-batch-rows", type=int, default=LIMITS.max_batch_rows,
                help="rows of one continuous batch of different sessions' decode steps (1: no batching)")
+    add_option(server, "--batch-gather-ms", type=float, default=LIMITS.batch_gather * 1000,
+               help="ms a decode step may wait for the sessions that step in time with it, to batch with them "
+                    "(0: never wait; a lone stream never waits)")
     add_option(server, "--prefix-cache-tokens", type=int, default=LIMITS.prefix_cache_tokens,
                help="tokens of recent prompts' starts kept to skip recomputing them (0: off)")
     add_option(server, "--prefill-chunk", type=int, default=LIMITS.prefill_chunk,
@@ -111,6 +114,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_tokens=args.max_cache_tokens,
         max_batch=args.max_batch,
         max_batch_rows=args.max_batch_rows,
+        batch_gather=args.batch_gather_ms / 1000,
         prefix_cache_tokens=args.prefix_cache_tokens,
         prefill_chunk=args.prefill_chunk,
         idle_timeout=args.session_idle_timeout,
@@ -124,6 +128,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         peer_stream_rate=args.peer_stream_rate,
         peer_stream_burst=args.peer_stream_burst,
     )
+    if args.batch_gather_ms < 0:
+        raise SystemExit(f"swarmgate server: --batch-gather-ms must be >= 0, got {args.batch_gather_ms}")
     if args.prefill_chunk < 0:
         raise SystemExit(f"swarmgate server: --prefill-chunk must be >= 0, got {args.prefill_chunk}")
     if args.throughput < 0:
