@@ -53,7 +53,7 @@ class DecodeBatcher:
         self.gather = gather  # seconds a step may wait for the sessions of its round
         self.finish = finish  # applied to each output in the worker thread (the drill)
         self._queue: list[_Step] = []
-        self._arrived = trio.Event()  # set (and replaced) whenever a step is queued
+        self._arrived = trio.Event()  # set (and replaced) whenever a step is queued, when gathering
         # id(cache) -> when its session last stepped, and on what (no reference to the cache itself)
         self._last_step: dict[int, tuple[float, BlockSpan, SpanLora | None]] = {}
 
@@ -67,11 +67,11 @@ class DecodeBatcher:
         together with other sessions'."""
         mine = _Step(span, adapter, hidden, cache, position)
         previous = self._last_step.get(id(cache), (None,))[0]
-        if self.gather > 0:
-            self._last_step[id(cache)] = (trio.current_time(), span, adapter)
         self._queue.append(mine)
-        self._arrived.set()
-        self._arrived = trio.Event()
+        if self.gather > 0:  # gathering off: no bookkeeping on the decode path
+            self._last_step[id(cache)] = (trio.current_time(), span, adapter)
+            self._arrived.set()
+            self._arrived = trio.Event()
         try:
             async with self.compute:
                 if not mine.done.is_set():
