@@ -205,7 +205,7 @@ class SwarmNode:
 
     # -- records -------------------------------------------------------------------------------
     def sign_record(self, record: ServerRecord) -> dict[str, Any]:
-        wire = record.to_wire()
+        wire = dataclasses.replace(record, issued_at=round(time.time(), 3)).to_wire()
         wire["signature"] = self.key_pair.private_key.sign(_signed_payload(wire))
         return wire
 
@@ -214,12 +214,9 @@ class SwarmNode:
         self._accept(wire)
         await self.pubsub.publish(protocol.RECORDS_TOPIC, cbor2.dumps(wire))
 
-    def _accept(self, wire: Any, publisher: str | None = None, age: float = 0.0) -> bool:
+    def _accept(self, wire: Any, publisher: str | None = None) -> bool:
         """Validate a record (signed by the peer it describes) and store it; raises ProtocolError
         on a bad one. Returns whether it may travel on (gossip forwards only those).
-
-        `age` is how long the peer it was pulled from has held it: the record expires when it
-        would have there, so pulls cannot keep a stopped server's record alive.
 
         `publisher` is the gossipsub originator of an announcement (None for a pulled record): a
         server announces only itself, so a record published by another peer is refused — one
@@ -228,9 +225,7 @@ class SwarmNode:
         records count, so a forger cannot crowd out a real server's records.
         """
         now = time.monotonic()
-        record = ServerRecord.from_wire(wire, received_at=now)
-        if age > 0:
-            record = dataclasses.replace(record, received_at=now - min(age, record.ttl))
+        record = ServerRecord.from_wire(wire, received_at=now)  # a replayed copy keeps its first expiry
         if publisher is not None and publisher != record.peer_id:
             raise ProtocolError(f"record of {record.peer_id} published by {publisher}: servers announce themselves")
         payload = _signed_payload(wire)
@@ -297,11 +292,9 @@ class SwarmNode:
                 await protocol.write_frame(stream, protocol.error_frame(
                     "too many records requests from this peer; retry later", protocol.BUSY))
                 return
-            now, records = time.monotonic(), {r.peer_id: r for r in self.records.live()}
-            held = [(wire, round(now - records[peer].received_at, 3))
-                    for peer, wire in self._live_wires().items() if peer in records]
-            await protocol.write_frame(stream, {"type": "records", "records": [wire for wire, _ in held],
-                                                "ages": [age for _, age in held]})
+            live = {r.peer_id for r in self.records.live()}
+            await protocol.write_frame(stream, {"type": "records", "records": [
+                wire for peer, wire in self._live_wires().items() if peer in live]})
         except Exception as error:
             logger.debug("records request failed: %s", error)
         finally:
@@ -313,16 +306,10 @@ class SwarmNode:
         reply = await protocol.request(
             stream, {"type": "records?"}, "records", timeout=CONNECT_TIMEOUT, max_bytes=MAX_RECORD_FRAME
         )
-        wires = protocol.field(reply, "records", list)
-        ages = reply.get("ages") or [0.0] * len(wires)  # how long the peer has held each
-        if not isinstance(ages, list) or len(ages) != len(wires):
-            raise protocol.ProtocolError("records reply: `ages` must list one age per record")
         accepted = 0
-        for wire, age in zip(wires, ages):
+        for wire in protocol.field(reply, "records", list):
             try:
-                if not isinstance(age, (int, float)) or not age >= 0:
-                    raise protocol.ProtocolError(f"record age must be a number >= 0, got {age!r}")
-                self._accept(wire, age=float(age))
+                self._accept(wire)
                 accepted += 1
             except Exception as error:
                 logger.warning("dropped a bad pulled record: %s", error)

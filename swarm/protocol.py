@@ -13,8 +13,7 @@ Protocols (one libp2p stream each):
   (a replay's duplicate), so resending a step is always safe.
 - ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain.
 - ``FORWARD``: one cache-less ``forward`` -> ``output`` over a full sequence.
-- ``RECORDS``: ask a peer for every server record it knows (fast start for a new node), with
-  ``ages``: seconds it has held each.
+- ``RECORDS``: ask a peer for every server record it knows (fast start for a new node).
 - ``TRAIN``: LoRA on a span (blocks/training.py): ``upload`` -> ``stored``, ``forward`` ->
   ``output``, ``backward`` -> ``grads``; any number of requests per stream.
 Any request may be answered by ``error`` with a human-readable ``message``.

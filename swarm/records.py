@@ -1,14 +1,16 @@
 """Server records: what each block server announces, and the table of live ones.
 
-A record is short-lived: its ``expires_at`` is the announcer's clock plus a TTL, converted to
-the receiver's clock on arrival (TTL relative), so a server that stops refreshing vanishes by
-itself and clock skew between machines does not matter.
+A record is short-lived: it lives a TTL from when its server signed it (``issued_at``, the
+server's wall clock), so a server that stops refreshing vanishes by itself, and a copy handed on
+later (pulled from a peer's table, replayed from gossip's message cache) expires when the first
+copy did instead of starting a fresh TTL. This asks that clocks agree to well within a TTL, as
+NTP gives; a record stamped in the receiver's future counts from its arrival.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from swarm.protocol import PROTOCOL_VERSION, ProtocolError
@@ -30,7 +32,8 @@ class ServerRecord:
     block_bytes: int = 0  # weight memory per block on the server, as loaded (quantized or not); 0: unknown
     quant: str = "none"  # weight quantization: none, int8, nf4
     model_blocks: int = 0  # blocks of the whole model, so coverage can name missing tail blocks; 0: unknown
-    received_at: float = field(default=0.0, compare=False)
+    issued_at: float = 0.0  # the announcer's wall clock when it signed the record; 0: unknown (counts from arrival)
+    received_at: float = field(default=0.0, compare=False)  # local monotonic clock, back-dated by the record's age
 
     @property
     def num_blocks(self) -> int:
@@ -46,7 +49,9 @@ class ServerRecord:
         return wire
 
     @classmethod
-    def from_wire(cls, wire: Any, *, received_at: float) -> "ServerRecord":
+    def from_wire(cls, wire: Any, *, received_at: float, wall_clock: float | None = None) -> "ServerRecord":
+        """Parse a record that arrived at `received_at` (monotonic) when the wall clock read
+        `wall_clock` (default: now); its age since `issued_at` is taken off its life."""
         if not isinstance(wire, dict):
             raise ProtocolError("record must be a map")
         try:
@@ -65,6 +70,7 @@ class ServerRecord:
                 block_bytes=int(wire.get("block_bytes", 0)),  # absent from older servers' records
                 quant=str(wire.get("quant", "none")),
                 model_blocks=int(wire.get("model_blocks", 0)),
+                issued_at=float(wire.get("issued_at", 0.0)),
                 received_at=received_at,
             )
         except (KeyError, TypeError, ValueError) as error:
@@ -75,6 +81,9 @@ class ServerRecord:
             raise ProtocolError(
                 f"record's span [{record.start}, {record.end}) exceeds the model's {record.model_blocks} blocks"
             )
+        if record.issued_at > 0:
+            age = (time.time() if wall_clock is None else wall_clock) - record.issued_at
+            record = replace(record, received_at=received_at - min(max(age, 0.0), record.ttl))
         return record
 
 

@@ -272,33 +272,51 @@ def test_a_peer_that_announces_too_often_is_ignored_meanwhile():
 
 
 def test_an_unchanged_record_announced_again_is_refreshed():
-    """Signatures are deterministic, so an idle server announces the very same bytes each time:
-    they must still renew the record, or it would expire while its server is alive."""
+    """An idle server announces the same record each time, signed anew: each renews it, or it would
+    expire while its server is alive; the very same signed bytes again renew nothing."""
     async def main():
         async with start_node() as node, start_node() as other:
-            wire = other.sign_record(_record(other.peer_id, 0, 4, ttl=0.5))
-            node._accept(wire, publisher=other.peer_id)
+            record = _record(other.peer_id, 0, 4, ttl=0.5)
+            node._accept(other.sign_record(record), publisher=other.peer_id)
             for _ in range(4):
                 await trio.sleep(0.3)
-                node._accept(wire, publisher=other.peer_id)
+                node._accept(wire := other.sign_record(record), publisher=other.peer_id)
             assert [r.peer_id for r in node.records.live("m")] == [other.peer_id]
+            await trio.sleep(0.3)
+            node._accept(wire, publisher=other.peer_id)
+            await trio.sleep(0.3)
+            assert node.records.live("m") == []
 
     trio.run(main)
 
 
-def test_a_pulled_record_expires_when_it_would_have_at_its_source():
-    """A joiner pulls the records its first peer holds, with how long that peer has held each: a
-    stopped server's record, about to expire there, must not start a fresh TTL at the joiner."""
+def test_a_record_handed_on_later_expires_when_it_would_have_at_its_source():
+    """A stopped server's last record can reach a joiner late — pulled from a peer's table, or
+    replayed from gossip's message cache: it must not start a fresh TTL there. Its TTL counts from
+    when the server signed it."""
     async def main():
         async with start_node() as holder, start_node() as stopped:
-            holder._accept(stopped.sign_record(_record(stopped.peer_id, 0, 4, ttl=1.0)), publisher=stopped.peer_id)
+            wire = stopped.sign_record(_record(stopped.peer_id, 0, 4, ttl=1.0))
+            holder._accept(wire, publisher=stopped.peer_id)
             await trio.sleep(0.6)
             async with start_node(initial_peers=holder.multiaddrs()) as joiner:  # joining pulls
                 assert [r.peer_id for r in joiner.records.live("m")] == [stopped.peer_id]
-                await trio.sleep(0.6)  # 1.2 s after the holder took it, 0.6 s after the pull
-                assert joiner.records.live("m") == [] and holder.records.live("m") == []
+                async with start_node() as late:
+                    late._accept(wire, publisher=stopped.peer_id)  # as a gossip replay would arrive
+                    assert [r.peer_id for r in late.records.live("m")] == [stopped.peer_id]
+                    await trio.sleep(0.6)  # 1.2 s after signing, 0.6 s after the pull and the replay
+                    assert joiner.records.live("m") == [] == late.records.live("m") == holder.records.live("m")
 
     trio.run(main)
+
+
+def test_a_record_counts_its_age_from_its_signing_but_never_lives_past_its_ttl():
+    record = _record("a", 0, 2, ttl=5.0)
+    stamped = record.to_wire() | {"issued_at": 1000.0}
+    assert ServerRecord.from_wire(stamped, received_at=50.0, wall_clock=1002.0).received_at == 48.0
+    assert ServerRecord.from_wire(stamped, received_at=50.0, wall_clock=1009.0).received_at == 45.0  # at most a TTL old
+    assert ServerRecord.from_wire(stamped, received_at=50.0, wall_clock=990.0).received_at == 50.0  # from the future
+    assert ServerRecord.from_wire(record.to_wire(), received_at=50.0).received_at == 50.0  # unstamped: from arrival
 
 
 def test_a_flood_of_pulled_records_stays_bounded():
