@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from blocks import slots
+from blocks.slots import SlotPool
+
 
 class SessionLimitError(Exception):
     """The server cannot take this session now (too many sessions or not enough cache)."""
@@ -124,7 +127,9 @@ class SessionCaches:
     def close(self, session_id: str) -> None:
         """Forget the session and free its cache; closing twice is fine."""
         with self._lock:
-            self._sessions.pop(session_id, None)
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            release(session.cache)
 
     def expire_idle(self) -> list[str]:
         """Close sessions unused for longer than `idle_timeout`; returns their ids."""
@@ -132,8 +137,14 @@ class SessionCaches:
             deadline = self._clock() - self.idle_timeout
             expired = [sid for sid, s in self._sessions.items() if s.last_used < deadline]
             for sid in expired:
-                del self._sessions[sid]
+                release(self._sessions.pop(sid).cache)
             return expired
+
+
+def release(cache: object) -> None:
+    """Free what a closed session's cache holds beyond itself (a static cache's pool rows)."""
+    if isinstance(cache, StaticKV):
+        cache.release()
 
 
 def keep_past(cache: object) -> None:
@@ -178,7 +189,9 @@ class StaticKV:
     CUDA graph (``BlockSpan``). The capacity starts at ``MIN_CAPACITY`` tokens and doubles when a
     step needs more (a copy, and the session's graphs are dropped), never past the session's
     ``max_length`` (rounded up to ``ALIGN``): a default ``max_tokens`` reserves the whole context,
-    which most sessions never fill.
+    which most sessions never fill. Or, given a `SlotPool` with rows free at its first step, its
+    buffers are views of pool rows (blocks/slots.py): growing them is free, and its one-token steps
+    can run batched with other sessions'.
 
     It is the ``cache`` HF attention layers see: ``update`` writes the new keys/values and returns
     the first ``view_length`` positions, at a position given either as a Python int (eager) or
@@ -189,9 +202,12 @@ class StaticKV:
     ALIGN = 64
 
     def __init__(
-        self, *, start: int, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self, *, start: int, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+        pool: SlotPool | None = None,
     ):
         self.start, self.num_layers = start, num_layers
+        self.pool = pool  # rows of a shared pool (blocks/slots.py), if it has them free at the first step
+        self.row: int | None = None  # the first of its pool rows, once taken
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.batch: int | None = None  # fixed by the first step (or reserve)
@@ -210,6 +226,17 @@ class StaticKV:
         self.batch, self.max_length = batch, max_length
 
     @property
+    def pooled(self) -> bool:
+        """Whether its keys and values are rows of a shared pool (so its steps batch with others')."""
+        return self.row is not None
+
+    def release(self) -> None:
+        """Give its pool rows back (the session ended); the cache is not used again."""
+        if self.pool is not None and self.row is not None:
+            self.pool.give_back(self.row, self.batch or 1)
+        self.row, self.pool, self.keys, self.values = None, None, [], []
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
@@ -221,6 +248,8 @@ class StaticKV:
             raise ValueError(f"this session has {self.batch} rows, got a step with {batch}")
         if needed <= self.capacity:
             return
+        if self.pool is not None and self._take_rows(batch, needed):
+            return
         capacity = max(self.MIN_CAPACITY, 1 << (needed - 1).bit_length())
         if self.max_length is not None:
             capacity = min(capacity, -(-max(self.max_length, needed) // self.ALIGN) * self.ALIGN)
@@ -231,6 +260,24 @@ class StaticKV:
             new[:, :, : self.length].copy_(old[:, :, : self.length])
         self.keys, self.values, self.capacity = keys, values, capacity
         self.graphs.clear()  # they point at the old buffers
+
+    def _take_rows(self, batch: int, needed: int) -> bool:
+        """Grow within pool rows: views of a longer prefix of them, no copy; False if it has no
+        rows and cannot take any (then it keeps buffers of its own for good)."""
+        pool = self.pool
+        assert pool is not None
+        if self.row is None:
+            longest = max(needed, self.max_length or 0)
+            self.row = pool.take(batch) if longest <= pool.length and not self.keys else None
+            if self.row is None:
+                self.pool = None
+                return False
+            rows = [pool.layer_rows(self.start + i, self.row, batch) for i in range(self.num_layers)]
+            self.keys, self.values = [k for k, _ in rows], [v for _, v in rows]
+        elif needed > pool.length:
+            raise ValueError(f"{needed} positions exceed the {pool.length} of this session's pool rows")
+        self.capacity = slots.bucket(needed, pool.length, floor=slots.MIN_LENGTH)
+        return True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any

@@ -90,11 +90,15 @@ class Family:
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def use_graphs(self, config: PretrainedConfig) -> bool:
+        return self.graphs and self.static_rope(config)
+
+    def static_rope(self, config: PretrainedConfig) -> bool:
+        """Whether rotary frequencies are fixed: dynamic and longrope RoPE choose theirs from the
+        positions' values in Python (one choice for a whole batch, and not inside a graph)."""
         rope = getattr(config, "rope_parameters", None) or {}
         types = [p.get("rope_type", "default") for p in (rope.values() if "rope_type" not in rope else [rope])
                  if isinstance(p, Mapping)]
-        # dynamic and longrope RoPE choose their frequencies from the positions' values in Python
-        return self.graphs and not any("dynamic" in t or t == "longrope" for t in types)
+        return not any("dynamic" in t or t == "longrope" for t in types)
 
     # -- weights --------------------------------------------------------------------------------
     def layer_sources(self, index: int, keys: list[str], available: set[str]) -> dict[str, list[str]]:

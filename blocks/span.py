@@ -14,8 +14,9 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from blocks import batching, family, lora
+from blocks import batching, family, lora, slots
 from blocks.cache import StaticKV
+from blocks.slots import SlotPool, SlotRows
 from blocks.checkpoint import load_config
 from blocks.quant import check_quant, quantize_linears, weight_bytes
 
@@ -115,6 +116,15 @@ class BlockSpan:
             self.static_cache and quant == "none" and graphs_enabled() and self.family.use_graphs(self.config)
         )
         self._gpu = _GpuState()
+        self.slot_pool: SlotPool | None = None  # shared by views: they index it by global layer
+
+    def enable_slots(self, rows: int, length: int) -> None:
+        """On the static-cache path, give sessions rows of a shared pool of `rows` x `length`
+        positions (allocated at the first session), so their one-token steps batch (blocks/slots.py)."""
+        if self.static_cache and rows > 0 and length > 0:
+            self.slot_pool = SlotPool(start=self.start, num_layers=self.num_layers,
+                                      kv_heads=self.family.kv_heads(self.config), head_dim=self.family.head_dim(self.config),
+                                      rows=rows, length=length, dtype=self.dtype, device=self.device)
 
     def view(self, start: int, end: int) -> "BlockSpan":
         """Layers [start, end) of this span, sharing its weights: a server computes any part of
@@ -139,7 +149,8 @@ class BlockSpan:
         if not self.static_cache:
             return DynamicCache(config=self.config)
         return StaticKV(start=self.start, num_layers=self.num_layers, kv_heads=self.family.kv_heads(self.config),
-                        head_dim=self.family.head_dim(self.config), dtype=self.dtype, device=self.device)
+                        head_dim=self.family.head_dim(self.config), dtype=self.dtype, device=self.device,
+                        pool=self.slot_pool)
 
     def forward(
         self,
@@ -162,15 +173,26 @@ class BlockSpan:
             return self._forward(hidden, cache, position)
 
     def batches(self, cache: object) -> bool:
-        """Whether one-token steps on `cache` can run together with other sessions' (`forward_batch`)."""
+        """Whether one-token steps on `cache` can run together with other sessions' (`forward_batch`):
+        a DynamicCache of a span that batches (blocks/batching.py), or a static cache in pool rows
+        (blocks/slots.py)."""
+        if isinstance(cache, StaticKV):
+            return cache.pooled and self.family.static_rope(self.config)
+        return batching.batchable(self, cache)
+
+    def caches_prefixes(self, cache: object) -> bool:
+        """Whether a prompt on `cache` can go through the prefix cache (blocks/prefix_cache.py)."""
         return batching.batchable(self, cache)
 
     def forward_batch(
         self, steps: list[tuple[torch.Tensor, Cache, int]], adapter: lora.SpanLora | None = None
     ) -> list[torch.Tensor]:
         """One-token steps `(hidden, cache, position)` of several sessions sharing `adapter`, in
-        one pass (blocks/batching.py); each output as `forward` would give it."""
+        one pass; each output as `forward` would give it (up to the float rounding of a batched
+        matmul on a GPU)."""
         with torch.inference_mode(), lora.applied(adapter), self._gpu.lock:
+            if isinstance(steps[0][1], StaticKV):
+                return self._forward_slots(steps, adapter)
             return batching.decode_together(self, steps)
 
     def backward(
@@ -270,31 +292,37 @@ class BlockSpan:
 
     def _capture(self, hidden, cache: StaticKV, position: int, adapter, key) -> torch.Tensor:
         gpu = self._gpu
-        if gpu.stream is None:
-            gpu.stream = torch.cuda.Stream(device=self.device)
         if gpu.positions is None or len(gpu.positions) < cache.capacity:
             if gpu.positions is not None:
                 gpu.retired.append(gpu.positions)  # captured graphs still read it
             gpu.positions = torch.arange(max(cache.capacity, self.config.max_position_embeddings), device=self.device)
         static_hidden = hidden.clone()
         static_position = torch.full((1,), position, dtype=torch.long, device=self.device)
+        result, graph, output = self._captured(lambda: self._graph_body(static_hidden, static_position, cache))
+        cache.graphs[key] = _DecodeGraph(graph, static_hidden, static_position, output, adapter)
+        return result
+
+    def _captured(self, body) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Run `body` once for real (the warm-up: cuBLAS workspaces, lazy inits; it is this
+        step's result), then capture it: (result, graph, the graph's output tensor)."""
+        gpu = self._gpu
+        if gpu.stream is None:
+            gpu.stream = torch.cuda.Stream(device=self.device)
         stream = gpu.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            # warm-up on the capture stream (cuBLAS workspaces, lazy inits); it is this step's result
-            result = self._graph_body(static_hidden, static_position, cache).clone()
+            result = body().clone()
             # A private memory pool per graph (a few MB of one token's activations): a pool shared
             # through graph_pool_handle() cannot outlive the graphs of ended sessions.
             graph = torch.cuda.CUDAGraph()
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                output = self._graph_body(static_hidden, static_position, cache)
+                output = body()
             finally:
                 graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        cache.graphs[key] = _DecodeGraph(graph, static_hidden, static_position, output, adapter)
         gpu.captures += 1
-        return result
+        return result, graph, output
 
     def _graph_body(self, hidden: torch.Tensor, position: torch.Tensor, cache: StaticKV) -> torch.Tensor:
         """The one-token step with its position as a device tensor; attention over the whole
@@ -314,6 +342,63 @@ class BlockSpan:
             return self._run_layers(hidden, cache, masks, position_embeddings, position_ids)
         finally:
             cache.write_index = None
+
+    # -- batched steps over pool rows (blocks/slots.py) ------------------------------------------
+    def _forward_slots(self, steps, adapter: lora.SpanLora | None) -> list[torch.Tensor]:
+        """One-token steps of sessions in pool rows as one forward over the pool's first rows:
+        a CUDA graph per (rows, attended length, adapter) bucket where graphs apply, else eager."""
+        pool = self.slot_pool
+        assert pool is not None
+        for hidden, cache, position in steps:
+            self._check_hidden(hidden)
+            if hidden.shape[1] != 1 or not cache.pooled or cache.pool is not pool:
+                raise ValueError("batched steps are one token each, of sessions in this span's pool rows")
+            if position != cache.length:
+                raise ValueError(f"position {position} does not follow the {cache.length} tokens already seen")
+            cache.ensure(hidden.shape[0], position + 1)
+        rows = slots.bucket(max(cache.row + cache.batch for _, cache, _ in steps), pool.rows)
+        length = slots.bucket(max(position for _, _, position in steps) + 1, pool.length, floor=slots.MIN_LENGTH)
+        staged_hidden = torch.zeros(rows, 1, self.hidden_size, dtype=self.dtype)
+        staged_positions = torch.full((rows,), pool.scratch, dtype=torch.long)
+        for hidden, cache, position in steps:
+            staged_hidden[cache.row : cache.row + cache.batch] = hidden
+            staged_positions[cache.row : cache.row + cache.batch] = position
+        if self.use_graphs:
+            output = self._slots_graph(rows, length, adapter, staged_hidden, staged_positions)
+        else:
+            output = self._slots_body(staged_hidden.to(self.device), staged_positions.to(self.device), rows, length)
+        if steps[0][0].device.type == "cpu":
+            output = output.cpu()  # one copy back for the whole batch
+        for _, cache, position in steps:
+            cache.length = position + 1
+        return [output[cache.row : cache.row + cache.batch] for _, cache, _ in steps]
+
+    def _slots_graph(self, rows: int, length: int, adapter, hidden: torch.Tensor, positions: torch.Tensor):
+        key = (self.start, self.end, rows, length, id(adapter))
+        step = self.slot_pool.graphs.get(key)
+        if step is not None:
+            step.hidden.copy_(hidden, non_blocking=True)
+            step.position.copy_(positions, non_blocking=True)
+            step.graph.replay()
+            return step.output.clone()
+        static_hidden, static_positions = hidden.to(self.device), positions.to(self.device)
+        result, graph, output = self._captured(lambda: self._slots_body(static_hidden, static_positions, rows, length))
+        self.slot_pool.graphs[key] = _DecodeGraph(graph, static_hidden, static_positions, output, adapter)
+        return result
+
+    def _slots_body(self, hidden: torch.Tensor, positions: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+        """Rows [0, rows) of the pool, row r at `positions[r]` (scratch for rows not stepping)."""
+        keys = torch.arange(length, device=self.device)[None, :]
+        masks = {}
+        for kind in self._mask_layer:
+            mask = keys <= positions[:, None]
+            if (window := self._window(kind)) is not None:
+                mask = mask & (keys > positions[:, None] - window)
+            masks[kind] = mask.view(rows, 1, 1, length)
+        position_ids = positions.view(rows, 1)
+        position_embeddings = self.family.position_embeddings(self.rotary_emb, hidden, position_ids, list(masks))
+        return self._run_layers(hidden, SlotRows(self.slot_pool, rows, length, positions), masks,
+                                position_embeddings, position_ids)
 
     # -- the dynamic-cache path (CPU, and cache-less passes) -------------------------------------
     def _forward(self, hidden: torch.Tensor, cache: Cache | None, position: int) -> torch.Tensor:

@@ -280,7 +280,7 @@ class InferenceService:
         between chunks, so a long prompt delays them by a chunk, not by the whole prompt. A one-row
         prompt goes through the prefix cache (blocks/prefix_cache.py) where the span batches."""
         prefix = None
-        if position == 0 and hidden.shape[0] == 1 and self.prefixes is not None and span.batches(cache):
+        if position == 0 and hidden.shape[0] == 1 and self.prefixes is not None and span.caches_prefixes(cache):
             namespace = f"{span.start}:{span.end}:{live.adapter_digest}"
             prefix = await trio.to_thread.run_sync(self.prefixes.lookup, span, hidden, cache, namespace,
                                                    limiter=self.compute)

@@ -35,6 +35,13 @@ class ServerLimits:
     peer_stream_rate: float = 500.0  # new streams per second of one peer, all protocols (a token bucket that
     peer_stream_burst: int = 1000  # holds this many): only floods reach either
 
+    def decode_slots(self) -> tuple[int, int]:
+        """Rows and positions per row of the pool of KV rows that lets GPU sessions' decode steps
+        batch (blocks/slots.py): a row per batch row, half of `max_tokens` in all. Sessions
+        longer than a row, or arriving when the rows are taken, keep caches of their own."""
+        rows = min(self.max_batch_rows, self.max_sessions)
+        return rows, (self.max_tokens // 2 // max(rows, 1)) // 64 * 64
+
     def peer_cap(self, kind: str) -> int:
         """Concurrent streams one peer may hold of protocol `kind` (``inference``, ``push``, ...).
 

@@ -58,7 +58,9 @@ async def serve(config: ServerConfig) -> None:
     dtype = resolve_dtype(config.dtype, config.device)
 
     def load_span(start: int, end: int) -> BlockSpan:
-        return BlockSpan(model_path, start, end, dtype=dtype, device=config.device, quant=config.quant)
+        span = BlockSpan(model_path, start, end, dtype=dtype, device=config.device, quant=config.quant)
+        span.enable_slots(*config.limits.decode_slots())
+        return span
 
     if config.blocks is not None:
         span = await trio.to_thread.run_sync(load_span, *config.blocks)

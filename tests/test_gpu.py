@@ -112,6 +112,41 @@ def test_session_reserve_caps_the_capacity(gpu_model):
         span.forward(torch.randn(1, 1, span.hidden_size, device="cuda", dtype=DTYPE), cache=session.cache, position=10)
 
 
+@pytest.mark.parametrize("which", ["gpu_model", "mistral_model"])
+def test_batched_steps_over_pool_rows_replay_one_graph_per_bucket(which, request):
+    """Sessions in pool rows (blocks/slots.py) step together through one captured graph per
+    (rows, length) bucket, whichever sessions fill it, and agree with each session's own steps."""
+    path = request.getfixturevalue(which)
+    layers = 4 if which == "mistral_model" else 6
+    span, alone = BlockSpan(path, 0, layers, dtype=DTYPE, device="cuda"), BlockSpan(path, 0, layers, dtype=DTYPE,
+                                                                                     device="cuda")
+    span.enable_slots(rows=8, length=512)
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    shapes = [(1, 7), (2, 30), (1, 12), (1, 3)]  # rows, prompt length
+    pooled, own = [], []
+    for rows, length in shapes:
+        prompt = torch.randn(rows, length, span.hidden_size, device="cuda", dtype=DTYPE, generator=generator)
+        for target, sessions in ((span, pooled), (alone, own)):
+            cache = target.new_cache()
+            cache.reserve(rows, 256)
+            target.forward(prompt, cache=cache, position=0)
+            sessions.append([cache, length])
+    assert [c.row for c, _ in pooled] == [0, 1, 3, 4] and all(span.batches(c) for c, _ in pooled)
+    captures = span._gpu.captures
+    for step in range(24):  # the second session sits out odd steps: other sessions, same bucket
+        stepping = [i for i in range(len(shapes)) if i != 1 or step % 2 == 0]
+        hidden = {i: torch.randn(shapes[i][0], 1, span.hidden_size, device="cuda", dtype=DTYPE,
+                                 generator=generator) for i in stepping}
+        together = span.forward_batch([(hidden[i], pooled[i][0], pooled[i][1]) for i in stepping])
+        for i, out in zip(stepping, together):
+            cache, position = own[i]
+            assert relative(out, alone.forward(hidden[i], cache=cache, position=position)) < 2e-2
+            pooled[i][1] += 1
+            own[i][1] += 1
+    assert span._gpu.captures - captures == 1  # rows bucket 8, length bucket 256: one graph for all
+    assert len(span.slot_pool.graphs) == 1
+
+
 def greedy_tokens(head: ModelHead, spans: list[BlockSpan], prompt: torch.Tensor, tokens: int):
     caches = [span.new_cache() for span in spans]
     ids, position, out, logits_seen = prompt.cuda(), 0, [], []

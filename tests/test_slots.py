@@ -1,0 +1,123 @@
+"""Batched decode steps over a pool of KV rows (blocks/slots.py), the GPU's continuous batching.
+
+These run the pool path eagerly on the CPU (a span told it has a static cache; graphs need CUDA,
+tests/test_gpu.py replays them): one-token steps of sessions in pool rows — ragged positions,
+n > 1 rows, a sliding window, a bystander session between them that does not step — give what
+each session's own step on transformers' DynamicCache gives, and leave caches that keep agreeing.
+
+Tolerance: float32, 1e-5 absolute on hidden states of unit scale — the batched step attends over
+a bucket of positions with a mask, and a batched matmul may sum in another order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from blocks.cache import SessionCaches, StaticKV
+from blocks.lora import SpanLora
+from blocks.slots import SlotPool, bucket
+from blocks.span import BlockSpan
+from blocks.tiny_checkpoints import build_checkpoint
+
+TOLERANCE = 1e-5
+FAMILIES = {
+    "llama": dict(family="llama"),
+    "qwen3": dict(family="qwen3", num_kv_heads=2),
+    "mistral_sliding": dict(family="mistral", num_kv_heads=2, sliding_window=16),
+    "gemma3": dict(family="gemma3_text", num_kv_heads=2, sliding_window=16),
+    "mixtral": dict(family="mixtral", num_kv_heads=2, intermediate_size=96),
+    "phi3": dict(family="phi3", num_kv_heads=2),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("slots")
+    return {name: build_checkpoint(root / name, **kwargs) for name, kwargs in FAMILIES.items()}
+
+
+def pooled_span(path: Path, start: int, end: int, rows: int = 8, length: int = 256) -> BlockSpan:
+    span = BlockSpan(path, start, end)
+    span.static_cache = True  # the GPU's cache path, eagerly on the CPU
+    span.enable_slots(rows, length)
+    return span
+
+
+def prefilled(span: BlockSpan, shapes: list[tuple[int, int]], seed: int = 0, max_length: int = 64):
+    """Sessions (rows, prompt length) with their caches prefilled: [(cache, position)]."""
+    generator = torch.Generator().manual_seed(seed)
+    sessions = []
+    for rows, length in shapes:
+        cache = span.new_cache()
+        if isinstance(cache, StaticKV):
+            cache.reserve(rows, max_length)
+        span.forward(torch.randn(rows, length, span.hidden_size, generator=generator), cache=cache, position=0)
+        sessions.append((cache, length))
+    return sessions
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_batched_pool_steps_equal_each_sessions_own(name, checkpoints):
+    span, reference = pooled_span(checkpoints[name], 1, 4), BlockSpan(checkpoints[name], 1, 4)
+    shapes = [(1, 5), (2, 11), (1, 3), (1, 23)]  # rows, prompt length: n > 1, ragged, past the window
+    pooled, alone = prefilled(span, shapes), prefilled(reference, shapes)
+    assert [cache.row for cache, _ in pooled] == [0, 1, 3, 4] and all(span.batches(c) for c, _ in pooled)
+    stepping = [0, 1, 3]  # the third session (row 3) stands by: the batch must not touch its cache
+    generator = torch.Generator().manual_seed(1)
+    for step in range(3):
+        hidden = {i: torch.randn(shapes[i][0], 1, span.hidden_size, generator=generator) for i in stepping}
+        together = span.forward_batch([(hidden[i], pooled[i][0], pooled[i][1] + step) for i in stepping])
+        for i, out in zip(stepping, together):
+            cache, position = alone[i]
+            own = reference.forward(hidden[i], cache=cache, position=position + step)
+            torch.testing.assert_close(out, own, atol=TOLERANCE, rtol=0)
+    bystander = torch.randn(1, 1, span.hidden_size, generator=generator)
+    torch.testing.assert_close(span.forward(bystander, cache=pooled[2][0], position=3),
+                               reference.forward(bystander, cache=alone[2][0], position=3), atol=TOLERANCE, rtol=0)
+    assert [cache.length for cache, _ in pooled] == [8, 14, 4, 26]
+
+
+def test_batched_pool_steps_apply_the_shared_adapter(checkpoints):
+    span, reference = pooled_span(checkpoints["llama"], 0, 4), BlockSpan(checkpoints["llama"], 0, 4)
+    generator = torch.Generator().manual_seed(2)
+    pairs = {prefix: (torch.randn(4, module.in_features, generator=generator) * 0.1,
+                      torch.randn(module.out_features, 4, generator=generator) * 0.1)
+             for prefix, module in span.lora_targets.items()}
+    adapter = SpanLora(pairs, scaling=2.0)
+    pooled, alone = prefilled(span, [(1, 4), (1, 9)]), prefilled(reference, [(1, 4), (1, 9)])
+    hidden = [torch.randn(1, 1, span.hidden_size, generator=generator) for _ in pooled]
+    together = span.forward_batch([(h, c, p) for h, (c, p) in zip(hidden, pooled)], adapter)
+    for h, out, (cache, position) in zip(hidden, together, alone):
+        torch.testing.assert_close(out, reference.forward(h, cache=cache, position=position, adapter=adapter),
+                                   atol=TOLERANCE, rtol=0)
+
+
+def test_sessions_take_consecutive_rows_and_fall_back_to_their_own_buffers(checkpoints):
+    span = pooled_span(checkpoints["llama"], 0, 2, rows=4, length=64)
+    caches = SessionCaches(max_sessions=8, max_tokens=10_000, idle_timeout=60)
+    first = caches.open("a", batch=2, max_length=32, cache=span.new_cache())
+    span.forward(torch.randn(2, 3, span.hidden_size), cache=first.cache, position=0)
+    too_long = caches.open("b", batch=1, max_length=65, cache=span.new_cache())  # longer than a row
+    span.forward(torch.randn(1, 3, span.hidden_size), cache=too_long.cache, position=0)
+    third = caches.open("c", batch=2, max_length=64, cache=span.new_cache())
+    span.forward(torch.randn(2, 3, span.hidden_size), cache=third.cache, position=0)
+    no_room = caches.open("d", batch=1, max_length=8, cache=span.new_cache())  # all 4 rows taken
+    span.forward(torch.randn(1, 3, span.hidden_size), cache=no_room.cache, position=0)
+    assert [s.cache.row for s in (first, too_long, third, no_room)] == [0, None, 2, None]
+    assert [span.batches(s.cache) for s in (first, too_long, third, no_room)] == [True, False, True, False]
+    caches.close("a")  # its rows are free again
+    again = caches.open("e", batch=1, max_length=8, cache=span.new_cache())
+    span.forward(torch.randn(1, 3, span.hidden_size), cache=again.cache, position=0)
+    assert again.cache.row == 0
+
+
+def test_pool_rows_and_buckets():
+    pool = SlotPool(start=0, num_layers=1, kv_heads=1, head_dim=2, rows=4, length=8,
+                    dtype=torch.float32, device="cpu")
+    assert [pool.take(1), pool.take(2), pool.take(2), pool.take(1)] == [0, 1, None, 3]
+    pool.give_back(1, 2)
+    assert pool.take(2) == 1 and pool.take(1) is None
+    assert [bucket(n, 64, floor=8) for n in (1, 8, 9, 33, 100)] == [8, 8, 16, 64, 64]
