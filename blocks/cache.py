@@ -294,3 +294,17 @@ class StaticKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+    def append(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Append positions given per layer of the span ``[batch, kv_heads, tokens, head_dim]``
+        (a cached prefix, blocks/prefix_cache.py)."""
+        tokens = keys[0].shape[2]
+        self.ensure(keys[0].shape[0], self.length + tokens)
+        for held, new in zip(self.keys + self.values, keys + values):
+            held[:, :, self.length : self.length + tokens].copy_(new)
+        self.length += tokens
+
+    def held(self, layer: int, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `positions` on a layer (global index), as views."""
+        local = layer - self.start
+        return self.keys[local][:, :, positions], self.values[local][:, :, positions]

@@ -10,8 +10,9 @@ serves another. An entry holds the block's per-layer keys and values and the spa
 it: the next server needs those outputs as its inputs (and finds them in its own cache in turn).
 
 Bounded by tokens, least recently used first. Entries are copied into a session's cache, never
-shared, so sessions that diverge after a common prefix never see each other's positions. Only
-spans that batch (DynamicCache, full attention: `BlockSpan.batches`) and one-row sessions use it.
+shared, so sessions that diverge after a common prefix never see each other's positions. One-row
+sessions use it, on a GPU's static caches and on the CPU's DynamicCache where the span batches
+(full attention: `BlockSpan.caches_prefixes`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from blocks.cache import StaticKV
 
 BLOCK = 64  # tokens per cached block
 
@@ -59,6 +62,7 @@ class PrefixCache:
     def keys(hidden: torch.Tensor, namespace: str) -> list[bytes]:
         """The chained key of each whole block of `hidden` [1, tokens, h] (the inputs from position 0)."""
         keys, previous = [], hashlib.blake2b(namespace.encode(), digest_size=16).digest()
+        hidden = hidden[:, : hidden.shape[1] // BLOCK * BLOCK].cpu()  # one copy from a GPU for all blocks
         for start in range(0, hidden.shape[1] - BLOCK + 1, BLOCK):
             chunk = hidden[:, start : start + BLOCK].contiguous()
             raw = chunk.view(torch.uint8).numpy().tobytes()  # any dtype's bytes (numpy has no bfloat16)
@@ -91,20 +95,23 @@ class PrefixCache:
                 found.append(block)
         if found:
             with torch.inference_mode():
-                for local, layer in enumerate(range(span.start, span.end)):
-                    cache.update(torch.cat([b.keys[local] for b in found], dim=2),
-                                 torch.cat([b.values[local] for b in found], dim=2), layer)
+                keys_per_layer = [torch.cat([b.keys[local] for b in found], dim=2) for local in range(span.num_layers)]
+                values_per_layer = [torch.cat([b.values[local] for b in found], dim=2) for local in range(span.num_layers)]
+                if isinstance(cache, StaticKV):
+                    cache.append(keys_per_layer, values_per_layer)
+                else:
+                    for layer, k, v in zip(range(span.start, span.end), keys_per_layer, values_per_layer):
+                        cache.update(k, v, layer)
         return Prefix(keys, [block.output for block in found])
 
     def store(self, span, cache, output: torch.Tensor, prefix: Prefix) -> None:
         """Cache the prompt's whole blocks that `lookup` did not find (`output` is the whole prompt's)."""
         first = len(prefix.outputs)
         new = {}
-        layers = [cache.layers[layer] for layer in range(span.start, span.end)]
         for index, key in enumerate(prefix.keys[first:], start=first):
             window = slice(index * BLOCK, (index + 1) * BLOCK)
-            new[key] = _Block(tuple(layer.keys[:, :, window].clone() for layer in layers),
-                              tuple(layer.values[:, :, window].clone() for layer in layers),
+            held = [_held(cache, layer, window) for layer in range(span.start, span.end)]
+            new[key] = _Block(tuple(k.clone() for k, _ in held), tuple(v.clone() for _, v in held),
                               output[:, window].clone())
         with self._lock:
             self._blocks.update(new)
@@ -114,3 +121,9 @@ class PrefixCache:
     @property
     def tokens(self) -> int:
         return len(self._blocks) * BLOCK
+
+
+def _held(cache, layer: int, window: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(cache, StaticKV):
+        return cache.held(layer, window)
+    return cache.layers[layer].keys[:, :, window], cache.layers[layer].values[:, :, window]

@@ -181,8 +181,9 @@ class BlockSpan:
         return batching.batchable(self, cache)
 
     def caches_prefixes(self, cache: object) -> bool:
-        """Whether a prompt on `cache` can go through the prefix cache (blocks/prefix_cache.py)."""
-        return batching.batchable(self, cache)
+        """Whether a prompt on `cache` can go through the prefix cache (blocks/prefix_cache.py):
+        a static cache holds every position; a DynamicCache must hold them all too (full attention)."""
+        return isinstance(cache, StaticKV) or batching.batchable(self, cache)
 
     def forward_batch(
         self, steps: list[tuple[torch.Tensor, Cache, int]], adapter: lora.SpanLora | None = None

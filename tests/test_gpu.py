@@ -13,6 +13,7 @@ import torch
 
 from blocks.cache import SessionCaches, StaticKV
 from blocks.head import ModelHead
+from blocks.prefix_cache import BLOCK, PrefixCache
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import build_checkpoint
 from gateway.inference.sampling import Sampler, SamplingParams
@@ -145,6 +146,26 @@ def test_batched_steps_over_pool_rows_replay_one_graph_per_bucket(which, request
             own[i][1] += 1
     assert span._gpu.captures - captures == 1  # rows bucket 8, length bucket 256: one graph for all
     assert len(span.slot_pool.graphs) == 1
+
+
+def test_prefix_cache_on_static_caches(gpu_model):
+    """A prompt sharing a cached start with an earlier one (hidden states arriving on the GPU)
+    reuses it and agrees with computing it all."""
+    span = BlockSpan(gpu_model, 0, 6, dtype=DTYPE, device="cuda")
+    prefixes = PrefixCache(max_tokens=8 * BLOCK)
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    first = torch.randn(1, 3 * BLOCK, span.hidden_size, device="cuda", dtype=DTYPE, generator=generator)
+    second = torch.cat([first[:, : 2 * BLOCK + 1],
+                        torch.randn(1, 20, span.hidden_size, device="cuda", dtype=DTYPE, generator=generator)], dim=1)
+    prefixes.prefill(span, first, span.new_cache(), "ns")
+    cache = span.new_cache()
+    output, reused = prefixes.prefill(span, second, cache, "ns")
+    step = torch.randn(1, 1, span.hidden_size, device="cuda", dtype=DTYPE, generator=generator)
+    after = span.forward(step, cache=cache, position=second.shape[1])
+    plain = span.new_cache()
+    assert reused == 2 * BLOCK
+    assert relative(output, span.forward(second, cache=plain, position=0)) < 2e-2
+    assert relative(after, span.forward(step, cache=plain, position=second.shape[1])) < 2e-2
 
 
 def greedy_tokens(head: ModelHead, spans: list[BlockSpan], prompt: torch.Tensor, tokens: int):

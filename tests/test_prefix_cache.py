@@ -58,6 +58,23 @@ def test_a_shared_start_is_reused_and_what_follows_is_exact(llama_path):
         torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
 
 
+def test_static_caches_reuse_prefixes_too(llama_path):
+    """The GPU's static caches (here their pool rows, run eagerly on the CPU): a cached start is
+    written into the session's rows, and the rest and later steps equal computing it all."""
+    span, plain = BlockSpan(llama_path, 1, 3), BlockSpan(llama_path, 1, 3)
+    span.static_cache = True
+    span.enable_slots(rows=4, length=4 * BLOCK)
+    prefixes = PrefixCache(max_tokens=16 * BLOCK)
+    first = _prompt(2 * BLOCK + 10, 0, span.hidden_size)
+    second = torch.cat([first[:, : BLOCK + 5], _prompt(30, 1, span.hidden_size)], dim=1)
+    steps = [_prompt(1, 10 + i, span.hidden_size) for i in range(3)]
+    _cached(span, prefixes, first, steps)
+    outputs, reused = _cached(span, prefixes, second, steps)
+    assert reused == BLOCK and span.caches_prefixes(span.new_cache())
+    for got, want in zip(outputs, _plain(plain, second, steps)):
+        torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+
+
 def test_a_prefix_never_serves_another_namespace_and_the_cache_stays_bounded(llama_path):
     span = BlockSpan(llama_path, 0, 2)
     prefixes = PrefixCache(max_tokens=3 * BLOCK)
