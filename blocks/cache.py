@@ -208,6 +208,7 @@ class StaticKV:
         self.start, self.num_layers = start, num_layers
         self.pool = pool  # rows of a shared pool (blocks/slots.py), if it has them free at the first step
         self.row: int | None = None  # the first of its pool rows, once taken
+        self.released = False
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.batch: int | None = None  # fixed by the first step (or reserve)
@@ -231,10 +232,12 @@ class StaticKV:
         return self.row is not None
 
     def release(self) -> None:
-        """Give its pool rows back (the session ended); the cache is not used again."""
-        if self.pool is not None and self.row is not None:
+        """Give its pool rows back (the session ended; once). A step of it still in a batch may
+        compute and write its rows: nobody takes them before that batch ends, since rows are taken
+        inside a computation and computations take turns."""
+        if self.pool is not None and self.row is not None and not self.released:
             self.pool.give_back(self.row, self.batch or 1)
-        self.row, self.pool, self.keys, self.values = None, None, [], []
+        self.released = True
 
     @property
     def nbytes(self) -> int:

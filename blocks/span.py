@@ -350,6 +350,7 @@ class BlockSpan:
         a CUDA graph per (rows, attended length, adapter) bucket where graphs apply, else eager."""
         pool = self.slot_pool
         assert pool is not None
+        placed = []  # (first row, rows) of each step, read once: a session may close meanwhile
         for hidden, cache, position in steps:
             self._check_hidden(hidden)
             if hidden.shape[1] != 1 or not cache.pooled or cache.pool is not pool:
@@ -357,13 +358,14 @@ class BlockSpan:
             if position != cache.length:
                 raise ValueError(f"position {position} does not follow the {cache.length} tokens already seen")
             cache.ensure(hidden.shape[0], position + 1)
-        rows = slots.bucket(max(cache.row + cache.batch for _, cache, _ in steps), pool.rows)
+            placed.append(slice(cache.row, cache.row + hidden.shape[0]))
+        rows = slots.bucket(max(where.stop for where in placed), pool.rows)
         length = slots.bucket(max(position for _, _, position in steps) + 1, pool.length, floor=slots.MIN_LENGTH)
         staged_hidden = torch.zeros(rows, 1, self.hidden_size, dtype=self.dtype)
         staged_positions = torch.full((rows,), pool.scratch, dtype=torch.long)
-        for hidden, cache, position in steps:
-            staged_hidden[cache.row : cache.row + cache.batch] = hidden
-            staged_positions[cache.row : cache.row + cache.batch] = position
+        for (hidden, _, position), where in zip(steps, placed):
+            staged_hidden[where] = hidden
+            staged_positions[where] = position
         if self.use_graphs:
             output = self._slots_graph(rows, length, adapter, staged_hidden, staged_positions)
         else:
@@ -372,7 +374,7 @@ class BlockSpan:
             output = output.cpu()  # one copy back for the whole batch
         for _, cache, position in steps:
             cache.length = position + 1
-        return [output[cache.row : cache.row + cache.batch] for _, cache, _ in steps]
+        return [output[where] for where in placed]
 
     def _slots_graph(self, rows: int, length: int, adapter, hidden: torch.Tensor, positions: torch.Tensor):
         key = (self.start, self.end, rows, length, id(adapter))
