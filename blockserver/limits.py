@@ -42,6 +42,12 @@ class ServerLimits:
         rows = min(self.max_batch_rows, self.max_sessions)
         return rows, (self.max_tokens // 2 // max(rows, 1)) // 64 * 64
 
+    def cache_memory_tokens(self, device: str) -> int:
+        """KV positions a server may hold in memory at once, for placement: sessions reserve
+        `max_tokens`, and a GPU's pool is allocated whole, whoever uses its rows."""
+        rows, length = self.decode_slots()
+        return self.max_tokens + (rows * length if device == "cuda" else 0)
+
     def peer_cap(self, kind: str) -> int:
         """Concurrent streams one peer may hold of protocol `kind` (``inference``, ``push``, ...).
 

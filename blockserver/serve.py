@@ -100,7 +100,8 @@ def _rebalancer(
     num_blocks = load_config(model_path).num_hidden_layers
     span_length = config.num_blocks
     if not span_length:
-        per_block = placement.bytes_per_block(model_path, dtype, config.quant, config.limits.max_tokens)
+        per_block = placement.bytes_per_block(model_path, dtype, config.quant,
+                                              config.limits.cache_memory_tokens(config.device))
         try:
             span_length = placement.blocks_that_fit(placement.available_memory(config.device), per_block, num_blocks)
         except ValueError as error:

@@ -21,6 +21,7 @@ from blocks.lora import SpanLora
 from blocks.slots import SlotPool, bucket
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import build_checkpoint
+from blockserver.limits import ServerLimits
 
 TOLERANCE = 1e-5
 FAMILIES = {
@@ -121,3 +122,10 @@ def test_pool_rows_and_buckets():
     pool.give_back(1, 2)
     assert pool.take(2) == 1 and pool.take(1) is None
     assert [bucket(n, 64, floor=8) for n in (1, 8, 9, 33, 100)] == [8, 8, 16, 64, 64]
+
+
+def test_a_servers_pool_is_half_its_cache_and_placement_counts_it():
+    limits = ServerLimits()  # 64 batch rows, 64 sessions, 65536 cache tokens
+    assert limits.decode_slots() == (64, 512)
+    assert limits.cache_memory_tokens("cuda") == 65536 + 64 * 512 and limits.cache_memory_tokens("cpu") == 65536
+    assert ServerLimits(max_sessions=8, max_tokens=10_000).decode_slots() == (8, 576)  # rounded down to 64
