@@ -15,11 +15,13 @@ buffers and step alone, as before.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
 
 MIN_LENGTH = 256  # attended positions of the smallest bucket
+MAX_GRAPHS = 32  # captured batched steps kept per pool (each adapter has its own), least recently used go
 
 
 class SlotPool:
@@ -33,7 +35,7 @@ class SlotPool:
         self.keys: list[torch.Tensor] = []  # allocated at the first session
         self.values: list[torch.Tensor] = []
         self._free = [True] * rows
-        self.graphs: dict[Any, Any] = {}  # the span's captured batched steps over these rows
+        self._graphs: OrderedDict[Any, Any] = OrderedDict()  # the span's captured batched steps over these rows
 
     @property
     def scratch(self) -> int:
@@ -54,6 +56,22 @@ class SlotPool:
                     self.values = [torch.zeros_like(k) for k in self.keys]
                 return first
         return None
+
+    def graph(self, key: Any) -> Any:
+        """The captured step for `key`, or None."""
+        found = self._graphs.get(key)
+        if found is not None:
+            self._graphs.move_to_end(key)
+        return found
+
+    def keep_graph(self, key: Any, graph: Any) -> None:
+        self._graphs[key] = graph
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs)
 
     def give_back(self, first: int, batch: int) -> None:
         self._free[first : first + batch] = [True] * batch

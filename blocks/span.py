@@ -378,7 +378,7 @@ class BlockSpan:
 
     def _slots_graph(self, rows: int, length: int, adapter, hidden: torch.Tensor, positions: torch.Tensor):
         key = (self.start, self.end, rows, length, id(adapter))
-        step = self.slot_pool.graphs.get(key)
+        step = self.slot_pool.graph(key)
         if step is not None:
             step.hidden.copy_(hidden, non_blocking=True)
             step.position.copy_(positions, non_blocking=True)
@@ -386,7 +386,7 @@ class BlockSpan:
             return step.output.clone()
         static_hidden, static_positions = hidden.to(self.device), positions.to(self.device)
         result, graph, output = self._captured(lambda: self._slots_body(static_hidden, static_positions, rows, length))
-        self.slot_pool.graphs[key] = _DecodeGraph(graph, static_hidden, static_positions, output, adapter)
+        self.slot_pool.keep_graph(key, _DecodeGraph(graph, static_hidden, static_positions, output, adapter))
         return result
 
     def _slots_body(self, hidden: torch.Tensor, positions: torch.Tensor, rows: int, length: int) -> torch.Tensor:

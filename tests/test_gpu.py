@@ -145,7 +145,7 @@ def test_batched_steps_over_pool_rows_replay_one_graph_per_bucket(which, request
             pooled[i][1] += 1
             own[i][1] += 1
     assert span._gpu.captures - captures == 1  # rows bucket 8, length bucket 256: one graph for all
-    assert len(span.slot_pool.graphs) == 1
+    assert span.slot_pool.graph_count == 1
 
 
 def test_prefix_cache_on_static_caches(gpu_model):
