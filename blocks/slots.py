@@ -10,7 +10,7 @@ only on the bucket (rows, attended length), so `BlockSpan` captures one CUDA gra
 adapter and replays it for whatever sessions fill it.
 
 Sessions that want more than a row's length, or find no rows free, keep their own `StaticKV`
-buffers and step alone, as before.
+buffers and step alone.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ class _GpuState:
 
 @dataclass
 class _DecodeGraph:
-    """One captured one-token step of a session: static input, position and output tensors."""
+    """One captured one-token step — of a session, or of a bucket of pool rows — with its static
+    input, position(s) and output tensors."""
 
     graph: Any
     hidden: torch.Tensor
@@ -59,8 +60,9 @@ class BlockSpan:
     On a GPU, sessions get a static KV cache (`blocks.cache.StaticKV`) and a one-token step
     replays a CUDA graph captured for that session (per capacity of its cache, so per batch
     size and length bucket), which removes Python's per-kernel launch cost; prefill, multi-token
-    steps and quantized spans run eagerly on the same static cache. On a CPU nothing changes:
-    transformers' DynamicCache, eager.
+    steps and quantized spans run eagerly on the same static cache. With `enable_slots`, static
+    caches are rows of a shared pool and sessions' one-token steps run batched (blocks/slots.py),
+    one graph per bucket of rows. On a CPU nothing changes: transformers' DynamicCache, eager.
     """
 
     def __init__(
