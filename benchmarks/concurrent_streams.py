@@ -3,8 +3,10 @@ against one stream alone, with the servers' continuous batching on and off, in o
 
     python -m benchmarks.concurrent_streams [--streams 1 8] [--tokens 48] [--servers 2] [--codec none]
 
-For each setting (``--max-batch-rows`` 64; the same with ``--batch-gather-ms 0``, steps never waiting
-for the sessions in step with them; and 1 = every session's step its own forward) it starts
+For each setting (``--max-batch-rows`` 64, a round cut into two micro-batches as a CPU server does
+by default; the same with ``--batch-split 1``, one batch per round; with ``--batch-gather-ms 0``,
+steps never waiting for the sessions in step with them; and ``--max-batch-rows`` 1 = every session's
+step its own forward) it starts
 ``swarmgate up`` on the ~100M-parameter benchmark checkpoint (``BENCHMARK_CONFIG``, float32, CPU),
 warms up, then for each N sends N greedy completions of ``--tokens`` tokens at once over HTTP
 (the ``openai`` SDK, different prompts) and prints the aggregate completion tokens/s, the
@@ -139,6 +141,7 @@ def main() -> None:
     checkpoint = build_checkpoint(Path(tempfile.mkdtemp(prefix="swarmgate-bench-")) / "bench-100m", **BENCHMARK_CONFIG)
     report = {}
     settings = [("batched", {"SWARMGATE_MAX_BATCH_ROWS": "64"}, args.streams, args.prefix),
+                ("one batch", {"SWARMGATE_MAX_BATCH_ROWS": "64", "SWARMGATE_BATCH_SPLIT": "1"}, args.streams, 0),
                 ("no gather", {"SWARMGATE_MAX_BATCH_ROWS": "64", "SWARMGATE_BATCH_GATHER_MS": "0"}, args.streams, 0),
                 ("unbatched", {"SWARMGATE_MAX_BATCH_ROWS": "1"}, args.streams, args.prefix)]
     if args.long_prompt:  # the stall again, computing whole prompts

@@ -10,6 +10,12 @@ A step that finds the slot free may wait up to `gather` seconds for the sessions
 about when its own previous step did (half a round either way) and not since: they decode in
 step with it (a gateway sends their steps within the same moment), so they run as one batch
 instead of drifting apart into ever smaller ones. A lone stream has no such peers and never waits.
+
+With `split` > 1 a batch holds at most 1/`split` of the sessions stepping lately (same span and
+adapter), so a round of sessions in step goes through as that many micro-batches: while the next
+server computes one, this one computes the next, and the chain's stages overlap instead of taking
+turns. That pays where a step's cost grows with its rows (a CPU); on a GPU, where a step costs
+about the same for 1 row or 32, it would not.
 """
 
 from __future__ import annotations
@@ -46,11 +52,12 @@ class _Step:
 
 class DecodeBatcher:
     def __init__(self, compute: trio.CapacityLimiter, metrics: ServerMetrics, *, max_rows: int, gather: float = 0.0,
-                 finish: Callable[[torch.Tensor], torch.Tensor] = lambda output: output):
+                 split: int = 1, finish: Callable[[torch.Tensor], torch.Tensor] = lambda output: output):
         self.compute = compute  # shared with every other computation of the server
         self.metrics = metrics
         self.max_rows = max_rows
         self.gather = gather  # seconds a step may wait for the sessions of its round
+        self.split = split  # micro-batches per round of sessions in step (needs the gather's bookkeeping)
         self.finish = finish  # applied to each output in the worker thread (the drill)
         self._queue: list[_Step] = []
         self._arrived = trio.Event()  # set (and replaced) whenever a step is queued, when gathering
@@ -75,9 +82,13 @@ class DecodeBatcher:
         try:
             async with self.compute:
                 if not mine.done.is_set():
-                    if previous is not None and self.gather > 0:
-                        await self._gather(mine, previous)
-                    await self._run(self._take(mine))
+                    gathering = previous is not None and self.gather > 0
+                    if gathering:
+                        self._forget_stopped(previous)
+                    rows = self._rows_for(mine)
+                    if gathering:
+                        await self._gather(mine, previous, rows)
+                    await self._run(self._take(mine, rows))
         finally:
             if mine in self._queue:  # cancelled while waiting: nobody computes it
                 self._queue.remove(mine)
@@ -87,30 +98,42 @@ class DecodeBatcher:
         assert mine.output is not None
         return mine.output
 
-    async def _gather(self, leader: _Step, previous: float) -> None:
+    def _forget_stopped(self, previous: float) -> None:
+        """Drop sessions that have not stepped for ROUNDS_KEPT of the leader's rounds (its last
+        one began at `previous`): the table stays bounded and counts only sessions stepping now."""
+        now = trio.current_time()
+        forgotten = now - ROUNDS_KEPT * (now - previous)
+        for key in [key for key, (when, _, _) in self._last_step.items() if when < forgotten]:
+            del self._last_step[key]
+
+    def _rows_for(self, leader: _Step) -> int:
+        """Rows of the leader's batch: `max_rows`, or with a split its share of the sessions that
+        stepped lately on the same span and adapter."""
+        if self.split <= 1 or self.gather <= 0:
+            return self.max_rows
+        active = sum(span is leader.span and adapter is leader.adapter for _, span, adapter in self._last_step.values())
+        return max(1, min(self.max_rows, -(-active // self.split)))
+
+    async def _gather(self, leader: _Step, previous: float, rows: int) -> None:
         """Wait up to ``gather`` seconds for the sessions that stepped within half a round of the
         leader's `previous` step (and not since), on the same span and adapter, to queue with it,
         or for the batch to fill."""
-        now = trio.current_time()
-        half_round = (now - previous) / 2
-        forgotten = now - ROUNDS_KEPT * 2 * half_round
-        for key in [key for key, (when, _, _) in self._last_step.items() if when < forgotten]:
-            del self._last_step[key]  # sessions that stopped stepping: the table stays bounded
+        half_round = (trio.current_time() - previous) / 2
         expected = {key for key, (when, span, adapter) in self._last_step.items()
                     if abs(when - previous) < half_round and span is leader.span and adapter is leader.adapter}
         with trio.move_on_after(self.gather):
             while True:
                 joining = [step for step in self._queue if step.joins(leader)]
                 if expected <= {id(step.cache) for step in joining} or \
-                        sum(step.hidden.shape[0] for step in joining) >= self.max_rows:
+                        sum(step.hidden.shape[0] for step in joining) >= rows:
                     return
                 await self._arrived.wait()
 
-    def _take(self, leader: _Step) -> list[_Step]:
+    def _take(self, leader: _Step, max_rows: int) -> list[_Step]:
         """The leader's step, then the queued ones that join it, oldest first, within `max_rows`."""
         batch, rows = [leader], leader.hidden.shape[0]
         for step in self._queue:
-            if step is not leader and step.joins(leader) and rows + step.hidden.shape[0] <= self.max_rows:
+            if step is not leader and step.joins(leader) and rows + step.hidden.shape[0] <= max_rows:
                 batch.append(step)
                 rows += step.hidden.shape[0]
         self._queue = [step for step in self._queue if step not in batch]

@@ -83,7 +83,7 @@ class InferenceService:
         self.drill = drill  # --drill-corrupt: corrupts a fraction of outputs on purpose
         self._live: dict[str, _LiveSession] = {}
         self.batcher = DecodeBatcher(compute, metrics, max_rows=limits.max_batch_rows, gather=limits.batch_gather,
-                                     finish=functools.partial(drill, kind="decode"))
+                                     split=limits.batch_split, finish=functools.partial(drill, kind="decode"))
         self.prefixes = PrefixCache(limits.prefix_cache_tokens) if limits.prefix_cache_tokens >= BLOCK else None
         metrics.queued_steps.set_function(lambda: self.batcher.queued)
 

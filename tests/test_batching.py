@@ -114,7 +114,8 @@ class _CountingSpan:
         return [hidden + 1 for hidden, _, _ in steps]
 
 
-def _rounds(gather: float, sessions: int, rounds: int, drift: float, adapters: list | None = None) -> list[int]:
+def _rounds(gather: float, sessions: int, rounds: int, drift: float, adapters: list | None = None,
+            split: int = 1) -> list[int]:
     """`sessions` decoding in step for `rounds` rounds, the first one's step sent `drift` seconds
     before the others' (as a gateway's sends drift apart), each with its `adapters` entry: the
     rows of each forward."""
@@ -122,7 +123,7 @@ def _rounds(gather: float, sessions: int, rounds: int, drift: float, adapters: l
     span = _CountingSpan()
 
     async def main():
-        batcher = DecodeBatcher(trio.CapacityLimiter(1), ServerMetrics(), max_rows=64, gather=gather)
+        batcher = DecodeBatcher(trio.CapacityLimiter(1), ServerMetrics(), max_rows=64, gather=gather, split=split)
         caches = [object() for _ in range(sessions)]
 
         async def step(cache, delay, adapter):
@@ -149,3 +150,11 @@ def test_sessions_in_step_wait_for_each_other_and_others_never_wait():
     started = time.perf_counter()
     assert _rounds(1.0, 2, 4, drift=0.02, adapters=[None, object()]) == [1] * 8  # another adapter never joins
     assert time.perf_counter() - started < 0.9  # ... so nobody waits for it
+
+
+def test_a_split_round_goes_through_as_micro_batches():
+    """With split 2, 8 sessions in step run as two batches of 4 once each has stepped (so the next
+    server computes one while this one computes the other); split 1 keeps them one batch."""
+    assert _rounds(0.2, 8, 4, drift=0.02)[-1:] == [8]
+    split = _rounds(0.2, 8, 4, drift=0.02, split=2)
+    assert split[-2:] == [4, 4] and max(split) <= 4

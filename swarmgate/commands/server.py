@@ -51,6 +51,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     add_option(server, "--batch-gather-ms", type=float, default=LIMITS.batch_gather * 1000,
                help="ms a decode step may wait for the sessions that step in time with it, to batch with them "
                     "(0: never wait; a lone stream never waits)")
+    add_option(server, "--batch-split", type=int, default=0,
+               help="micro-batches a round of sessions decoding in step is cut into, so the chain's servers compute "
+                    "at once instead of in turn (0: auto, 2 on cpu where a step's cost grows with its rows, 1 on cuda)")
     add_option(server, "--prefix-cache-tokens", type=int, default=LIMITS.prefix_cache_tokens,
                help="tokens of recent prompts' starts kept to skip recomputing them (0: off)")
     add_option(server, "--prefill-chunk", type=int, default=LIMITS.prefill_chunk,
@@ -115,6 +118,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_batch=args.max_batch,
         max_batch_rows=args.max_batch_rows,
         batch_gather=args.batch_gather_ms / 1000,
+        batch_split=args.batch_split or (2 if args.device == "cpu" else 1),
         prefix_cache_tokens=args.prefix_cache_tokens,
         prefill_chunk=args.prefill_chunk,
         idle_timeout=args.session_idle_timeout,
