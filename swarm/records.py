@@ -1,10 +1,12 @@
 """Server records: what each block server announces, and the table of live ones.
 
-A record is short-lived: it lives a TTL from when its server signed it (``issued_at``, the
-server's wall clock), so a server that stops refreshing vanishes by itself, and a copy handed on
-later (pulled from a peer's table, replayed from gossip's message cache) expires when the first
-copy did instead of starting a fresh TTL. This asks that clocks agree to well within a TTL, as
-NTP gives; a record stamped in the receiver's future counts from its arrival.
+A record is short-lived: it lives a TTL from its arrival, but never past a TTL and one announce
+interval (a third of the TTL) from when its server signed it (``issued_at``, the server's wall
+clock). So a server that stops refreshing vanishes by itself; a record that a busy receiver took
+late loses none of its life; and a copy handed on later (pulled from a peer's table, replayed from
+gossip's message cache) expires about when the first copy did instead of starting a fresh TTL.
+This asks that clocks agree to well within an interval, as NTP gives; a record stamped in the
+receiver's future counts from its arrival.
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ class ServerRecord:
             raise ProtocolError(
                 f"record's span [{record.start}, {record.end}) exceeds the model's {record.model_blocks} blocks"
             )
-        if record.issued_at > 0:
-            age = (time.time() if wall_clock is None else wall_clock) - record.issued_at
+        if record.issued_at > 0:  # the part of its age past one announce interval (a third of the TTL) counts
+            age = (time.time() if wall_clock is None else wall_clock) - record.issued_at - record.ttl / 3
             record = replace(record, received_at=received_at - min(max(age, 0.0), record.ttl))
         return record
 

@@ -276,15 +276,15 @@ def test_an_unchanged_record_announced_again_is_refreshed():
     expire while its server is alive; the very same signed bytes again renew nothing."""
     async def main():
         async with start_node() as node, start_node() as other:
-            record = _record(other.peer_id, 0, 4, ttl=0.5)
+            record = _record(other.peer_id, 0, 4, ttl=0.6)
             node._accept(other.sign_record(record), publisher=other.peer_id)
             for _ in range(4):
                 await trio.sleep(0.3)
                 node._accept(wire := other.sign_record(record), publisher=other.peer_id)
             assert [r.peer_id for r in node.records.live("m")] == [other.peer_id]
-            await trio.sleep(0.3)
-            node._accept(wire, publisher=other.peer_id)
-            await trio.sleep(0.3)
+            await trio.sleep(0.4)
+            node._accept(wire, publisher=other.peer_id)  # 0.4 s old: lives to 0.8 s, a fresh TTL would to 1.0
+            await trio.sleep(0.5)
             assert node.records.live("m") == []
 
     trio.run(main)
@@ -292,29 +292,30 @@ def test_an_unchanged_record_announced_again_is_refreshed():
 
 def test_a_record_handed_on_later_expires_when_it_would_have_at_its_source():
     """A stopped server's last record can reach a joiner late — pulled from a peer's table, or
-    replayed from gossip's message cache: it must not start a fresh TTL there. Its TTL counts from
-    when the server signed it."""
+    replayed from gossip's message cache: it must not start a fresh TTL there. It lives at most a
+    TTL and an announce interval (a third of the TTL) from when the server signed it."""
     async def main():
         async with start_node() as holder, start_node() as stopped:
-            wire = stopped.sign_record(_record(stopped.peer_id, 0, 4, ttl=1.0))
+            wire = stopped.sign_record(_record(stopped.peer_id, 0, 4, ttl=3.0))
             holder._accept(wire, publisher=stopped.peer_id)
-            await trio.sleep(0.6)
+            await trio.sleep(1.5)
             async with start_node(initial_peers=holder.multiaddrs()) as joiner:  # joining pulls
                 assert [r.peer_id for r in joiner.records.live("m")] == [stopped.peer_id]
                 async with start_node() as late:
                     late._accept(wire, publisher=stopped.peer_id)  # as a gossip replay would arrive
                     assert [r.peer_id for r in late.records.live("m")] == [stopped.peer_id]
-                    await trio.sleep(0.6)  # 1.2 s after signing, 0.6 s after the pull and the replay
+                    await trio.sleep(2.7)  # past 4 s from signing, before 3 s from the pull and the replay
                     assert joiner.records.live("m") == [] == late.records.live("m") == holder.records.live("m")
 
     trio.run(main)
 
 
-def test_a_record_counts_its_age_from_its_signing_but_never_lives_past_its_ttl():
-    record = _record("a", 0, 2, ttl=5.0)
+def test_a_record_lives_at_most_a_ttl_and_an_interval_from_its_signing():
+    record = _record("a", 0, 2, ttl=6.0)  # announced every 2 s
     stamped = record.to_wire() | {"issued_at": 1000.0}
-    assert ServerRecord.from_wire(stamped, received_at=50.0, wall_clock=1002.0).received_at == 48.0
-    assert ServerRecord.from_wire(stamped, received_at=50.0, wall_clock=1009.0).received_at == 45.0  # at most a TTL old
+    assert ServerRecord.from_wire(stamped, received_at=50.0, wall_clock=1001.5).received_at == 50.0  # late, in time
+    assert ServerRecord.from_wire(stamped, received_at=50.0, wall_clock=1005.0).received_at == 47.0  # expires at 1008
+    assert ServerRecord.from_wire(stamped, received_at=50.0, wall_clock=1020.0).received_at == 44.0  # at most a TTL old
     assert ServerRecord.from_wire(stamped, received_at=50.0, wall_clock=990.0).received_at == 50.0  # from the future
     assert ServerRecord.from_wire(record.to_wire(), received_at=50.0).received_at == 50.0  # unstamped: from arrival
 
