@@ -41,6 +41,14 @@ def wait_until(condition: Callable[[], T], timeout: float = 120.0, interval: flo
     return value
 
 
+def random_span_lora(span: BlockSpan, generator: torch.Generator, rank: int = 4) -> SpanLora:
+    """A LoRA adapter of small random weights on every target of `span`."""
+    pairs = {prefix: (torch.randn(rank, module.in_features, generator=generator) * 0.1,
+                      torch.randn(module.out_features, rank, generator=generator) * 0.1)
+             for prefix, module in span.lora_targets.items()}
+    return SpanLora(pairs, scaling=2.0)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

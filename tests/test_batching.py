@@ -16,8 +16,8 @@ import pytest
 import torch
 import trio
 
-from blocks.lora import SpanLora
 from blocks.span import BlockSpan
+from tests.support import random_span_lora
 from blocks.tiny_checkpoints import build_checkpoint
 from blockserver.batcher import DecodeBatcher
 from blockserver.metrics import ServerMetrics
@@ -73,10 +73,7 @@ def test_batched_steps_equal_each_sessions_own(name, checkpoints):
 def test_batched_steps_apply_the_shared_adapter(checkpoints):
     span = BlockSpan(checkpoints["llama"], 0, 4)
     generator = torch.Generator().manual_seed(2)
-    pairs = {prefix: (torch.randn(4, module.in_features, generator=generator) * 0.1,
-                      torch.randn(module.out_features, 4, generator=generator) * 0.1)
-             for prefix, module in span.lora_targets.items()}
-    adapter = SpanLora(pairs, scaling=2.0)
+    adapter = random_span_lora(span, generator)
     sessions, alone = _prefilled(span, [(1, 4), (1, 9)]), _prefilled(span, [(1, 4), (1, 9)])
     hidden = [torch.randn(1, 1, span.hidden_size, generator=generator) for _ in sessions]
     together = span.forward_batch([(h, c, p) for h, (c, p) in zip(hidden, sessions)], adapter)
