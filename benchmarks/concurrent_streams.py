@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -48,18 +49,28 @@ async def _complete(client: openai.AsyncOpenAI, model: str, prompt: str, tokens:
     return completion.choices[0].text, completion.usage.completion_tokens, time.perf_counter() - started
 
 
-async def _shared_prefix(client: openai.AsyncOpenAI, model: str, prefix: int) -> dict[str, float]:
-    """TTFT (a one-token request, as benchmarks/gpu_serving.py times it) of a token-id prompt, then
-    of one sharing its first `prefix` tokens (a system prompt, a conversation's next turn)."""
+async def _shared_prefix(client: openai.AsyncOpenAI, model: str, prefix: int, rounds: int = 3) -> dict[str, float]:
+    """Median TTFTs (a one-token request, as benchmarks/gpu_serving.py times it) of a token-id
+    prompt, and of one sharing its first `prefix` tokens (a system prompt, a conversation's next
+    turn), over `rounds` rounds of fresh prompts after a warm-up prompt of the same length."""
     rng = random.Random(0)
-    first = [rng.randrange(10, 30000) for _ in range(prefix + 24)]
-    second = first[:prefix] + [rng.randrange(10, 30000) for _ in range(24)]
-    times = []
-    for prompt in (first, second):
+
+    async def ttft(prompt: list[int]) -> float:
         started = time.perf_counter()
         await client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0)
-        times.append(time.perf_counter() - started)
-    return {"first_ttft_s": times[0], "sharing_ttft_s": times[1], "ratio": times[1] / times[0]}
+        return time.perf_counter() - started
+
+    def fresh(tokens: int) -> list[int]:
+        return [rng.randrange(10, 30000) for _ in range(tokens)]
+
+    await ttft(fresh(prefix + 24))
+    firsts, seconds = [], []
+    for _ in range(rounds):
+        first = fresh(prefix + 24)
+        firsts.append(await ttft(first))
+        seconds.append(await ttft(first[:prefix] + fresh(24)))
+    first_ttft, sharing_ttft = statistics.median(firsts), statistics.median(seconds)
+    return {"first_ttft_s": first_ttft, "sharing_ttft_s": sharing_ttft, "ratio": sharing_ttft / first_ttft}
 
 
 async def _stream_gaps(client: openai.AsyncOpenAI, model: str, prompt: str, tokens: int) -> list[float]:

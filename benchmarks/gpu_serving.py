@@ -232,17 +232,27 @@ class HttpUp:
             times = list(pool.map(lambda i: self.request(f"{i}: {text}", max_tokens), range(streams)))
         return streams * max_tokens / (time.perf_counter() - started), statistics.median(t for t, _ in times)
 
-    def shared_prefix(self, prefix: int) -> tuple[float, float]:
-        """TTFT of a token-id prompt of `prefix` + 24 tokens, then of one sharing its first `prefix`."""
+    def shared_prefix(self, prefix: int, rounds: int = 3) -> tuple[float, float]:
+        """Median TTFTs of a token-id prompt of `prefix` + 24 tokens, and of one sharing its first
+        `prefix`, over `rounds` rounds of fresh prompts, after a warm-up prompt of the same length
+        (the first long prompt a swarm sees pays one-off costs: allocations, kernel choices)."""
         generator = torch.Generator().manual_seed(1)
-        first = torch.randint(10, 30000, (prefix + 24,), generator=generator).tolist()
-        second = first[:prefix] + torch.randint(10, 30000, (24,), generator=generator).tolist()
-        ttfts = []
-        for prompt in (first, second):
+
+        def ttft(prompt: list[int]) -> float:
             started = time.perf_counter()
             self.client.completions.create(model=self.model, prompt=prompt, max_tokens=1, temperature=0)
-            ttfts.append(time.perf_counter() - started)
-        return ttfts[0], ttfts[1]
+            return time.perf_counter() - started
+
+        def fresh(tokens: int) -> list[int]:
+            return torch.randint(10, 30000, (tokens,), generator=generator).tolist()
+
+        ttft(fresh(prefix + 24))
+        firsts, seconds = [], []
+        for _ in range(rounds):
+            first = fresh(prefix + 24)
+            firsts.append(ttft(first))
+            seconds.append(ttft(first[:prefix] + fresh(24)))
+        return statistics.median(firsts), statistics.median(seconds)
 
     def dump_logs(self) -> None:
         for log in sorted((self.data_dir / "logs").glob("*.log")):

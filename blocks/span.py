@@ -283,9 +283,14 @@ class BlockSpan:
     def _graph_step(
         self, hidden: torch.Tensor, cache: StaticKV, position: int, adapter: lora.SpanLora | None
     ) -> torch.Tensor:
-        """One token through a CUDA graph of this session (captured at its first such step)."""
+        """One token through a CUDA graph over this session's buffers (captured at its first such
+        step). A session in pool rows keeps its graph in the pool: a graph reads the rows'
+        addresses, not the session, so the next session in the same rows replays it rather than
+        capturing anew (a capture costs tens of ms)."""
         key = (cache.capacity, id(adapter))
-        step = cache.graphs.get(key)
+        if cache.pooled:
+            key = ("rows", self.start, self.end, cache.row, cache.batch, *key)
+        step = cache.pool.graph(key) if cache.pooled else cache.graphs.get(key)
         if step is None:
             return self._capture(hidden, cache, position, adapter, key)
         step.hidden.copy_(hidden)
@@ -302,7 +307,11 @@ class BlockSpan:
         static_hidden = hidden.clone()
         static_position = torch.full((1,), position, dtype=torch.long, device=self.device)
         result, graph, output = self._captured(lambda: self._graph_body(static_hidden, static_position, cache))
-        cache.graphs[key] = _DecodeGraph(graph, static_hidden, static_position, output, adapter)
+        step = _DecodeGraph(graph, static_hidden, static_position, output, adapter)
+        if cache.pooled:
+            cache.pool.keep_graph(key, step)
+        else:
+            cache.graphs[key] = step
         return result
 
     def _captured(self, body) -> tuple[torch.Tensor, Any, torch.Tensor]:

@@ -70,8 +70,8 @@ class DecodeBatcher:
 
     async def step(self, span: BlockSpan, hidden: torch.Tensor, cache: Any, position: int,
                    adapter: SpanLora | None) -> torch.Tensor:
-        """The output of one one-token step (`span.batches(cache)` must hold), maybe computed
-        together with other sessions'."""
+        """The output, on the host, of one one-token step (`span.batches(cache)` must hold), maybe
+        computed together with other sessions'."""
         mine = _Step(span, adapter, hidden, cache, position)
         previous = self._last_step.get(id(cache), (None,))[0]
         self._queue.append(mine)
@@ -148,7 +148,8 @@ class DecodeBatcher:
                                                adapter=leader.adapter)]
             else:
                 outputs = leader.span.forward_batch([(s.hidden, s.cache, s.position) for s in batch], leader.adapter)
-            return [self.finish(output) for output in outputs]
+            # to the host in this thread: the copy waits for the device, the event loop must not
+            return [self.finish(output).cpu() for output in outputs]
 
         try:
             outputs = await trio.to_thread.run_sync(compute)

@@ -297,6 +297,8 @@ class InferenceService:
         if prefix is not None:
             output = prefix.joined(output)
             await trio.to_thread.run_sync(self.prefixes.store, span, cache, output, prefix, limiter=self.compute)
+        if output.device.type != "cpu":  # the copy waits for the device: not on the event loop
+            output = await trio.to_thread.run_sync(output.cpu)
         return self.drill(output, "prefill" if position == 0 else "decode")
 
     async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: dict[str, Any]) -> None:

@@ -148,6 +148,31 @@ def test_batched_steps_over_pool_rows_replay_one_graph_per_bucket(which, request
     assert span.slot_pool.graph_count == 1
 
 
+def test_the_next_session_in_the_same_pool_rows_replays_the_graph(gpu_model):
+    """A lone session in pool rows captures its one-token step once; the next session in the
+    same rows replays that graph instead of capturing anew, and still agrees with eager steps."""
+    span = BlockSpan(gpu_model, 0, 6, dtype=DTYPE, device="cuda")
+    span.enable_slots(rows=4, length=512)
+    eager = BlockSpan(gpu_model, 0, 6, dtype=DTYPE, device="cuda")
+    eager.use_graphs = False
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    captured = []
+    for prompt_length in (9, 14):
+        cache, reference = span.new_cache(), eager.new_cache()
+        prompt = torch.randn(1, prompt_length, span.hidden_size, device="cuda", dtype=DTYPE, generator=generator)
+        span.forward(prompt, cache=cache, position=0)
+        eager.forward(prompt, cache=reference, position=0)
+        assert cache.row == 0
+        captures = span._gpu.captures
+        for position in range(prompt_length, prompt_length + 6):
+            hidden = torch.randn(1, 1, span.hidden_size, device="cuda", dtype=DTYPE, generator=generator)
+            ours = span.forward(hidden, cache=cache, position=position)
+            assert relative(ours, eager.forward(hidden, cache=reference, position=position)) < 2e-2
+        captured.append(span._gpu.captures - captures)
+        cache.release()
+    assert captured == [1, 0]
+
+
 def test_prefix_cache_on_static_caches(gpu_model):
     """A prompt sharing a cached start with an earlier one (hidden states arriving on the GPU)
     reuses it and agrees with computing it all."""

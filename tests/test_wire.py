@@ -112,6 +112,47 @@ def test_frame_truncated_and_empty():
         _read(b"")
 
 
+@pytest.mark.parametrize("piece", [7, 1 << 20])
+def test_frames_read_ahead_keep_the_rest_for_the_next_frame(piece):
+    """read_frame reads past its frame (the next one's start, or all of it) and the next call
+    starts from those bytes: back-to-back frames come out whole and in order."""
+    messages = [{"type": "step", "position": i, "blob": bytes([i]) * (10 + 3000 * i)} for i in range(4)]
+    stream = BytesStream(b"".join(protocol.pack_frame(m) for m in messages), piece=piece)
+
+    async def main() -> None:
+        for message in messages:
+            assert await protocol.read_frame(stream) == message
+        with pytest.raises(EOFError):
+            await protocol.read_frame(stream)
+
+    trio.run(main)
+
+
+def test_free_first_locks_still_exclude_and_queue():
+    """py-libp2p's locks taken without a checkpoint when free (swarm/node.py) still let one
+    holder in at a time, and waiters in turn."""
+    from swarm.node import _FreeFirstLock
+
+    lock, inside, order = _FreeFirstLock(trio.Lock()), [], []
+
+    async def worker(index: int) -> None:
+        for _ in range(3):
+            async with lock:
+                inside.append(index)
+                assert len(inside) == 1
+                await trio.sleep(0)  # hold it across a checkpoint: the others must wait
+                order.append(index)
+                inside.pop()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for index in range(4):
+                nursery.start_soon(worker, index)
+
+    trio.run(main)
+    assert sorted(order) == sorted(list(range(4)) * 3) and not lock.locked()
+
+
 def test_expect_turns_errors_into_exceptions():
     with pytest.raises(protocol.RemoteError, match="boom"):
         protocol.expect(protocol.error_frame("boom"), "output")

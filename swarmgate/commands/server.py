@@ -53,7 +53,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                     "(0: never wait; a lone stream never waits)")
     add_option(server, "--batch-split", type=int, default=0,
                help="micro-batches a round of sessions decoding in step is cut into, so the chain's servers compute "
-                    "at once instead of in turn (0: auto, 2 on cpu where a step's cost grows with its rows, 1 on cuda)")
+                    "at once instead of in turn; it counts the sessions the gather tracks, so --batch-gather-ms 0 turns it off "
+                    "(0: auto, 2 on cpu where a step's cost grows with its rows, 1 on cuda)")
     add_option(server, "--prefix-cache-tokens", type=int, default=LIMITS.prefix_cache_tokens,
                help="tokens of recent prompts' starts kept to skip recomputing them (0: off)")
     add_option(server, "--prefill-chunk", type=int, default=LIMITS.prefill_chunk,
