@@ -105,15 +105,15 @@ def _gateway_metrics(base: str) -> dict[str, float]:
 
 def test_a_prompt_sharing_an_earlier_ones_start_reuses_it_exactly(stack, tiny_models):
     """Token-id prompts of 150 tokens, the second sharing the first's 130: each server serves the
-    second's first two 64-token blocks from its prefix cache, and the greedy tokens equal
-    transformers' on the whole prompt."""
+    second's first 128 tokens (its whole blocks within the shared start) from its prefix cache,
+    and the greedy tokens equal transformers' on the whole prompt."""
     from tests.swarm_harness import reference_model
 
     client = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key=stack["key"], max_retries=0, timeout=120)
     generator = torch.Generator().manual_seed(5)
     first = torch.randint(10, 500, (150,), generator=generator).tolist()
     second = first[:130] + torch.randint(10, 500, (20,), generator=generator).tolist()
-    hits_before = [_prefix_tokens(port)["hit"] for port in stack["metrics"]]
+    hits_before = [_prefix_tokens(port).get("hit", 0.0) for port in stack["metrics"]]
     model, tokenizer = reference_model(tiny_models["llama"]), AutoTokenizer.from_pretrained(tiny_models["llama"])
     for prompt in (first, second):
         completion = client.completions.create(model=stack["model"], prompt=prompt, max_tokens=8, temperature=0)
