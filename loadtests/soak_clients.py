@@ -23,6 +23,13 @@ import openai
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+try:  # openai >= 3.63 runs on httpx2: a stream broken mid-way raises httpx2's errors, not httpx's
+    from httpx2 import HTTPError as _Httpx2Error
+
+    TRANSPORT_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, _Httpx2Error)
+except ImportError:
+    TRANSPORT_ERRORS = (httpx.HTTPError,)
+
 CHAT_PROMPTS = [
     "Tell me about the sea.",
     "What is a computer program?",
@@ -137,7 +144,7 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompts: list[Prom
         return outcome("hang", f"no end within {deadline:.0f} s ({progress.describe()})")
     except openai.APIStatusError as error:
         return outcome("error", f"HTTP {error.status_code}: {error.message}"[:200])
-    except (openai.APIError, httpx.HTTPError) as error:  # SSE error events, refused or broken connections
+    except (openai.APIError, *TRANSPORT_ERRORS) as error:  # SSE error events, refused or broken connections
         return outcome("error", f"{type(error).__name__}: {error}"[:200])
     if finish is None:
         return outcome("truncated", repr(text))
@@ -177,7 +184,7 @@ class Load:
 
     async def _run(self) -> None:
         client = openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.key, max_retries=0,
-                                    timeout=httpx.Timeout(self.deadline, connect=10))
+                                    timeout=openai.Timeout(self.deadline, connect=10))
         async with client:
             await asyncio.gather(*(self._worker(client, random.Random(self.seed + i))
                                    for i in range(self.streams)))
