@@ -31,7 +31,7 @@ from blockserver.throughput import ThroughputCache, span_throughput
 from blockserver.training import TrainingService
 from swarm import codec, protocol
 from swarm.node import SwarmNode
-from swarm.records import ServerRecord
+from swarm.records import ANNOUNCES_PER_TTL, ServerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class BlockServer:
             throughput=self.throughput,
             free_tokens=self.caches.free_tokens,
             sessions=self.caches.num_sessions,
-            ttl=3 * self.announce_interval,
+            ttl=ANNOUNCES_PER_TTL * self.announce_interval,
             block_bytes=self.span.block_bytes,
             quant=self.span.quant,
             model_blocks=self.span.config.num_hidden_layers,

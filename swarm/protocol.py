@@ -76,9 +76,9 @@ class RemoteError(Exception):
         self.code = code
 
 
-async def _read_exactly(stream: Stream, size: int, chunks: list[bytes]) -> bytes:
-    """`chunks` joined with what the stream gives until `size` bytes in all."""
-    remaining = size - sum(len(chunk) for chunk in chunks)
+async def _read_exactly(stream: Stream, size: int, held: bytes) -> bytes:
+    """`held` and what the stream gives after it, `size` bytes in all."""
+    chunks, remaining = [held], size - len(held)
     while remaining > 0:
         chunk = await stream.read(remaining)
         if not chunk:
@@ -168,7 +168,7 @@ async def read_frame(stream: Stream, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
     held = bytes(pending[_HEADER:end])
     del pending[:end]
     try:
-        payload = held if len(held) == size else await _read_exactly(stream, size, [held])
+        payload = held if len(held) == size else await _read_exactly(stream, size, held)
     except ProtocolError:
         raise
     except Exception as error:

@@ -18,6 +18,11 @@ from typing import Any, Callable
 from swarm.protocol import PROTOCOL_VERSION, ProtocolError
 
 
+# A server announces its record this many times per TTL, so a live server's record never lapses
+# between announces; a record's age past one interval (TTL / this) counts against its life.
+ANNOUNCES_PER_TTL = 3
+
+
 @dataclass(frozen=True)
 class ServerRecord:
     peer_id: str
@@ -83,8 +88,8 @@ class ServerRecord:
             raise ProtocolError(
                 f"record's span [{record.start}, {record.end}) exceeds the model's {record.model_blocks} blocks"
             )
-        if record.issued_at > 0:  # the part of its age past one announce interval (a third of the TTL) counts
-            age = (time.time() if wall_clock is None else wall_clock) - record.issued_at - record.ttl / 3
+        if record.issued_at > 0:  # the part of its age past one announce interval counts
+            age = (time.time() if wall_clock is None else wall_clock) - record.issued_at - record.ttl / ANNOUNCES_PER_TTL
             record = replace(record, received_at=received_at - min(max(age, 0.0), record.ttl))
         return record
 

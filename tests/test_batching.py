@@ -17,10 +17,10 @@ import torch
 import trio
 
 from blocks.span import BlockSpan
-from tests.support import random_span_lora
 from blocks.tiny_checkpoints import build_checkpoint
 from blockserver.batcher import DecodeBatcher
 from blockserver.metrics import ServerMetrics
+from tests.support import random_span_lora
 
 TOLERANCE = 1e-5
 # families whose spans batch, and those that run alone (ALiBi, or sliding-window layers)

@@ -19,9 +19,9 @@ import torch
 from blocks.cache import SessionCaches, StaticKV
 from blocks.slots import SlotPool, bucket
 from blocks.span import BlockSpan
-from tests.support import random_span_lora
 from blocks.tiny_checkpoints import build_checkpoint
 from blockserver.limits import ServerLimits
+from tests.support import random_span_lora
 
 TOLERANCE = 1e-5
 FAMILIES = {

@@ -466,6 +466,11 @@ def test_yamux_credits_the_window_per_half_window_not_per_read(monkeypatch):
             other.host.set_stream_handler(echo, serve)
             await node.connect(other.multiaddrs()[0])
             stream = await node.open_stream(other.peer_id, echo)
+            from swarm.node import _FreeFirstLock  # py-libp2p's per-frame locks are wrapped (a rename would undo it)
+            muxed = stream.muxed_stream
+            assert all(isinstance(lock, _FreeFirstLock) for lock in (
+                stream._state_lock, muxed.window_lock, muxed.rw_lock._writer_lock, muxed.conn.streams_lock,
+                muxed.conn._write_lock))
             updates = 0
             for index in range(200):
                 message = {"type": "x", "index": index, "data": bytes(1000)}
