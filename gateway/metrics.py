@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backend import Coverage
-from gateway.inference.head_batching import head_load
+from gateway.inference.head_rounds import head_load
 
 
 SwarmState = Callable[[], dict[str, Any]]  # the backend's ``swarm_state``

@@ -1,9 +1,9 @@
 """The generation loop: embed -> swarm step -> logits -> sample, for `n` choices at once.
 
 Choices are the rows of one batch in one swarm session, so they share the prompt's prefill.
-All head compute (embeddings, LM head, sampling, detokenization) runs in a worker thread, one
-hop per step, so the event loop keeps serving other requests and streams; generations that reach
-the LM head together share one call of it (gateway/inference/head_batching.py). `steps()` yields the
+All head compute (embeddings, LM head, sampling, detokenization) runs on the head's thread, in
+rounds shared by the generations that reach it together (gateway/inference/head_rounds.py: one
+LM head call per round), so the event loop keeps serving other requests and streams. `steps()` yields the
 same per-step deltas to the streaming and the non-streaming path.
 
 Guided rows (a `Guide` on the job) are masked by their grammar in the sampler; each step their
@@ -34,16 +34,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
 import torch
-from anyio.to_thread import run_sync
 
 from gateway.backend import InferenceBackend, InferenceSession
 from gateway.models import ServedModel
 from gateway.inference.sampling import SampledToken, Sampler, SamplingParams
-from gateway.inference.head_batching import combined_logits
+from gateway.inference.head_rounds import head_rounds
 from gateway.inference.speculative import ngram_draft
 from gateway.protocol.schemas import FinishReason, Usage
 from gateway.inference.stops import TextStream
@@ -180,7 +180,8 @@ class Generation:
         assert self._session is not None, "open() the generation first"
         prompt = torch.tensor([self.job.prompt_ids] * self.job.n, dtype=torch.long)
         drafts = self._drafts()
-        hidden = await run_sync(self.job.model.head.embed, torch.cat([prompt, drafts], dim=1))
+        head = head_rounds(self.job.model.head)
+        hidden = await head.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
         guided = self._sampler.matchers is not None
         while hidden is not None:
             if guided:  # the next masks are filled in a thread while the swarm computes
@@ -190,7 +191,8 @@ class Generation:
             else:
                 output = await self._session.step(hidden)
             self._position += hidden.shape[1]
-            per_token, hidden, drafts, kept = await run_sync(self._advance, output, drafts)
+            first = output[:, output.shape[1] - drafts.shape[1] - 1:][:, :1]  # predicts the first new token
+            per_token, hidden, drafts, kept = await head.sample(first, partial(self._advance, output, drafts))
             if kept < self._position:  # positions fed rejected drafts
                 await self._session.truncate(kept)
                 self._position = kept
@@ -211,21 +213,22 @@ class Generation:
         return results
 
     def _advance(
-        self, output: torch.Tensor, drafts: torch.Tensor
+        self, output: torch.Tensor, drafts: torch.Tensor, first_logits: torch.Tensor
     ) -> tuple[list[list[ChoiceDelta]], torch.Tensor | None, torch.Tensor, int]:
-        """Worker thread: sample the step's positions from the first one after the fed tokens, in
-        order, while every unfinished row's token is its draft; update the choices, draft anew and
-        embed what comes next. Returns the deltas per sampled token, the next step's hidden states
-        (None when done), its drafts, and how many positions of the servers' caches stay valid.
+        """Head thread: sample the step's positions from the first one after the fed tokens (whose
+        logits the round computed), in order, while every unfinished row's token is its draft;
+        update the choices, draft anew and embed what comes next. Returns the deltas per sampled
+        token, the next step's hidden states (None when done), its drafts, and how many positions
+        of the servers' caches stay valid.
 
         Each position's logits go through the head alone, the shape plain decoding uses.
         """
         head, count = self.job.model.head, drafts.shape[1]
-        logits = combined_logits(head)  # one LM head call for all generations that sample now
         first = output.shape[1] - count - 1  # the position that predicts the first draft
         proposed, per_token = drafts.tolist(), []
         for i in range(count + 1):
-            sampled = self._sampler.sample(logits(output[:, first + i:first + i + 1, :])[:, -1, :])
+            logits = first_logits if i == 0 else head.logits(output[:, first + i:first + i + 1, :])
+            sampled = self._sampler.sample(logits[:, -1, :])
             for context, token in zip(self._contexts, sampled):
                 context.append(token.token_id)
             per_token.append([delta for row, token in enumerate(sampled) if (delta := self._update(row, token))])

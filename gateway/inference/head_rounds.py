@@ -1,0 +1,117 @@
+"""The gateway's head work for every concurrent generation, in rounds on one thread per head.
+
+A generation hands its step's output to `HeadRounds.sample` and awaits what its own function
+(sampling, text, the next embedding) returns. Work that arrives while a round runs waits for the
+next round, which computes the logits of all its rows in one LM head call (per input shape) and
+then runs each generation's function in turn. A lone generation's round starts at once: nothing
+waits for company. The LM head's weight (vocabulary x hidden) is thus read once per round instead
+of once per generation, and all head work shares one thread: no thread hop per generation, and no
+dozens of worker threads contending for the GIL with the event loop and the swarm's trio thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+
+__all__ = ["HeadRounds", "head_rounds", "head_load"]
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class _Work(Generic[T]):
+    then: Callable[..., T]  # then(logits) when hidden is given, else then()
+    hidden: torch.Tensor | None = None
+    future: Future[T] = field(default_factory=Future)
+
+
+class HeadRounds:
+    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor]):
+        self._logits = logits
+        self._lock = threading.Lock()
+        self._waiting: list[_Work[Any]] = []
+        self._running = False
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
+        self.rounds = 0  # LM head calls (tests, metrics)
+        self.calls = 0  # generations' logits those calls served: calls / rounds is the mean sharing
+
+    async def sample(self, hidden: torch.Tensor, then: Callable[[torch.Tensor], T]) -> T:
+        """`then(logits(hidden))` on the head's thread, hidden [rows, tokens, h]; the logits are
+        computed in one call with the round's other rows of the same shape."""
+        return await self._submit(_Work(then, hidden))
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the head's thread, in turn with the rounds (e.g. a prompt's embedding)."""
+        return await self._submit(_Work(fn))
+
+    async def _submit(self, work: _Work[T]) -> T:
+        with self._lock:
+            self._waiting.append(work)
+            start, self._running = not self._running, True
+        if start:
+            self._thread.submit(self._run_rounds)
+        return await asyncio.wrap_future(work.future)  # cancelling the await cancels work not yet begun
+
+    def _run_rounds(self) -> None:
+        while True:
+            with self._lock:
+                works, self._waiting = self._waiting, []
+                if not works:
+                    self._running = False
+                    return
+            works = [work for work in works if work.future.set_running_or_notify_cancel()]
+            logits = self._compute_logits([work for work in works if work.hidden is not None])
+            for work in works:
+                if isinstance(found := logits.get(id(work)), BaseException):
+                    work.future.set_exception(found)
+                    continue
+                try:
+                    work.future.set_result(work.then() if work.hidden is None else work.then(found))
+                except BaseException as error:  # the generation's own failure, only its own
+                    work.future.set_exception(error)
+
+    def _compute_logits(self, works: list[_Work[Any]]) -> dict[int, torch.Tensor | BaseException]:
+        """One head call per input shape; a failure goes to every work of its call."""
+        out: dict[int, torch.Tensor | BaseException] = {}
+        groups: dict[tuple[Any, ...], list[_Work[Any]]] = {}
+        for work in works:
+            assert work.hidden is not None
+            groups.setdefault((tuple(work.hidden.shape[1:]), work.hidden.dtype, work.hidden.device), []).append(work)
+        for group in groups.values():
+            try:
+                logits = self._logits(torch.cat([work.hidden for work in group]))
+                parts = logits.split([work.hidden.shape[0] for work in group])
+                self.rounds += 1
+                self.calls += len(group)
+            except BaseException as error:
+                parts = [error] * len(group)
+            out.update((id(work), part) for work, part in zip(group, parts))
+        return out
+
+
+_rounds: weakref.WeakKeyDictionary[Any, HeadRounds] = weakref.WeakKeyDictionary()
+_rounds_lock = threading.Lock()
+
+
+def head_rounds(head: Any) -> HeadRounds:
+    """The one `HeadRounds` over `head.logits` (per head object, gone with it)."""
+    with _rounds_lock:
+        if (rounds := _rounds.get(head)) is None:
+            logits = weakref.WeakMethod(head.logits)  # a strong one would keep the head alive
+            rounds = _rounds[head] = HeadRounds(lambda hidden: logits()(hidden))
+        return rounds
+
+
+def head_load() -> tuple[int, int]:
+    """LM-head calls and the generations' logits they served, over every head of this process."""
+    with _rounds_lock:
+        heads = list(_rounds.values())
+    return sum(h.rounds for h in heads), sum(h.calls for h in heads)

@@ -1,0 +1,96 @@
+"""The gateway's head rounds (gateway/inference/head_rounds.py): concurrent generations get
+exactly their own rows' logits, in fewer head calls than generations under contention, on one
+thread; a head failure reaches every generation of its call, a generation's own failure only it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from gateway.inference.head_rounds import HeadRounds
+
+WEIGHT = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+
+
+def slow_head(hidden: torch.Tensor) -> torch.Tensor:
+    time.sleep(0.02)  # long enough that generations pile up behind a round
+    return hidden @ WEIGHT.T
+
+
+def run(*coroutines):
+    async def main():
+        return await asyncio.gather(*coroutines, return_exceptions=True)
+    return asyncio.run(main())
+
+
+def test_concurrent_generations_get_their_own_logits_in_fewer_calls_on_one_thread():
+    rounds = HeadRounds(slow_head)
+    inputs = [torch.randn(1 + i % 3, 1, 8, generator=torch.Generator().manual_seed(i)) for i in range(24)]
+    threads = set()
+
+    def then(logits):
+        threads.add(threading.get_ident())
+        return logits
+
+    outputs = run(*(rounds.sample(hidden, then) for hidden in inputs))
+    for hidden, logits in zip(inputs, outputs):
+        torch.testing.assert_close(logits, hidden @ WEIGHT.T, atol=1e-5, rtol=0)
+    assert rounds.rounds < len(inputs) and rounds.calls == len(inputs)
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_inputs_of_other_shapes_get_their_own_head_calls():
+    rounds = HeadRounds(slow_head)
+    inputs = [torch.randn(1, 1 + i % 2, 8) for i in range(8)]
+    outputs = run(*(rounds.sample(hidden, lambda logits: logits) for hidden in inputs))
+    for hidden, logits in zip(inputs, outputs):
+        assert logits.shape == (1, hidden.shape[1], 50)
+        torch.testing.assert_close(logits, hidden @ WEIGHT.T, atol=1e-5, rtol=0)
+
+
+def test_a_head_failure_reaches_its_call_and_a_generations_own_failure_only_it():
+    failing = threading.Event()
+    failing.set()
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        if failing.is_set():
+            raise RuntimeError("head failed")
+        return hidden @ WEIGHT.T
+
+    rounds = HeadRounds(head)
+    results = run(*(rounds.sample(torch.randn(1, 1, 8), lambda logits: logits) for _ in range(4)))
+    assert all(isinstance(r, RuntimeError) and "head failed" in str(r) for r in results)
+    failing.clear()
+
+    def broken(logits):
+        raise ValueError("this generation's sampler failed")
+
+    hidden = torch.randn(2, 1, 8)
+    good, bad, plain = run(rounds.sample(hidden, lambda logits: logits), rounds.sample(hidden, broken),
+                           rounds.call(lambda: "embedded"))
+    torch.testing.assert_close(good, hidden @ WEIGHT.T, atol=1e-5, rtol=0)
+    assert isinstance(bad, ValueError) and plain == "embedded"
+
+
+def test_a_cancelled_generation_is_skipped_and_the_others_still_run():
+    rounds = HeadRounds(slow_head)
+    ran = []
+
+    async def main():
+        first = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: ran.append("first")))
+        await asyncio.sleep(0.005)  # the first round is computing: the next two wait for the next one
+        cancelled = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: ran.append("cancelled")))
+        kept = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: ran.append("kept")))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(first, kept)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+
+    asyncio.run(main())
+    assert ran == ["first", "kept"]
