@@ -11,7 +11,6 @@ a flood or a forgery stops at the first honest node, and only the peer that sent
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -32,99 +31,17 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
-from libp2p.io.trio import TrioTCPStream
-from libp2p.network.stream.net_stream import NetStream
-from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarm import protocol
 from swarm.protocol import ProtocolError
 from swarm.records import MAX_RECORDS, RecordTable, ServerRecord
 from swarm.routing import RttEstimates
+from swarm.transport import tuning
 from swarm.trust.rate import PeerBuckets
 
 logger = logging.getLogger(__name__)
-
-
-async def _credit_half_window(self: YamuxStream, *, bytes_read: int = 0) -> None:
-    """Credit the bytes this stream's reader consumed once they reach half the receive window.
-
-    go-yamux's policy. py-libp2p 0.8.1's own (``YamuxStream._auto_tune_and_send_window_update``)
-    credits on almost every read (its "partial slack" branch fires whenever the window is below
-    target, i.e. after any read), so each frame read cost a WINDOW_UPDATE back: one more encrypted
-    message to send, receive, decrypt and parse per message, whatever ``PY_YAMUX_RELEASE_ON_READ``
-    says. A 1 KB request/reply over one stream took 1.9 ms with it and 1.0–1.2 ms without.
-    The sender is never starved: it may always have half a window in flight.
-    """
-    async with self.window_lock:
-        self._pending_recv_release += bytes_read
-        if self._pending_recv_release < self._grow_threshold():
-            return
-        increment = self._pending_recv_release
-        self._pending_recv_release = 0
-        self.recv_window += increment
-        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-        increment += self._apply_autotune_epoch(buffered)
-    await self.send_window_update(increment)
-
-
-YamuxStream._auto_tune_and_send_window_update = _credit_half_window
-
-
-class _FreeFirstLock:
-    """A trio Lock or Semaphore whose acquire takes it at once when it is free.
-
-    trio's own acquire adds a checkpoint even then: one more round of the scheduler (an epoll poll
-    and a reschedule). py-libp2p takes about a dozen such locks per frame (TCP stream, yamux
-    connection and stream, net stream), almost always free, which made them a quarter of a
-    frame's cost: a 1 KB request/reply between two nodes in one process took 445 µs with them and
-    321 µs with this wrapper. A contended acquire waits as before; every path through these locks
-    also sends, receives or waits on the socket, which checkpoints, so no task runs on unyielding.
-    """
-
-    __slots__ = ("_inner",)
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def acquire(self) -> None:
-        try:
-            self._inner.acquire_nowait()
-        except trio.WouldBlock:
-            await self._inner.acquire()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._inner.release()
-
-    def __getattr__(self, name: str) -> Any:  # release, acquire_nowait, locked, statistics
-        return getattr(self._inner, name)
-
-
-def _free_first_locks(cls: type, *paths: str) -> None:
-    """After `cls.__init__`, wrap the locks at `paths` (dotted attribute paths) in _FreeFirstLock.
-    A path missing after an upgrade of py-libp2p is left alone: slower, not wrong."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        for path in paths:
-            *parents, name = path.split(".")
-            owner = functools.reduce(lambda obj, attr: getattr(obj, attr, None), parents, self)
-            lock = getattr(owner, name, None)
-            if isinstance(lock, (trio.Lock, trio.Semaphore)):
-                setattr(owner, name, _FreeFirstLock(lock))
-
-    cls.__init__ = __init__
-
-
-_free_first_locks(TrioTCPStream, "read_lock", "write_lock")
-_free_first_locks(Yamux, "streams_lock", "_write_lock")
-_free_first_locks(YamuxStream, "window_lock", "rw_lock._writer_lock")
-_free_first_locks(NetStream, "_state_lock")
+tuning.install()
 
 CONNECT_TIMEOUT = 10.0
 MAX_RECORD_FRAME = 4 * 1024 * 1024

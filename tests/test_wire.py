@@ -128,31 +128,6 @@ def test_frames_read_ahead_keep_the_rest_for_the_next_frame(piece):
     trio.run(main)
 
 
-def test_free_first_locks_still_exclude_and_queue():
-    """py-libp2p's locks taken without a checkpoint when free (swarm/node.py) still let one
-    holder in at a time, and waiters in turn."""
-    from swarm.node import _FreeFirstLock
-
-    lock, inside, order = _FreeFirstLock(trio.Lock()), [], []
-
-    async def worker(index: int) -> None:
-        for _ in range(3):
-            async with lock:
-                inside.append(index)
-                assert len(inside) == 1
-                await trio.sleep(0)  # hold it across a checkpoint: the others must wait
-                order.append(index)
-                inside.pop()
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            for index in range(4):
-                nursery.start_soon(worker, index)
-
-    trio.run(main)
-    assert sorted(order) == sorted(list(range(4)) * 3) and not lock.locked()
-
-
 def test_expect_turns_errors_into_exceptions():
     with pytest.raises(protocol.RemoteError, match="boom"):
         protocol.expect(protocol.error_frame("boom"), "output")
@@ -432,56 +407,5 @@ def test_gossip_carries_only_records_that_nodes_took():
                 await trio.sleep(0.5)
                 for node in (relay, listener):
                     assert [r.peer_id for r in node.records.live("m")] == [server.peer_id]
-
-    trio.run(main)
-
-
-def test_yamux_credits_the_window_per_half_window_not_per_read(monkeypatch):
-    """A request/reply exchange of small frames sends no WINDOW_UPDATE per frame (py-libp2p's own
-    policy sent one per read, swarm/node.py), and frames larger than the window still flow both ways."""
-    from libp2p.stream_muxer.yamux import yamux
-
-    updates = 0
-    write_frame = yamux.Yamux._write_frame
-
-    async def counting(self, data: bytes) -> None:
-        nonlocal updates
-        if len(data) >= yamux.HEADER_SIZE and data[1] == yamux.TYPE_WINDOW_UPDATE and not data[2:4].strip(b"\0"):
-            updates += 1  # flagless WINDOW_UPDATE: a credit, not a stream's SYN/ACK/FIN/RST
-        await write_frame(self, data)
-
-    monkeypatch.setattr(yamux.Yamux, "_write_frame", counting)
-    echo = "/swarmgate-test/echo/1"
-
-    async def serve(stream) -> None:
-        while True:
-            try:
-                await protocol.write_frame(stream, await protocol.read_frame(stream, max_bytes=1 << 24))
-            except EOFError:
-                return
-
-    async def main() -> None:
-        nonlocal updates
-        async with start_node() as node, start_node() as other:
-            other.host.set_stream_handler(echo, serve)
-            await node.connect(other.multiaddrs()[0])
-            stream = await node.open_stream(other.peer_id, echo)
-            from swarm.node import _FreeFirstLock  # py-libp2p's per-frame locks are wrapped (a rename would undo it)
-            muxed = stream.muxed_stream
-            assert all(isinstance(lock, _FreeFirstLock) for lock in (
-                stream._state_lock, muxed.window_lock, muxed.rw_lock._writer_lock, muxed.conn.streams_lock,
-                muxed.conn._write_lock))
-            updates = 0
-            for index in range(200):
-                message = {"type": "x", "index": index, "data": bytes(1000)}
-                await protocol.write_frame(stream, message)
-                assert await protocol.read_frame(stream) == message
-            small_updates = updates
-            big = {"type": "x", "data": bytes(range(256)) * 8192}  # 2 MiB: 8 windows of 256 KiB
-            await protocol.write_frame(stream, big)
-            assert await protocol.read_frame(stream, max_bytes=1 << 24) == big
-            await stream.close()
-        # 200 x ~1 KB each way is ~0.8 half-windows of credit per side
-        assert small_updates <= 4, small_updates
 
     trio.run(main)

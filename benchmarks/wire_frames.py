@@ -1,0 +1,102 @@
+"""Frames through py-libp2p as the swarm tunes it, against py-libp2p as it ships, in one run.
+
+    python -m benchmarks.wire_frames [--streams 1 8 32] [--frame-kb 8] [--bulk-mb 8] [--rounds 300]
+
+Two nodes in one process (real hosts: TCP on loopback, noise, yamux) echo frames: N streams at
+once each send a `--frame-kb` frame and wait for it back (an 8B model's bf16 hidden state for one
+token is 8 KB), then one stream sends `--bulk-mb` frames (a 1,024-token prompt's is 8 MB). Each
+setting runs in a child process, with `SWARMGATE_LIBP2P_TUNING=0` (py-libp2p as it ships) and
+with the tuning of swarm/transport/tuning.py; printed are round trips/s, CPU µs per round trip
+(both ends together) and bulk MB/s, and the tuned setting's ratios to the plain one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import trio
+
+ECHO = "/swarmgate-bench/echo/1"
+
+
+async def _echo(stream) -> None:
+    from swarm import protocol
+
+    while True:
+        try:
+            frame = await protocol.read_frame(stream, max_bytes=1 << 30)
+        except EOFError:
+            return
+        await protocol.write_frame(stream, frame)
+
+
+async def _measure(streams: list[int], frame_bytes: int, bulk_bytes: int, rounds: int) -> dict[str, float]:
+    from swarm import protocol
+    from swarm.node import start_node
+
+    results: dict[str, float] = {}
+    async with start_node() as server, start_node() as client:
+        server.host.set_stream_handler(ECHO, _echo)
+        await client.connect(server.multiaddrs()[0])
+
+        async def exchange(stream, frame: dict, count: int) -> None:
+            for _ in range(count):
+                await protocol.write_frame(stream, frame)
+                await protocol.read_frame(stream, max_bytes=1 << 30)
+
+        async def timed(opened: list, frame: dict, count: int) -> tuple[float, float]:
+            async with trio.open_nursery() as nursery:  # warm-up
+                for stream in opened:
+                    nursery.start_soon(exchange, stream, frame, max(count // 10, 2))
+            wall, cpu = time.perf_counter(), time.process_time()
+            async with trio.open_nursery() as nursery:
+                for stream in opened:
+                    nursery.start_soon(exchange, stream, frame, count)
+            return time.perf_counter() - wall, time.process_time() - cpu
+
+        small = {"type": "x", "data": bytes(frame_bytes)}
+        for n in streams:
+            opened = [await client.open_stream(server.peer_id, ECHO) for _ in range(n)]
+            wall, cpu = await timed(opened, small, rounds)
+            results[f"{n} streams, round trips/s"] = n * rounds / wall
+            results[f"{n} streams, CPU us per round trip"] = cpu / (n * rounds) * 1e6
+            for stream in opened:
+                await stream.close()
+        stream = await client.open_stream(server.peer_id, ECHO)
+        wall, _ = await timed([stream], {"type": "x", "data": bytes(bulk_bytes)}, 10)
+        results["bulk MB/s each way"] = 10 * bulk_bytes / wall / 1e6
+        await stream.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--frame-kb", type=float, default=8)
+    parser.add_argument("--bulk-mb", type=float, default=8)
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(trio.run(_measure, args.streams, int(args.frame_kb * 1024), int(args.bulk_mb * 1e6),
+                                  args.rounds)))
+        return
+    runs = {}
+    for label, tuning in (("as shipped", "0"), ("tuned", "1")):
+        child = subprocess.run([sys.executable, "-m", "benchmarks.wire_frames", "--child", *sys.argv[1:]],
+                               env={**os.environ, "SWARMGATE_LIBP2P_TUNING": tuning},
+                               check=True, capture_output=True, text=True)
+        runs[label] = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"{'':>36} {'as shipped':>11} {'tuned':>9} {'ratio':>6}")
+    for key, plain in runs["as shipped"].items():
+        tuned = runs["tuned"][key]
+        print(f"{key:>36} {plain:11.0f} {tuned:9.0f} {tuned / plain:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""py-libp2p's TCP, noise and yamux stack as the swarm runs it (`tuning.install`)."""

@@ -1,0 +1,222 @@
+"""py-libp2p's stack as the swarm tunes it (swarm/transport/tuning.py): the patches are in
+place, and each keeps the semantics of what it replaces: locks exclude, combined writes keep
+their order and their errors and let a cancelled writer go, buffered TCP reads hand out every
+byte once and in order, yamux credits windows per half window yet big frames flow."""
+
+from __future__ import annotations
+
+import types
+
+import trio
+from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.io.trio import TrioTCPStream
+from libp2p.stream_muxer.yamux import yamux
+
+from swarm import protocol
+from swarm.node import start_node
+from swarm.transport.tuning import TCP_READ_SIZE, _buffered_tcp_read, _combined_write_frame, _FreeFirstLock
+
+
+def test_a_node_installs_the_tuning():
+    assert TrioTCPStream.read is _buffered_tcp_read and yamux.Yamux._write_frame is _combined_write_frame
+    assert yamux._yamux_release_on_read.cache_info() is not None  # PY_YAMUX_* read once
+
+
+def test_free_first_locks_still_exclude_and_queue():
+    """py-libp2p's locks taken without a checkpoint when free (swarm/transport/tuning.py) still let one
+    holder in at a time, and waiters in turn."""
+
+    lock, inside, order = _FreeFirstLock(trio.Lock()), [], []
+
+    async def worker(index: int) -> None:
+        for _ in range(3):
+            async with lock:
+                inside.append(index)
+                assert len(inside) == 1
+                await trio.sleep(0)  # hold it across a checkpoint: the others must wait
+                order.append(index)
+                inside.pop()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for index in range(4):
+                nursery.start_soon(worker, index)
+
+    trio.run(main)
+    assert sorted(order) == sorted(list(range(4)) * 3) and not lock.locked()
+
+
+# -- combined yamux writes ----------------------------------------------------------------------------
+
+class SlowConnection:
+    """A secured connection whose writes take a while (so other writers queue), or fail."""
+
+    def __init__(self, fail: bool = False):
+        self.writes: list[bytes] = []
+        self.fail = fail
+        self.written = lambda data: None
+
+    async def write(self, data: bytes) -> None:
+        await trio.sleep(0.05)
+        if self.fail:
+            raise ConnectionClosedError("reset")
+        self.writes.append(data)
+        self.written(data)
+
+
+def _writers(connection: SlowConnection, frames: list[bytes], cancel: tuple[bytes, ...] = (),
+             cancel_once_written: dict[bytes, bytes] | None = None) -> dict[bytes, object]:
+    """A writer per frame, started 5 ms apart; those in `cancel` are cancelled 5 ms after the
+    last start, the writer of `cancel_once_written[frame]` as that frame's write ends. Returns
+    what each write came to: "written", "cancelled" or the error it raised."""
+    muxer, outcome = types.SimpleNamespace(secured_conn=connection), {}
+
+    async def write(data: bytes, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await _combined_write_frame(muxer, data)
+                outcome[data] = "written"
+            except ConnectionClosedError as error:
+                outcome[data] = error
+            except trio.Cancelled:
+                outcome[data] = "cancelled"
+                raise
+
+    async def main() -> None:
+        scopes = {data: trio.CancelScope() for data in frames}
+        cancels = cancel_once_written or {}
+        connection.written = lambda data: scopes[cancels[data]].cancel() if data in cancels else None
+        with trio.fail_after(5):  # a writer left waiting for a lead that never comes fails here
+            async with trio.open_nursery() as nursery:
+                for data in frames:
+                    nursery.start_soon(write, data, scopes[data])
+                    await trio.sleep(0.005)
+                await trio.sleep(0.005)
+                for data in cancel:
+                    scopes[data].cancel()
+
+    trio.run(main)
+    return outcome
+
+
+def test_writes_queued_behind_a_send_go_out_together_in_order():
+    connection = SlowConnection()
+    outcome = _writers(connection, [b"a", b"b", b"c", b"d"])
+    assert connection.writes == [b"a", b"bcd"]
+    assert outcome == dict.fromkeys([b"a", b"b", b"c", b"d"], "written")
+
+
+def test_a_queued_writer_that_is_cancelled_takes_its_frame_back():
+    connection = SlowConnection()
+    outcome = _writers(connection, [b"a", b"b", b"x", b"c"], cancel=(b"x",))
+    assert connection.writes == [b"a", b"bc"]
+    assert outcome == {b"a": "written", b"b": "written", b"x": "cancelled", b"c": "written"}
+
+
+def test_a_sender_cancelled_mid_write_hands_the_queue_on():
+    connection = SlowConnection()
+    outcome = _writers(connection, [b"a", b"b", b"c"], cancel=(b"a",))
+    assert connection.writes == [b"bc"]
+    assert outcome == {b"a": "cancelled", b"b": "written", b"c": "written"}
+
+
+def test_a_writer_cancelled_as_the_lead_reaches_it_hands_it_on():
+    connection = SlowConnection()
+    outcome = _writers(connection, [b"a", b"b", b"c"], cancel_once_written={b"a": b"b"})
+    assert connection.writes == [b"a", b"c"]
+    assert outcome == {b"a": "written", b"b": "cancelled", b"c": "written"}
+
+
+def test_a_failed_write_fails_every_frame_it_carried():
+    outcome = _writers(SlowConnection(fail=True), [b"a", b"b", b"c"])
+    assert all(isinstance(result, ConnectionClosedError) for result in outcome.values()) and len(outcome) == 3
+
+
+# -- buffered TCP reads -------------------------------------------------------------------------------
+
+class ChunkedSocket:
+    """A trio SocketStream stand-in: each receive returns the next chunk (or raises it)."""
+
+    def __init__(self, *chunks: bytes | BaseException):
+        self.chunks, self.asked = list(chunks), []
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self.asked.append(max_bytes)
+        chunk = self.chunks.pop(0)
+        if isinstance(chunk, BaseException):
+            raise chunk
+        return chunk[:max_bytes]
+
+
+def test_tcp_reads_serve_what_one_socket_read_fetched_beyond_them():
+    socket = ChunkedSocket(b"abcdef", b"gh", b"x" * 5, trio.BrokenResourceError("reset"))
+    stream = TrioTCPStream(socket)
+
+    async def main() -> list[bytes]:
+        reads = [await stream.read(2), await stream.read(2), await stream.read(0), await stream.read(10),
+                 await stream.read(), await stream.read(2 * TCP_READ_SIZE)]
+        try:
+            await stream.read(1)
+        except ConnectionClosedError:
+            reads.append(b"<reset>")
+        return reads
+
+    assert trio.run(main) == [b"ab", b"cd", b"", b"ef", b"gh", b"xxxxx", b"<reset>"]
+    assert socket.asked == [TCP_READ_SIZE, TCP_READ_SIZE, 2 * TCP_READ_SIZE, TCP_READ_SIZE]
+
+
+def test_a_tcp_read_of_a_closed_stream_returns_nothing():
+    stream = TrioTCPStream(ChunkedSocket(trio.ClosedResourceError()))
+    assert trio.run(stream.read, 4) == b""
+
+
+# -- yamux windows, on a live connection --------------------------------------------------------------
+
+def test_yamux_credits_the_window_per_half_window_not_per_read(monkeypatch):
+    """A request/reply exchange of small frames sends no WINDOW_UPDATE per frame (py-libp2p's own
+    policy sent one per read), and frames larger than the window still flow both ways."""
+
+    updates = 0
+    write_frame = yamux.Yamux._write_frame
+
+    async def counting(self, data: bytes) -> None:
+        nonlocal updates
+        if len(data) >= yamux.HEADER_SIZE and data[1] == yamux.TYPE_WINDOW_UPDATE and not data[2:4].strip(b"\0"):
+            updates += 1  # flagless WINDOW_UPDATE: a credit, not a stream's SYN/ACK/FIN/RST
+        await write_frame(self, data)
+
+    monkeypatch.setattr(yamux.Yamux, "_write_frame", counting)
+    echo = "/swarmgate-test/echo/1"
+
+    async def serve(stream) -> None:
+        while True:
+            try:
+                await protocol.write_frame(stream, await protocol.read_frame(stream, max_bytes=1 << 24))
+            except EOFError:
+                return
+
+    async def main() -> None:
+        nonlocal updates
+        async with start_node() as node, start_node() as other:
+            other.host.set_stream_handler(echo, serve)
+            await node.connect(other.multiaddrs()[0])
+            stream = await node.open_stream(other.peer_id, echo)
+            # py-libp2p's per-frame locks are wrapped (a rename would undo it)
+            muxed = stream.muxed_stream
+            assert all(isinstance(lock, _FreeFirstLock) for lock in (
+                stream._state_lock, muxed.window_lock, muxed.rw_lock._writer_lock, muxed.conn.streams_lock,
+                muxed.conn._write_lock))
+            updates = 0
+            for index in range(200):
+                message = {"type": "x", "index": index, "data": bytes(1000)}
+                await protocol.write_frame(stream, message)
+                assert await protocol.read_frame(stream) == message
+            small_updates = updates
+            big = {"type": "x", "data": bytes(range(256)) * 8192}  # 2 MiB: 8 windows of 256 KiB
+            await protocol.write_frame(stream, big)
+            assert await protocol.read_frame(stream, max_bytes=1 << 24) == big
+            await stream.close()
+        # 200 x ~1 KB each way is ~0.8 half-windows of credit per side
+        assert small_updates <= 4, small_updates
+
+    trio.run(main)
