@@ -32,6 +32,7 @@ from pathlib import Path
 
 import openai
 
+from benchmarks.prefix_prompts import prefix_pairs
 from blocks.tiny_checkpoints import BENCHMARK_CONFIG, build_checkpoint
 from swarmgate.launcher import start_up
 from tests.support import free_port
@@ -51,25 +52,18 @@ async def _complete(client: openai.AsyncOpenAI, model: str, prompt: str, tokens:
 
 async def _shared_prefix(client: openai.AsyncOpenAI, model: str, prefix: int, rounds: int = 3) -> dict[str, float]:
     """Median TTFTs (a one-token request, as benchmarks/gpu_serving.py times it) of a token-id
-    prompt, and of one sharing its first `prefix` tokens (a system prompt, a conversation's next
-    turn), over `rounds` rounds of fresh prompts after a warm-up prompt of the same length."""
-    rng = random.Random(0)
+    prompt, and of one sharing its first `prefix` tokens, over `rounds` pairs of fresh prompts
+    after a warm-up (benchmarks/prefix_prompts.py)."""
 
     async def ttft(prompt: list[int]) -> float:
         started = time.perf_counter()
         await client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0)
         return time.perf_counter() - started
 
-    def fresh(tokens: int) -> list[int]:
-        return [rng.randrange(10, 30000) for _ in range(tokens)]
-
-    await ttft(fresh(prefix + 24))
-    firsts, seconds = [], []
-    for _ in range(rounds):
-        first = fresh(prefix + 24)
-        firsts.append(await ttft(first))
-        seconds.append(await ttft(first[:prefix] + fresh(24)))
-    first_ttft, sharing_ttft = statistics.median(firsts), statistics.median(seconds)
+    warm_up, pairs = prefix_pairs(prefix, rounds)
+    await ttft(warm_up)
+    timed = [(await ttft(first), await ttft(sharing)) for first, sharing in pairs]
+    first_ttft, sharing_ttft = statistics.median(t for t, _ in timed), statistics.median(t for _, t in timed)
     return {"first_ttft_s": first_ttft, "sharing_ttft_s": sharing_ttft, "ratio": sharing_ttft / first_ttft}
 
 

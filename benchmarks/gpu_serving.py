@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.prefix_prompts import prefix_pairs
 from blocks.head import ModelHead
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import BOS, END_OF_TEXT, EOS, PAD, train_tokenizer
@@ -233,26 +234,18 @@ class HttpUp:
         return streams * max_tokens / (time.perf_counter() - started), statistics.median(t for t, _ in times)
 
     def shared_prefix(self, prefix: int, rounds: int = 3) -> tuple[float, float]:
-        """Median TTFTs of a token-id prompt of `prefix` + 24 tokens, and of one sharing its first
-        `prefix`, over `rounds` rounds of fresh prompts, after a warm-up prompt of the same length
-        (the first long prompt a swarm sees pays one-off costs: allocations, kernel choices)."""
-        generator = torch.Generator().manual_seed(1)
+        """Median TTFTs of a token-id prompt and of one sharing its first `prefix` tokens, over
+        `rounds` pairs of fresh prompts after a warm-up (benchmarks/prefix_prompts.py)."""
 
         def ttft(prompt: list[int]) -> float:
             started = time.perf_counter()
             self.client.completions.create(model=self.model, prompt=prompt, max_tokens=1, temperature=0)
             return time.perf_counter() - started
 
-        def fresh(tokens: int) -> list[int]:
-            return torch.randint(10, 30000, (tokens,), generator=generator).tolist()
-
-        ttft(fresh(prefix + 24))
-        firsts, seconds = [], []
-        for _ in range(rounds):
-            first = fresh(prefix + 24)
-            firsts.append(ttft(first))
-            seconds.append(ttft(first[:prefix] + fresh(24)))
-        return statistics.median(firsts), statistics.median(seconds)
+        warm_up, pairs = prefix_pairs(prefix, rounds)
+        ttft(warm_up)
+        timed = [(ttft(first), ttft(sharing)) for first, sharing in pairs]
+        return statistics.median(t for t, _ in timed), statistics.median(t for _, t in timed)
 
     def dump_logs(self) -> None:
         for log in sorted((self.data_dir / "logs").glob("*.log")):
