@@ -77,20 +77,49 @@ def test_a_head_failure_reaches_its_call_and_a_generations_own_failure_only_it()
     assert isinstance(bad, ValueError) and plain == "embedded"
 
 
+def _gated_head(started: threading.Event, release: threading.Event):
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        started.set()
+        release.wait(5)
+        return hidden @ WEIGHT.T
+    return head
+
+
 def test_a_cancelled_generation_is_skipped_and_the_others_still_run():
-    rounds = HeadRounds(slow_head)
-    ran = []
+    started, release, ran = threading.Event(), threading.Event(), []
+    rounds = HeadRounds(_gated_head(started, release))
 
     async def main():
         first = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: ran.append("first")))
-        await asyncio.sleep(0.005)  # the first round is computing: the next two wait for the next one
+        await asyncio.to_thread(started.wait, 5)  # the first round is computing: the next two wait for the next
         cancelled = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: ran.append("cancelled")))
         kept = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: ran.append("kept")))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
         cancelled.cancel()
+        release.set()
         await asyncio.gather(first, kept)
         with pytest.raises(asyncio.CancelledError):
             await cancelled
 
     asyncio.run(main())
     assert ran == ["first", "kept"]
+
+
+def test_a_generation_cancelled_while_its_work_runs_waits_for_it_to_end():
+    """As with a worker thread: the caller goes on only once its begun work is over, so a
+    cancelled generation is never closed while the head thread still updates it."""
+    started, release, ran = threading.Event(), threading.Event(), []
+    rounds = HeadRounds(_gated_head(started, release))
+
+    async def main():
+        task = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: ran.append("done")))
+        await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # its round is computing: the cancellation waits for it
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ran == ["done"]
+
+    asyncio.run(main())

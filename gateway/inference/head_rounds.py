@@ -57,26 +57,53 @@ class HeadRounds:
             self._waiting.append(work)
             start, self._running = not self._running, True
         if start:
-            self._thread.submit(self._run_rounds)
-        return await asyncio.wrap_future(work.future)  # cancelling the await cancels work not yet begun
+            try:
+                self._thread.submit(self._run_rounds)
+            except BaseException:  # e.g. the interpreter is shutting down
+                self._fail_waiting(RuntimeError("the gateway's head thread is gone"))
+                raise
+        try:
+            return await asyncio.wrap_future(work.future)  # cancelling the await cancels work not yet begun
+        except asyncio.CancelledError:
+            if not work.future.cancelled():  # begun: as a worker thread's call, it ends before the caller goes on
+                await _outlive(work.future)
+            raise
 
     def _run_rounds(self) -> None:
-        while True:
-            with self._lock:
-                works, self._waiting = self._waiting, []
-                if not works:
-                    self._running = False
-                    return
-            works = [work for work in works if work.future.set_running_or_notify_cancel()]
-            logits = self._compute_logits([work for work in works if work.hidden is not None])
+        works: list[_Work[Any]] = []
+        try:
+            while True:
+                with self._lock:
+                    works, self._waiting = self._waiting, []
+                    if not works:
+                        self._running = False
+                        return
+                works = [work for work in works if work.future.set_running_or_notify_cancel()]
+                self._run_round(works)
+        except BaseException as error:  # a bug here must leave no generation waiting, now or later
             for work in works:
-                if isinstance(found := logits.get(id(work)), BaseException):
-                    work.future.set_exception(found)
-                    continue
-                try:
-                    work.future.set_result(work.then() if work.hidden is None else work.then(found))
-                except BaseException as error:  # the generation's own failure, only its own
+                if not work.future.done():
                     work.future.set_exception(error)
+            self._fail_waiting(error)
+            raise
+
+    def _run_round(self, works: list[_Work[Any]]) -> None:
+        logits = self._compute_logits([work for work in works if work.hidden is not None])
+        for work in works:
+            if isinstance(found := logits.get(id(work)), BaseException):
+                work.future.set_exception(found)
+                continue
+            try:
+                work.future.set_result(work.then() if work.hidden is None else work.then(found))
+            except BaseException as error:  # the generation's own failure, only its own
+                work.future.set_exception(error)
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        with self._lock:
+            works, self._waiting, self._running = self._waiting, [], False
+        for work in works:
+            if work.future.set_running_or_notify_cancel():
+                work.future.set_exception(error)
 
     def _compute_logits(self, works: list[_Work[Any]]) -> dict[int, torch.Tensor | BaseException]:
         """One head call per input shape; a failure goes to every work of its call."""
@@ -95,6 +122,18 @@ class HeadRounds:
                 parts = [error] * len(group)
             out.update((id(work), part) for work, part in zip(group, parts))
         return out
+
+
+async def _outlive(future: Future[Any]) -> None:
+    """Wait, through cancellations, for work the head thread already began (one round at most)."""
+    waiter = asyncio.wrap_future(future)
+    while not waiter.done():
+        try:
+            await asyncio.wait([waiter])
+        except asyncio.CancelledError:
+            continue
+    if not waiter.cancelled():
+        waiter.exception()  # retrieved: its caller left
 
 
 _rounds: weakref.WeakKeyDictionary[Any, HeadRounds] = weakref.WeakKeyDictionary()

@@ -76,6 +76,10 @@ class _FreeFirstLock:
         self._inner = inner
 
     async def acquire(self) -> None:
+        # As trio's own acquire, a cancelled task does not take it: noise numbers each message
+        # as it encrypts it, so a frame encrypted under a lock and then not sent would break the
+        # connection for every stream on it.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             self._inner.acquire_nowait()
         except trio.WouldBlock:
@@ -128,15 +132,21 @@ async def _combined_write_frame(self: Yamux, data: bytes) -> None:
     A writer that finds none sending sends its frame and whatever queued behind it, as one
     message; a writer that finds one sending queues its frame and returns once it was written
     (or raises the error writing it met). After its write the sender hands on to the first
-    frame queued since, so no writer sends for others for long. A queued writer that is
-    cancelled takes its frame back; one cancelled while it is due to send hands on.
+    frame queued since, so no writer sends for others for long. A writer that is cancelled
+    before its frame is taken writes nothing (as with py-libp2p's lock) and hands on the lead
+    if it had it: a frame encrypted and not sent would break the connection (noise numbers its
+    messages). A send blocked on a peer that stops reading stays cancellable, as before; the
+    frames of other writers in it then fail with ConnectionClosedError.
     """
+    await trio.lowlevel.checkpoint_if_cancelled()
     writes = self.__dict__.setdefault("_swarm_writes", {"sending": False, "queue": []})
     pending = _Pending(data)
     writes["queue"].append(pending)
     if writes["sending"]:
         try:
             await pending.done.wait()
+            if pending.lead:  # due to send now: unless cancelled meanwhile
+                await trio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             if pending in writes["queue"]:  # not sent: take it back (and the lead, when it was handed)
                 writes["queue"].remove(pending)
@@ -155,8 +165,8 @@ async def _combined_write_frame(self: Yamux, data: bytes) -> None:
         except BaseException as error:
             for other in batch:
                 if other is not pending:
-                    other.error = error if isinstance(error, Exception) else ConnectionError(
-                        "the connection's write was interrupted")
+                    other.error = ConnectionClosedError(f"the connection's write failed: {error!r}", transport="tcp")
+                    other.error.__cause__ = error
                     other.done.set()
             raise
         for other in batch:
