@@ -96,10 +96,10 @@ def test_a_cancelled_generation_is_skipped_and_the_others_still_run():
         kept = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: ran.append("kept")))
         await asyncio.sleep(0.01)
         cancelled.cancel()
+        await asyncio.wait([cancelled])  # gone before the round it waited for begins
         release.set()
         await asyncio.gather(first, kept)
-        with pytest.raises(asyncio.CancelledError):
-            await cancelled
+        assert cancelled.cancelled()
 
     asyncio.run(main())
     assert ran == ["first", "kept"]

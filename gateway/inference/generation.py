@@ -3,8 +3,8 @@
 Choices are the rows of one batch in one swarm session, so they share the prompt's prefill.
 All head compute (embeddings, LM head, sampling, detokenization) runs on the head's thread, in
 rounds shared by the generations that reach it together (gateway/inference/head_rounds.py: one
-LM head call per round), so the event loop keeps serving other requests and streams. `steps()` yields the
-same per-step deltas to the streaming and the non-streaming path.
+LM head call per round), so the event loop keeps serving other requests and streams. `steps()`
+yields the same per-step deltas to the streaming and the non-streaming path.
 
 Guided rows (a `Guide` on the job) are masked by their grammar in the sampler; each step their
 next masks are filled in a worker thread while the swarm computes the step, off the critical
@@ -180,8 +180,8 @@ class Generation:
         assert self._session is not None, "open() the generation first"
         prompt = torch.tensor([self.job.prompt_ids] * self.job.n, dtype=torch.long)
         drafts = self._drafts()
-        head = head_rounds(self.job.model.head)
-        hidden = await head.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
+        rounds = head_rounds(self.job.model.head)
+        hidden = await rounds.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
         guided = self._sampler.matchers is not None
         while hidden is not None:
             if guided:  # the next masks are filled in a thread while the swarm computes
@@ -191,8 +191,9 @@ class Generation:
             else:
                 output = await self._session.step(hidden)
             self._position += hidden.shape[1]
-            first = output[:, output.shape[1] - drafts.shape[1] - 1:][:, :1]  # predicts the first new token
-            per_token, hidden, drafts, kept = await head.sample(first, partial(self._advance, output, drafts))
+            first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
+            per_token, hidden, drafts, kept = await rounds.sample(output[:, first:first + 1],
+                                                                  partial(self._advance, output, drafts))
             if kept < self._position:  # positions fed rejected drafts
                 await self._session.truncate(kept)
                 self._position = kept
