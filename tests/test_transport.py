@@ -243,3 +243,55 @@ def test_yamux_credits_the_window_per_half_window_not_per_read(monkeypatch):
         assert small_updates <= 4, small_updates
 
     trio.run(main)
+
+
+def test_many_streams_between_real_nodes_get_their_frames_intact_and_fewer_messages(monkeypatch):
+    """32 streams at once over one real connection (TCP, noise, yamux): every frame comes back
+    whole and in its stream's order, and frames that met went out together (fewer noise
+    messages written than yamux frames)."""
+    from libp2p.security.secure_session import SecureSession
+
+    counts = {"frames": 0, "messages": 0}
+    write_frame, write_message = yamux.Yamux._write_frame, SecureSession.write
+
+    async def counting_frame(self, data: bytes) -> None:
+        counts["frames"] += 1
+        await write_frame(self, data)
+
+    async def counting_message(self, data: bytes) -> None:
+        counts["messages"] += 1
+        await write_message(self, data)
+
+    monkeypatch.setattr(yamux.Yamux, "_write_frame", counting_frame)
+    monkeypatch.setattr(SecureSession, "write", counting_message)
+    echo = "/swarmgate-test/echo-many/1"
+
+    async def serve(stream) -> None:
+        while True:
+            try:
+                await protocol.write_frame(stream, await protocol.read_frame(stream))
+            except EOFError:
+                return
+
+    async def main() -> None:
+        async with start_node() as node, start_node() as other:
+            other.host.set_stream_handler(echo, serve)
+            await node.connect(other.multiaddrs()[0])
+            streams = [await node.open_stream(other.peer_id, echo) for _ in range(32)]
+            counts.update(frames=0, messages=0)
+
+            async def exchange(index: int, stream) -> None:
+                for step in range(20):
+                    message = {"type": "x", "stream": index, "step": step, "data": bytes([index]) * 3000}
+                    await protocol.write_frame(stream, message)
+                    assert await protocol.read_frame(stream) == message
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for index, stream in enumerate(streams):
+                        nursery.start_soon(exchange, index, stream)
+            for stream in streams:
+                await stream.close()
+
+    trio.run(main)
+    assert counts["frames"] >= 2 * 32 * 20 and counts["messages"] < counts["frames"], counts

@@ -90,7 +90,7 @@ class HeadRounds:
     def _run_round(self, works: list[_Work[Any]]) -> None:
         logits = self._compute_logits([work for work in works if work.hidden is not None])
         for work in works:
-            if isinstance(found := logits.get(id(work)), BaseException):
+            if isinstance(found := logits.get(work), BaseException):
                 work.future.set_exception(found)
                 continue
             try:
@@ -105,9 +105,9 @@ class HeadRounds:
             if work.future.set_running_or_notify_cancel():
                 work.future.set_exception(error)
 
-    def _compute_logits(self, works: list[_Work[Any]]) -> dict[int, torch.Tensor | BaseException]:
+    def _compute_logits(self, works: list[_Work[Any]]) -> dict[_Work[Any], torch.Tensor | BaseException]:
         """One head call per input shape; a failure goes to every work of its call."""
-        out: dict[int, torch.Tensor | BaseException] = {}
+        out: dict[_Work[Any], torch.Tensor | BaseException] = {}
         groups: dict[tuple[Any, ...], list[_Work[Any]]] = {}
         for work in works:
             assert work.hidden is not None
@@ -120,7 +120,7 @@ class HeadRounds:
                 self.calls += len(group)
             except BaseException as error:
                 parts = [error] * len(group)
-            out.update((id(work), part) for work, part in zip(group, parts))
+            out.update(zip(group, parts))
         return out
 
 

@@ -57,8 +57,6 @@ async def _credit_half_window(self: YamuxStream, *, bytes_read: int = 0) -> None
     await self.send_window_update(increment)
 
 
-
-
 class _FreeFirstLock:
     """A trio Lock or Semaphore whose acquire takes it at once when it is free.
 
