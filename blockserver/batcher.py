@@ -30,6 +30,7 @@ import trio
 from blocks.lora import SpanLora
 from blocks.span import BlockSpan
 from blockserver.metrics import ServerMetrics
+from swarm.node_options import fitted
 
 
 ROUNDS_KEPT = 8  # a session that has not stepped for this many of a stepping session's rounds is forgotten
@@ -152,7 +153,7 @@ class DecodeBatcher:
             return [self.finish(output).cpu() for output in outputs]
 
         try:
-            outputs = await trio.to_thread.run_sync(compute)
+            outputs = await trio.to_thread.run_sync(fitted(compute))
         except BaseException as error:
             for step in batch:
                 step.error = error if isinstance(error, Exception) else RuntimeError(f"batch cancelled: {error!r}")

@@ -13,6 +13,7 @@ from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
 from blockserver.incoming import NotHeldError, ReadTimeout
 from swarm import codec, protocol
+from swarm.node_options import fitted
 from swarm.protocol import ProtocolError, Stream
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class ForwardService:
             hidden = incoming.expect_hidden(
                 request, "hidden", span, max_elements=self.limits.max_forward_tokens * span.hidden_size
             )
-            output = await trio.to_thread.run_sync(lambda: self.drill(span.forward(hidden), "forward"),
+            output = await trio.to_thread.run_sync(fitted(lambda: self.drill(span.forward(hidden), "forward")),
                                                    limiter=self.compute)
             await protocol.write_frame(stream, {"type": "output", "hidden": codec.encode(output, wire_codec)})
         except ReadTimeout as error:

@@ -36,6 +36,7 @@ from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
 from swarm import codec, protocol
 from swarm.node import SwarmNode
+from swarm.node_options import fitted
 from swarm.protocol import ProtocolError, Stream, field as require
 
 logger = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ class InferenceService:
         for begin in range(start, hidden.shape[1], chunk):
             forward = functools.partial(span.forward, hidden[:, begin : begin + chunk], cache=cache,
                                         position=position + begin, adapter=live.adapter)
-            outputs.append(await trio.to_thread.run_sync(forward, limiter=self.compute))
+            outputs.append(await trio.to_thread.run_sync(fitted(forward), limiter=self.compute))
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         if prefix is not None:
             output = prefix.joined(output)

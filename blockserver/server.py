@@ -31,6 +31,7 @@ from blockserver.throughput import ThroughputCache, span_throughput
 from blockserver.training import TrainingService
 from swarm import codec, protocol
 from swarm.node import SwarmNode
+from swarm.node_options import set_thread_load
 from swarm.records import ANNOUNCES_PER_TTL, ServerRecord
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class BlockServer:
         self.fixed_throughput = fixed_throughput  # --throughput: announced as given, never measured (0: measure)
         self.metrics = metrics or ServerMetrics()
         self.metrics.sessions.set_function(lambda: self.caches.num_sessions)
+        set_thread_load(lambda: self.caches.num_sessions)  # a lone session's steps may use every core
         self.drill = drill or Drill()
         self.metrics.drill_corrupted.set_function(lambda: self.drill.corrupted)
         self.peers = PeerGate(limits, self.metrics)

@@ -35,6 +35,7 @@ from blockserver.drill import Drill
 from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
 from swarm import codec, protocol
+from swarm.node_options import fitted
 from swarm.protocol import ProtocolError, Stream, field as require
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class TrainingService:
         wire_codec = incoming.wire_codec(request)
         hidden = self._hidden(request, "hidden", span)
         output = await trio.to_thread.run_sync(
-            lambda: self.drill(span.forward(hidden, adapter=adapter), "forward"), limiter=self.compute
+            fitted(lambda: self.drill(span.forward(hidden, adapter=adapter), "forward")), limiter=self.compute
         )
         return {"type": "output", "hidden": codec.encode(output, wire_codec)}
 
@@ -146,7 +147,7 @@ class TrainingService:
         if grad.shape != hidden.shape:
             raise ProtocolError(f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
         grad_input, grads = await trio.to_thread.run_sync(
-            lambda: self.drill(span.backward(hidden, grad, adapter), "backward"), limiter=self.compute
+            fitted(lambda: self.drill(span.backward(hidden, grad, adapter), "backward")), limiter=self.compute
         )
         return {
             "type": "grads",

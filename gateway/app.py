@@ -35,6 +35,7 @@ from gateway.storage.jobs import JobStore
 from gateway.storage.responses import ResponseStore
 from gateway.storage.tenants import KeyStore
 from gateway.tenancy import Authenticator, ConcurrencyLimiter
+from swarm.node_options import set_thread_load
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
@@ -106,6 +107,7 @@ def create_app(settings: Settings, backend: InferenceBackend, *, head_loader: He
     file_store = FileStore(database, settings.data_dir / "files")
     jobs = JobStore(database)
     limiter = ConcurrencyLimiter(settings.max_concurrent_requests)
+    set_thread_load(limiter.total)  # a lone generation's head work may use every core (swarm/node_options.py)
     metrics = GatewayMetrics(
         coverage=lambda: [(model.id, backend.coverage(model.id)) for model in models],
         swarm_state=backend.swarm_state,

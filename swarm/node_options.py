@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from libp2p.crypto.keys import KeyPair
@@ -13,6 +13,7 @@ from libp2p.crypto.keys import KeyPair
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,21 +36,68 @@ class NodeOptions:
 # slow as its slowest thread; one thread per process is often faster than two when cores are fewer
 # than processes. ``SWARMGATE_TORCH_THREADS`` (the env twin of ``swarmgate server --torch-threads``)
 # sets it for every swarmgate process started with it, the gateway included.
+#
+# That share is right while several streams keep every stage busy, but a lone stream's stages run
+# one at a time, so the one at work may use every core (on 2 cores: a step of 6 layers of the ~85M
+# model takes 8.4 ms on 2 threads against 13.5 ms on 1). ``SWARMGATE_TORCH_THREADS_ALONE`` (set by
+# ``swarmgate up``) is the count a process computes with while it serves at most one session; the
+# process says how many it serves through `set_thread_load`, and its computing threads call
+# `fit_threads` (torch's count is per thread: OpenMP's and MKL's settings are thread-local).
 TORCH_THREADS_ENV = "SWARMGATE_TORCH_THREADS"
+TORCH_THREADS_ALONE_ENV = "SWARMGATE_TORCH_THREADS_ALONE"
+
+
+@dataclass
+class _ThreadPolicy:
+    shared: int = 0  # 0: not configured (torch's default, never changed)
+    alone: int = 0
+    load: Callable[[], int] = lambda: 0  # sessions the process serves now
+
+
+_policy = _ThreadPolicy()
 
 
 def configure_threads(threads: int | None = None) -> int:
     """Use `threads` CPU threads (> 0), else ``$SWARMGATE_TORCH_THREADS`` when set, else torch's
-    default (all cores); returns the count in use."""
-    if not threads:
-        try:
-            threads = int(os.environ.get(TORCH_THREADS_ENV, "0") or 0)
-        except ValueError:
-            logger.warning("ignoring %s=%r: not an integer", TORCH_THREADS_ENV, os.environ[TORCH_THREADS_ENV])
-            threads = 0
+    default (all cores); returns the count in use. ``$SWARMGATE_TORCH_THREADS_ALONE`` (> 0) is the
+    count while the process serves at most one session (see `fit_threads`)."""
+    threads = threads or _env_threads(TORCH_THREADS_ENV)
     if threads > 0 and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
-    return torch.get_num_threads()
+    _policy.shared = torch.get_num_threads()
+    _policy.alone = _env_threads(TORCH_THREADS_ALONE_ENV) or _policy.shared
+    return _policy.shared
+
+
+def set_thread_load(load: Callable[[], int]) -> None:
+    """How many sessions (streams, generations) this process serves now, for `fit_threads`."""
+    _policy.load = load
+
+
+def fit_threads() -> None:
+    """In a thread about to compute on the CPU: the configured count, or the ``ALONE`` count while
+    the process serves at most one session. A no-op until `configure_threads` ran."""
+    if not _policy.shared:
+        return
+    want = _policy.alone if _policy.load() <= 1 else _policy.shared
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+
+
+def fitted(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` that calls `fit_threads` first: for compute handed to a worker thread."""
+    def run(*args: Any) -> T:
+        fit_threads()
+        return fn(*args)
+    return run
+
+
+def _env_threads(name: str) -> int:
+    try:
+        return max(0, int(os.environ.get(name, "0") or 0))
+    except ValueError:
+        logger.warning("ignoring %s=%r: not an integer", name, os.environ[name])
+        return 0
 
 
 def share_threads(processes: int, cores: int | None = None) -> int:

@@ -21,6 +21,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from swarm.node_options import fit_threads
+
 __all__ = ["HeadRounds", "head_rounds", "head_load"]
 
 T = TypeVar("T")
@@ -88,6 +90,7 @@ class HeadRounds:
             raise
 
     def _run_round(self, works: list[_Work[Any]]) -> None:
+        fit_threads()
         logits = self._compute_logits([work for work in works if work.hidden is not None])
         for work in works:
             if isinstance(found := logits.get(work), BaseException):

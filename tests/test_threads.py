@@ -1,0 +1,105 @@
+"""Torch CPU threads per process (swarm/node_options.py): a share of the cores while several sessions
+keep every process of a machine busy, every core while the process serves one session alone."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import psutil
+import pytest
+import torch
+
+from swarm import node_options
+from swarm.node_options import (
+    TORCH_THREADS_ALONE_ENV, TORCH_THREADS_ENV, configure_threads, fit_threads, fitted, set_thread_load,
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads() -> Iterator[None]:
+    threads, policy = torch.get_num_threads(), node_options._policy
+    node_options._policy = node_options._ThreadPolicy()
+    try:
+        yield
+    finally:
+        node_options._policy = policy
+        torch.set_num_threads(threads)
+
+
+def in_new_thread(fn):
+    """`fn()` in a fresh thread, as a trio or executor worker runs compute; its result."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def threads_after_fitting() -> int:
+    fit_threads()
+    return torch.get_num_threads()
+
+
+def test_alone_uses_every_core_and_a_share_under_load(monkeypatch):
+    monkeypatch.setenv(TORCH_THREADS_ENV, "1")
+    monkeypatch.setenv(TORCH_THREADS_ALONE_ENV, "2")
+    sessions = [1]
+    assert configure_threads() == 1
+    set_thread_load(lambda: sessions[0])
+    assert in_new_thread(threads_after_fitting) == 2  # one session: its stage may use every core
+    sessions[0] = 0
+    assert in_new_thread(threads_after_fitting) == 2
+    sessions[0] = 3
+    assert in_new_thread(threads_after_fitting) == 1  # several: every process is busy, each keeps its share
+    sessions[0] = 1
+    assert in_new_thread(fitted(torch.get_num_threads)) == 2  # `fitted` fits before the work
+
+
+def test_without_an_alone_count_the_configured_count_holds(monkeypatch):
+    monkeypatch.setenv(TORCH_THREADS_ENV, "1")
+    monkeypatch.delenv(TORCH_THREADS_ALONE_ENV, raising=False)
+    configure_threads()
+    set_thread_load(lambda: 1)
+    assert in_new_thread(threads_after_fitting) == 1
+
+
+def test_unconfigured_processes_keep_torchs_count(monkeypatch):
+    monkeypatch.setenv(TORCH_THREADS_ALONE_ENV, "2")  # ignored until configure_threads runs
+    set_thread_load(lambda: 1)
+    torch.set_num_threads(1)
+    assert threads_after_fitting() == 1
+
+
+def test_a_bad_count_is_ignored_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv(TORCH_THREADS_ENV, "1")
+    monkeypatch.setenv(TORCH_THREADS_ALONE_ENV, "many")
+    configure_threads()
+    assert "ignoring SWARMGATE_TORCH_THREADS_ALONE='many'" in caplog.text
+    set_thread_load(lambda: 1)
+    assert in_new_thread(threads_after_fitting) == 1
+
+
+@pytest.mark.e2e
+def test_up_gives_its_processes_a_share_and_every_core_alone(tmp_path, monkeypatch):
+    """`swarmgate up` on a CPU: its servers (and its gateway, which sets them in its own environment
+    before it starts them) get a share of the cores under load and every core alone."""
+    from blocks.tiny_checkpoints import build_checkpoint
+    from swarmgate.launcher import start_up
+    from tests.support import free_port
+
+    monkeypatch.delenv(TORCH_THREADS_ENV, raising=False)
+    monkeypatch.delenv(TORCH_THREADS_ALONE_ENV, raising=False)
+    model = build_checkpoint(tmp_path / "tiny")
+    up = start_up(["--model", str(model), "--servers", "2", "--port", str(free_port()),
+                   "--data-dir", str(tmp_path / "data")], log=tmp_path / "up.log")
+    try:
+        servers = psutil.Process(up.process.pid).children()
+        assert len(servers) == 2
+        cores = psutil.cpu_count()
+        for process in servers:
+            env = process.environ()
+            assert env[TORCH_THREADS_ENV] == str(max(1, cores // 3))
+            assert env[TORCH_THREADS_ALONE_ENV] == str(cores)
+    finally:
+        up.stop()
