@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from blocks.tiny_checkpoints import build_checkpoint
 from gateway.inference.sampling import Sampler, SamplingParams
@@ -39,6 +40,39 @@ def test_text_stream_without_stops_matches_decode(tokenizer):
     decode = lambda x: tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
     stream = TextStream(decode)
     assert "".join(feed(stream, ids)) + stream.flush() == decode(ids)
+
+
+def llama_style_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE as Llama 2's tokenizer.json spells it: "▁" for spaces, byte
+    fallback for unknown characters, and a decoder that strips the text's first space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens])
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 3, "Hello world, how are you?",
+                             "def f(x):\n    return x  # 'quoted' words, numbers 12345"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_incremental_text_equals_decoding_the_whole_output(tokenizer, kind):
+    """Deltas decoded from short windows join into exactly what decoding all ids gives, for
+    random id sequences: split characters, invalid bytes, special tokens, spaces of every kind."""
+    tok = tokenizer if kind == "byte-level" else llama_style_tokenizer()
+    decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
+    rng = random.Random(0)
+    texts = ["Hello world  ,  how  are you? 你好 🙂 naïve", " leading space", "\n\ttabs and\n\nnewlines "]
+    for trial in range(300):
+        if trial < len(texts):
+            ids = tok.encode(texts[trial], add_special_tokens=False)
+        else:
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+        stream = TextStream(decode)
+        assert "".join(feed(stream, ids)) + stream.flush() == decode(ids), ids
 
 
 def test_text_stream_waits_for_complete_utf8(tokenizer):

@@ -1,10 +1,13 @@
 """Generated tokens to text deltas, ending at stop strings that may span token boundaries.
 
-Each step decodes the whole generated id list and emits what is new: decoding tokens one at a
-time would break characters split across tokens and tokenizers that merge spaces. Text is held
-back while it is (a) an incomplete UTF-8 sequence (decode ends in U+FFFD) or (b) a prefix of
-some stop string, so a streamed client never sees text that a later stop match removes. The stop
-string itself is never part of the output.
+Text is decoded incrementally, as vLLM and TGI do: each token decodes a short window of ids that
+starts one emitted token back, and what the window adds to its first part is the new text. The
+token before gives the decoder its context (a SentencePiece space, a merge), so the deltas join into
+what decoding the whole list gives, at a cost per token that does not grow with the output.
+Decoding tokens one at a time would break characters split across tokens and tokenizers that
+merge spaces. Text is held back while it is (a) an incomplete UTF-8 sequence (decode ends in
+U+FFFD) or (b) a prefix of some stop string, so a streamed client never sees text that a later
+stop match removes. The stop string itself is never part of the output.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ class TextStream:
         self._decode = decode
         self._stops = [s for s in stops if s]
         self._ids: list[int] = []
+        self._window = 0  # where the decoding window starts: one emitted token back
+        self._read = 0  # ids up to here are in _text
         self._text = ""  # decoded text so far (complete characters only)
         self._emitted = 0  # characters of _text already handed out
         self._searched = 0  # characters of _text already searched for stops
@@ -34,10 +39,12 @@ class TextStream:
         if self.stopped:
             raise RuntimeError("stream already stopped")
         self._ids.append(token_id)
-        text = self._decode(self._ids)
-        if text.endswith(REPLACEMENT):
-            return ""  # wait for the rest of the character
-        self._text = text
+        new = self._new_text()
+        if new is None or new.endswith(REPLACEMENT):
+            return ""  # wait for the rest of the character (or for a token that adds text)
+        self._text += new
+        self._window, self._read = self._read, len(self._ids)
+        text = self._text
         if check_stops:
             end = self._find_stop()
             if end is not None:
@@ -50,9 +57,19 @@ class TextStream:
         """At the end of generation: everything not yet emitted, also held-back text."""
         if self.stopped:
             return ""
-        text = self._decode(self._ids)
-        self._text = text
-        return self._emit_until(len(text))
+        self._text += self._new_text() or ""
+        self._window = self._read = len(self._ids)
+        return self._emit_until(len(self._text))
+
+    def _new_text(self) -> str | None:
+        """What the ids past `_read` add to the text (None: nothing yet), decoding from `_window`."""
+        before = self._decode(self._ids[self._window:self._read])
+        after = self._decode(self._ids[self._window:])
+        if after.startswith(before):
+            return after[len(before):] or None
+        # a decoder whose window text does not extend its first part's: decode everything (slow, exact)
+        whole = self._decode(self._ids)
+        return whole[len(self._text):] if whole.startswith(self._text) else None
 
     def _find_stop(self) -> int | None:
         """Start of the earliest stop string in the new text (and what could overlap it)."""
