@@ -235,12 +235,44 @@ def test_yamux_credits_the_window_per_half_window_not_per_read(monkeypatch):
                 await protocol.write_frame(stream, message)
                 assert await protocol.read_frame(stream) == message
             small_updates = updates
-            big = {"type": "x", "data": bytes(range(256)) * 8192}  # 2 MiB: 8 windows of 256 KiB
+            big = {"type": "x", "data": bytes(range(256)) * 8192}  # 2 MiB: 8 of yamux's default windows
             await protocol.write_frame(stream, big)
             assert await protocol.read_frame(stream, max_bytes=1 << 24) == big
             await stream.close()
         # 200 x ~1 KB each way is ~0.8 half-windows of credit per side
         assert small_updates <= 4, small_updates
+
+    trio.run(main)
+
+
+def test_a_stream_takes_megabytes_before_its_reader_reads():
+    """Both ends widen a new stream's receive window to 8 MB with a window update (the yamux spec's
+    way): 6 MB go out while the peer's handler has not read a byte, where yamux's default window
+    would stop the writer after 256 KB until the reader caught up."""
+    sink = "/swarmgate-test/sink/1"
+    reading = trio.Event()
+    received: list[bytes] = []
+
+    async def serve(stream) -> None:
+        await reading.wait()
+        received.append((await protocol.read_frame(stream, max_bytes=1 << 24))["data"])
+        await stream.close()
+
+    async def main() -> None:
+        async with start_node() as node, start_node() as other:
+            other.host.set_stream_handler(sink, serve)
+            await node.connect(other.multiaddrs()[0])
+            stream = await node.open_stream(other.peer_id, sink)
+            payload = bytes(range(256)) * (6 * 4096)
+            with trio.fail_after(20):
+                await protocol.write_frame(stream, {"type": "x", "data": payload})
+            assert stream.muxed_stream.recv_window > 8_000_000  # and ours toward the peer (less what it sent)
+            reading.set()
+            with trio.fail_after(20):
+                while not received:
+                    await trio.sleep(0.01)
+            assert received == [payload]
+            await stream.close()
 
     trio.run(main)
 

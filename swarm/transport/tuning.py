@@ -8,6 +8,11 @@ round trips/s on one stream, 1,799 → 5,158 on 32 at once (556 → 194 µs of C
 62 → 85 MB/s each way.
 
 - Yamux credits a stream's receive window once half of it was read (go-yamux's policy).
+- Each yamux stream's receive window starts at 8 MB, not yamux's 256 KB: both ends announce it
+  with a window update as the stream opens, as the yamux spec provides (go-yamux's initial window
+  update), so a 3 MB prompt's hidden states cross in one go instead of waiting for a credit from the
+  other process every 128 KB. A shared-prefix prompt through `swarmgate up` (a 1,024-token step,
+  3 MB per hop, three hops on its path): 284–354 → 157–172 ms.
 - Per-frame locks (TCP stream, yamux connection and stream, net stream) are taken without an
   extra scheduler round when free.
 - Writes that meet on one yamux connection while another is being sent go out together as one
@@ -33,6 +38,7 @@ from libp2p.stream_muxer.yamux import yamux
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 TCP_READ_SIZE = 64 * 1024
+INITIAL_RECEIVE_WINDOW = 8 * 1024 * 1024  # an 8B model's bf16 hidden states of a 1,024-token prompt
 
 
 async def _credit_half_window(self: YamuxStream, *, bytes_read: int = 0) -> None:
@@ -55,6 +61,32 @@ async def _credit_half_window(self: YamuxStream, *, bytes_read: int = 0) -> None
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
         increment += self._apply_autotune_epoch(buffered)
     await self.send_window_update(increment)
+
+
+async def _widen_receive_window(stream: YamuxStream) -> None:
+    """Let the peer send up to `INITIAL_RECEIVE_WINDOW` bytes on `stream` before our first credit.
+
+    A window update right after the stream opens: the peer may send its first 256 KB before it
+    arrives, never more than the window it was given. The window bounds what a stream buffers
+    unread; frames are bounded anyway, by each protocol's frame limit."""
+    async with stream.window_lock:
+        grow = INITIAL_RECEIVE_WINDOW - stream.recv_window
+        if grow <= 0:
+            return
+        stream.recv_window += grow
+        stream.target_recv_window = max(stream.target_recv_window, INITIAL_RECEIVE_WINDOW)
+    await stream.send_window_update(grow)
+
+
+def _widened(open_or_accept: Any) -> Any:
+    """`Yamux.open_stream` or `accept_stream`, then `_widen_receive_window` on the new stream."""
+    @functools.wraps(open_or_accept)
+    async def wrapper(self: Yamux) -> Any:
+        stream = await open_or_accept(self)
+        if isinstance(stream, YamuxStream):
+            await _widen_receive_window(stream)
+        return stream
+    return wrapper
 
 
 class _FreeFirstLock:
@@ -215,6 +247,8 @@ def install() -> None:
         return
     _installed = True
     YamuxStream._auto_tune_and_send_window_update = _credit_half_window
+    Yamux.open_stream = _widened(Yamux.open_stream)
+    Yamux.accept_stream = _widened(Yamux.accept_stream)
     _free_first_locks(TrioTCPStream, "read_lock", "write_lock")
     _free_first_locks(Yamux, "streams_lock", "_write_lock")
     _free_first_locks(YamuxStream, "window_lock", "rw_lock._writer_lock")
