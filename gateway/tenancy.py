@@ -60,12 +60,14 @@ class Lease:
 class ConcurrencyLimiter:
     """At most `limit` generations per tenant at once; more are refused (429), not queued.
 
-    Used from the event loop only, so plain counters need no lock.
+    Changed from the event loop only, so plain counters need no lock; `total` is one int, which
+    other threads (the head's, choosing its CPU threads) may read.
     """
 
     def __init__(self, limit: int):
         self.limit = limit
         self._active: Counter[str] = Counter()
+        self._total = 0
 
     def acquire(self, tenant: str) -> Lease:
         if self._active[tenant] >= self.limit:
@@ -73,6 +75,7 @@ class ConcurrencyLimiter:
                 f"Too many concurrent requests for tenant '{tenant}' (limit {self.limit}); retry when one finishes."
             )
         self._active[tenant] += 1
+        self._total += 1
         return Lease(self, tenant)
 
     def active(self, tenant: str) -> int:
@@ -80,9 +83,10 @@ class ConcurrencyLimiter:
 
     def total(self) -> int:
         """Generations in flight, over all tenants."""
-        return sum(self._active.values())
+        return self._total
 
     def _release(self, tenant: str) -> None:
         self._active[tenant] -= 1
+        self._total -= 1
         if not self._active[tenant]:
             del self._active[tenant]

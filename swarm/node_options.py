@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -40,9 +41,11 @@ class NodeOptions:
 # That share is right while several streams keep every stage busy, but a lone stream's stages run
 # one at a time, so the one at work may use every core (on 2 cores: a step of 6 layers of the ~85M
 # model takes 8.4 ms on 2 threads against 13.5 ms on 1). ``SWARMGATE_TORCH_THREADS_ALONE`` (set by
-# ``swarmgate up``) is the count a process computes with while it serves at most one session; the
-# process says how many it serves through `set_thread_load`, and its computing threads call
-# `fit_threads` (torch's count is per thread: OpenMP's and MKL's settings are thread-local).
+# ``swarmgate up`` serving one model) is the count a process computes with while it serves at most
+# one session; the process says how many it serves through `set_thread_load` (a server: its open
+# inference sessions, so fine-tuning's forward and backward requests, which open none, count as
+# alone; the gateway: generations in flight), and its computing threads call `fit_threads`
+# (torch's count is per thread: OpenMP's and MKL's settings are thread-local).
 TORCH_THREADS_ENV = "SWARMGATE_TORCH_THREADS"
 TORCH_THREADS_ALONE_ENV = "SWARMGATE_TORCH_THREADS_ALONE"
 
@@ -79,16 +82,22 @@ def fit_threads() -> None:
     the process serves at most one session. A no-op until `configure_threads` ran."""
     if not _policy.shared:
         return
-    want = _policy.alone if _policy.load() <= 1 else _policy.shared
+    try:
+        alone = _policy.load() <= 1
+    except Exception:  # a bug in the load's source must not fail the compute: assume company
+        logger.exception("the thread load could not be read")
+        alone = False
+    want = _policy.alone if alone else _policy.shared
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
 
 
 def fitted(fn: Callable[..., T]) -> Callable[..., T]:
     """`fn` that calls `fit_threads` first: for compute handed to a worker thread."""
-    def run(*args: Any) -> T:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> T:
         fit_threads()
-        return fn(*args)
+        return fn(*args, **kwargs)
     return run
 
 
@@ -100,7 +109,15 @@ def _env_threads(name: str) -> int:
         return 0
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset, `taskset`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def share_threads(processes: int, cores: int | None = None) -> int:
-    """Threads per process when `processes` busy processes share `cores` (default: this machine's)."""
-    cores = cores or os.cpu_count() or 1
+    """Threads per process when `processes` busy processes share `cores` (default: this one's)."""
+    cores = cores or usable_cores()
     return max(1, cores // max(1, processes))

@@ -75,6 +75,17 @@ def test_incremental_text_equals_decoding_the_whole_output(tokenizer, kind):
         assert "".join(feed(stream, ids)) + stream.flush() == decode(ids), ids
 
 
+def test_a_decoder_that_rewrites_earlier_text_still_gets_all_of_it():
+    """A decoder whose text for a window does not extend the text of its first part (cleanup of
+    " ." to ".") falls back to decoding everything: the stream goes on to the end. (The space it
+    already sent stays sent, as it did when every token decoded the whole output.)"""
+    vocab = ["Hello", " ", ".", " How", " are", " you", "?"]
+    decode = lambda ids: "".join(vocab[i] for i in ids).replace(" .", ".")  # noqa: E731
+    stream = TextStream(decode)
+    assert feed(stream, list(range(len(vocab)))) == ["Hello", " ", "", " How", " are", " you", "?"]
+    assert stream.flush() == ""
+
+
 def test_text_stream_waits_for_complete_utf8(tokenizer):
     ids = tokenizer.encode("a😀")
     decode = lambda x: tokenizer.decode(x)  # noqa: E731

@@ -3,6 +3,7 @@ keep every process of a machine busy, every core while the process serves one se
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 
@@ -27,8 +28,10 @@ def restore_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def in_new_thread(fn):
-    """`fn()` in a fresh thread, as a trio or executor worker runs compute; its result."""
+def in_new_thread(fn, *, starting: int):
+    """`fn()` in a fresh thread, as a trio or executor worker runs compute, that starts with
+    `starting` threads (a new thread takes the count last set in the process); its result."""
+    torch.set_num_threads(starting)
     result = []
     thread = threading.Thread(target=lambda: result.append(fn()))
     thread.start()
@@ -47,13 +50,22 @@ def test_alone_uses_every_core_and_a_share_under_load(monkeypatch):
     sessions = [1]
     assert configure_threads() == 1
     set_thread_load(lambda: sessions[0])
-    assert in_new_thread(threads_after_fitting) == 2  # one session: its stage may use every core
+    assert in_new_thread(threads_after_fitting, starting=1) == 2  # one session: its stage may use every core
     sessions[0] = 0
-    assert in_new_thread(threads_after_fitting) == 2
+    assert in_new_thread(threads_after_fitting, starting=1) == 2
     sessions[0] = 3
-    assert in_new_thread(threads_after_fitting) == 1  # several: every process is busy, each keeps its share
+    assert in_new_thread(threads_after_fitting, starting=2) == 1  # several: each process keeps its share
     sessions[0] = 1
-    assert in_new_thread(fitted(torch.get_num_threads)) == 2  # `fitted` fits before the work
+    assert in_new_thread(fitted(torch.get_num_threads), starting=1) == 2  # `fitted` fits before the work
+
+
+def test_a_failing_load_counts_as_load(monkeypatch, caplog):
+    monkeypatch.setenv(TORCH_THREADS_ENV, "1")
+    monkeypatch.setenv(TORCH_THREADS_ALONE_ENV, "2")
+    configure_threads()
+    set_thread_load(lambda: 1 / 0)
+    assert in_new_thread(threads_after_fitting, starting=2) == 1
+    assert "ZeroDivisionError" in caplog.text
 
 
 def test_without_an_alone_count_the_configured_count_holds(monkeypatch):
@@ -61,7 +73,7 @@ def test_without_an_alone_count_the_configured_count_holds(monkeypatch):
     monkeypatch.delenv(TORCH_THREADS_ALONE_ENV, raising=False)
     configure_threads()
     set_thread_load(lambda: 1)
-    assert in_new_thread(threads_after_fitting) == 1
+    assert in_new_thread(threads_after_fitting, starting=2) == 1
 
 
 def test_unconfigured_processes_keep_torchs_count(monkeypatch):
@@ -77,7 +89,7 @@ def test_a_bad_count_is_ignored_with_a_warning(monkeypatch, caplog):
     configure_threads()
     assert "ignoring SWARMGATE_TORCH_THREADS_ALONE='many'" in caplog.text
     set_thread_load(lambda: 1)
-    assert in_new_thread(threads_after_fitting) == 1
+    assert in_new_thread(threads_after_fitting, starting=2) == 1
 
 
 @pytest.mark.e2e
@@ -96,7 +108,7 @@ def test_up_gives_its_processes_a_share_and_every_core_alone(tmp_path, monkeypat
     try:
         servers = psutil.Process(up.process.pid).children()
         assert len(servers) == 2
-        cores = psutil.cpu_count()
+        cores = len(os.sched_getaffinity(0))
         for process in servers:
             env = process.environ()
             assert env[TORCH_THREADS_ENV] == str(max(1, cores // 3))

@@ -252,8 +252,10 @@ def test_a_stream_takes_megabytes_before_its_reader_reads():
     sink = "/swarmgate-test/sink/1"
     reading = trio.Event()
     received: list[bytes] = []
+    accepted = []
 
     async def serve(stream) -> None:
+        accepted.append(stream)
         await reading.wait()
         received.append((await protocol.read_frame(stream, max_bytes=1 << 24))["data"])
         await stream.close()
@@ -266,7 +268,9 @@ def test_a_stream_takes_megabytes_before_its_reader_reads():
             payload = bytes(range(256)) * (6 * 4096)
             with trio.fail_after(20):
                 await protocol.write_frame(stream, {"type": "x", "data": payload})
-            assert stream.muxed_stream.recv_window > 8_000_000  # and ours toward the peer (less what it sent)
+            # each end credited the other with 8 MB (less the few bytes of protocol negotiation)
+            assert accepted[0].muxed_stream.send_window > 8_000_000
+            assert stream.muxed_stream.send_window > 8_000_000 - len(payload)
             reading.set()
             with trio.fail_after(20):
                 while not received:

@@ -39,12 +39,11 @@ class TextStream:
         if self.stopped:
             raise RuntimeError("stream already stopped")
         self._ids.append(token_id)
-        new = self._new_text()
-        if new is None or new.endswith(REPLACEMENT):
+        text = self._decoded()
+        if text == self._text or text.endswith(REPLACEMENT):
             return ""  # wait for the rest of the character (or for a token that adds text)
-        self._text += new
+        self._text = text
         self._window, self._read = self._read, len(self._ids)
-        text = self._text
         if check_stops:
             end = self._find_stop()
             if end is not None:
@@ -57,19 +56,17 @@ class TextStream:
         """At the end of generation: everything not yet emitted, also held-back text."""
         if self.stopped:
             return ""
-        self._text += self._new_text() or ""
+        self._text = self._decoded()
         self._window = self._read = len(self._ids)
         return self._emit_until(len(self._text))
 
-    def _new_text(self) -> str | None:
-        """What the ids past `_read` add to the text (None: nothing yet), decoding from `_window`."""
+    def _decoded(self) -> str:
+        """The text of all ids: `_text` and what the window from `_window` adds past `_read`."""
         before = self._decode(self._ids[self._window:self._read])
         after = self._decode(self._ids[self._window:])
         if after.startswith(before):
-            return after[len(before):] or None
-        # a decoder whose window text does not extend its first part's: decode everything (slow, exact)
-        whole = self._decode(self._ids)
-        return whole[len(self._text):] if whole.startswith(self._text) else None
+            return self._text + after[len(before):]
+        return self._decode(self._ids)  # the decoder rewrote earlier text given what follows (e.g. " ." -> ".")
 
     def _find_stop(self) -> int | None:
         """Start of the earliest stop string in the new text (and what could overlap it)."""

@@ -27,6 +27,7 @@ A patch whose target a py-libp2p upgrade renamed is skipped: slower, not wrong.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -36,6 +37,8 @@ from libp2p.io.trio import TrioTCPStream
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+
+logger = logging.getLogger(__name__)
 
 TCP_READ_SIZE = 64 * 1024
 INITIAL_RECEIVE_WINDOW = 8 * 1024 * 1024  # an 8B model's bf16 hidden states of a 1,024-token prompt
@@ -66,27 +69,49 @@ async def _credit_half_window(self: YamuxStream, *, bytes_read: int = 0) -> None
 async def _widen_receive_window(stream: YamuxStream) -> None:
     """Let the peer send up to `INITIAL_RECEIVE_WINDOW` bytes on `stream` before our first credit.
 
-    A window update right after the stream opens: the peer may send its first 256 KB before it
-    arrives, never more than the window it was given. The window bounds what a stream buffers
-    unread; frames are bounded anyway, by each protocol's frame limit."""
+    A window update right after the stream opens (the yamux spec allows one at any time; go-yamux
+    sends its own with the SYN or ACK): the peer may send its first 256 KB before it arrives. The
+    window is what a well-behaved peer may send unread (py-libp2p does not enforce it on a peer
+    that ignores it); a server reads any frame up to its frame limit (64 MB) anyway. py-libp2p's
+    autotuning may still double it, up to yamux's 16 MB cap, as it could from 256 KB."""
+    if stream.closed or stream.reset_received or stream.stream_id not in stream.conn.streams:
+        return  # reset or closed already (a SYN that came with a RST): no update for a dead stream
     async with stream.window_lock:
         grow = INITIAL_RECEIVE_WINDOW - stream.recv_window
         if grow <= 0:
             return
         stream.recv_window += grow
         stream.target_recv_window = max(stream.target_recv_window, INITIAL_RECEIVE_WINDOW)
+        stream.epoch_start = trio.current_time()  # autotuning's epoch starts now, not at the first credit
     await stream.send_window_update(grow)
 
 
-def _widened(open_or_accept: Any) -> Any:
-    """`Yamux.open_stream` or `accept_stream`, then `_widen_receive_window` on the new stream."""
-    @functools.wraps(open_or_accept)
-    async def wrapper(self: Yamux) -> Any:
-        stream = await open_or_accept(self)
-        if isinstance(stream, YamuxStream):
+async def _open_widened(self: Yamux) -> YamuxStream:
+    """`Yamux.open_stream`, then the window update; a stream whose update fails (or is cancelled)
+    is reset, not left open and unowned."""
+    stream = await _open_stream(self)
+    try:
+        await _widen_receive_window(stream)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.reset()
+        raise
+    return stream
+
+
+async def _accept_widened(self: Yamux) -> Any:
+    """`Yamux.accept_stream`, then the window update; its failure is the stream's, not the
+    connection's (the accept loop closes the connection on any error it sees)."""
+    stream = await _accept_stream(self)
+    if isinstance(stream, YamuxStream):
+        try:
             await _widen_receive_window(stream)
-        return stream
-    return wrapper
+        except Exception as error:
+            logger.debug("yamux stream %s: window update failed: %r", stream.stream_id, error)
+    return stream
+
+
+_open_stream, _accept_stream = Yamux.open_stream, Yamux.accept_stream
 
 
 class _FreeFirstLock:
@@ -247,8 +272,8 @@ def install() -> None:
         return
     _installed = True
     YamuxStream._auto_tune_and_send_window_update = _credit_half_window
-    Yamux.open_stream = _widened(Yamux.open_stream)
-    Yamux.accept_stream = _widened(Yamux.accept_stream)
+    Yamux.open_stream = _open_widened
+    Yamux.accept_stream = _accept_widened
     _free_first_locks(TrioTCPStream, "read_lock", "write_lock")
     _free_first_locks(Yamux, "streams_lock", "_write_lock")
     _free_first_locks(YamuxStream, "window_lock", "rw_lock._writer_lock")

@@ -20,7 +20,7 @@ from blocks.checkpoint import load_config
 from gateway import serve
 from gateway.settings import resolve_device
 from gateway.storage.tenants import DEFAULT_TENANT, KeyStore
-from swarm.node_options import TORCH_THREADS_ALONE_ENV, TORCH_THREADS_ENV, share_threads
+from swarm.node_options import TORCH_THREADS_ALONE_ENV, TORCH_THREADS_ENV, share_threads, usable_cores
 from swarmgate.launcher import ServerProcess, split_blocks, start_swarm, stop_all
 from swarmgate.options import (
     Repeated, add_gateway_options, add_option, gateway_settings, model_folder, node_options, serve_options,
@@ -59,8 +59,8 @@ def main(args: argparse.Namespace) -> None:
         # The servers and the gateway share this machine's cores; more intra-op threads than cores
         # spin against each other (8 streams on 2 cores: 2.4x slower decode steps). Children inherit it.
         os.environ[TORCH_THREADS_ENV] = str(share_threads(args.servers * len(models) + 1))
-        # ...but a lone stream's stages (head, spans) compute one after another: each may use every core
-        os.environ.setdefault(TORCH_THREADS_ALONE_ENV, str(os.cpu_count() or 1))
+        if len(models) == 1:  # a lone stream's head and spans compute one after another: each may use every core
+            os.environ.setdefault(TORCH_THREADS_ALONE_ENV, str(usable_cores()))
 
     servers: list[ServerProcess] = []
     try:
