@@ -282,7 +282,8 @@ def http_times(path: Path, text: str, tokens: int, repeats: int, wire_codec: str
                streams: list[int], prefix: int) -> tuple[list[float], float, list[float]]:
     up = HttpUp(path, wire_codec, port, data_dir)
     try:
-        up.request(text, 4)  # warm-up: lazy imports, connections
+        for warm_up in (tokens + 1, 1):  # lazy imports, connections, graphs of every cache length timed
+            up.request(text, warm_up)
         per_token, ttft, first_chunk = [], [], []
         for _ in range(repeats):
             first, short = up.request(text, 1)

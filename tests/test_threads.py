@@ -95,13 +95,15 @@ def test_a_bad_count_is_ignored_with_a_warning(monkeypatch, caplog):
 @pytest.mark.e2e
 def test_up_gives_its_processes_a_share_and_every_core_alone(tmp_path, monkeypatch):
     """`swarmgate up` on a CPU: its servers (and its gateway, which sets them in its own environment
-    before it starts them) get a share of the cores under load and every core alone."""
+    before it starts them) get a share of the cores under load, every core alone, and OpenMP teams
+    that sleep soon after a step (the CLI sets GOMP_SPINCOUNT before torch loads)."""
     from blocks.tiny_checkpoints import build_checkpoint
     from swarmgate.launcher import start_up
     from tests.support import free_port
 
     monkeypatch.delenv(TORCH_THREADS_ENV, raising=False)
     monkeypatch.delenv(TORCH_THREADS_ALONE_ENV, raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     model = build_checkpoint(tmp_path / "tiny")
     up = start_up(["--model", str(model), "--servers", "2", "--port", str(free_port()),
                    "--data-dir", str(tmp_path / "data")], log=tmp_path / "up.log")
@@ -113,5 +115,6 @@ def test_up_gives_its_processes_a_share_and_every_core_alone(tmp_path, monkeypat
             env = process.environ()
             assert env[TORCH_THREADS_ENV] == str(max(1, cores // 3))
             assert env[TORCH_THREADS_ALONE_ENV] == str(cores)
+            assert env["GOMP_SPINCOUNT"] == "30000"
     finally:
         up.stop()
