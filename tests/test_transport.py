@@ -331,3 +331,39 @@ def test_many_streams_between_real_nodes_get_their_frames_intact_and_fewer_messa
 
     trio.run(main)
     assert counts["frames"] >= 2 * 32 * 20 and counts["messages"] < counts["frames"], counts
+
+
+def test_a_big_frame_crosses_in_whole_noise_messages(monkeypatch):
+    """A 2 MB frame between real nodes goes out as noise messages each carrying a whole yamux frame:
+    about 2 MB / 64 KB messages, not twice as many (a full one and a 17-byte runt per yamux frame)."""
+    from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
+
+    sizes: list[int] = []
+    encrypt = NoiseTransportReadWriter.encrypt
+
+    def counting(self, data: bytes) -> bytes:
+        sizes.append(len(data))
+        return encrypt(self, data)
+
+    monkeypatch.setattr(NoiseTransportReadWriter, "encrypt", counting)
+    sink, payload = "/swarmgate-test/sink/1", bytes(2_000_000)
+
+    async def serve(stream) -> None:
+        frame = await protocol.read_frame(stream, max_bytes=1 << 22)
+        await protocol.write_frame(stream, {"type": "ok", "size": len(frame["data"])})
+
+    async def main() -> None:
+        async with start_node() as node, start_node() as other:
+            other.host.set_stream_handler(sink, serve)
+            await node.connect(other.multiaddrs()[0])
+            stream = await node.open_stream(other.peer_id, sink)
+            sizes.clear()
+            with trio.fail_after(60):
+                await protocol.write_frame(stream, {"type": "x", "data": payload})
+                assert (await protocol.read_frame(stream))["size"] == len(payload)
+            await stream.close()
+
+    trio.run(main)
+    big = [size for size in sizes if size > 1024]
+    assert sum(big) >= len(payload) and max(big) <= MAX_PLAINTEXT_LENGTH
+    assert len(sizes) <= len(payload) // (MAX_PLAINTEXT_LENGTH - 12) + 8, sorted(sizes)[:20]

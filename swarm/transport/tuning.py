@@ -5,7 +5,7 @@ Python is what a token pays for the wire, and with many sessions what caps a ser
 gateway's throughput. benchmarks/wire_frames.py measures this module against py-libp2p as it
 ships (8 KB frames echoed between two nodes in one process, this 2-core CPU): 1,653 → 3,429
 round trips/s on one stream, 1,799 → 5,158 on 32 at once (556 → 194 µs of CPU each), bulk
-62 → 85 MB/s each way.
+62 → 85 MB/s each way (65 → 120 with the noise-sized frames below).
 
 - Yamux credits a stream's receive window once half of it was read (go-yamux's policy).
 - Each yamux stream's receive window starts at 8 MB, not yamux's 256 KB: both ends announce it
@@ -19,6 +19,10 @@ round trips/s on one stream, 1,799 → 5,158 on 32 at once (556 → 194 µs of C
   noise message and one socket send, in order (`_combined_write_frame`).
 - TCP reads fetch up to 64 KB at once and serve the bytes that follow from memory: noise reads
   its 2-byte length and then its message, two socket reads per message before.
+- A yamux data frame, header included, fits one noise message (65,519 bytes of plaintext): yamux's
+  64 KiB frames each went out as a full noise message and a 17-byte runt, each with its own
+  encryption, length prefix, socket send and, at the other end, read and decryption. Bulk
+  (benchmarks/wire_frames.py, same machine, tree before / after): 92 → 120 MB/s each way.
 - Yamux's PY_YAMUX_* settings are read once, not from the environment on every frame.
 A patch whose target a py-libp2p upgrade renamed is skipped: slower, not wrong.
 `SWARMGATE_LIBP2P_TUNING=0` installs nothing (a diagnosis; benchmarks/wire_frames.py's baseline).
@@ -35,6 +39,7 @@ import trio
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.stream.net_stream import NetStream
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
@@ -282,6 +287,7 @@ def install() -> None:
         Yamux._write_frame = _combined_write_frame
     if hasattr(TrioTCPStream, "read"):
         TrioTCPStream.read = _buffered_tcp_read
+    yamux.MAX_MESSAGE_SIZE = min(yamux.MAX_MESSAGE_SIZE, MAX_PLAINTEXT_LENGTH)  # a frame, header too, per message
     for name in _YAMUX_SETTINGS:
         if callable(setting := getattr(yamux, name, None)):
             setattr(yamux, name, functools.cache(setting))
