@@ -255,6 +255,9 @@ class InferenceService:
         if position < session.position:
             logger.debug("session %s: step at %d dropped, already at %d", live.id, position, session.position)
             return None
+        tail = message.get("tail")  # the last hop returns only the positions its client samples from
+        if tail is not None and (not isinstance(tail, int) or isinstance(tail, bool) or tail < 1):
+            raise ProtocolError("'tail' must be a count >= 1")
         hidden = incoming.expect_hidden(
             message, "hidden", span, max_elements=session.batch * session.max_length * span.hidden_size,
             batch=session.batch, allow_empty=True,
@@ -273,7 +276,7 @@ class InferenceService:
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.steps.inc()
         self.metrics.tokens.inc(tokens * session.batch)
-        return codec.encode(output, live.codec)
+        return codec.encode(output if tail is None else output[:, -tail:], live.codec)
 
     async def _compute_chunked(self, live: _LiveSession, span: BlockSpan, hidden, cache, position: int) -> Any:
         """A step of several tokens (a prompt), `limits.prefill_chunk` tokens at a time, each chunk
@@ -318,6 +321,8 @@ class InferenceService:
                     stream = await self._next_hop(live, hop)
                     frame = {"type": "step", "session": hop["session"], "position": position,
                              "hidden": output, "route": route[1:], "truncations": message.get("truncations", 0)}
+                    if "tail" in hop:
+                        frame["tail"] = hop["tail"]
                     await protocol.write_frame(stream, frame)
                 reply["pushed"] = hop["session"]
             except Exception as error:

@@ -35,8 +35,9 @@ class Coverage:
 class InferenceSession(Protocol):
     """One generation's path through the swarm; the servers keep its attention caches."""
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [b, t, h] in, last block's output [b, t, h] out (before the final norm).
+    async def step(self, hidden: torch.Tensor, tail: int | None = None) -> torch.Tensor:
+        """Hidden states [b, t, h] in, last block's output [b, t, h] out (before the final norm),
+        or only its last `tail` positions.
 
         The first call is the prefill (t >= 1), later calls feed one token per row (t = 1), or
         more with speculative drafts; the session tracks positions itself.

@@ -177,8 +177,8 @@ class BridgedSession:
     def chain(self) -> list[ServerRecord]:
         return self._session.chain
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        return await self._bridge.run(self._session.step, hidden)
+    async def step(self, hidden: torch.Tensor, tail: int | None = None) -> torch.Tensor:
+        return await self._bridge.run(self._session.step, hidden, tail)
 
     async def truncate(self, position: int) -> None:
         await self._bridge.run(self._session.truncate, position)

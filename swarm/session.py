@@ -16,6 +16,10 @@ answers each step exactly once, whatever failed where. A server that failed is n
 within the step; one that only timed out is, once no other can take its blocks (under load, a
 slow server is not a dead one).
 
+A step may ask for only its last ``tail`` positions (a generation samples from the last one): the
+last hop then returns just those. Its outputs are no hop's inputs, so replay loses nothing; with
+spot checks on, every position comes back, since a check compares them all.
+
 ``truncate`` forgets the last positions (speculative decoding's rejected drafts): the records are
 cut there, so a replay rebuilds only what is kept, and later steps carry the truncation count; a
 count new to a server rolls its session back to the step's position (the same count: a duplicate).
@@ -78,11 +82,13 @@ class Hop:
     stream: protocol.Stream
     inputs: list[dict[str, Any]] = field(default_factory=list)  # wire input of each step, as far as known
     outputs: list[dict[str, Any]] = field(default_factory=list)  # wire output of each step, as far as known
+    # (the last hop's cut to the step's tail when one was asked)
     done: int = 0  # steps whose output came back
     reader: trio.CancelScope | None = None
 
-    def route_entry(self) -> dict[str, Any]:
-        return {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
+    def route_entry(self, tail: int | None = None) -> dict[str, Any]:
+        entry = {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
+        return entry if tail is None else {**entry, "tail": tail}
 
 
 class ChainProvider(Chains, Protocol):
@@ -121,6 +127,7 @@ class InferenceSession:
         self.request = request
         self._hops: list[Hop] = []
         self._offsets: list[int] = []  # position of each step
+        self._tail: int | None = None  # positions the current step's last hop returns (None: all)
         self._failed: set[str] = set()  # peers that failed during the current step
         self._slow: set[str] = set()  # peers that timed out during it: maybe loaded, not dead
         self._failures = 0
@@ -157,8 +164,9 @@ class InferenceSession:
         self._hops = hops
 
     # -- steps -----------------------------------------------------------------------------------
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, tokens, hidden] in, same out: the prompt, then the next token (and any drafts)."""
+    async def step(self, hidden: torch.Tensor, tail: int | None = None) -> torch.Tensor:
+        """[batch, tokens, hidden] in, [batch, tail or tokens, hidden] out: the prompt, then the next
+        token (and any drafts); `tail` asks for only the last positions' outputs."""
         if self._error is not None:
             raise RuntimeError(f"the session failed earlier: {self._error!r}")
         batch, max_length = self.request.batch, self.request.max_length
@@ -166,6 +174,10 @@ class InferenceSession:
             raise ValueError(f"expected hidden states [{batch}, tokens, hidden], got {list(hidden.shape)}")
         if self.position + hidden.shape[1] > max_length:
             raise ValueError(f"session is limited to {max_length} tokens")
+        if tail is not None and not 1 <= tail <= hidden.shape[1]:
+            raise ValueError(f"tail {tail} outside [1, {hidden.shape[1]}]")
+        cut = tail is not None and tail < hidden.shape[1] and not self._config.verify_fraction
+        self._tail = tail if cut else None
         self._offsets.append(self.position)
         self._max_elements = batch * max_length * hidden.shape[2]
         self._hops[0].inputs.append(codec.encode(hidden, self.request.wire_codec))
@@ -176,8 +188,8 @@ class InferenceSession:
             raise
         self.position += hidden.shape[1]
         result = codec.decode(output, max_elements=self._max_elements)
-        if list(result.shape) != list(hidden.shape):
-            raise protocol.ProtocolError(f"chain returned shape {list(result.shape)}, sent {list(hidden.shape)}")
+        if (expected := [hidden.shape[0], self._tail or hidden.shape[1], hidden.shape[2]]) != list(result.shape):
+            raise protocol.ProtocolError(f"chain returned shape {list(result.shape)}, expected {expected}")
         return result.to(hidden.dtype)
 
     async def truncate(self, position: int) -> None:
@@ -303,8 +315,12 @@ class InferenceSession:
         Only a step's first send has a route: while recovering, this client relays each output
         itself, so no server spends its time dialling a peer that may have died too.
         """
+        current = step == len(self._offsets) - 1
+        tail = self._tail if current else None  # an earlier step's outputs are replayed in full
         frame = {"type": "step", "position": self._offsets[step], "hidden": hop.inputs[step],
-                 "route": [after.route_entry() for after in route]}
+                 "route": [after.route_entry(tail if after is self._hops[-1] else None) for after in route]}
+        if tail is not None and hop is self._hops[-1]:
+            frame["tail"] = tail
         if self._truncations:
             frame["truncations"] = self._truncations
         try:

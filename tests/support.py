@@ -106,8 +106,9 @@ class LocalSession:
         self.steps = 0
         self.closed = False
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, tail: int | None = None) -> torch.Tensor:
         assert not self.closed and hidden.shape[0] == self.batch
+        assert tail is None or 1 <= tail <= hidden.shape[1]
         position = self.length
         self.length += hidden.shape[1]
         assert self.length <= self.max_length, "gateway fed more tokens than it reserved"
@@ -116,7 +117,8 @@ class LocalSession:
         await asyncio.sleep(self.backend.step_delay)  # also lets concurrent requests interleave step by step
         if self.backend.fail_at_step == self.steps:
             raise RuntimeError("secret internal detail")
-        return self.backend.span.forward(hidden, cache=self.cache, position=position, adapter=self.lora)
+        output = self.backend.span.forward(hidden, cache=self.cache, position=position, adapter=self.lora)
+        return output if tail is None else output[:, -tail:]
 
     async def truncate(self, position: int) -> None:
         assert 0 <= position <= self.length

@@ -62,9 +62,9 @@ def _generate(bridge, head: ModelHead, model: str, prompt: torch.Tensor, *, wire
                 if index == 0 and during_prefill is not None:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(trio.to_thread.run_sync, during_prefill, index, session)
-                        hidden = await session.step(head.embed(ids))
+                        hidden = await session.step(head.embed(ids), tail=1)
                 else:
-                    hidden = await session.step(head.embed(ids))
+                    hidden = await session.step(head.embed(ids), tail=1)  # as a generation asks
                 durations.append(time.perf_counter() - started)
                 if index < NEW_TOKENS:
                     ids = head.logits(hidden)[:, -1].argmax(-1, keepdim=True)

@@ -192,9 +192,9 @@ class _EchoSession:
 
     position = 0
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, tail: int | None = None) -> torch.Tensor:
         self.position += hidden.shape[1]
-        return hidden
+        return hidden if tail is None else hidden[:, -tail:]
 
     async def truncate(self, position: int) -> None:
         assert position < self.position

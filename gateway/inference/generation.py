@@ -184,12 +184,13 @@ class Generation:
         hidden = await rounds.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
         guided = self._sampler.matchers is not None
         while hidden is not None:
+            tail = drafts.shape[1] + 1  # the positions sampled from: the last fed token's and the drafts'
             if guided:  # the next masks are filled in a thread while the swarm computes
                 masks = asyncio.get_running_loop().run_in_executor(None, self._sampler.prepare)
-                output = await self._session.step(hidden)
+                output = await self._session.step(hidden, tail)
                 await masks
             else:
-                output = await self._session.step(hidden)
+                output = await self._session.step(hidden, tail)
             self._position += hidden.shape[1]
             first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
             per_token, hidden, drafts, kept = await rounds.sample(output[:, first:first + 1],
