@@ -207,10 +207,11 @@ def test_wrong_shape_and_dtype_get_clear_errors(llama_swarm):
     record = _first_server(bridge, path.name)
     hidden = ModelHead(path).hidden_size
     steps = [
-        (codec.encode(torch.zeros(1, 3, hidden + 1), "none"), 0),  # wrong hidden size
-        (codec.encode(torch.zeros(1, 3, hidden), "none") | {"dtype": "int64"}, 0),  # wrong dtype
-        (codec.encode(torch.randn(1, 3, hidden), "none"), 5),  # wrong position
-        (codec.encode(torch.randn(1, 3, hidden), "none"), 0),  # fine
+        (codec.encode(torch.zeros(1, 3, hidden + 1), "none"), 0, {}),  # wrong hidden size
+        (codec.encode(torch.zeros(1, 3, hidden), "none") | {"dtype": "int64"}, 0, {}),  # wrong dtype
+        (codec.encode(torch.randn(1, 3, hidden), "none"), 5, {}),  # wrong position
+        (codec.encode(torch.randn(1, 3, hidden), "none"), 0, {"tail": 0}),  # no positions asked back
+        (codec.encode(torch.randn(1, 3, hidden), "none"), 0, {"tail": 2}),  # fine: the last 2 positions
     ]
 
     async def session_replies() -> list[str]:
@@ -220,19 +221,21 @@ def test_wrong_shape_and_dtype_get_clear_errors(llama_swarm):
                                                 "max_length": 16, "codec": "none"})
             assert (await protocol.read_frame(stream))["type"] == "opened"
             replies = []
-            for wire, position in steps:
-                await protocol.write_frame(stream, {"type": "step", "position": position, "hidden": wire})
+            for wire, position, extra in steps:
+                await protocol.write_frame(stream, {"type": "step", "position": position, "hidden": wire, **extra})
                 reply = await protocol.read_frame(stream)
-                replies.append(reply.get("message", reply["type"]))
+                replies.append(reply.get("message", reply) if reply["type"] == "error" else reply)
             return replies
         finally:
             await stream.close()
 
-    wrong_shape, wrong_dtype, wrong_position, ok = bridge.call(session_replies)
+    wrong_shape, wrong_dtype, wrong_position, no_tail, ok = bridge.call(session_replies)
     assert "hidden states must be" in wrong_shape
     assert "unsupported dtype" in wrong_dtype
     assert "position 5" in wrong_position
-    assert ok == "output"  # the session survived its bad steps
+    assert "'tail' must be" in no_tail
+    assert ok["type"] == "output"  # the session survived its bad steps
+    assert codec.decode(ok["hidden"], max_elements=1 << 20).shape[1] == 2
     _assert_still_serves(bridge, path)
 
 
