@@ -5,7 +5,8 @@ stands in as the cache the attention layers see: `update` appends each session's
 values to that session's cache and hands attention all of them, padded on the right to the
 longest and stacked, while a per-row mask hides the padding and per-row position ids give each
 row its own rotary angle. The weights are read once for all rows, which is what a decode step
-on a server is bound by; copying the caches into the stack is the price.
+on a server is bound by; copying the caches into the stack is the price. On a CPU the span's
+projections compute the rows with oneDNN's packed weights (blocks/packed_linears.py).
 
 Only spans whose layers are all full attention, in a family that passes the standard layer
 inputs (the rotary families: not BLOOM's or Falcon's ALiBi), under sdpa or eager attention, and
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from blocks import family
+from blocks import family, packed_linears
 
 __all__ = ["batchable", "decode_together"]
 
@@ -78,8 +79,9 @@ def decode_together(span: Any, steps: Sequence[tuple[torch.Tensor, DynamicCache,
         mask = torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill(~mask, torch.finfo(hidden.dtype).min)
     cache = _StackedCaches([c for _, c, _ in steps], rows, kv_length)
     embeddings = span.family.position_embeddings(span.rotary_emb, hidden, position_ids, ["full_attention"])
-    for layer in span.layers:
-        output = layer(hidden, attention_mask=mask, position_embeddings=embeddings["full_attention"],
-                       position_ids=position_ids, past_key_values=cache, use_cache=True)
-        hidden = output[0] if isinstance(output, tuple) else output
+    with packed_linears.batched():
+        for layer in span.layers:
+            output = layer(hidden, attention_mask=mask, position_embeddings=embeddings["full_attention"],
+                           position_ids=position_ids, past_key_values=cache, use_cache=True)
+            hidden = output[0] if isinstance(output, tuple) else output
     return list(hidden.split(rows))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blocks import family
+from blocks import family, packed_linears
 from blocks.checkpoint import load_config, read_tensors
 
 
@@ -56,6 +56,8 @@ class ModelHead:
             _rebuild_meta_buffers(module, self.device)
             module.eval()
             module.requires_grad_(False)  # frozen: fine-tuning trains LoRA weights only
+        if packed_linears.enabled(self.device, dtype):
+            packed_linears.pack(self.lm_head)  # for the gateway's head rounds (blocks/packed_linears.py)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [b, t] -> hidden states [b, t, h]."""

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from blocks import batching, family, lora, slots
+from blocks import batching, family, lora, packed_linears, slots
 from blocks.cache import StaticKV
 from blocks.slots import SlotPool, SlotRows
 from blocks.checkpoint import load_config
@@ -101,6 +101,8 @@ class BlockSpan:
             self.layers.to(self.device)
         self.layers.eval()
         self.layers.requires_grad_(False)  # frozen: only LoRA weights supplied per request are trained
+        if quant == "none" and packed_linears.enabled(self.device, dtype):
+            packed_linears.pack(self.layers)  # for batched decode steps (blocks/packed_linears.py)
         self.lora_targets = lora.attach(self.layers, start, self.family)  # module prefix -> module, per-request LoRA
         self.quant = quant
         self.block_bytes = weight_bytes(self.layers) // self.num_layers  # announced: memory per block (all experts)

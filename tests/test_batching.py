@@ -74,8 +74,9 @@ def test_batched_steps_apply_the_shared_adapter(checkpoints):
     span = BlockSpan(checkpoints["llama"], 0, 4)
     generator = torch.Generator().manual_seed(2)
     adapter = random_span_lora(span, generator)
-    sessions, alone = _prefilled(span, [(1, 4), (1, 9)]), _prefilled(span, [(1, 4), (1, 9)])
-    hidden = [torch.randn(1, 1, span.hidden_size, generator=generator) for _ in sessions]
+    shapes = [(1, 4), (1, 9), (2, 3)]  # 4 rows: on a CPU the packed weights compute them (blocks/packed_linears.py)
+    sessions, alone = _prefilled(span, shapes), _prefilled(span, shapes)
+    hidden = [torch.randn(rows, 1, span.hidden_size, generator=generator) for rows, _ in shapes]
     together = span.forward_batch([(h, c, p) for h, (c, p) in zip(hidden, sessions)], adapter)
     for h, out, (cache, position) in zip(hidden, together, alone):
         torch.testing.assert_close(out, span.forward(h, cache=cache, position=position, adapter=adapter),

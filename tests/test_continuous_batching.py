@@ -4,8 +4,9 @@ servers did batch them; a prompt sharing an earlier one's start reuses it and st
 
 Codec none, float32, the tiny Llama. Requests differ in prompt length, `n`, sampling (greedy,
 and seeded sampling with penalties) and stop strings; each is first sent alone, then all at once
-(twice, so sessions join and leave batches at different steps). The servers' Prometheus
-histogram `swarmgate_server_batch_rows` must show forwards of more than one row. The servers
+(twice, so sessions join and leave batches at different steps), each request twice over. The
+servers' Prometheus histogram `swarmgate_server_batch_rows` must show forwards of more than 4
+rows, which a CPU computes with oneDNN's packed weights (blocks/packed_linears.py). The servers
 compute prompts in chunks of 16 tokens (`--prefill-chunk`), so prompts interleave with decode steps.
 """
 
@@ -77,14 +78,14 @@ def test_concurrent_streams_equal_their_solo_runs_and_were_batched(stack):
 
     async def run() -> tuple[list, list]:
         alone = [await one(request) for request in REQUESTS]
-        together = [await asyncio.gather(*(one(request) for request in REQUESTS)) for _ in range(2)]
+        together = [await asyncio.gather(*(one(request) for request in REQUESTS * 2)) for _ in range(2)]
         return alone, together
 
     before = [_batched_forwards(port) for port in stack["metrics"]]
     head_before = _gateway_metrics(stack["base"])
     alone, together = asyncio.run(run())
     for round_ in together:
-        assert round_ == alone
+        assert round_ == alone * 2
     after = [_batched_forwards(port) for port in stack["metrics"]]
     head = {name: value - head_before[name] for name, value in _gateway_metrics(stack["base"]).items()}
     # the gateway's LM head served several generations per round, and nothing is left in flight
@@ -93,6 +94,8 @@ def test_concurrent_streams_equal_their_solo_runs_and_were_batched(stack):
     for port_before, port_after in zip(before, after):
         multi_row = (port_after["+Inf"] - port_after["1.0"]) - (port_before["+Inf"] - port_before["1.0"])
         assert multi_row > 0, f"no forward of more than one row: {port_after}"
+        packed = (port_after["+Inf"] - port_after["4.0"]) - (port_before["+Inf"] - port_before["4.0"])
+        assert packed > 0, f"no forward of more than 4 rows (oneDNN's packed weights): {port_after}"
     print(f"\nbatched forwards (more than one row) per server: "
           f"{[a['+Inf'] - a['1.0'] for a in after]} of {[a['+Inf'] for a in after]}")
 

@@ -5,8 +5,9 @@ A generation hands its step's output to `HeadRounds.sample` and awaits what its 
 next round, which computes the logits of all its rows in one LM head call (per input shape) and
 then runs each generation's function in turn. A lone generation's round starts at once: nothing
 waits for company. The LM head's weight (vocabulary x hidden) is thus read once per round instead
-of once per generation, and all head work shares one thread: no thread hop per generation, and no
-dozens of worker threads contending for the GIL with the event loop and the swarm's trio thread.
+of once per generation (on a CPU through oneDNN's packed copy when 4 rows or more of several share it:
+blocks/packed_linears.py), and all head work shares one thread: no thread hop per generation, and
+no dozens of worker threads contending for the GIL with the event loop and the swarm's trio thread.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
 
+from blocks import packed_linears
 from swarm.node_options import fit_threads
 
 __all__ = ["HeadRounds", "head_rounds", "head_load"]
@@ -117,7 +120,8 @@ class HeadRounds:
             groups.setdefault((tuple(work.hidden.shape[1:]), work.hidden.dtype, work.hidden.device), []).append(work)
         for group in groups.values():
             try:
-                logits = self._logits(torch.cat([work.hidden for work in group]))
+                with packed_linears.batched() if len(group) > 1 else nullcontext():  # alone: as ever
+                    logits = self._logits(torch.cat([work.hidden for work in group]))
                 parts = logits.split([work.hidden.shape[0] for work in group])
                 self.rounds += 1
                 self.calls += len(group)

@@ -1,0 +1,79 @@
+"""Batched decode steps on a CPU through oneDNN's prepacked matmul.
+
+A batched decode step (blocks/batching.py, the gateway's head rounds) multiplies a few rows by
+each weight matrix. For 4 to 32 rows MKL's sgemm, which `nn.Linear` calls on a CPU, costs 2-3x
+its one-row path: on this project's 2-core Xeon (AMX, one thread per process as `swarmgate up`
+runs them) an MLP projection of the ~100M benchmark model takes 231 us for 1 row, 458 us for 4
+and 754 us for 8; oneDNN's inner product on a weight reordered once into its blocked layout
+takes 305 us and 352 us. So batching paid little on a CPU: most of a batch's time was the
+matmul doing per row what one row costs alone.
+
+`pack` gives each `nn.Linear` such a reordered copy of its weight, used while `batched()` is
+active and the input has at least `MIN_ROWS` rows; everything else (one row, prompts, training,
+LoRA's own matmuls) keeps `F.linear` and its exact numbers, so a session computed alone gives
+the same bytes as before and as transformers. Batched rows agree with their one-row results to
+float32 rounding, as MKL's own batched kernel already did (it too differs from its one-row path).
+
+The price is memory: the packed copy doubles the projections' weight memory on a CPU server (and
+the LM head's on a CPU gateway). ``SWARMGATE_PACKED_WEIGHTS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MIN_ROWS", "batched", "enabled", "pack"]
+
+MIN_ROWS = 4  # below it MKL's one-row path is as fast (1-3 rows cost about one row's time)
+ENV = "SWARMGATE_PACKED_WEIGHTS"
+_DTYPES = (torch.float32, torch.bfloat16)
+_BATCHED: ContextVar[bool] = ContextVar("swarmgate_packed_batched", default=False)
+
+
+def enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether weights on `device` in `dtype` get packed copies: a CPU with oneDNN, float32 or
+    bfloat16, unless ``SWARMGATE_PACKED_WEIGHTS=0``."""
+    return (device.type == "cpu" and dtype in _DTYPES and torch.backends.mkldnn.is_available()
+            and os.environ.get(ENV, "1").strip() != "0")
+
+
+def pack(module: nn.Module) -> int:
+    """Give every unquantized `nn.Linear` in `module` (itself included) a packed copy of its
+    weight, used inside `batched()`; returns the bytes the copies take."""
+    added = 0
+    for linear in module.modules():
+        if type(linear) is nn.Linear and linear.weight.dtype in _DTYPES:
+            linear.forward = _PackedForward(linear)  # an instance attribute: nn.Module.__call__ and hooks as ever
+            added += linear.weight.numel() * linear.weight.element_size()
+    return added
+
+
+@contextmanager
+def batched() -> Iterator[None]:
+    """Packed linears compute inputs of `MIN_ROWS` rows or more with their packed weights."""
+    token = _BATCHED.set(True)
+    try:
+        yield
+    finally:
+        _BATCHED.reset(token)
+
+
+class _PackedForward:
+    """`nn.Linear.forward` for one module, with its weight reordered for oneDNN once."""
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        linear = self.linear
+        if _BATCHED.get() and x.numel() >= MIN_ROWS * linear.in_features and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, linear.bias, "none", [], "")
+        return F.linear(x, linear.weight, linear.bias)
