@@ -1,10 +1,13 @@
 """The gateway's head rounds (gateway/inference/head_rounds.py): concurrent generations get
 exactly their own rows' logits, in fewer head calls than generations under contention, on one
-thread; a head failure reaches every generation of its call, a generation's own failure only it."""
+thread; a head failure reaches every generation of its call, a generation's own failure only it.
+A gathering round (a CPU head's) waits for a batch of 4 rows while 4 or more generations are in
+flight, and never otherwise."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -123,3 +126,51 @@ def test_a_generation_cancelled_while_its_work_runs_waits_for_it_to_end():
         assert ran == ["done"]
 
     asyncio.run(main())
+
+
+def _staggered(rounds: HeadRounds, members: int, submit: int, gap: float) -> list[torch.Tensor]:
+    """`members` generations in flight, `submit` of them handing in a row `gap` seconds apart."""
+    async def one(i: int) -> torch.Tensor:
+        await asyncio.sleep(i * gap)
+        return await rounds.sample(torch.randn(1, 1, 8), lambda logits: logits)
+
+    async def main() -> list[torch.Tensor]:
+        with contextlib.ExitStack() as joined:
+            for _ in range(members):
+                joined.enter_context(rounds.join())
+            return await asyncio.gather(*(one(i) for i in range(submit)))
+    return asyncio.run(main())
+
+
+def test_a_gathering_round_waits_for_the_rest_of_a_batch_of_four():
+    quick = HeadRounds(lambda hidden: hidden @ WEIGHT.T)
+    _staggered(quick, members=8, submit=4, gap=0.02)
+    assert quick.rounds == 4  # no gathering: each row its own round
+
+    gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=5.0)
+    outputs = _staggered(gathering, members=8, submit=4, gap=0.02)
+    assert gathering.rounds == 1 and gathering.calls == 4  # ended by the 4th row, not the 5 s
+    assert all(logits.shape == (1, 1, 50) for logits in outputs)
+
+
+def test_a_round_never_waits_with_fewer_than_four_generations_in_flight():
+    gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=30.0)
+    started = time.monotonic()
+    _staggered(gathering, members=3, submit=1, gap=0)
+    assert time.monotonic() - started < 10 and gathering.rounds == 1
+
+
+def test_a_gathering_round_stops_waiting_when_every_generation_in_flight_handed_in_work():
+    gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=30.0)
+
+    async def main() -> None:
+        with contextlib.ExitStack() as joined:
+            for _ in range(4):
+                joined.enter_context(gathering.join())
+            rows = [gathering.sample(torch.randn(1, 1, 8), lambda logits: logits) for _ in range(3)]
+            await asyncio.gather(*rows, gathering.call(lambda: "an embedding"))  # 3 rows, all 4 in: no wait
+
+    started = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - started < 10 and gathering.calls == 3
+    assert gathering._members == 0  # every join ended

@@ -181,27 +181,28 @@ class Generation:
         prompt = torch.tensor([self.job.prompt_ids] * self.job.n, dtype=torch.long)
         drafts = self._drafts()
         rounds = head_rounds(self.job.model.head)
-        hidden = await rounds.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
-        guided = self._sampler.matchers is not None
-        while hidden is not None:
-            tail = drafts.shape[1] + 1  # the positions sampled from: the last fed token's and the drafts'
-            if guided:  # the next masks are filled in a thread while the swarm computes
-                masks = asyncio.get_running_loop().run_in_executor(None, self._sampler.prepare)
-                output = await self._session.step(hidden, tail)
-                await masks
-            else:
-                output = await self._session.step(hidden, tail)
-            self._position += hidden.shape[1]
-            first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
-            per_token, hidden, drafts, kept = await rounds.sample(output[:, first:first + 1],
-                                                                  partial(self._advance, output, drafts))
-            if kept < self._position:  # positions fed rejected drafts
-                await self._session.truncate(kept)
-                self._position = kept
-            self.first_token_at = self.first_token_at or time.monotonic()
-            for deltas in per_token:
-                if deltas:
-                    yield deltas
+        with rounds.join():  # in flight: a CPU head's rounds may wait for it (head_rounds.py)
+            hidden = await rounds.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
+            guided = self._sampler.matchers is not None
+            while hidden is not None:
+                tail = drafts.shape[1] + 1  # the positions sampled from: the last fed token's and the drafts'
+                if guided:  # the next masks are filled in a thread while the swarm computes
+                    masks = asyncio.get_running_loop().run_in_executor(None, self._sampler.prepare)
+                    output = await self._session.step(hidden, tail)
+                    await masks
+                else:
+                    output = await self._session.step(hidden, tail)
+                self._position += hidden.shape[1]
+                first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
+                per_token, hidden, drafts, kept = await rounds.sample(output[:, first:first + 1],
+                                                                      partial(self._advance, output, drafts))
+                if kept < self._position:  # positions fed rejected drafts
+                    await self._session.truncate(kept)
+                    self._position = kept
+                self.first_token_at = self.first_token_at or time.monotonic()
+                for deltas in per_token:
+                    if deltas:
+                        yield deltas
 
     async def collect(self) -> list[ChoiceResult]:
         """Run to the end and return the whole choices."""

@@ -5,30 +5,39 @@ A generation hands its step's output to `HeadRounds.sample` and awaits what its 
 next round, which computes the logits of all its rows in one LM head call (per input shape) and
 then runs each generation's function in turn. A lone generation's round starts at once: nothing
 waits for company. The LM head's weight (vocabulary x hidden) is thus read once per round instead
-of once per generation (on a CPU through oneDNN's packed copy when 4 rows or more of several share it:
-blocks/packed_linears.py), and all head work shares one thread: no thread hop per generation, and
-no dozens of worker threads contending for the GIL with the event loop and the swarm's trio thread.
+of once per generation, and all head work shares one thread: no thread hop per generation, and no
+dozens of worker threads contending for the GIL with the event loop and the swarm's trio thread.
+
+On a CPU a round of fewer than 4 rows costs as much as one of 1 (MKL's one-row path); from 4 rows
+of several generations, oneDNN's packed weights take over (blocks/packed_linears.py). The last
+server returns a batch's sessions one after another, so a round on a CPU head that finds fewer
+than 4 rows waits up to `CPU_GATHER` seconds for more while at least 4 generations are in flight
+(those that `join`ed) and some have not submitted: the rest of that batch arrives within it. A
+lone stream, or two or three, never waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
 
 from blocks import packed_linears
+from blocks.packed_linears import MIN_ROWS
 from swarm.node_options import fit_threads
 
 __all__ = ["HeadRounds", "head_rounds", "head_load"]
 
 T = TypeVar("T")
+CPU_GATHER = 0.002  # seconds; 1-3 ms gave 8 streams 76-88 tokens/s against 71-73 (README, "Many streams")
 
 
 @dataclass(eq=False)
@@ -39,14 +48,28 @@ class _Work(Generic[T]):
 
 
 class HeadRounds:
-    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], gather: float = 0.0):
         self._logits = logits
+        self.gather = gather  # seconds a round of fewer than MIN_ROWS rows may wait for more
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._waiting: list[_Work[Any]] = []
+        self._members = 0  # generations in flight (`join`)
         self._running = False
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
         self.rounds = 0  # LM head calls (tests, metrics)
         self.calls = 0  # generations' logits those calls served: calls / rounds is the mean sharing
+
+    @contextmanager
+    def join(self) -> Iterator[None]:
+        """Around a generation's steps: it counts as in flight, so rounds may wait for it."""
+        with self._lock:
+            self._members += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._members -= 1
 
     async def sample(self, hidden: torch.Tensor, then: Callable[[torch.Tensor], T]) -> T:
         """`then(logits(hidden))` on the head's thread, hidden [rows, tokens, h]; the logits are
@@ -61,6 +84,7 @@ class HeadRounds:
         with self._lock:
             self._waiting.append(work)
             start, self._running = not self._running, True
+            self._arrived.notify()
         if start:
             try:
                 self._thread.submit(self._run_rounds)
@@ -79,6 +103,7 @@ class HeadRounds:
         try:
             while True:
                 with self._lock:
+                    self._await_company()
                     works, self._waiting = self._waiting, []
                     if not works:
                         self._running = False
@@ -91,6 +116,16 @@ class HeadRounds:
                     work.future.set_exception(error)
             self._fail_waiting(error)
             raise
+
+    def _await_company(self) -> None:
+        """(Lock held.) Up to `gather` seconds for the round to reach MIN_ROWS rows, while at least
+        MIN_ROWS generations are in flight and some of them have not submitted yet."""
+        if self.gather <= 0 or self._members < MIN_ROWS or not self._waiting:
+            return
+        deadline = time.monotonic() + self.gather
+        while (len(self._waiting) < self._members and (left := deadline - time.monotonic()) > 0
+               and sum(work.hidden.shape[0] for work in self._waiting if work.hidden is not None) < MIN_ROWS):
+            self._arrived.wait(left)
 
     def _run_round(self, works: list[_Work[Any]]) -> None:
         fit_threads()
@@ -148,11 +183,13 @@ _rounds_lock = threading.Lock()
 
 
 def head_rounds(head: Any) -> HeadRounds:
-    """The one `HeadRounds` over `head.logits` (per head object, gone with it)."""
+    """The one `HeadRounds` over `head.logits` (per head object, gone with it); a CPU head's rounds
+    gather (`CPU_GATHER`)."""
     with _rounds_lock:
         if (rounds := _rounds.get(head)) is None:
             logits = weakref.WeakMethod(head.logits)  # a strong one would keep the head alive
-            rounds = _rounds[head] = HeadRounds(lambda hidden: logits()(hidden))
+            gather = CPU_GATHER if torch.device(head.device).type == "cpu" else 0.0  # unmeasured on a GPU: off
+            rounds = _rounds[head] = HeadRounds(lambda hidden: logits()(hidden), gather)
         return rounds
 
 
