@@ -174,6 +174,8 @@ NEXT = {A: (0.2, 0.5, 0.3), B: (0.1, 0.3, 0.6), C: (0.5, 0.25, 0.25)}  # p(next 
 class _BigramHead:
     """A model whose hidden state is its token, one-hot, and whose logits are log NEXT[token]."""
 
+    device = torch.device("cpu")
+
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self.table = torch.full((vocab_size, vocab_size), float("-inf"))
