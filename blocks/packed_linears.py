@@ -15,7 +15,8 @@ the same bytes as before and as transformers. Batched rows agree with their one-
 float32 rounding, as MKL's own batched kernel already did (it too differs from its one-row path).
 
 The price is memory: the packed copy doubles the projections' weight memory on a CPU server (and
-the LM head's on a CPU gateway). ``SWARMGATE_PACKED_WEIGHTS=0`` turns it off.
+the LM head's on a CPU gateway); a server sizing its span to free memory counts it
+(blockserver/placement.py). ``SWARMGATE_PACKED_WEIGHTS=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MIN_ROWS", "batched", "enabled", "pack"]
+__all__ = ["MIN_ROWS", "batched", "enabled", "pack", "packed_bytes"]
 
 MIN_ROWS = 4  # below it MKL's one-row path is as fast (1-3 rows cost about one row's time)
 ENV = "SWARMGATE_PACKED_WEIGHTS"
@@ -44,15 +45,20 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
             and os.environ.get(ENV, "1").strip() != "0")
 
 
-def pack(module: nn.Module) -> int:
-    """Give every unquantized `nn.Linear` in `module` (itself included) a packed copy of its
-    weight, used inside `batched()`; returns the bytes the copies take."""
-    added = 0
-    for linear in module.modules():
-        if type(linear) is nn.Linear and linear.weight.dtype in _DTYPES:
-            linear.forward = _PackedForward(linear)  # an instance attribute: nn.Module.__call__ and hooks as ever
-            added += linear.weight.numel() * linear.weight.element_size()
-    return added
+def pack(module: nn.Module) -> None:
+    """Give every unquantized `nn.Linear` in `module` (itself included; weights in a dtype that
+    `enabled` accepts) a packed copy of its weight, used inside `batched()`."""
+    for linear in _linears(module):
+        linear.forward = _PackedForward(linear)  # an instance attribute: nn.Module.__call__ and hooks as ever
+
+
+def packed_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """The memory `pack` adds to `module` in `dtype` (a meta-device skeleton will do: placement)."""
+    return sum(linear.weight.numel() for linear in _linears(module)) * dtype.itemsize
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if type(m) is nn.Linear]  # not bitsandbytes' subclasses
 
 
 @contextmanager

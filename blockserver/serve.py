@@ -101,7 +101,7 @@ def _rebalancer(
     span_length = config.num_blocks
     if not span_length:
         per_block = placement.bytes_per_block(model_path, dtype, config.quant,
-                                              config.limits.cache_memory_tokens(config.device))
+                                              config.limits.cache_memory_tokens(config.device), config.device)
         try:
             span_length = placement.blocks_that_fit(placement.available_memory(config.device), per_block, num_blocks)
         except ValueError as error:

@@ -97,11 +97,17 @@ def test_rebalancing_converges_without_cycles(seed):
         pytest.fail("no balance after 100 moves")
 
 
-def test_blocks_that_fit_in_memory(tiny_models):
-    per_block = bytes_per_block(str(tiny_models["llama"]), torch.float32, "none", cache_tokens=1000)
+def test_blocks_that_fit_in_memory(tiny_models, monkeypatch):
     span = BlockSpan(tiny_models["llama"], 0, 1)
-    assert per_block > span.block_bytes  # weights plus the KV cache
-    assert per_block - span.block_bytes == 2 * 2 * 16 * 4 * 1000  # K and V, 2 KV heads of 16, float32
+    cache = 2 * 2 * 16 * 4 * 1000  # K and V, 2 KV heads of 16, float32
+    packed = sum(m.weight.numel() * 4 for m in span.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert bytes_per_block(str(tiny_models["llama"]), torch.float32, "none", cache_tokens=1000, device="cuda") \
+        == span.block_bytes + cache  # weights plus the KV cache
+    per_block = bytes_per_block(str(tiny_models["llama"]), torch.float32, "none", cache_tokens=1000)
+    assert per_block == span.block_bytes + cache + packed  # on a CPU, the packed copies too
+    monkeypatch.setenv("SWARMGATE_PACKED_WEIGHTS", "0")
+    assert bytes_per_block(str(tiny_models["llama"]), torch.float32, "none", cache_tokens=1000) \
+        == span.block_bytes + cache
     assert blocks_that_fit(10 * per_block, per_block, num_blocks=4) == 4
     assert blocks_that_fit(int(2.5 * per_block), per_block, num_blocks=4) == 2
     with pytest.raises(ValueError, match="too little for one block"):
