@@ -23,18 +23,30 @@ from transformers import DynamicCache
 
 from blocks import family, packed_linears
 
-__all__ = ["batchable", "decode_together"]
+__all__ = ["batchable", "batchable_layers", "decode_together", "packs_weights"]
 
 _ATTENTION = ("sdpa", "eager")
 
 
 def batchable(span: Any, cache: object) -> bool:
     """Whether one-token steps of `span` on `cache` can join a batch (see the module docstring)."""
+    return isinstance(cache, DynamicCache) and batchable_layers(span.family, span.config, span.layer_types)
+
+
+def packs_weights(config: Any, device: torch.device, dtype: torch.dtype, quant: str) -> bool:
+    """Whether spans of this model keep oneDNN-packed copies of their weights for batched steps
+    (blocks/packed_linears.py): unquantized on a CPU with oneDNN, where the model's layers batch
+    (all of them, so every span and placement's memory count follow the same rule)."""
+    return (quant == "none" and packed_linears.enabled(device, dtype)
+            and batchable_layers(family.of(config), config, family.layer_types(config)))
+
+
+def batchable_layers(fam: family.Family, config: Any, layer_types: Sequence[str]) -> bool:
+    """Whether one-token steps through layers of these kinds can batch, on a cache that does."""
     return (
-        isinstance(cache, DynamicCache)
-        and type(span.family).layer_inputs is family.Family.layer_inputs
-        and all(kind == "full_attention" for kind in span.layer_types)
-        and getattr(span.config, "_attn_implementation", None) in _ATTENTION
+        type(fam).layer_inputs is family.Family.layer_inputs
+        and all(kind == "full_attention" for kind in layer_types)
+        and getattr(config, "_attn_implementation", None) in _ATTENTION
     )
 
 

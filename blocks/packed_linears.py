@@ -34,22 +34,23 @@ __all__ = ["MIN_ROWS", "batched", "enabled", "pack", "packed_bytes"]
 
 MIN_ROWS = 4  # below it MKL's one-row path is as fast (1-3 rows cost about one row's time)
 ENV = "SWARMGATE_PACKED_WEIGHTS"
-_DTYPES = (torch.float32, torch.bfloat16)
 _BATCHED: ContextVar[bool] = ContextVar("swarmgate_packed_batched", default=False)
 
 
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether weights on `device` in `dtype` get packed copies: a CPU with oneDNN, float32 or
-    bfloat16, unless ``SWARMGATE_PACKED_WEIGHTS=0``."""
-    return (device.type == "cpu" and dtype in _DTYPES and torch.backends.mkldnn.is_available()
-            and os.environ.get(ENV, "1").strip() != "0")
+    """Whether weights on `device` in `dtype` get packed copies: a CPU with oneDNN, float32 (or
+    bfloat16 where oneDNN computes it: AVX-512 or AMX), unless ``SWARMGATE_PACKED_WEIGHTS=0``."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available() or os.environ.get(ENV, "1").strip() == "0":
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack(module: nn.Module) -> None:
-    """Give every unquantized `nn.Linear` in `module` (itself included; weights in a dtype that
-    `enabled` accepts) a packed copy of its weight, used inside `batched()`."""
+    """Give every plain `nn.Linear` in `module` (itself included) a packed copy of its weight, used
+    inside `batched()`. The caller checked `enabled` for their device and dtype; the weights must
+    not change afterwards (the copy is a snapshot), nor the modules be deep-copied."""
     for linear in _linears(module):
-        linear.forward = _PackedForward(linear)  # an instance attribute: nn.Module.__call__ and hooks as ever
+        linear.forward = _PackedForward(linear.weight, linear.bias)  # an instance attribute: hooks run as ever
 
 
 def packed_bytes(module: nn.Module, dtype: torch.dtype) -> int:
@@ -72,14 +73,14 @@ def batched() -> Iterator[None]:
 
 
 class _PackedForward:
-    """`nn.Linear.forward` for one module, with its weight reordered for oneDNN once."""
+    """`nn.Linear.forward` for one module, with its weight reordered for oneDNN once. It holds the
+    tensors, not the module: no reference cycle keeps a dropped span's weights alive."""
 
-    def __init__(self, linear: nn.Linear):
-        self.linear = linear
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        self.weight, self.bias = weight, bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.linear
-        if _BATCHED.get() and x.numel() >= MIN_ROWS * linear.in_features and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, linear.bias, "none", [], "")
-        return F.linear(x, linear.weight, linear.bias)
+        if _BATCHED.get() and x.numel() >= MIN_ROWS * self.weight.shape[1] and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)

@@ -101,11 +101,10 @@ class BlockSpan:
             self.layers.to(self.device)
         self.layers.eval()
         self.layers.requires_grad_(False)  # frozen: only LoRA weights supplied per request are trained
-        if quant == "none" and packed_linears.enabled(self.device, dtype):
-            packed_linears.pack(self.layers)  # for batched decode steps (blocks/packed_linears.py)
         self.lora_targets = lora.attach(self.layers, start, self.family)  # module prefix -> module, per-request LoRA
         self.quant = quant
-        self.block_bytes = weight_bytes(self.layers) // self.num_layers  # announced: memory per block (all experts)
+        # announced: weight memory per block (all experts; not the packed copies below)
+        self.block_bytes = weight_bytes(self.layers) // self.num_layers
         # Rotary buffers are computed at init, so the meta skeleton's cannot be loaded: build anew.
         self.rotary_emb = None
         if self.family.rotary is not None:
@@ -113,6 +112,8 @@ class BlockSpan:
                 self.rotary_emb = type(model.get_submodule(self.family.rotary))(config=self.config)
 
         self.layer_types = family.layer_types(self.config)[start:end]
+        if batching.packs_weights(self.config, self.device, dtype, quant):
+            packed_linears.pack(self.layers)  # for batched decode steps on a CPU (blocks/packed_linears.py)
         self._mask_layer = _mask_layers(start, self.layer_types)
         # ALiBi families keep DynamicCache and eager compute on a GPU too (family.static_cache).
         self.static_cache = self.device.type == "cuda" and self.family.static_cache
@@ -193,8 +194,8 @@ class BlockSpan:
         self, steps: list[tuple[torch.Tensor, Cache, int]], adapter: lora.SpanLora | None = None
     ) -> list[torch.Tensor]:
         """One-token steps `(hidden, cache, position)` of several sessions sharing `adapter`, in
-        one pass; each output as `forward` would give it (up to the float rounding of a batched
-        matmul on a GPU)."""
+        one pass; each output as `forward` would give it, up to the float rounding of a batched
+        matmul (on a CPU oneDNN's packed weights from 4 rows: blocks/packed_linears.py)."""
         with torch.inference_mode(), lora.applied(adapter), self._gpu.lock:
             if isinstance(steps[0][1], StaticKV):
                 return self._forward_slots(steps, adapter)

@@ -21,7 +21,7 @@ import psutil
 import torch
 import trio
 
-from blocks import family, packed_linears
+from blocks import batching, family, packed_linears
 from blocks.checkpoint import load_config
 from blocks.span import BlockSpan
 from blockserver.server import BlockServer
@@ -95,13 +95,13 @@ def blocks_that_fit(available_bytes: int, bytes_per_block: int, num_blocks: int)
 def bytes_per_block(model_path: str, dtype: torch.dtype, quant: str, cache_tokens: int, device: str = "cpu") -> int:
     """Weight bytes of one decoder layer as it would be loaded on `device` (on a CPU with the
     packed copies of blocks/packed_linears.py), plus `cache_tokens` of its KV cache."""
-    config = load_config(model_path)
-    layer = family.decoder_layers(family.skeleton(config))[0]  # on the meta device: shapes, no memory
+    skeleton = family.skeleton(load_config(model_path))  # on the meta device: shapes, no memory
+    layer = family.decoder_layers(skeleton)[0]
     parameters = sum(p.numel() for p in layer.parameters())
     weights = parameters * QUANT_BYTES_PER_PARAMETER.get(quant, dtype.itemsize)
-    if quant == "none" and packed_linears.enabled(torch.device(device), dtype):
+    if batching.packs_weights(skeleton.config, torch.device(device), dtype, quant):
         weights += packed_linears.packed_bytes(layer, dtype)
-    return int(weights + family.kv_bytes_per_token(config, dtype) * cache_tokens)
+    return int(weights + family.kv_bytes_per_token(skeleton.config, dtype) * cache_tokens)
 
 
 def available_memory(device: str) -> int:

@@ -46,6 +46,7 @@ class Head(Protocol):
 
     config: Any
     vocab_size: int
+    device: torch.device
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 

@@ -220,7 +220,7 @@ class SwarmNode:
             logger.debug("ignored the record of %s: not in the allowed peers", record.peer_id)
             return True  # valid, only not for this node
         if not self.records.add(record):
-            logger.debug("ignored the record of %s: the record table is full", record.peer_id)
+            logger.debug("ignored the record of %s: the record table is full, or holds a later one", record.peer_id)
             return True
         self._raw_records[record.peer_id] = wire
         self._accepted_at[record.peer_id] = now

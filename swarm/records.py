@@ -111,7 +111,11 @@ class RecordTable:
         self._records: dict[str, ServerRecord] = {}
 
     def add(self, record: ServerRecord) -> bool:
-        """Store `record`; False when the table is full of other live peers' records."""
+        """Store `record`; False when the table is full of other live peers' records, or holds a
+        record of the peer issued later (an older announcement arriving late, by gossip's lazy
+        delivery or a pull, must not roll a server back to a span it has left)."""
+        if (held := self._records.get(record.peer_id)) is not None and record.issued_at < held.issued_at:
+            return False
         if record.peer_id not in self._records and len(self._records) >= self._max_records:
             self.live()  # drop the expired
             if len(self._records) >= self._max_records:

@@ -1,8 +1,8 @@
 """The gateway's head rounds (gateway/inference/head_rounds.py): concurrent generations get
 exactly their own rows' logits, in fewer head calls than generations under contention, on one
 thread; a head failure reaches every generation of its call, a generation's own failure only it.
-A gathering round (a CPU head's) waits for a batch of 4 rows while 4 or more generations are in
-flight, and never otherwise."""
+A gathering round (a CPU head's) waits for a batch of 4 rows while 4 or more generations are
+decoding (joined and sampled once), and never otherwise; one that leaves stops counting."""
 
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ import asyncio
 import contextlib
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
 
-from gateway.inference.head_rounds import HeadRounds
+from blocks.head import ModelHead
+from gateway.inference.generation import Generation, GenerationJob
+from gateway.inference.head_rounds import HeadRounds, Member, head_rounds
+from gateway.inference.sampling import SamplingParams
+from gateway.models import ServedModel
+from tests.support import LocalBackend
 
 WEIGHT = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
 
@@ -128,49 +134,118 @@ def test_a_generation_cancelled_while_its_work_runs_waits_for_it_to_end():
     asyncio.run(main())
 
 
-def _staggered(rounds: HeadRounds, members: int, submit: int, gap: float) -> list[torch.Tensor]:
-    """`members` generations in flight, `submit` of them handing in a row `gap` seconds apart."""
-    async def one(i: int) -> torch.Tensor:
-        await asyncio.sleep(i * gap)
-        return await rounds.sample(torch.randn(1, 1, 8), lambda logits: logits)
-
-    async def main() -> list[torch.Tensor]:
+def _decoding(rounds: HeadRounds, members: int, body) -> Any:
+    """Run `body(members)` with `members` generations joined and decoding (each sampled once)."""
+    async def main() -> Any:
+        gather, rounds.gather = rounds.gather, 0.0  # their first samples: no gathering yet
         with contextlib.ExitStack() as joined:
-            for _ in range(members):
-                joined.enter_context(rounds.join())
-            return await asyncio.gather(*(one(i) for i in range(submit)))
+            ms = [joined.enter_context(rounds.join()) for _ in range(members)]
+            await asyncio.gather(*(rounds.sample(torch.randn(1, 1, 8), lambda logits: logits, m) for m in ms))
+            rounds.gather = gather
+            return await body(ms)
     return asyncio.run(main())
 
 
+def _staggered(rounds: HeadRounds, members: int, submit: int, gap: float) -> int:
+    """`members` generations decoding, `submit` of them handing in a row `gap` seconds apart: the
+    rounds those rows took."""
+    async def body(ms: list[Member]) -> int:
+        before = rounds.rounds
+
+        async def one(i: int) -> torch.Tensor:
+            await asyncio.sleep(i * gap)
+            return await rounds.sample(torch.randn(1, 1, 8), lambda logits: logits, ms[i])
+
+        outputs = await asyncio.gather(*(one(i) for i in range(submit)))
+        assert all(logits.shape == (1, 1, 50) for logits in outputs)
+        return rounds.rounds - before
+    return _decoding(rounds, members, body)
+
+
 def test_a_gathering_round_waits_for_the_rest_of_a_batch_of_four():
-    quick = HeadRounds(lambda hidden: hidden @ WEIGHT.T)
-    _staggered(quick, members=8, submit=4, gap=0.02)
-    assert quick.rounds == 4  # no gathering: each row its own round
-
+    assert _staggered(HeadRounds(lambda hidden: hidden @ WEIGHT.T), members=8, submit=4, gap=0.02) == 4
     gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=5.0)
-    outputs = _staggered(gathering, members=8, submit=4, gap=0.02)
-    assert gathering.rounds == 1 and gathering.calls == 4  # ended by the 4th row, not the 5 s
-    assert all(logits.shape == (1, 1, 50) for logits in outputs)
+    started = time.monotonic()
+    assert _staggered(gathering, members=8, submit=4, gap=0.02) == 1  # ended by the 4th row, not the 5 s
+    assert time.monotonic() - started < 4
 
 
-def test_a_round_never_waits_with_fewer_than_four_generations_in_flight():
+def test_a_round_never_waits_with_fewer_than_four_generations_decoding():
     gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=30.0)
     started = time.monotonic()
-    _staggered(gathering, members=3, submit=1, gap=0)
-    assert time.monotonic() - started < 10 and gathering.rounds == 1
+    assert _staggered(gathering, members=3, submit=1, gap=0) == 1
+    assert time.monotonic() - started < 10
 
 
-def test_a_gathering_round_stops_waiting_when_every_generation_in_flight_handed_in_work():
+def test_joined_generations_count_only_once_they_sample():
+    """A prompt computing (joined, not sampled yet) is no company to wait for."""
     gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=30.0)
 
     async def main() -> None:
         with contextlib.ExitStack() as joined:
-            for _ in range(4):
-                joined.enter_context(gathering.join())
-            rows = [gathering.sample(torch.randn(1, 1, 8), lambda logits: logits) for _ in range(3)]
-            await asyncio.gather(*rows, gathering.call(lambda: "an embedding"))  # 3 rows, all 4 in: no wait
+            decoding = [joined.enter_context(gathering.join()) for _ in range(3)]
+            [joined.enter_context(gathering.join()) for _ in range(5)]  # in their prompts
+            await gathering.sample(torch.randn(1, 1, 8), lambda logits: logits, decoding[0])
 
     started = time.monotonic()
     asyncio.run(main())
-    assert time.monotonic() - started < 10 and gathering.calls == 3
-    assert gathering._members == 0  # every join ended
+    assert time.monotonic() - started < 10
+
+
+def test_a_gathering_round_stops_waiting_when_every_generation_decoding_handed_in_work():
+    gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=30.0)
+
+    async def body(ms: list[Member]) -> None:  # 3 rows and an embedding: all 4 in, no wait for a 4th row
+        rows = [gathering.sample(torch.randn(1, 1, 8), lambda logits: logits, m) for m in ms[:3]]
+        await asyncio.gather(*rows, gathering.call(lambda: "an embedding"))
+
+    started = time.monotonic()
+    _decoding(gathering, 4, body)
+    assert time.monotonic() - started < 10
+
+
+def test_a_generation_leaving_wakes_a_round_waiting_for_it():
+    gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T)  # gathering from their second samples
+
+    async def main() -> None:
+        with contextlib.ExitStack() as staying:
+            first = staying.enter_context(gathering.join())
+            leaving = contextlib.ExitStack()
+            with leaving:
+                ms = [first] + [leaving.enter_context(gathering.join()) for _ in range(3)]
+                await asyncio.gather(*(gathering.sample(torch.randn(1, 1, 8), lambda x: x, m) for m in ms))
+                gathering.gather = 30.0
+                waiting = asyncio.ensure_future(gathering.sample(torch.randn(1, 1, 8), lambda x: x, first))
+                await asyncio.sleep(0.2)
+                assert not waiting.done()  # 4 decoding, 1 row in: the round waits
+            await asyncio.wait_for(waiting, 10)  # 3 left: 1 decoding, the round runs
+
+    asyncio.run(main())
+
+
+def test_a_generation_closed_early_stops_counting(tiny_models):
+    """A client that leaves mid-stream: the generation's steps are closed, and it is no longer
+    company its head's rounds wait for."""
+    path = tiny_models["llama"]
+    head = ModelHead(path)
+    model = ServedModel.load("tiny", path, lambda _: head)
+    job = GenerationJob(model=model, prompt_ids=model.tokenizer("Hello there")["input_ids"], n=1, max_tokens=20,
+                        params=SamplingParams(temperature=0, ignore_eos=True))
+    rounds = head_rounds(head)
+
+    async def main() -> list[int]:
+        generation = Generation(job, LocalBackend(path, "tiny"))
+        await generation.open()
+        seen = []
+        try:
+            async with contextlib.aclosing(generation.steps()) as steps:
+                async for _ in steps:
+                    seen.append(rounds._members)
+                    if len(seen) == 3:
+                        break
+        finally:
+            await generation.close()
+        return seen
+
+    assert asyncio.run(main()) == [1, 1, 1]
+    assert rounds._members == 0

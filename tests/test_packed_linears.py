@@ -14,6 +14,8 @@ from torch import nn
 from blocks import packed_linears
 from blocks.head import ModelHead
 from blocks.span import BlockSpan
+from blocks.tiny_checkpoints import build_checkpoint
+from blockserver.placement import bytes_per_block
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 TOLERANCE = 1e-5
@@ -93,6 +95,14 @@ def test_cpu_spans_and_heads_pack_unless_turned_off(tiny_models, monkeypatch):
     monkeypatch.setenv(packed_linears.ENV, "0")
     span = BlockSpan(path, 0, 2)
     assert not any(isinstance(m.forward, packed_linears._PackedForward) for m in span.layers.modules())
+
+
+def test_spans_whose_steps_never_batch_keep_one_copy(tmp_path):
+    """ALiBi layers (BLOOM) run every step alone: no packed copy, and placement counts none."""
+    path = build_checkpoint(tmp_path / "bloom", family="bloom")
+    span = BlockSpan(path, 0, 2)
+    assert not any(isinstance(m.forward, packed_linears._PackedForward) for m in span.layers.modules())
+    assert bytes_per_block(str(path), torch.float32, "none", cache_tokens=0) == span.block_bytes
 
 
 def test_a_span_batch_of_four_rows_computes_packed_and_a_lone_step_does_not(tiny_models, packed_calls):

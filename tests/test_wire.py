@@ -160,6 +160,18 @@ def test_records_expire():
     assert table.live("m") == []
 
 
+def test_an_older_record_arriving_late_does_not_replace_a_newer_one():
+    """A server that moved announced its new span; its previous announcement, arriving late
+    (gossip's lazy delivery), must not send clients back to the span it left."""
+    table = RecordTable(clock=lambda: 0.0)
+    moved = dataclasses.replace(_record("a", 2, 5), issued_at=1_000_000.0)
+    assert table.add(moved)
+    assert not table.add(dataclasses.replace(_record("a", 0, 3), issued_at=moved.issued_at - 1))
+    assert [(r.start, r.end) for r in table.live("m")] == [(2, 5)]
+    assert table.add(dataclasses.replace(_record("a", 0, 3), issued_at=moved.issued_at + 1))  # a later move back: taken
+    assert [(r.start, r.end) for r in table.live("m")] == [(0, 3)]
+
+
 def test_chain_covers_all_blocks_with_fewest_hops():
     records = [_record("a", 0, 2), _record("b", 2, 4), _record("whole", 0, 4, throughput=60)]
     assert [r.peer_id for r in choose_chain("m", records, 4)] == ["whole"]

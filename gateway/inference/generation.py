@@ -33,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -181,7 +182,7 @@ class Generation:
         prompt = torch.tensor([self.job.prompt_ids] * self.job.n, dtype=torch.long)
         drafts = self._drafts()
         rounds = head_rounds(self.job.model.head)
-        with rounds.join():  # in flight: a CPU head's rounds may wait for it (head_rounds.py)
+        with rounds.join() as member:  # decoding: a CPU head's rounds may wait for it (head_rounds.py)
             hidden = await rounds.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
             guided = self._sampler.matchers is not None
             while hidden is not None:
@@ -195,7 +196,7 @@ class Generation:
                 self._position += hidden.shape[1]
                 first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
                 per_token, hidden, drafts, kept = await rounds.sample(output[:, first:first + 1],
-                                                                      partial(self._advance, output, drafts))
+                                                                      partial(self._advance, output, drafts), member)
                 if kept < self._position:  # positions fed rejected drafts
                     await self._session.truncate(kept)
                     self._position = kept
@@ -207,12 +208,13 @@ class Generation:
     async def collect(self) -> list[ChoiceResult]:
         """Run to the end and return the whole choices."""
         results = [ChoiceResult() for _ in range(self.job.n)]
-        async for deltas in self.steps():
-            for delta in deltas:
-                result = results[delta.index]
-                result.text += delta.text
-                result.tokens.extend(delta.tokens)
-                result.finish_reason = delta.finish_reason or result.finish_reason
+        async with aclosing(self.steps()) as steps:  # cancelled: its end runs now, not at collection
+            async for deltas in steps:
+                for delta in deltas:
+                    result = results[delta.index]
+                    result.text += delta.text
+                    result.tokens.extend(delta.tokens)
+                    result.finish_reason = delta.finish_reason or result.finish_reason
         return results
 
     def _advance(

@@ -11,9 +11,10 @@ dozens of worker threads contending for the GIL with the event loop and the swar
 On a CPU a round of fewer than 4 rows costs as much as one of 1 (MKL's one-row path); from 4 rows
 of several generations, oneDNN's packed weights take over (blocks/packed_linears.py). The last
 server returns a batch's sessions one after another, so a round on a CPU head that finds fewer
-than 4 rows waits up to `CPU_GATHER` seconds for more while at least 4 generations are in flight
-(those that `join`ed) and some have not submitted: the rest of that batch arrives within it. A
-lone stream, or two or three, never waits.
+than 4 rows waits up to `CPU_GATHER` seconds for more while at least 4 generations are decoding
+(those that `join`ed, from their first `sample`: not while their prompt computes) and some have
+not submitted: the rest of that batch arrives within it. One, two or three decoding generations
+never wait.
 """
 
 from __future__ import annotations
@@ -31,13 +32,19 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from blocks import packed_linears
-from blocks.packed_linears import MIN_ROWS
 from swarm.node_options import fit_threads
 
-__all__ = ["HeadRounds", "head_rounds", "head_load"]
+__all__ = ["HeadRounds", "Member", "head_rounds", "head_load"]
 
 T = TypeVar("T")
-CPU_GATHER = 0.002  # seconds; 1-3 ms gave 8 streams 76-88 tokens/s against 71-73 (README, "Many streams")
+CPU_GATHER = 0.002  # seconds; 1-3 ms gave 8 streams 76-88 tokens/s against 71-73 (README, "Many users at once")
+
+
+@dataclass(eq=False)
+class Member:
+    """A generation's membership of the rounds (`HeadRounds.join`): counted once it samples."""
+
+    decoding: bool = False
 
 
 @dataclass(eq=False)
@@ -50,30 +57,37 @@ class _Work(Generic[T]):
 class HeadRounds:
     def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], gather: float = 0.0):
         self._logits = logits
-        self.gather = gather  # seconds a round of fewer than MIN_ROWS rows may wait for more
+        self.gather = gather  # seconds a round of fewer than packed_linears.MIN_ROWS rows may wait for more
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._waiting: list[_Work[Any]] = []
-        self._members = 0  # generations in flight (`join`)
+        self._members = 0  # generations decoding (`join`, then a first `sample`)
         self._running = False
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
         self.rounds = 0  # LM head calls (tests, metrics)
         self.calls = 0  # generations' logits those calls served: calls / rounds is the mean sharing
 
     @contextmanager
-    def join(self) -> Iterator[None]:
-        """Around a generation's steps: it counts as in flight, so rounds may wait for it."""
-        with self._lock:
-            self._members += 1
+    def join(self) -> Iterator[Member]:
+        """Around a generation's steps; passed to `sample`, it makes the generation count as
+        decoding from its first sample on, so rounds may wait for it."""
+        member = Member()
         try:
-            yield
+            yield member
         finally:
             with self._lock:
-                self._members -= 1
+                if member.decoding:
+                    self._members -= 1
+                    self._arrived.notify()  # a round waiting for it waits no longer
+                member.decoding = False
 
-    async def sample(self, hidden: torch.Tensor, then: Callable[[torch.Tensor], T]) -> T:
+    async def sample(self, hidden: torch.Tensor, then: Callable[[torch.Tensor], T], member: Member | None = None) -> T:
         """`then(logits(hidden))` on the head's thread, hidden [rows, tokens, h]; the logits are
         computed in one call with the round's other rows of the same shape."""
+        if member is not None and not member.decoding:
+            with self._lock:
+                member.decoding = True
+                self._members += 1
         return await self._submit(_Work(then, hidden))
 
     async def call(self, fn: Callable[[], T]) -> T:
@@ -118,13 +132,14 @@ class HeadRounds:
             raise
 
     def _await_company(self) -> None:
-        """(Lock held.) Up to `gather` seconds for the round to reach MIN_ROWS rows, while at least
-        MIN_ROWS generations are in flight and some of them have not submitted yet."""
-        if self.gather <= 0 or self._members < MIN_ROWS or not self._waiting:
+        """(Lock held.) Up to `gather` seconds for the round's rows to reach `enough`, while some
+        are waiting, at least `enough` generations are decoding and some of them have not submitted."""
+        if self.gather <= 0:
             return
-        deadline = time.monotonic() + self.gather
-        while (len(self._waiting) < self._members and (left := deadline - time.monotonic()) > 0
-               and sum(work.hidden.shape[0] for work in self._waiting if work.hidden is not None) < MIN_ROWS):
+        enough, deadline = packed_linears.MIN_ROWS, time.monotonic() + self.gather
+        while (self._members >= enough and len(self._waiting) < self._members
+               and 0 < sum(work.hidden.shape[0] for work in self._waiting if work.hidden is not None) < enough
+               and (left := deadline - time.monotonic()) > 0):
             self._arrived.wait(left)
 
     def _run_round(self, works: list[_Work[Any]]) -> None:

@@ -12,6 +12,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import aclosing
 from typing import Any, ClassVar, Generic, TypeVar
 
 from fastapi import Request
@@ -148,15 +149,16 @@ class OpenAIServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         """Per choice: opening chunks, text chunks, a chunk with the finish reason; then maybe usage."""
         for choice in self.opening_choices(generation.job.n):
             yield self._chunk(meta, choice)
-        async for deltas in generation.steps():
-            for delta in deltas:
-                if delta.text or (logprobs and delta.tokens):
-                    choice_logprobs = logprobs(delta.index, delta.tokens) if logprobs else None
-                    for choice in self.text_choices(output, delta.index, delta.text, choice_logprobs):
-                        yield self._chunk(meta, choice)
-                if delta.finish_reason:
-                    for choice in self.finish_choices(output, delta.index, delta.finish_reason):
-                        yield self._chunk(meta, choice)
+        async with aclosing(generation.steps()) as steps:  # left early: its end runs now, not at collection
+            async for deltas in steps:
+                for delta in deltas:
+                    if delta.text or (logprobs and delta.tokens):
+                        choice_logprobs = logprobs(delta.index, delta.tokens) if logprobs else None
+                        for choice in self.text_choices(output, delta.index, delta.text, choice_logprobs):
+                            yield self._chunk(meta, choice)
+                    if delta.finish_reason:
+                        for choice in self.finish_choices(output, delta.index, delta.finish_reason):
+                            yield self._chunk(meta, choice)
         if with_usage:
             yield self.chunk_type(**meta, choices=[], usage=generation.usage())
 
