@@ -45,7 +45,7 @@ class ForwardService:
             self.metrics.errors.labels("read_timeout").inc()
             await incoming.try_send(stream, protocol.error_frame(str(error)))
         except NotHeldError as error:
-            await incoming.try_send(stream, protocol.error_frame(str(error)))  # not invalid: another server may do
+            await incoming.try_send(stream, protocol.error_frame(str(error), protocol.MOVED))  # another server may do
         except (ProtocolError, codec.CodecError, ValueError) as error:
             self.metrics.errors.labels("bad_forward").inc()
             await incoming.try_send(stream, protocol.error_frame(str(error), protocol.INVALID))

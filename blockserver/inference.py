@@ -128,6 +128,8 @@ class InferenceService:
             await incoming.try_send(stream, protocol.error_frame(str(error), protocol.BUSY))
         except UnknownAdapterError as error:
             await incoming.try_send(stream, protocol.error_frame(str(error), protocol.UNKNOWN_ADAPTER))
+        except incoming.NotHeldError as error:
+            await incoming.try_send(stream, protocol.error_frame(str(error), protocol.MOVED))
         except (ProtocolError, ValueError) as error:
             logger.info("inference stream from %s refused: %s", peer, error)
             await incoming.try_send(stream, protocol.error_frame(str(error)))

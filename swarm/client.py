@@ -96,6 +96,9 @@ class SwarmClient:
     def reserve(self, chain: Iterable[ServerRecord]) -> None:
         self._load.update(record.peer_id for record in chain)
 
+    def forget(self, peer_id: str) -> None:
+        self.node.records.forget(peer_id)
+
     def release(self, *peer_ids: str) -> None:
         self._load.subtract(peer_ids)
         for peer_id in peer_ids:

@@ -182,6 +182,7 @@ async def read_frame(stream: Stream, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
 BUSY = "busy"  # error code: the server is full now; another server or a retry later may work
 UNKNOWN_ADAPTER = "unknown_adapter"  # error code: upload the span's adapter tensors, then retry
 INVALID = "invalid"  # error code: the request itself is wrong; another server would refuse it too
+MOVED = "moved"  # error code: the server serves other blocks now; the record the client chose by is stale
 
 
 def error_frame(message: str, code: str = "error") -> dict[str, Any]:

@@ -109,6 +109,7 @@ class RecordTable:
         self._clock = clock
         self._max_records = max_records
         self._records: dict[str, ServerRecord] = {}
+        self._stale_until: dict[str, float] = {}  # peer -> issued_at of a record found stale (`forget`)
 
     def add(self, record: ServerRecord) -> bool:
         """Store `record`; False when the table is full of other live peers' records, or holds a
@@ -116,12 +117,21 @@ class RecordTable:
         delivery or a pull, must not roll a server back to a span it has left)."""
         if (held := self._records.get(record.peer_id)) is not None and record.issued_at < held.issued_at:
             return False
+        if record.issued_at <= self._stale_until.get(record.peer_id, -1.0):
+            return False  # that record, or an older one, again
+        self._stale_until.pop(record.peer_id, None)
         if record.peer_id not in self._records and len(self._records) >= self._max_records:
             self.live()  # drop the expired
             if len(self._records) >= self._max_records:
                 return False
         self._records[record.peer_id] = record
         return True
+
+    def forget(self, peer_id: str) -> None:
+        """Drop a peer's record that proved stale (its server moved): the peer is unknown until a
+        record issued later arrives."""
+        if (held := self._records.pop(peer_id, None)) is not None:
+            self._stale_until[peer_id] = held.issued_at
 
     def live(self, model: str | None = None) -> list[ServerRecord]:
         now = self._clock()

@@ -104,6 +104,10 @@ class ChainProvider(Chains, Protocol):
 
     def release(self, *peer_ids: str) -> None: ...
 
+    def forget(self, peer_id: str) -> None:
+        """Drop the peer's record: its server moved since (until it announces again)."""
+        ...
+
     def succeeded(self, peer_id: str) -> None: ...
 
     def replayed(self) -> None: ...  # count a failed hop replaced and replayed
@@ -130,6 +134,7 @@ class InferenceSession:
         self._tail: int | None = None  # positions the current step's last hop returns (None: all)
         self._failed: set[str] = set()  # peers that failed during the current step
         self._slow: set[str] = set()  # peers that timed out during it: maybe loaded, not dead
+        self._moved: set[str] = set()  # peers whose records proved stale during it: not failed
         self._failures = 0
         self._last_error: BaseException = ConnectionError("no server answered")
         self._error: BaseException | None = None
@@ -216,7 +221,7 @@ class InferenceSession:
 
     async def _run_step(self) -> dict[str, Any]:
         """Drive the current step to the end of the chain, replacing hops that fail on the way."""
-        self._failed, self._slow, self._failures, self._output = set(), set(), 0, None
+        self._failed, self._slow, self._moved, self._failures, self._output = set(), set(), set(), 0, None
         self._events, events = trio.open_memory_channel[tuple[Hop, Any]](math.inf)
         failure: Exception | None = None
         try:
@@ -340,6 +345,17 @@ class InferenceSession:
         if self._failures > self._config.max_retries:
             raise RetriesExhausted(f"gave up after {self._failures} server failures; the last: {error!r}") from error
 
+    def _note_moved(self, peer_id: str, error: BaseException) -> None:
+        """A server that serves other blocks than its record said: not a failure (it is alive and
+        will announce its new span), but its record is forgotten until then; still a retry."""
+        self._failures += 1
+        self._last_error = error
+        self._moved.add(peer_id)
+        self._chains.forget(peer_id)
+        logger.info("server %s moved (%s); waiting for its new record", peer_id, error)
+        if self._failures > self._config.max_retries:
+            raise RetriesExhausted(f"gave up after {self._failures} server failures; the last: {error!r}") from error
+
     async def _replace(self, hop: Hop, error: BaseException) -> None:
         """Swap a failed hop for a chain of new hops over its blocks, and replay its inputs there."""
         await self._rebuild([hop], error)
@@ -370,8 +386,8 @@ class InferenceSession:
             try:
                 return self._chains.choose(self.request.model, start, end, avoid=avoid)
             except NoChainError:
-                if not self._hops and not self._failed and not self._slow:
-                    raise  # opening, and no server failed: there is no chain at all
+                if not self._hops and not self._failed and not self._slow and not self._moved:
+                    raise  # opening, and no server failed or moved: there is no chain at all
         return None  # a server may be (re)joining; or, opening, the failed ones' errors say why
 
     async def _open_hops(self, find: Callable[[], list[ServerRecord] | None], *, wait: float) -> list[Hop] | None:
@@ -399,7 +415,10 @@ class InferenceSession:
                 return [hop for hop in hops if hop is not None]
             await self._abandon(chain, hops)
             for peer_id, error in errors:
-                self._note_failure(peer_id, error)
+                if isinstance(error, protocol.RemoteError) and error.code == protocol.MOVED:
+                    self._note_moved(peer_id, error)
+                else:
+                    self._note_failure(peer_id, error)
 
     async def _abandon(self, chain: list[ServerRecord], hops: list[Hop | None]) -> None:
         """Give up a chain that did not open whole: release the servers not opened, close the others."""

@@ -24,7 +24,7 @@ from blocks.head import ModelHead
 from swarm.backoff import PeerBackoff
 from swarm.node import CONNECT_TIMEOUT
 from swarm.records import ServerRecord
-from swarm.protocol import RemoteError
+from swarm.protocol import MOVED, RemoteError
 from swarm.routing import NoChainError, choose_chain
 from swarm.session import Hop, InferenceSession, SessionConfig, SessionRequest
 from tests.swarm_harness import reference_model, running_swarm
@@ -305,6 +305,7 @@ class _OpeningChains:
         self.chains, self.refuse, self.delay = chains, refuse, delay
         self.opened: list[tuple[str, str | None]] = []  # (server, the server it was told to push to)
         self.failures: list[str] = []
+        self.forgotten: list[str] = []
         self.load: Counter = Counter()
 
     def choose(self, model: str, start: int, end: int, *, avoid=()) -> list[ServerRecord]:
@@ -318,6 +319,9 @@ class _OpeningChains:
 
     def release(self, *peer_ids: str) -> None:
         self.load.subtract(peer_ids)
+
+    def forget(self, peer_id: str) -> None:
+        self.forgotten.append(peer_id)
 
     def failed(self, peer_id: str) -> float:
         self.failures.append(peer_id)
@@ -333,6 +337,30 @@ class _OpeningChains:
         await trio.sleep(self.delay)
         self.opened.append((record.peer_id, push_to.peer_id if push_to else None))
         return Hop(record, f"session-{record.peer_id}", stream=None)
+
+
+def test_a_server_that_moved_is_forgotten_and_found_by_its_new_record():
+    """A server chosen by a stale record (it moved since) refuses with MOVED: the session forgets
+    that record instead of avoiding the server, and opens once its new record is there (here: at
+    once; live, its next announce) - without it no chain covers blocks 2-3."""
+    old_a, new_a, b = _record("a", 0, 2), _record("a", 2, 4), _record("b", 0, 2)
+    chains = _OpeningChains([[old_a, b]], refuse=set(), delay=0)
+    real_open = chains.open_hop
+
+    async def open_hop(record: ServerRecord, request, push_to: ServerRecord | None = None) -> Hop:
+        if record is old_a:
+            raise RemoteError("this server holds blocks [2, 4) now, not [0, 2]", MOVED)
+        return await real_open(record, request, push_to)
+
+    def forget(peer_id: str) -> None:
+        chains.forgotten.append(peer_id)
+        chains.chains = [[b, new_a]]
+
+    chains.open_hop, chains.forget = open_hop, forget
+    session = InferenceSession(chains, SessionRequest("m", 4, max_length=16), SessionConfig(replace_wait=5))
+    trio.run(session.open, clock=MockClock(autojump_threshold=0))
+    assert chains.forgotten == ["a"] and chains.failures == []
+    assert [(hop.record.peer_id, hop.record.start) for hop in session._hops] == [("b", 0), ("a", 2)]
 
 
 def test_a_chain_opens_at_once_and_one_refusal_stops_it():

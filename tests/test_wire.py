@@ -172,6 +172,17 @@ def test_an_older_record_arriving_late_does_not_replace_a_newer_one():
     assert [(r.start, r.end) for r in table.live("m")] == [(0, 3)]
 
 
+def test_a_forgotten_record_stays_gone_until_a_later_one():
+    table = RecordTable(clock=lambda: 0.0)
+    stale = dataclasses.replace(_record("a", 0, 3), issued_at=1_000_000.0)
+    table.add(stale)
+    table.forget("a")  # its server said it moved
+    assert table.live("m") == []
+    assert not table.add(stale)  # the same record again (gossip's cache, a pull)
+    assert table.add(dataclasses.replace(_record("a", 2, 5), issued_at=stale.issued_at + 1))
+    assert [(r.start, r.end) for r in table.live("m")] == [(2, 5)]
+
+
 def test_chain_covers_all_blocks_with_fewest_hops():
     records = [_record("a", 0, 2), _record("b", 2, 4), _record("whole", 0, 4, throughput=60)]
     assert [r.peer_id for r in choose_chain("m", records, 4)] == ["whole"]
