@@ -337,22 +337,22 @@ class InferenceSession:
 
     # -- recovery ----------------------------------------------------------------------------------
     def _note_failure(self, peer_id: str, error: BaseException) -> None:
-        self._failures += 1
-        self._last_error = error
         (self._slow if isinstance(error, (TimeoutError, trio.TooSlowError)) else self._failed).add(peer_id)
         avoided_for = self._chains.failed(peer_id)
         logger.warning("server %s failed (%r); avoiding it for %.0f s", peer_id, error, avoided_for)
-        if self._failures > self._config.max_retries:
-            raise RetriesExhausted(f"gave up after {self._failures} server failures; the last: {error!r}") from error
+        self._count_retry(error)
 
     def _note_moved(self, peer_id: str, error: BaseException) -> None:
         """A server that serves other blocks than its record said: not a failure (it is alive and
         will announce its new span), but its record is forgotten until then; still a retry."""
-        self._failures += 1
-        self._last_error = error
         self._moved.add(peer_id)
         self._chains.forget(peer_id)
         logger.info("server %s moved (%s); waiting for its new record", peer_id, error)
+        self._count_retry(error)
+
+    def _count_retry(self, error: BaseException) -> None:
+        self._failures += 1
+        self._last_error = error
         if self._failures > self._config.max_retries:
             raise RetriesExhausted(f"gave up after {self._failures} server failures; the last: {error!r}") from error
 
