@@ -21,7 +21,7 @@ from blockserver.throughput import ThroughputCache
 from blocks.checkpoint import checkpoint_hash, default_model_name, load_config, resolve_model
 from blocks.span import BlockSpan
 from blocks.gguf_checkpoint import embedded_model_path
-from swarm.node_options import configure_threads
+from swarm.node_options import configure_threads, freeze_imported_objects
 from swarm.node import SwarmNode, start_node
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def run(config: ServerConfig) -> None:
     """Serve until interrupted."""
     configure_threads(config.torch_threads)
+    freeze_imported_objects()
     try:
         trio.run(serve, config)
     except KeyboardInterrupt:

@@ -1,11 +1,15 @@
 """Torch CPU threads per process (swarm/node_options.py): a share of the cores while several sessions
-keep every process of a machine busy, every core while the process serves one session alone."""
+keep every process of a machine busy, every core while the process serves one session alone; and the
+garbage collector, which no longer walks the objects of the imports."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -118,3 +122,29 @@ def test_up_gives_its_processes_a_share_and_every_core_alone(tmp_path, monkeypat
             assert env["GOMP_SPINCOUNT"] == "30000"
     finally:
         up.stop()
+
+
+def test_imported_objects_leave_the_collectors_walks_and_later_garbage_is_still_collected():
+    """`freeze_imported_objects` (called by the gateway and every server before loading a model):
+    the imports' objects are frozen, so full collections no longer walk them, and a cycle made
+    afterwards (a span dropped by a move) is still collected. In a child: freezing is per process."""
+    script = """
+import gc, weakref
+import torch, transformers, libp2p, fastapi
+from swarm.node_options import freeze_imported_objects
+freeze_imported_objects()
+frozen = gc.get_freeze_count()
+class Node: pass
+a, b = Node(), Node()
+a.other, b.other = b, a
+alive = weakref.ref(a)
+del a, b
+gc.collect()
+print(frozen, alive() is None)
+"""
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert child.returncode == 0, child.stderr[-2000:]
+    frozen, collected = child.stdout.split()
+    assert int(frozen) > 100_000  # torch, transformers, py-libp2p, FastAPI: hundreds of thousands
+    assert collected == "True"

@@ -262,6 +262,8 @@ class Generation:
         """[n, k] drafts for the next step: as many as every unfinished row has (so a row without
         a lookup match means none), within the tokens still to generate."""
         budget = min(self._draft_length, self.job.max_tokens - self._sampler.generated - 1)
+        if budget <= 0:  # plain decoding, or the last token
+            return torch.zeros((len(self._contexts), 0), dtype=torch.long)
         rows = [ngram_draft(context, budget) if not finished else None
                 for context, finished in zip(self._contexts, self._finished)]
         count = min((len(draft) for draft in rows if draft is not None), default=0)

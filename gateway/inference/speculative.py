@@ -33,9 +33,9 @@ def ngram_draft(context: Sequence[int] | np.ndarray, k: int, *, max_ngram: int =
     A match close to the end continues into the draft itself (a period: "a b a b" drafts
     "a b ..."), so a loop drafts k tokens even when it is shorter than k. Empty without a match.
     """
-    tokens = np.asarray(context, dtype=np.int64)
-    if k <= 0 or len(tokens) < 2:
+    if k <= 0 or len(context) < 2:
         return []
+    tokens = np.asarray(context, dtype=np.int64)
     for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
         windows = sliding_window_view(tokens[:-1], n)  # every n-gram but the suffix itself
         hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
