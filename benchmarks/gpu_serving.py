@@ -294,6 +294,7 @@ def http_times(path: Path, text: str, tokens: int, repeats: int, wire_codec: str
         if streams:
             one = up.concurrent(text, tokens, 1)[0]
             for n in streams:
+                up.concurrent(text, 4, n)  # untimed: the servers capture the graphs of n rows' buckets
                 rate, ttft_p50 = up.concurrent(text, tokens, n)
                 print(f"{wire_codec}, {n} concurrent streams: {rate:.1f} tokens/s in all ({rate / one:.2f}x one "
                       f"stream's {one:.1f}), TTFT p50 {ttft_p50 * 1e3:.0f} ms", flush=True)
