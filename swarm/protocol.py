@@ -97,6 +97,15 @@ async def write_frame(stream: Stream, message: dict[str, Any]) -> None:
     await stream.write(pack_frame(message))
 
 
+async def write_frame_within(stream: Stream, message: dict[str, Any], seconds: float) -> None:
+    """`write_frame`, or trio.TooSlowError after `seconds`: `trio.fail_after` without its
+    generator-based context manager, whose cost a step paid per frame (decode steps' frames)."""
+    with trio.CancelScope(deadline=trio.current_time() + seconds) as scope:
+        await write_frame(stream, message)
+    if scope.cancelled_caught:
+        raise trio.TooSlowError
+
+
 _PLAIN_SCALARS = (str, bytes, bool, float, type(None))
 _INT_LIMIT = 1 << 64
 _MAX_DEPTH = 32

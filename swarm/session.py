@@ -329,8 +329,7 @@ class InferenceSession:
         if self._truncations:
             frame["truncations"] = self._truncations
         try:
-            with trio.fail_after(self._config.step_timeout):
-                await protocol.write_frame(hop.stream, frame)
+            await protocol.write_frame_within(hop.stream, frame, self._config.step_timeout)
         except Exception as error:
             assert self._events is not None
             self._events.send_nowait((hop, error))  # the loop replaces the hop

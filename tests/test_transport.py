@@ -16,13 +16,16 @@ from libp2p.stream_muxer.yamux import yamux
 
 from swarm import protocol
 from swarm.node import start_node
-from swarm.transport.tuning import TCP_READ_SIZE, _buffered_tcp_read, _combined_write_frame, _FreeFirstLock
+from swarm.transport.tuning import (
+    TCP_READ_SIZE, _buffered_tcp_read, _combined_write_frame, _FreeFirstLock, _read_data_body,
+)
 
 pytestmark = pytest.mark.skipif(os.environ.get("SWARMGATE_LIBP2P_TUNING") == "0", reason="the tuning is off")
 
 
 def test_a_node_installs_the_tuning():
     assert TrioTCPStream.read is _buffered_tcp_read and yamux.Yamux._write_frame is _combined_write_frame
+    assert yamux.Yamux._read_data_body is _read_data_body
     assert yamux._yamux_release_on_read.cache_info() is not None  # PY_YAMUX_* read once
 
 
@@ -191,6 +194,54 @@ def test_tcp_reads_serve_what_one_socket_read_fetched_beyond_them():
 def test_a_tcp_read_of_a_closed_stream_returns_nothing():
     stream = TrioTCPStream(ChunkedSocket(trio.ClosedResourceError()))
     assert trio.run(stream.read, 4) == b""
+
+
+def test_a_data_body_read_returns_its_bytes_or_times_out_as_py_libp2ps(monkeypatch):
+    """The body comes whole from a connection that delivers it in pieces; one that stalls raises
+    trio.TooSlowError after yamux's data read timeout (as py-libp2p's `fail_after` did)."""
+    monkeypatch.setattr(yamux, "_yamux_data_read_timeout", lambda: 0.2)
+
+    class Pieces:
+        def __init__(self, *pieces: bytes) -> None:
+            self.pieces = list(pieces)
+
+        async def read(self, n: int) -> bytes:
+            if not self.pieces:
+                await trio.sleep_forever()
+            piece = self.pieces.pop(0)
+            return piece[:n]
+
+    async def body(*pieces: bytes, length: int) -> bytes | str:
+        muxer = types.SimpleNamespace(secured_conn=Pieces(*pieces))
+        try:
+            return await _read_data_body(muxer, length)
+        except trio.TooSlowError:
+            return "timed out"
+
+    assert trio.run(lambda: body(b"abc", b"de", length=5)) == b"abcde"
+    assert trio.run(lambda: body(b"abc", length=5)) == "timed out"
+
+
+def test_a_frame_written_within_a_time_limit_or_too_slow():
+    class Stalling:
+        written: list[bytes] = []
+
+        async def write(self, data: bytes) -> None:
+            if len(data) > 100:
+                await trio.sleep_forever()
+            self.written.append(data)
+
+    async def main() -> list[str]:
+        outcomes = []
+        for size in (10, 1000):
+            try:
+                await protocol.write_frame_within(Stalling(), {"type": "x", "data": bytes(size)}, 0.2)
+                outcomes.append("written")
+            except trio.TooSlowError:
+                outcomes.append("too slow")
+        return outcomes
+
+    assert trio.run(main) == ["written", "too slow"]
 
 
 # -- yamux windows, on a live connection --------------------------------------------------------------
