@@ -319,16 +319,13 @@ class InferenceService:
         if route:
             hop = route[0]
             try:
-                # trio.fail_after without its generator-based context manager (a cost per token)
-                with trio.CancelScope(deadline=trio.current_time() + self.limits.push_timeout) as scope:
+                with protocol.time_limit(self.limits.push_timeout):
                     stream = await self._next_hop(live, hop)
                     frame = {"type": "step", "session": hop["session"], "position": position,
                              "hidden": output, "route": route[1:], "truncations": message.get("truncations", 0)}
                     if "tail" in hop:
                         frame["tail"] = hop["tail"]
                     await protocol.write_frame(stream, frame)
-                if scope.cancelled_caught:
-                    raise trio.TooSlowError
                 reply["pushed"] = hop["session"]
             except Exception as error:
                 self.metrics.errors.labels("push").inc()

@@ -329,7 +329,8 @@ class InferenceSession:
         if self._truncations:
             frame["truncations"] = self._truncations
         try:
-            await protocol.write_frame_within(hop.stream, frame, self._config.step_timeout)
+            with protocol.time_limit(self._config.step_timeout):
+                await protocol.write_frame(hop.stream, frame)
         except Exception as error:
             assert self._events is not None
             self._events.send_nowait((hop, error))  # the loop replaces the hop

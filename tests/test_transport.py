@@ -222,7 +222,7 @@ def test_a_data_body_read_returns_its_bytes_or_times_out_as_py_libp2ps(monkeypat
     assert trio.run(lambda: body(b"abc", length=5)) == "timed out"
 
 
-def test_a_frame_written_within_a_time_limit_or_too_slow():
+def test_a_time_limit_raises_too_slow_as_fail_after_and_lets_outer_cancellations_through():
     class Stalling:
         written: list[bytes] = []
 
@@ -235,13 +235,19 @@ def test_a_frame_written_within_a_time_limit_or_too_slow():
         outcomes = []
         for size in (10, 1000):
             try:
-                await protocol.write_frame_within(Stalling(), {"type": "x", "data": bytes(size)}, 0.2)
+                with protocol.time_limit(0.2):
+                    await protocol.write_frame(Stalling(), {"type": "x", "data": bytes(size)})
                 outcomes.append("written")
             except trio.TooSlowError:
                 outcomes.append("too slow")
+        with trio.CancelScope() as outer:  # a cancellation from outside is not a time-out
+            outer.cancel()
+            with protocol.time_limit(5):
+                await trio.sleep(1)
+        outcomes.append("outer cancelled" if outer.cancelled_caught else "?")
         return outcomes
 
-    assert trio.run(main) == ["written", "too slow"]
+    assert trio.run(main) == ["written", "too slow", "outer cancelled"]
 
 
 # -- yamux windows, on a live connection --------------------------------------------------------------

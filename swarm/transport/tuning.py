@@ -24,7 +24,7 @@ round trips/s on one stream, 1,799 → 5,158 on 32 at once (556 → 194 µs of C
   encryption, length prefix, socket send and, at the other end, read and decryption. Bulk
   (benchmarks/wire_frames.py, same machine, tree before / after): 92 → 120 MB/s each way.
 - Yamux's PY_YAMUX_* settings are read once, not from the environment on every frame.
-- A data frame's body is read within yamux's timeout through a plain cancel scope, not
+- A data frame's body is read within yamux's timeout by `protocol.time_limit`, not
   `trio.fail_after`'s generator-based context manager.
 A patch whose target a py-libp2p upgrade renamed is skipped: slower, not wrong.
 `SWARMGATE_LIBP2P_TUNING=0` installs nothing (a diagnosis; benchmarks/wire_frames.py's baseline).
@@ -44,6 +44,8 @@ from libp2p.network.stream.net_stream import NetStream
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 from libp2p.stream_muxer.yamux import yamux
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+
+from swarm.protocol import time_limit
 
 logger = logging.getLogger(__name__)
 
@@ -268,12 +270,10 @@ async def _buffered_tcp_read(self: TrioTCPStream, n: int | None = None) -> bytes
 
 
 async def _read_data_body(self: Yamux, length: int) -> bytes:
-    """`Yamux._read_data_body`: a data frame's body within yamux's data read timeout, through a
-    plain cancel scope. py-libp2p's `trio.fail_after` is a generator-based context manager, which
-    with trio's scope cost ~9% of the gateway's swarm thread under 32 streams (py-spy)."""
-    with trio.CancelScope(deadline=trio.current_time() + yamux._yamux_data_read_timeout()):
+    """`Yamux._read_data_body`: a data frame's body within yamux's data read timeout, bounded by
+    `protocol.time_limit` rather than `trio.fail_after` (see there)."""
+    with time_limit(yamux._yamux_data_read_timeout()):
         return await yamux.read_exactly(self.secured_conn, length)
-    raise trio.TooSlowError
 
 
 _YAMUX_SETTINGS = ("_perf_yamux_debug_enabled", "_yamux_disable_hysteresis", "_yamux_release_on_read",
