@@ -79,7 +79,6 @@ class HeadRounds:
                 if member.decoding:
                     self._members -= 1
                     self._arrived.notify()  # a round waiting for it waits no longer
-                member.decoding = False
 
     async def sample(self, hidden: torch.Tensor, then: Callable[[torch.Tensor], T], member: Member | None = None) -> T:
         """`then(logits(hidden))` on the head's thread, hidden [rows, tokens, h]; the logits are
