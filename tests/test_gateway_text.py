@@ -146,6 +146,17 @@ def draw(s: Sampler, logits: list[float], steps: int = 1) -> list[int]:
     return [s.sample(torch.tensor([logits]))[0].token_id for _ in range(steps)]
 
 
+def test_a_plain_greedy_sampler_takes_an_argmax_computed_elsewhere_and_no_other_sampler_does():
+    logits = torch.tensor([[0.1, 3.0, 2.9, -1.0, 0.0, 0.0]])
+    plain = sampler(temperature=0)
+    assert plain.plain and [t.token_id for t in plain.sample(logits, argmax=[1])] == [1] and plain.generated == 1
+    for params in (dict(temperature=0, logprobs=0), dict(temperature=0, logit_bias={2: 5.0}),
+                   dict(temperature=0, min_tokens=2), dict(temperature=0.7, seed=0)):
+        other = sampler(eos=(1,), **params)
+        assert not other.plain
+        assert [t.token_id for t in other.sample(logits, argmax=[5])] != [5]  # its own sampling, not the given ids
+
+
 def test_greedy_and_top_k_1_take_the_argmax():
     logits = [0.1, 3.0, 2.9, -1.0, 0.0, 0.0]
     assert draw(sampler(temperature=0), logits, 3) == [1, 1, 1]

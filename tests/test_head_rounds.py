@@ -1,6 +1,8 @@
 """The gateway's head rounds (gateway/inference/head_rounds.py): concurrent generations get
 exactly their own rows' logits, in fewer head calls than generations under contention, on one
 thread; a head failure reaches every generation of its call, a generation's own failure only it.
+Greedy generations get their rows' argmax, computed for the round at once, and the ids they hand
+back are embedded in one call per width, landing on the host.
 A gathering round (a CPU head's) waits for a batch of 4 rows while 4 or more generations are
 decoding (joined and sampled once), and never otherwise; one that leaves stops counting."""
 
@@ -84,6 +86,61 @@ def test_a_head_failure_reaches_its_call_and_a_generations_own_failure_only_it()
                            rounds.call(lambda: "embedded"))
     torch.testing.assert_close(good, hidden @ WEIGHT.T, atol=1e-5, rtol=0)
     assert isinstance(bad, ValueError) and plain == "embedded"
+
+
+EMBEDDING = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_greedy_rows_get_their_argmax_and_their_next_ids_embedded_in_one_call_per_width():
+    embedded_calls = []
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        embedded_calls.append(ids.shape)
+        return EMBEDDING[ids]
+
+    started, release = threading.Event(), threading.Event()
+    rounds = HeadRounds(_gated_head(started, release), embed=embed)
+    inputs = [torch.randn(1 + i % 3, 1, 8, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+    widths = [1, 1, 3, 1, 3, 1, None]  # None: the generation is done, nothing to embed
+
+    def then(width):
+        def advance(logits, ids):
+            assert ids == logits[:, -1, :].argmax(dim=-1).tolist()
+            return ids, None if width is None else torch.tensor(ids).unsqueeze(1).repeat(1, width)
+        return advance
+
+    async def main():
+        blocker = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: None))
+        await asyncio.to_thread(started.wait, 5)  # the rest pile up for one round
+        calls = [rounds.sample(hidden, then(width), greedy=True, embeds=True) for hidden, width in zip(inputs, widths)]
+        tasks = [asyncio.create_task(call) for call in calls]
+        await asyncio.sleep(0.05)
+        release.set()
+        await blocker
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    for hidden, width, (ids, embedded) in zip(inputs, widths, results):
+        assert ids == (hidden @ WEIGHT.T)[:, -1, :].argmax(dim=-1).tolist()
+        if width is None:
+            assert embedded is None
+        else:
+            assert embedded.device.type == "cpu"
+            torch.testing.assert_close(embedded, EMBEDDING[torch.tensor(ids)].unsqueeze(1).repeat(1, width, 1))
+    assert sorted(embedded_calls) == [(5, 3), (7, 1)]  # rows of width 3: 3 + 2; of width 1: 1 + 2 + 1 + 3
+
+
+def test_an_embedding_failure_reaches_the_works_of_its_call_only():
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] == 2:
+            raise RuntimeError("embedding failed")
+        return EMBEDDING[ids]
+
+    rounds = HeadRounds(slow_head, embed=embed)
+    hidden = torch.randn(1, 1, 8)
+    wide, narrow = run(rounds.sample(hidden, lambda logits: ("wide", torch.zeros(1, 2, dtype=torch.long)), embeds=True),
+                       rounds.sample(hidden, lambda logits: ("narrow", torch.zeros(1, 1, dtype=torch.long)), embeds=True))
+    assert isinstance(wide, RuntimeError) and narrow[0] == "narrow" and narrow[1].shape == (1, 1, 8)
 
 
 def _gated_head(started: threading.Event, release: threading.Event):

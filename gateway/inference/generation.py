@@ -195,8 +195,9 @@ class Generation:
                     output = await self._session.step(hidden, tail)
                 self._position += hidden.shape[1]
                 first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
-                per_token, hidden, drafts, kept = await rounds.sample(output[:, first:first + 1],
-                                                                      partial(self._advance, output, drafts), member)
+                (per_token, drafts, kept), hidden = await rounds.sample(
+                    output[:, first:first + 1], partial(self._advance, output, drafts), member,
+                    greedy=self._sampler.plain, embeds=True)
                 if kept < self._position:  # positions fed rejected drafts
                     await self._session.truncate(kept)
                     self._position = kept
@@ -218,13 +219,13 @@ class Generation:
         return results
 
     def _advance(
-        self, output: torch.Tensor, drafts: torch.Tensor, first_logits: torch.Tensor
-    ) -> tuple[list[list[ChoiceDelta]], torch.Tensor | None, torch.Tensor, int]:
+        self, output: torch.Tensor, drafts: torch.Tensor, first_logits: torch.Tensor, first_argmax: list[int] | None = None
+    ) -> tuple[tuple[list[list[ChoiceDelta]], torch.Tensor, int], torch.Tensor | None]:
         """Head thread: sample the step's positions from the first one after the fed tokens (whose
-        logits the round computed), in order, while every unfinished row's token is its draft;
-        update the choices, draft anew and embed what comes next. Returns the deltas per sampled
-        token, the next step's hidden states (None when done), its drafts, and how many positions
-        of the servers' caches stay valid.
+        logits, and for a plain greedy sampler their argmax, the round computed), in order, while
+        every unfinished row's token is its draft; update the choices and draft anew. Returns the
+        deltas per sampled token, the next step's drafts and how many positions of the servers'
+        caches stay valid; then the ids the next step feeds (None when done), which the round embeds.
 
         Each position's logits go through the head alone, the shape plain decoding uses.
         """
@@ -233,13 +234,13 @@ class Generation:
         proposed, per_token = drafts.tolist(), []
         for i in range(count + 1):
             logits = first_logits if i == 0 else head.logits(output[:, first + i:first + i + 1, :])
-            sampled = self._sampler.sample(logits[:, -1, :])
+            sampled = self._sampler.sample(logits[:, -1, :], first_argmax if i == 0 else None)
             for context, token in zip(self._contexts, sampled):
                 context.append(token.token_id)
             per_token.append([delta for row, token in enumerate(sampled) if (delta := self._update(row, token))])
             if all(self._finished):
                 self._count_drafts(count, i)
-                return per_token, None, drafts, self._position
+                return (per_token, drafts, self._position), None
             if i == count or any(not self._finished[row] and token.token_id != proposed[row][i]
                                  for row, token in enumerate(sampled)):
                 break
@@ -247,7 +248,7 @@ class Generation:
         kept = self._position - count + i  # the fed tokens and the drafts that were right
         drafts = self._drafts()
         next_ids = torch.cat([torch.tensor([[token.token_id] for token in sampled], dtype=torch.long), drafts], dim=1)
-        return per_token, head.embed(next_ids), drafts, kept
+        return (per_token, drafts, kept), next_ids
 
     def _count_drafts(self, drafted: int, accepted: int) -> None:
         """Count, and adapt the draft length as transformers' assisted decoding does: longer after

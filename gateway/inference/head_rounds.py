@@ -1,12 +1,15 @@
 """The gateway's head work for every concurrent generation, in rounds on one thread per head.
 
 A generation hands its step's output to `HeadRounds.sample` and awaits what its own function
-(sampling, text, the next embedding) returns. Work that arrives while a round runs waits for the
-next round, which computes the logits of all its rows in one LM head call (per input shape) and
-then runs each generation's function in turn. A lone generation's round starts at once: nothing
-waits for company. The LM head's weight (vocabulary x hidden) is thus read once per round instead
-of once per generation, and all head work shares one thread: no thread hop per generation, and no
-dozens of worker threads contending for the GIL with the event loop and the swarm's trio thread.
+(sampling, text, the next token ids) returns. Work that arrives while a round runs waits for the
+next round, which computes the logits of all its rows in one LM head call (per input shape), the
+greedy tokens of every plain greedy generation in one argmax and one copy to the host, then runs
+each generation's function in turn and embeds the ids they return in one call (per width), with
+one copy to the host. A lone generation's round starts at once: nothing waits for company. The LM
+head's weight (vocabulary x hidden) is thus read once per round instead of once per generation, a
+GPU head synchronises with the host twice per round instead of twice per generation, and all
+head work shares one thread: no thread hop per generation, and no dozens of worker threads
+contending for the GIL with the event loop and the swarm's trio thread.
 
 On a CPU a round of fewer than 4 rows costs as much as one of 1 (MKL's one-row path); from 4 rows
 of several generations, oneDNN's packed weights take over (blocks/packed_linears.py). The last
@@ -49,14 +52,18 @@ class Member:
 
 @dataclass(eq=False)
 class _Work(Generic[T]):
-    then: Callable[..., T]  # then(logits) when hidden is given, else then()
+    then: Callable[..., Any]  # then(logits) when hidden is given (then(logits, ids) when greedy), else then()
     hidden: torch.Tensor | None = None
+    greedy: bool = False  # then() also gets its rows' argmax token ids, computed with the round's others
+    embeds: bool = False  # then() returns (result, ids or None); the work's result is (result, their embedding)
     future: Future[T] = field(default_factory=Future)
 
 
 class HeadRounds:
-    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], gather: float = 0.0):
+    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], gather: float = 0.0,
+                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self._logits = logits
+        self._embed = embed  # token ids [rows, k] -> hidden states [rows, k, h], for `embeds` work
         self.gather = gather  # seconds a round of fewer than packed_linears.MIN_ROWS rows may wait for more
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
@@ -80,14 +87,21 @@ class HeadRounds:
                     self._members -= 1
                     self._arrived.notify()  # a round waiting for it waits no longer
 
-    async def sample(self, hidden: torch.Tensor, then: Callable[[torch.Tensor], T], member: Member | None = None) -> T:
+    async def sample(self, hidden: torch.Tensor, then: Callable[..., Any], member: Member | None = None, *,
+                     greedy: bool = False, embeds: bool = False) -> Any:
         """`then(logits(hidden))` on the head's thread, hidden [rows, tokens, h]; the logits are
-        computed in one call with the round's other rows of the same shape."""
+        computed in one call with the round's other rows of the same shape. `greedy`: then(logits,
+        ids), ids the argmax of each row's last logits (a list of ints), computed in one call with
+        the round's other greedy rows. `embeds`: then() returns (result, ids [rows, k] or None),
+        and this returns (result, the ids' hidden states on the host, or None), embedded in one
+        call with the round's other ids of width k."""
+        if embeds and self._embed is None:
+            raise ValueError("these rounds have no embedding")
         if member is not None and not member.decoding:
             with self._lock:
                 member.decoding = True
                 self._members += 1
-        return await self._submit(_Work(then, hidden))
+        return await self._submit(_Work(then, hidden, greedy, embeds))
 
     async def call(self, fn: Callable[[], T]) -> T:
         """`fn()` on the head's thread, in turn with the rounds (e.g. a prompt's embedding)."""
@@ -144,14 +158,48 @@ class HeadRounds:
     def _run_round(self, works: list[_Work[Any]]) -> None:
         fit_threads()
         logits = self._compute_logits([work for work in works if work.hidden is not None])
+        tokens = _argmax([work for work in works if work.greedy and isinstance(logits.get(work), torch.Tensor)], logits)
+        embedding: list[tuple[_Work[Any], Any, torch.Tensor | None]] = []
         for work in works:
-            if isinstance(found := logits.get(work), BaseException):
-                work.future.set_exception(found)
+            found, ids = logits.get(work), tokens.get(work)
+            if (failure := next((x for x in (found, ids) if isinstance(x, BaseException)), None)) is not None:
+                work.future.set_exception(failure)
                 continue
             try:
-                work.future.set_result(work.then() if work.hidden is None else work.then(found))
+                if work.hidden is None:
+                    result = work.then()
+                else:
+                    result = work.then(found, ids) if work.greedy else work.then(found)
+                if work.embeds:
+                    result, next_ids = result
+                    embedding.append((work, result, next_ids))
+                else:
+                    work.future.set_result(result)
             except BaseException as error:  # the generation's own failure, only its own
                 work.future.set_exception(error)
+        self._embed_ids(embedding)
+
+    def _embed_ids(self, staged: list[tuple[_Work[Any], Any, torch.Tensor | None]]) -> None:
+        """One embedding call and one copy to the host per width of ids; a failure goes to every
+        work of its call. The hidden states go to the swarm's wire next: the host is where they are used."""
+        groups: dict[int, list[tuple[_Work[Any], Any, torch.Tensor]]] = {}
+        for work, result, ids in staged:
+            if ids is None:
+                work.future.set_result((result, None))
+            else:
+                groups.setdefault(ids.shape[1], []).append((work, result, ids))
+        for group in groups.values():
+            try:
+                assert self._embed is not None
+                hidden = self._embed(torch.cat([ids for _, _, ids in group])).cpu()
+                parts: list[Any] = list(hidden.split([ids.shape[0] for _, _, ids in group]))
+            except BaseException as error:
+                parts = [error] * len(group)
+            for (work, result, _), part in zip(group, parts):
+                if isinstance(part, BaseException):
+                    work.future.set_exception(part)
+                else:
+                    work.future.set_result((result, part))
 
     def _fail_waiting(self, error: BaseException) -> None:
         with self._lock:
@@ -180,6 +228,21 @@ class HeadRounds:
         return out
 
 
+def _argmax(works: list[_Work[Any]], logits: dict[_Work[Any], Any]) -> dict[_Work[Any], list[int] | BaseException]:
+    """Each work's rows' argmax of their last logits: one call and one copy to the host for all."""
+    if not works:
+        return {}
+    try:
+        ids = torch.cat([logits[work][:, -1, :] for work in works]).argmax(dim=-1).tolist()
+    except BaseException as error:
+        return {work: error for work in works}
+    out: dict[_Work[Any], list[int] | BaseException] = {}
+    for work in works:
+        rows = logits[work].shape[0]
+        out[work], ids = ids[:rows], ids[rows:]
+    return out
+
+
 async def _outlive(future: Future[Any]) -> None:
     """Wait, through cancellations, for work the head thread already began (one round at most)."""
     waiter = asyncio.wrap_future(future)
@@ -197,13 +260,13 @@ _rounds_lock = threading.Lock()
 
 
 def head_rounds(head: Any) -> HeadRounds:
-    """The one `HeadRounds` over `head.logits` (per head object, gone with it); a CPU head's rounds
-    gather (`CPU_GATHER`)."""
+    """The one `HeadRounds` over `head.logits` and `head.embed` (per head object, gone with it); a
+    CPU head's rounds gather (`CPU_GATHER`)."""
     with _rounds_lock:
         if (rounds := _rounds.get(head)) is None:
-            logits = weakref.WeakMethod(head.logits)  # a strong one would keep the head alive
+            logits, embed = weakref.WeakMethod(head.logits), weakref.WeakMethod(head.embed)  # strong ones keep the head
             gather = CPU_GATHER if torch.device(head.device).type == "cpu" else 0.0  # unmeasured on a GPU: off
-            rounds = _rounds[head] = HeadRounds(lambda hidden: logits()(hidden), gather)
+            rounds = _rounds[head] = HeadRounds(lambda hidden: logits()(hidden), gather, lambda ids: embed()(ids))
         return rounds
 
 

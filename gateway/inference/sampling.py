@@ -111,8 +111,18 @@ class Sampler:
         self._eos, self._unguided = move(self._eos), move(self._unguided)
         self._generator = torch.Generator(device=device).manual_seed(self._seed)
 
-    def sample(self, logits: torch.Tensor) -> list[SampledToken]:
-        """One token per row from float logits [batch, vocab], on whatever device they are."""
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing to change, mask or report: each row's token is its argmax, which a
+        head round computes for many samplers at once (`sample`'s `argmax`)."""
+        return self.params.greedy and self.params.logprobs is None and not self._changes_logits()
+
+    def sample(self, logits: torch.Tensor, argmax: list[int] | None = None) -> list[SampledToken]:
+        """One token per row from float logits [batch, vocab], on whatever device they are.
+        `argmax`, the rows' argmax computed elsewhere, is their tokens when the sampler is `plain`."""
+        if argmax is not None and self.plain:
+            self.generated += 1
+            return [SampledToken(token, None) for token in argmax]
         logits = logits.detach()
         self._move_to(logits.device)
         logits = logits.float()
