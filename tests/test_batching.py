@@ -150,6 +150,31 @@ def test_sessions_in_step_wait_for_each_other_and_others_never_wait():
     assert time.perf_counter() - started < 0.9  # ... so nobody waits for it
 
 
+def test_a_step_waiting_for_peers_leaves_the_slot_free_and_goes_along_with_a_batch():
+    """X and Y stepped together; then X steps again and waits for Y, which never comes. Steps of
+    other sessions arriving meanwhile run at once, taking X along, instead of waiting out its gather."""
+    span = _CountingSpan()
+
+    async def main():
+        batcher = DecodeBatcher(trio.CapacityLimiter(1), ServerMetrics(), max_rows=64, gather=1.0)
+        x, y, z, w = (object() for _ in range(4))
+        step = lambda cache: batcher.step(span, torch.zeros(1, 1, 4), cache, 0, None)  # noqa: E731
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step, x)
+            nursery.start_soon(step, y)
+        await trio.sleep(0.05)
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step, x)  # finds the slot free, waits for Y
+            await trio.sleep(0.02)
+            nursery.start_soon(step, z)  # first steps: no peers to wait for
+            nursery.start_soon(step, w)
+        return trio.current_time() - started
+
+    assert trio.run(main) < 0.5  # not the 1 s gather
+    assert span.batches[-1] == 3  # X went along with Z and W
+
+
 def test_a_split_round_goes_through_as_micro_batches():
     """With split 2, 8 sessions in step run as two batches of 4 once each has stepped (so the next
     server computes one while this one computes the other); split 1 keeps them one batch."""
