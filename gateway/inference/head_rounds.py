@@ -2,10 +2,10 @@
 
 A generation hands its step's output to `HeadRounds.sample` and awaits what its own function
 (sampling, text, the next token ids) returns. Work that arrives while a round runs waits for the
-next round, which computes the logits of all its rows in one LM head call (per input shape), the
-greedy tokens of every plain greedy generation in one argmax and one copy to the host, then runs
-each generation's function in turn and embeds the ids they return in one call (per width), with
-one copy to the host. A lone generation's round starts at once: nothing waits for company. The LM
+next round, which computes the logits of all its rows in one LM head call (per input shape) and
+the greedy tokens of its plain greedy generations in one argmax and one copy to the host (per
+call), then runs each generation's function in turn and embeds the ids they return in one call
+(per width), with one copy to the host. A lone generation's round starts at once: nothing waits for company. The LM
 head's weight (vocabulary x hidden) is thus read once per round instead of once per generation, a
 GPU head synchronises with the host twice per round instead of twice per generation, and all
 head work shares one thread: no thread hop per generation, and no dozens of worker threads
@@ -23,6 +23,7 @@ never wait.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import weakref
@@ -92,7 +93,7 @@ class HeadRounds:
         """`then(logits(hidden))` on the head's thread, hidden [rows, tokens, h]; the logits are
         computed in one call with the round's other rows of the same shape. `greedy`: then(logits,
         ids), ids the argmax of each row's last logits (a list of ints), computed in one call with
-        the round's other greedy rows. `embeds`: then() returns (result, ids [rows, k] or None),
+        the other rows of its head call. `embeds`: then() returns (result, ids [rows, k] or None),
         and this returns (result, the ids' hidden states on the host, or None), embedded in one
         call with the round's other ids of width k."""
         if embeds and self._embed is None:
@@ -157,19 +158,18 @@ class HeadRounds:
 
     def _run_round(self, works: list[_Work[Any]]) -> None:
         fit_threads()
-        logits = self._compute_logits([work for work in works if work.hidden is not None])
-        tokens = _argmax([work for work in works if work.greedy and isinstance(logits.get(work), torch.Tensor)], logits)
+        computed = self._compute_logits([work for work in works if work.hidden is not None])
         embedding: list[tuple[_Work[Any], Any, torch.Tensor | None]] = []
         for work in works:
-            found, ids = logits.get(work), tokens.get(work)
-            if (failure := next((x for x in (found, ids) if isinstance(x, BaseException)), None)) is not None:
-                work.future.set_exception(failure)
+            if isinstance(found := computed.get(work), BaseException):
+                work.future.set_exception(found)
                 continue
             try:
-                if work.hidden is None:
+                if found is None:
                     result = work.then()
                 else:
-                    result = work.then(found, ids) if work.greedy else work.then(found)
+                    logits, ids = found
+                    result = work.then(logits, ids) if work.greedy else work.then(logits)
                 if work.embeds:
                     result, next_ids = result
                     embedding.append((work, result, next_ids))
@@ -208,9 +208,13 @@ class HeadRounds:
             if work.future.set_running_or_notify_cancel():
                 work.future.set_exception(error)
 
-    def _compute_logits(self, works: list[_Work[Any]]) -> dict[_Work[Any], torch.Tensor | BaseException]:
-        """One head call per input shape; a failure goes to every work of its call."""
-        out: dict[_Work[Any], torch.Tensor | BaseException] = {}
+    def _compute_logits(
+        self, works: list[_Work[Any]]
+    ) -> dict[_Work[Any], tuple[torch.Tensor, list[int] | None] | BaseException]:
+        """One head call per input shape, giving each work its logits and, when it is greedy, its
+        rows' argmax of their last logits (one argmax and one copy to the host per call); a
+        failure goes to every work of its call."""
+        out: dict[_Work[Any], tuple[torch.Tensor, list[int] | None] | BaseException] = {}
         groups: dict[tuple[Any, ...], list[_Work[Any]]] = {}
         for work in works:
             assert work.hidden is not None
@@ -219,28 +223,17 @@ class HeadRounds:
             try:
                 with packed_linears.batched() if len(group) > 1 else nullcontext():  # alone: as ever
                     logits = self._logits(torch.cat([work.hidden for work in group]))
-                parts = logits.split([work.hidden.shape[0] for work in group])
+                rows = [work.hidden.shape[0] for work in group]
+                ids = logits[:, -1, :].argmax(dim=-1).tolist() if any(work.greedy for work in group) else []
                 self.rounds += 1
                 self.calls += len(group)
             except BaseException as error:
-                parts = [error] * len(group)
-            out.update(zip(group, parts))
+                out.update((work, error) for work in group)
+                continue
+            offsets = itertools.accumulate(rows, initial=0)
+            for work, part, start, count in zip(group, logits.split(rows), offsets, rows):
+                out[work] = (part, ids[start:start + count] if work.greedy else None)
         return out
-
-
-def _argmax(works: list[_Work[Any]], logits: dict[_Work[Any], Any]) -> dict[_Work[Any], list[int] | BaseException]:
-    """Each work's rows' argmax of their last logits: one call and one copy to the host for all."""
-    if not works:
-        return {}
-    try:
-        ids = torch.cat([logits[work][:, -1, :] for work in works]).argmax(dim=-1).tolist()
-    except BaseException as error:
-        return {work: error for work in works}
-    out: dict[_Work[Any], list[int] | BaseException] = {}
-    for work in works:
-        rows = logits[work].shape[0]
-        out[work], ids = ids[:rows], ids[rows:]
-    return out
 
 
 async def _outlive(future: Future[Any]) -> None:
