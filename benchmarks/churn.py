@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 from blocks.head import ModelHead
 from blocks.tiny_checkpoints import build_checkpoint
 from swarm.bridge import SwarmBridge
-from swarm.session import SessionRequest
+from swarm.hops import SessionRequest
 from swarmgate.launcher import ServerProcess, start_server, stop_all
 
 NUM_LAYERS = 8

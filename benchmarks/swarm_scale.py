@@ -71,7 +71,7 @@ from benchmarks.swarm_scale_processes import RATE_LIMITED, Server, Swarm, Zygote
 from blocks.head import ModelHead
 from blocks.tiny_checkpoints import build_checkpoint
 from swarm.bridge import SwarmBridge
-from swarm.session import SessionRequest
+from swarm.hops import SessionRequest
 from transformers import AutoModelForCausalLM
 
 NUM_LAYERS = 8  # benchmarks.churn.client opens sessions over this many blocks

@@ -2,12 +2,14 @@
 prompt that starts like an earlier one (a shared system prompt, the next turn of a conversation)
 skips recomputing that start.
 
-A block is `BLOCK` consecutive tokens from position 0. Its key chains a hash of the span's input
-bytes for it onto the previous block's key, starting from a namespace (span range, adapter): a
-span's inputs for a given prefix are the same bytes whenever the prefix, checkpoint, upstream
-spans, codec and adapter are, so equal keys mean equal prefixes, and an adapter's prefix never
-serves another. An entry holds the block's per-layer keys and values and the span's output for
-it: the next server needs those outputs as its inputs (and finds them in its own cache in turn).
+A block is `BLOCK` consecutive tokens from position 0. Its key chains a digest of the span's input
+bytes for it (as they crossed the wire) onto the previous block's key; entries live under a
+namespace (span range, adapter, output codec): a span's inputs for a given prefix are the same
+bytes whenever the prefix, checkpoint, upstream spans and codec are, so equal keys mean equal
+prefixes, and an adapter's prefix never serves another. An entry holds the block's per-layer keys
+and values, the span's output for it and that output's key as the next span will compute it (when
+this span had a next one), so a prompt found here can name its outputs to the next server by
+their keys instead of sending them (blockserver/inference.py).
 
 Bounded by tokens, least recently used first. Entries are copied into a session's cache, never
 shared, so sessions that diverge after a common prefix never see each other's positions. One-row
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,96 +30,126 @@ import torch
 from blocks.cache import StaticKV
 
 BLOCK = 16  # tokens per cached block (as vLLM's): a prompt reuses all but at most 16 of the tokens it shares
+KEY_BYTES = 16
+
+
+def chain_keys(blocks: Iterable[Sequence[bytes | memoryview]], previous: bytes = b"") -> list[bytes]:
+    """The chained key of each block, given as its byte parts, after the block whose key is `previous`."""
+    keys = []
+    for parts in blocks:
+        digest = hashlib.sha256(previous)  # sha256 over blake2b: faster where the CPU has SHA instructions
+        for part in parts:
+            digest.update(part)
+        previous = digest.digest()[:KEY_BYTES]
+        keys.append(previous)
+    return keys
+
+
+def tensor_blocks(hidden: torch.Tensor, count: int) -> list[tuple[bytes, memoryview]]:
+    """The first `count` blocks of `hidden` [1, tokens, h] as byte parts (dtype, raw values): the
+    keys of `PrefixCache.prefill`, whose inputs never crossed a wire."""
+    raw = memoryview(hidden[:, : count * BLOCK].contiguous().cpu().view(torch.uint8).numpy()).cast("B")
+    step = len(raw) // count if count else 0
+    return [(str(hidden.dtype).encode(), raw[i * step : (i + 1) * step]) for i in range(count)]
 
 
 @dataclass(frozen=True)
-class _Block:
+class CachedBlock:
     keys: tuple[torch.Tensor, ...]  # per layer of the span [1, kv_heads, BLOCK, head_dim]
     values: tuple[torch.Tensor, ...]
     output: torch.Tensor  # [1, BLOCK, hidden]
+    output_key: bytes | None  # the next span's key for `output`; None: computed as the chain's last span
 
 
 @dataclass(frozen=True)
 class Prefix:
-    """A prompt's lookup: the keys of its whole blocks, and the outputs of those found cached."""
+    """A prompt's lookup: the keys of its whole blocks (the last token left out), and the blocks found cached."""
 
     keys: list[bytes]
-    outputs: list[torch.Tensor]  # [1, BLOCK, hidden] each, the prompt's first blocks
+    found: list[CachedBlock]
 
     @property
     def reused(self) -> int:
-        return len(self.outputs) * BLOCK
+        return len(self.found) * BLOCK
 
     def joined(self, computed: torch.Tensor) -> torch.Tensor:
         """The whole prompt's output: the cached blocks' outputs, then `computed` for the rest."""
-        return torch.cat([*self.outputs, computed], dim=1) if self.outputs else computed
+        return torch.cat([*(block.output for block in self.found), computed], dim=1) if self.found else computed
+
+    def output_keys(self) -> list[bytes]:
+        """The next span's keys of the found blocks' outputs, as far as they are known."""
+        keys = []
+        for block in self.found:
+            if block.output_key is None:
+                break
+            keys.append(block.output_key)
+        return keys
 
 
 class PrefixCache:
     def __init__(self, max_tokens: int):
         self.max_blocks = max_tokens // BLOCK
-        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()
+        self._blocks: OrderedDict[tuple[str, bytes], CachedBlock] = OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def keys(hidden: torch.Tensor, namespace: str) -> list[bytes]:
-        """The chained key of each whole block of `hidden` [1, tokens, h] (the inputs from position 0)."""
-        keys, previous = [], hashlib.blake2b(namespace.encode(), digest_size=16).digest()
-        hidden = hidden[:, : hidden.shape[1] // BLOCK * BLOCK].cpu()  # one copy from a GPU for all blocks
-        for start in range(0, hidden.shape[1] - BLOCK + 1, BLOCK):
-            chunk = hidden[:, start : start + BLOCK].contiguous()
-            raw = chunk.view(torch.uint8).numpy().tobytes()  # any dtype's bytes (numpy has no bfloat16)
-            previous = hashlib.blake2b(previous + str(chunk.dtype).encode() + raw, digest_size=16).digest()
-            keys.append(previous)
-        return keys
-
-    def prefill(self, span, hidden: torch.Tensor, cache, namespace: str, adapter=None) -> tuple[torch.Tensor, int]:
-        """`span.forward(hidden, cache=cache, position=0, adapter=adapter)`, reusing cached blocks
-        of the prompt's start and caching its other whole blocks; returns the output and how many
-        tokens came from the cache. (A server computes the rest in chunks between `lookup` and
-        `store` instead.)"""
-        prefix = self.lookup(span, hidden, cache, namespace)
-        computed = span.forward(hidden[:, prefix.reused:], cache=cache, position=prefix.reused, adapter=adapter)
-        output = prefix.joined(computed)
-        self.store(span, cache, output, prefix)
-        return output, prefix.reused
-
-    def lookup(self, span, hidden: torch.Tensor, cache, namespace: str) -> Prefix:
-        """The cached blocks the prompt `hidden` [1, tokens, h] starts with, their keys and values
-        copied into `cache`. The last token is always left to compute: a cached prefix is never
-        the whole prompt."""
-        keys = self.keys(hidden[:, :-1], namespace)
+    def find(self, namespace: str, keys: Sequence[bytes]) -> Prefix:
+        """The cached blocks `keys` start with (each now the most recently used)."""
+        found = []
         with self._lock:
-            found = []
             for key in keys:
-                if (block := self._blocks.get(key)) is None:
+                if (block := self._blocks.get((namespace, key))) is None:
                     break
-                self._blocks.move_to_end(key)
+                self._blocks.move_to_end((namespace, key))
                 found.append(block)
-        if found:
-            with torch.inference_mode():
-                keys_per_layer = [torch.cat([b.keys[local] for b in found], dim=2) for local in range(span.num_layers)]
-                values_per_layer = [torch.cat([b.values[local] for b in found], dim=2) for local in range(span.num_layers)]
-                if isinstance(cache, StaticKV):
-                    cache.append(keys_per_layer, values_per_layer)
-                else:
-                    for layer, k, v in zip(range(span.start, span.end), keys_per_layer, values_per_layer):
-                        cache.update(k, v, layer)
-        return Prefix(keys, [block.output for block in found])
+        return Prefix(list(keys), found)
 
-    def store(self, span, cache, output: torch.Tensor, prefix: Prefix) -> None:
-        """Cache the prompt's whole blocks that `lookup` did not find (`output` is the whole prompt's)."""
-        first = len(prefix.outputs)
+    def held(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """How many of `keys`, from the first, are cached."""
+        with self._lock:
+            return next((i for i, key in enumerate(keys) if (namespace, key) not in self._blocks), len(keys))
+
+    @staticmethod
+    def restore(span, cache, prefix: Prefix) -> None:
+        """Copy the found blocks' keys and values into `cache` (positions from 0)."""
+        if not prefix.found:
+            return
+        with torch.inference_mode():
+            keys = [torch.cat([b.keys[local] for b in prefix.found], dim=2) for local in range(span.num_layers)]
+            values = [torch.cat([b.values[local] for b in prefix.found], dim=2) for local in range(span.num_layers)]
+            if isinstance(cache, StaticKV):
+                cache.append(keys, values)
+            else:
+                for layer, k, v in zip(range(span.start, span.end), keys, values):
+                    cache.update(k, v, layer)
+
+    def store(self, span, cache, namespace: str, output: torch.Tensor, prefix: Prefix,
+              output_keys: Sequence[bytes] = ()) -> None:
+        """Cache the prompt's whole blocks that `find` did not (`output` is the whole prompt's;
+        `output_keys` the next span's keys of those blocks' outputs, when there is a next span)."""
+        first = len(prefix.found)
         new = {}
         for index, key in enumerate(prefix.keys[first:], start=first):
             window = slice(index * BLOCK, (index + 1) * BLOCK)
             held = [_held(cache, layer, window) for layer in range(span.start, span.end)]
-            new[key] = _Block(tuple(k.clone() for k, _ in held), tuple(v.clone() for _, v in held),
-                              output[:, window].clone())
+            output_key = output_keys[index - first] if index - first < len(output_keys) else None
+            new[(namespace, key)] = CachedBlock(tuple(k.clone() for k, _ in held), tuple(v.clone() for _, v in held),
+                                                output[:, window].clone(), output_key)
         with self._lock:
             self._blocks.update(new)
             while len(self._blocks) > self.max_blocks:
                 self._blocks.popitem(last=False)
+
+    def prefill(self, span, hidden: torch.Tensor, cache, namespace: str, adapter=None) -> tuple[torch.Tensor, int]:
+        """`span.forward(hidden, cache=cache, position=0, adapter=adapter)`, reusing cached blocks
+        of the prompt's start and caching its other whole blocks (the last token always computed);
+        returns the output and how many tokens came from the cache. (A server keys by wire bytes
+        and computes the rest in chunks between `find` and `store` instead.)"""
+        prefix = self.find(namespace, chain_keys(tensor_blocks(hidden, (hidden.shape[1] - 1) // BLOCK)))
+        self.restore(span, cache, prefix)
+        computed = span.forward(hidden[:, prefix.reused:], cache=cache, position=prefix.reused, adapter=adapter)
+        output = prefix.joined(computed)
+        self.store(span, cache, namespace, output, prefix)
+        return output, prefix.reused
 
     @property
     def tokens(self) -> int:

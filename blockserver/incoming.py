@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import trio
 
+from blocks.prefix_cache import KEY_BYTES
 from blocks.span import BlockSpan
 from blockserver.limits import ServerLimits
 from swarm import codec, protocol
@@ -44,6 +45,18 @@ def wire_codec(request: dict[str, Any]) -> str:
     if name not in codec.CODECS:
         raise ProtocolError(f"unknown codec {name!r}; this server speaks {codec.CODECS}")
     return name
+
+
+def prefix_names(request: dict[str, Any], max_blocks: int) -> list[bytes] | None:
+    """The keys a step names its prompt's first blocks by (blocks/prefix_cache.py) instead of sending
+    them; None where it has no ``prefix`` (an empty list still lets a server name its outputs)."""
+    names = request.get("prefix")
+    if names is None:
+        return None
+    if not (isinstance(names, list) and len(names) <= max_blocks
+            and all(isinstance(key, bytes) and len(key) == KEY_BYTES for key in names)):
+        raise ProtocolError(f"'prefix' must be a list of at most {max_blocks} keys of {KEY_BYTES} bytes")
+    return names
 
 
 def span_part(span: BlockSpan, request: dict[str, Any]) -> BlockSpan:

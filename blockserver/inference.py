@@ -26,7 +26,7 @@ import trio
 
 from blocks.cache import SessionCaches, SessionLimitError, UnknownSessionError
 from blocks.lora import SpanLora
-from blocks.prefix_cache import BLOCK, PrefixCache
+from blocks.prefix_cache import BLOCK, Prefix, PrefixCache, chain_keys
 from blocks.span import BlockSpan
 from blockserver import incoming
 from blockserver.adapter_cache import UnknownAdapterError
@@ -57,6 +57,26 @@ class _LiveSession:
     adapter_digest: str | None = None  # its name: part of the prefix cache's keys
     span: BlockSpan | None = None  # the blocks it computes, on the weights loaded when it opened
     loaded: BlockSpan | None = None  # the server's span then: after a move, drained
+
+
+@dataclass
+class _Output:
+    """A step's output as it goes on: `hidden` on the wire, after the first blocks that `names` names
+    (a prompt whose start the next server may hold cached), or all of it where `names` is None."""
+
+    hidden: dict[str, Any]
+    names: list[bytes] | None = None
+    whole: torch.Tensor | None = None  # with names: the whole output, to resend naming fewer blocks
+    cached: int | None = None  # a prompt's: how many of its input blocks this server now holds cached
+
+    def fields(self) -> dict[str, Any]:
+        named = {} if self.names is None else {"prefix": self.names}
+        return {"hidden": self.hidden, **named} if self.cached is None else {"hidden": self.hidden, **named,
+                                                                              "cached": self.cached}
+
+
+class UnknownPrefixError(ProtocolError):
+    """A step names prompt blocks that this server does not hold cached (any more)."""
 
 
 class InferenceService:
@@ -209,6 +229,11 @@ class InferenceService:
                 try:
                     if live is None:
                         raise trio.BrokenResourceError
+                    if names := incoming.prefix_names(message, self._max_blocks(live)):
+                        held = self._held(live, names)  # the pusher sends the blocks we lack, then
+                        await protocol.write_frame(stream, {"type": "prefix", "session": live.id, "held": held})
+                        if held < len(names):
+                            continue
                     await live.inbox.send(message)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     logger.info("push for a closed or unknown session dropped")
@@ -228,6 +253,9 @@ class InferenceService:
         async for message in inbox:
             try:
                 output = await self._step(live, message)
+            except UnknownPrefixError as error:
+                await protocol.write_frame(live.client, protocol.error_frame(str(error), protocol.UNKNOWN_PREFIX))
+                continue
             except (ProtocolError, codec.CodecError, UnknownSessionError, ValueError) as error:
                 self.metrics.errors.labels("bad_step").inc()
                 await protocol.write_frame(live.client, protocol.error_frame(str(error)))
@@ -240,7 +268,7 @@ class InferenceService:
             if output is not None:
                 await self._deliver(live, message, output)
 
-    async def _step(self, live: _LiveSession, message: dict[str, Any]) -> dict[str, Any] | None:
+    async def _step(self, live: _LiveSession, message: dict[str, Any]) -> _Output | None:
         """The step's output, or None for a step the session already holds (a replay's duplicate)."""
         session = self.caches.get(live.id)
         span = live.span or self.span
@@ -260,79 +288,149 @@ class InferenceService:
         tail = message.get("tail")  # the last hop returns only the positions its client samples from
         if tail is not None and (not isinstance(tail, int) or isinstance(tail, bool) or tail < 1):
             raise ProtocolError("'tail' must be a count >= 1")
+        names = incoming.prefix_names(message, self._max_blocks(live))
         hidden = incoming.expect_hidden(
             message, "hidden", span, max_elements=session.batch * session.max_length * span.hidden_size,
             batch=session.batch, allow_empty=True,
         )
         if position != session.position:
             raise ProtocolError(f"step at position {position}, but the session is at {session.position}")
-        tokens = hidden.shape[1]
+        named = BLOCK * len(names or ())
+        tokens = named + hidden.shape[1]
         if tokens == 0:  # nothing to compute (the eager path could not even run it): the output is the input
-            return codec.encode(hidden, live.codec)
+            return _Output(codec.encode(hidden, live.codec))
+        prefix = None
+        if position == 0 and session.batch == 1 and self._caches_prompts(live):
+            prefix = await self._find_prefix(live, message["hidden"], names or [], tokens)
+        elif names:
+            raise UnknownPrefixError("this server caches no prefixes for the session")
         session.advance(tokens)  # raises ValueError past max_length, before any compute
         started = time.perf_counter()
         if tokens == 1 and span.batches(session.cache):
-            output = await self.batcher.step(span, hidden, session.cache, position, live.adapter)
+            output = await self.batcher.step(span, hidden, session.cache, position, live.adapter)  # on the host
         else:
+            if prefix is not None:
+                await trio.to_thread.run_sync(self.prefixes.restore, span, session.cache, prefix, limiter=self.compute)
+                hidden, position = hidden[:, prefix.reused - named:], prefix.reused
             output = await self._compute_chunked(live, span, hidden, session.cache, position)
+            if prefix is not None:
+                output = prefix.joined(output)
+            if output.device.type != "cpu":  # the copy waits for the device: not on the event loop
+                output = await trio.to_thread.run_sync(output.cpu)
+            output = self.drill(output, "prefill" if message["position"] == 0 else "decode")
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.steps.inc()
         self.metrics.tokens.inc(tokens * session.batch)
-        return codec.encode(output if tail is None else output[:, -tail:], live.codec)
+        if prefix is not None:
+            return await self._prompt_output(live, span, message, output, prefix, names is not None, tail)
+        return _Output(codec.encode(output if tail is None else output[:, -tail:], live.codec))
+
+    def _max_blocks(self, live: _LiveSession) -> int:
+        return self.caches.get(live.id).max_length // BLOCK
+
+    def _namespace(self, live: _LiveSession) -> str:
+        span = live.span or self.span
+        return f"{span.start}:{span.end}:{live.adapter_digest}:{live.codec}"
+
+    def _caches_prompts(self, live: _LiveSession) -> bool:
+        """Whether the session's one-row prompts go through the prefix cache."""
+        return self.prefixes is not None and (live.span or self.span).caches_prefixes(self.caches.get(live.id).cache)
+
+    def _held(self, live: _LiveSession, names: list[bytes]) -> int:
+        """How many of the prompt blocks `names` names, from the first, are cached for the session."""
+        return self.prefixes.held(self._namespace(live), names) if self._caches_prompts(live) else 0
+
+    async def _find_prefix(self, live: _LiveSession, wire: dict[str, Any], names: list[bytes], tokens: int) -> Prefix:
+        """The cached blocks a one-row prompt starts with: those it names, then those whose keys its
+        bytes give (the last token is always computed: a cached prefix is never the whole prompt)."""
+        whole = (tokens - 1) // BLOCK
+        if len(names) > whole:
+            raise ProtocolError(f"a prompt of {tokens} tokens names {len(names)} blocks: at most {whole}")
+        blocks = codec.token_blocks(wire, BLOCK, whole - len(names))
+        keys = names + await trio.to_thread.run_sync(chain_keys, blocks, names[-1] if names else b"")
+        prefix = self.prefixes.find(self._namespace(live), keys if len(keys) == whole else names)
+        if len(prefix.found) < len(names):
+            raise UnknownPrefixError(f"{len(prefix.found)} of the {len(names)} prompt blocks named are cached here")
+        self.metrics.prefix_tokens.labels("hit").inc(prefix.reused)
+        self.metrics.prefix_tokens.labels("miss").inc(tokens - prefix.reused)
+        self.metrics.prefix_named.inc(BLOCK * len(names))
+        return prefix
+
+    async def _prompt_output(self, live: _LiveSession, span: BlockSpan, message: dict[str, Any], output: torch.Tensor,
+                             prefix: Prefix, may_name: bool, tail: int | None) -> _Output:
+        """Cache the prompt's new blocks, and its output as it goes on: with a next hop, the blocks
+        that next hop may hold named by their keys where the step let us name (`may_name`), the
+        rest as bytes, whose keys the new blocks keep; at the chain's end, the tail asked for."""
+        names = prefix.output_keys() if may_name else []
+        output_keys: list[bytes] = []
+        if tail is not None or not message.get("route"):
+            result = _Output(codec.encode(output if tail is None else output[:, -tail:], live.codec))
+        else:
+            wire = codec.encode(output[:, BLOCK * len(names):], live.codec)
+            new = codec.token_blocks(wire, BLOCK, len(prefix.keys) - len(names))
+            output_keys = (await trio.to_thread.run_sync(chain_keys, new, names[-1] if names else b""))
+            output_keys = output_keys[len(prefix.found) - len(names):]
+            result = _Output(wire, names if may_name else None, output if names else None)
+        await trio.to_thread.run_sync(self.prefixes.store, span, self.caches.get(live.id).cache, self._namespace(live),
+                                      output, prefix, output_keys, limiter=self.compute)
+        result.cached = len(prefix.keys)
+        return result
 
     async def _compute_chunked(self, live: _LiveSession, span: BlockSpan, hidden, cache, position: int) -> Any:
         """A step of several tokens (a prompt), `limits.prefill_chunk` tokens at a time, each chunk
         its own turn of the compute slot: one-token steps of other sessions waiting for it run
-        between chunks, so a long prompt delays them by a chunk, not by the whole prompt. A one-row
-        prompt goes through the prefix cache (blocks/prefix_cache.py) where the span batches."""
-        prefix = None
-        if position == 0 and hidden.shape[0] == 1 and self.prefixes is not None and span.caches_prefixes(cache):
-            namespace = f"{span.start}:{span.end}:{live.adapter_digest}"
-            prefix = await trio.to_thread.run_sync(self.prefixes.lookup, span, hidden, cache, namespace,
-                                                   limiter=self.compute)
-            self.metrics.prefix_tokens.labels("hit").inc(prefix.reused)
-            self.metrics.prefix_tokens.labels("miss").inc(hidden.shape[1] - prefix.reused)
-        start = prefix.reused if prefix is not None else 0
+        between chunks, so a long prompt delays them by a chunk, not by the whole prompt."""
         chunk = self.limits.prefill_chunk or hidden.shape[1]
         outputs = []
-        for begin in range(start, hidden.shape[1], chunk):
+        for begin in range(0, hidden.shape[1], chunk):
             forward = functools.partial(span.forward, hidden[:, begin : begin + chunk], cache=cache,
                                         position=position + begin, adapter=live.adapter)
             outputs.append(await trio.to_thread.run_sync(fitted(forward), limiter=self.compute))
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        if prefix is not None:
-            output = prefix.joined(output)
-            await trio.to_thread.run_sync(self.prefixes.store, span, cache, output, prefix, limiter=self.compute)
-        if output.device.type != "cpu":  # the copy waits for the device: not on the event loop
-            output = await trio.to_thread.run_sync(output.cpu)
-        return self.drill(output, "prefill" if position == 0 else "decode")
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: dict[str, Any]) -> None:
+    async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: _Output) -> None:
         """Push to the next server first (it is on the critical path), then report to the client.
 
         The reply names the session the push reached (``pushed``); without it the client sends
-        the step on itself.
+        the step on itself. A push naming prompt blocks waits for the next server to say how many
+        it holds, and sends the rest as bytes; the client gets the output as it was pushed.
         """
         position = message["position"]
         route = message.get("route") or []
-        reply = {"type": "output", "position": position, "hidden": output}
+        reply = {"type": "output", "position": position}
         if route:
             hop = route[0]
             try:
                 with protocol.time_limit(self.limits.push_timeout):
                     stream = await self._next_hop(live, hop)
                     frame = {"type": "step", "session": hop["session"], "position": position,
-                             "hidden": output, "route": route[1:], "truncations": message.get("truncations", 0)}
+                             "route": route[1:], "truncations": message.get("truncations", 0)}
                     if "tail" in hop:
                         frame["tail"] = hop["tail"]
-                    await protocol.write_frame(stream, frame)
+                    await protocol.write_frame(stream, {**frame, **output.fields()})
+                    if output.names:
+                        output = await self._resend_unheld(stream, frame, output)
                 reply["pushed"] = hop["session"]
             except Exception as error:
                 self.metrics.errors.labels("push").inc()
                 logger.info("session %s: could not push step %d on: %r", live.id, position, error)
                 if isinstance(hop, dict) and (stale := live.next_hops.pop(str(hop.get("peer")), None)) is not None:
                     await incoming.try_close(stale)
-        await protocol.write_frame(live.client, reply)
+        await protocol.write_frame(live.client, {**reply, **output.fields()})
+
+    async def _resend_unheld(self, stream: Stream, frame: dict[str, Any], output: _Output) -> _Output:
+        """After a push naming blocks: the next server says how many it holds; if not all, the step
+        again, naming those and sending the rest."""
+        answer = protocol.expect(await protocol.read_frame(stream, max_bytes=4096), "prefix")
+        held = protocol.field(answer, "held", int)
+        assert output.names is not None and output.whole is not None
+        if held >= len(output.names):
+            return output
+        held = max(held, 0)
+        rest = await trio.to_thread.run_sync(codec.encode, output.whole[:, BLOCK * held:], output.hidden["codec"])
+        output = _Output(rest, output.names[:held], output.whole, output.cached)
+        await protocol.write_frame(stream, {**frame, **output.fields()})
+        return output
 
     async def _next_hop(self, live: _LiveSession, hop: Any) -> Stream:
         if not isinstance(hop, dict):

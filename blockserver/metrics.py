@@ -24,6 +24,9 @@ class ServerMetrics:
         self.prefix_tokens = Counter("swarmgate_server_prefix_cache_tokens",
                                      "Prompt tokens of cacheable prefills, by whether the prefix cache held them",
                                      ["result"], registry=registry)
+        self.prefix_named = Counter("swarmgate_server_prefix_named_tokens",
+                                    "Prompt tokens whose inputs a step named by cached blocks' keys instead of sending",
+                                    registry=registry)
         self.errors = Counter("swarmgate_server_errors", "Requests answered with an error or ended by one",
                               ["kind"], registry=registry)
         self.span_start = Gauge("swarmgate_server_span_start", "First block served", registry=registry)

@@ -24,7 +24,7 @@ from swarm.node_options import configure_threads
 from blocks.lora_weights import LoraWeights
 from swarm.protocol import BUSY, ProtocolError, RemoteError
 from swarm.routing import NoChainError, missing_blocks
-from swarm.session import SessionRequest
+from swarm.hops import SessionRequest
 
 
 @dataclass(frozen=True)

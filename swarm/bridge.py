@@ -19,7 +19,8 @@ from libp2p.crypto.keys import KeyPair
 from swarm.client import SwarmClient
 from swarm.node import RTT_PROBE_INTERVAL, start_node
 from swarm.records import ServerRecord
-from swarm.session import InferenceSession, SessionConfig, SessionRequest
+from swarm.hops import SessionConfig, SessionRequest
+from swarm.session import InferenceSession
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 The gateway keeps embeddings and the LM head; this module only moves hidden states. Sessions
 (swarm/session.py) survive servers that die; forwards go span by span and retry a failed span on
-another server. Every choice routes around peers that failed recently (swarm/backoff.py) and
+another server. Every choice routes around peers that failed recently (swarm/routing.py) and
 counts this client's own sessions per server, so concurrent sessions spread at once rather than
 after the servers' next announcements.
 """
@@ -22,13 +22,14 @@ import torch
 
 from blocks.lora_weights import LoraWeights
 from swarm import codec, protocol
-from swarm.backoff import PeerBackoff
 from swarm.node import SwarmNode
+from swarm.prompt_names import PrefixMemory
 from swarm.records import ServerRecord
-from swarm.routing import NoChainError, choose_chain
+from swarm.routing import NoChainError, PeerBackoff, choose_chain
 from swarm.trust.bans import BanList
 from swarm.trust.verification import VerificationStats, judge
-from swarm.session import Hop, InferenceSession, RetriesExhausted, SessionConfig, SessionRequest
+from swarm.hops import Hop, RetriesExhausted, SessionConfig, SessionRequest
+from swarm.session import InferenceSession
 from swarm.uploads import AdapterUploads
 
 T = TypeVar("T")
@@ -72,6 +73,7 @@ class SwarmClient:
         self.verification = VerificationStats()
         self.push = push  # sessions' servers push along the chain (else this client relays each hop)
         self.uploads = AdapterUploads(node, timeout=step_timeout)
+        self.prefixes = PrefixMemory()  # which prompt blocks servers hold: sessions name them (swarm/prompt_names.py)
         self._load: Counter[str] = Counter()  # this client's open sessions per server
         self.replays = 0  # failed hops replaced and replayed in any session (for metrics)
 
@@ -154,7 +156,7 @@ class SwarmClient:
     async def start(self, request: SessionRequest) -> InferenceSession:
         """Open a session over every block of `request.model`."""
         config = SessionConfig(self.step_timeout, self.max_retries, self.replace_wait, self.push, self.verify_fraction)
-        session = InferenceSession(self, request, config)
+        session = InferenceSession(self, request, config, self.prefixes)
         await session.open()
         return session
 

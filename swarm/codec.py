@@ -125,6 +125,24 @@ def encode(tensor: torch.Tensor, codec: str) -> dict[str, Any]:
     return message
 
 
+def token_blocks(message: dict[str, Any], tokens: int, count: int, *, skip: int = 0) -> list[tuple[bytes | memoryview, ...]]:
+    """Runs `skip` to `skip + count` of `tokens` tokens each of a decoded-and-checked [1, n, hidden]
+    tensor map, as byte parts: codec, dtype and hidden size, then the run's wire bytes, which are
+    what encoding those tokens alone gives. What prefix keys hash (blocks/prefix_cache.py); []
+    where a run's bytes depend on its neighbours (int8 scale blocks across runs)."""
+    hidden = message["shape"][-1]
+    header = f"{message['codec']}:{message['dtype']}:{hidden}".encode()
+    data = memoryview(message["data"])
+    per_run = len(data) // message["shape"][-2] * tokens if message["shape"][-2] else 0
+    if message["codec"] != "int8":
+        return [(header, data[i * per_run : (i + 1) * per_run]) for i in range(skip, skip + count)]
+    if tokens * hidden % INT8_BLOCKSIZE:
+        return []
+    scales, per_scales = memoryview(message["absmax"]), tokens * hidden // INT8_BLOCKSIZE * 4
+    return [(header, data[i * per_run : (i + 1) * per_run], scales[i * per_scales : (i + 1) * per_scales])
+            for i in range(skip, skip + count)]
+
+
 def _field(message: dict[str, Any], key: str, kind: type) -> Any:
     value = message.get(key)
     if not isinstance(value, kind):

@@ -1,4 +1,4 @@
-"""Choosing a chain of servers whose spans cover a range of a model's blocks.
+"""Choosing a chain of servers whose spans cover a range of a model's blocks, around peers that failed lately.
 
 Shortest path over block boundaries: a server serving [s, e) offers an edge a -> b for any part
 [a, b) of its span, whose cost is the estimated time for one token through it: measured round
@@ -13,6 +13,12 @@ Round trips come from `RttEstimates`: the minimum of a peer's recent samples, no
 sample (a session's open, a periodic ping) can only be delayed, by a busy client or server, never
 sped up; so the minimum is the path's own latency, and one slow sample from a loaded moment does
 not make a near server look far.
+
+**Backoff** (`PeerBackoff`): peers that failed recently are avoided for a while, with exponential
+backoff, never a permanent ban. A volunteer server that drops one session may be fine a minute later (a restart, a network
+blip), and one that keeps failing should cost less and less of the client's time. So each failure
+in a row doubles the time a peer is avoided, up to a cap; one success, or a quiet spell as long
+as the cap, forgets its record.
 """
 
 from __future__ import annotations
@@ -167,3 +173,46 @@ def _narrowed(record: ServerRecord, start: int, end: int) -> ServerRecord:
         return record
     throughput = record.throughput * record.num_blocks / (end - start)
     return dataclasses.replace(record, start=start, end=end, throughput=throughput)
+
+
+class PeerBackoff:
+    def __init__(
+        self,
+        base: float = 5.0,
+        factor: float = 2.0,
+        maximum: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base = base
+        self.factor = factor
+        self.maximum = maximum
+        self._clock = clock
+        self._failures: dict[str, int] = {}  # peer -> failures in a row
+        self._until: dict[str, float] = {}  # peer -> avoided until this time
+
+    def failed(self, peer_id: str) -> float:
+        """Record a failure; returns how long the peer is now avoided (seconds).
+
+        Failures while the peer is avoided already (concurrent sessions hitting the same dead
+        server) are one incident: they do not lengthen the wait.
+        """
+        now = self._clock()
+        if self._until.get(peer_id, 0.0) > now:
+            return self._until[peer_id] - now
+        for quiet in [p for p, until in self._until.items() if until < now - self.maximum]:
+            del self._until[quiet], self._failures[quiet]  # long forgiven (and most are dead): start afresh
+        count = self._failures.get(peer_id, 0) + 1
+        self._failures[peer_id] = count
+        delay = min(self.maximum, self.base * self.factor ** (count - 1))
+        self._until[peer_id] = now + delay
+        return delay
+
+    def succeeded(self, peer_id: str) -> None:
+        if peer_id in self._failures:
+            del self._failures[peer_id]
+            self._until.pop(peer_id, None)
+
+    def avoided(self) -> frozenset[str]:
+        """Peers to route around now."""
+        now = self._clock()
+        return frozenset(peer for peer, until in self._until.items() if until > now)

@@ -25,108 +25,41 @@ cut there, so a replay rebuilds only what is kept, and later steps carry the tru
 count new to a server rolls its session back to the step's position (the same count: a duplicate).
 
 A session sees its client only through ``ChainProvider`` (chains, load, backoff, opening hops)
-and a ``SessionConfig``; a ``SessionRequest`` says what the session asks of every server.
+and a ``SessionConfig``; a ``SessionRequest`` says what the session asks of every server
+(swarm/hops.py). A one-row prompt may name its start by keys instead of sending it
+(swarm/prompt_names.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import trio
 
-from blocks.lora_weights import LoraWeights
-from swarm import codec, protocol
+from blocks.prefix_cache import BLOCK
+from swarm import codec, prompt_names, protocol
+from swarm.hops import ChainProvider, Hop, RetriesExhausted, SessionConfig, SessionRequest
+from swarm.prompt_names import PrefixMemory
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError
-from swarm.trust.checks import Chains, SpotChecks
+from swarm.trust.checks import SpotChecks
 
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5  # seconds between looks at the records while waiting for a replacement server
 
 
-@dataclass(frozen=True)
-class SessionRequest:
-    """A session's request: what every hop's ``open`` asks of its server."""
-
-    model: str
-    num_blocks: int
-    max_length: int
-    batch: int = 1
-    wire_codec: str = "int8"
-    checkpoint: str | None = None
-    adapter: LoraWeights | None = None  # LoRA on every span; each server gets its span's tensors
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """How long a session waits, and how many server failures it survives."""
-
-    step_timeout: float = 60.0
-    max_retries: int = 8  # server failures one step survives
-    replace_wait: float = 10.0  # seconds to wait for some server to take over a lost span
-    push: bool = True  # servers push outputs along the chain; False: this client relays every hop (as Petals does)
-    verify_fraction: float = 0.0  # chance that a step's hop is recomputed on another server and compared
-
-
-@dataclass(eq=False)
-class Hop:
-    """This client's session on one server, for one span of the chain."""
-
-    record: ServerRecord
-    session: str
-    stream: protocol.Stream
-    inputs: list[dict[str, Any]] = field(default_factory=list)  # wire input of each step, as far as known
-    outputs: list[dict[str, Any]] = field(default_factory=list)  # wire output of each step, as far as known
-    # (the last hop's cut to the step's tail when one was asked)
-    done: int = 0  # steps whose output came back
-    reader: trio.CancelScope | None = None
-
-    def route_entry(self, tail: int | None = None) -> dict[str, Any]:
-        entry = {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
-        return entry if tail is None else {**entry, "tail": tail}
-
-
-class ChainProvider(Chains, Protocol):
-    """What a session needs of its client (what its spot checks need, too)."""
-
-    def choose(self, model: str, start: int, end: int, *, avoid: Iterable[str] = ()) -> list[ServerRecord]:
-        """A chain over blocks [start, end) without the peers in `avoid`; raises NoChainError."""
-        ...
-
-    def reserve(self, chain: Iterable[ServerRecord]) -> None:
-        """Count a session on each server of `chain` (until ``release``)."""
-        ...
-
-    def release(self, *peer_ids: str) -> None: ...
-
-    def forget(self, peer_id: str) -> None:
-        """Drop the peer's record: its server moved since (until it announces again)."""
-        ...
-
-    def succeeded(self, peer_id: str) -> None: ...
-
-    def replayed(self) -> None: ...  # count a failed hop replaced and replayed
-
-    async def open_hop(self, record: ServerRecord, request: SessionRequest, push_to: ServerRecord | None = None) -> Hop:
-        """Open `request`'s session on `record`'s server, for `record`'s blocks; `push_to`: the
-        server its outputs will be pushed to (a hint, so it can connect ahead)."""
-        ...
-
-
-class RetriesExhausted(ConnectionError):
-    """A step failed on too many servers in a row."""
-
-
 class InferenceSession:
     """A stateful generation session: ``step`` hidden states through every block, in order."""
 
-    def __init__(self, chains: ChainProvider, request: SessionRequest, config: SessionConfig) -> None:
+    def __init__(self, chains: ChainProvider, request: SessionRequest, config: SessionConfig,
+                 prefixes: PrefixMemory | None = None) -> None:
         self._chains = chains
+        self._prefixes = prefixes  # the client's: which prompt blocks servers hold (swarm/prompt_names.py)
+        self._prompt: tuple[list[bytes], dict[str, Any]] | None = None  # this step's keys and first fields
         self._config = config
         self.request = request
         self._hops: list[Hop] = []
@@ -185,8 +118,10 @@ class InferenceSession:
         self._tail = tail if cut else None
         self._offsets.append(self.position)
         self._max_elements = batch * max_length * hidden.shape[2]
-        self._hops[0].inputs.append(codec.encode(hidden, self.request.wire_codec))
+        record = codec.encode(hidden, self.request.wire_codec)
+        self._hops[0].inputs.append(record)
         try:
+            self._prompt = await self._name_prompt(hidden, record)
             output = await self._run_step()
         except BaseException as error:
             self._error = error  # the chain's state is unknown now: no further steps
@@ -196,6 +131,22 @@ class InferenceSession:
         if (expected := [hidden.shape[0], self._tail or hidden.shape[1], hidden.shape[2]]) != list(result.shape):
             raise protocol.ProtocolError(f"chain returned shape {list(result.shape)}, expected {expected}")
         return result.to(hidden.dtype)
+
+    async def _name_prompt(self, hidden: torch.Tensor, record: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]] | None:
+        """A one-row prompt's keys, and its first send's fields naming the blocks that the first
+        server holds as far as this client knows; None where prompts are sent whole (with spot
+        checks every output comes back; without pushes this client would relay named outputs)."""
+        config = self._config
+        if self._prefixes is None or self.position or hidden.shape[0] != 1 or hidden.shape[1] <= BLOCK \
+                or config.verify_fraction or not config.push:
+            return None
+        keys = await prompt_names.prompt_keys(record, hidden.shape[1])
+        return keys, prompt_names.named_fields(hidden, record, keys, self._prefixes.held(self._place(0), keys))
+
+    def _place(self, index: int) -> tuple[Any, ...]:
+        """What a prefix cache's namespace is to this session's hop `index`: its span, adapter and codec."""
+        record, adapter = self._hops[index].record, self.request.adapter
+        return record.peer_id, record.start, record.end, adapter and adapter.digest, self.request.wire_codec
 
     async def truncate(self, position: int) -> None:
         """Forget positions [position, self.position), between steps, with no round trip (see above);
@@ -212,6 +163,8 @@ class InferenceSession:
             del hop.inputs[keep:], hop.outputs[keep:]
             for records in (hop.inputs, hop.outputs) if cut else ():
                 if len(records) == keep:  # the cut step's first tokens, as exact bytes
+                    if prompt_names.is_named(records[-1]):
+                        raise ValueError("cannot cut into a prompt named by its cached start")
                     hidden = codec.decode(records[-1], max_elements=self._max_elements)
                     records[-1] = codec.encode(hidden[:, :position - self._offsets[keep - 1]], "none")
             hop.done = min(hop.done, keep)
@@ -245,7 +198,8 @@ class InferenceSession:
         steps = len(self._offsets)
         for hop in self._hops:
             self._start_reader(hop)
-        await self._send(self._hops[0], steps - 1, route=self._hops[1:] if self._config.push else ())
+        await self._send(self._hops[0], steps - 1, route=self._hops[1:] if self._config.push else (),
+                         fields=self._prompt and self._prompt[1])
         await self._collect(events)
         while await self._verify():
             await self._collect(events)  # the chain was rebuilt after a liar: drive the step again
@@ -274,7 +228,8 @@ class InferenceSession:
                 except Exception as error:  # EOF, reset, timeout, error reply, bad frame: the hop failed
                     failed[hop] = error
             for hop, error in failed.items():
-                self._note_failure(hop.record.peer_id, error)
+                if not (isinstance(error, protocol.RemoteError) and error.code == protocol.UNKNOWN_PREFIX):
+                    self._note_failure(hop.record.peer_id, error)  # a prefix evicted is no server's failure
             for hop, error in failed.items():
                 await self._replace(hop, error)
 
@@ -300,29 +255,33 @@ class InferenceSession:
         if protocol.field(frame, "position", int) != self._offsets[step]:
             raise protocol.ProtocolError(f"server {hop.record.peer_id} answered for another step")
         hidden = protocol.field(frame, "hidden", dict)
+        record = prompt_names.output_record(frame)
         hop.done += 1
         if len(hop.outputs) == step:
-            hop.outputs.append(hidden)
+            hop.outputs.append(record)
         index = self._hops.index(hop)
+        if index == 0 and self._prompt and step == len(self._offsets) - 1 and type(cached := frame.get("cached")) is int:
+            assert self._prefixes is not None
+            self._prefixes.remember(self._place(0), self._prompt[0][:cached])
         if index + 1 == len(self._hops):
             if step == len(self._offsets) - 1:
                 self._output = hidden
             return
         after = self._hops[index + 1]
         if len(after.inputs) == step:
-            after.inputs.append(hidden)
+            after.inputs.append(record)
         if after.done <= step and frame.get("pushed") != after.session:
             await self._send(after, step)
 
-    async def _send(self, hop: Hop, step: int, route: Sequence[Hop] = ()) -> None:
-        """Send step `step` to `hop`, to be pushed on along `route`.
+    async def _send(self, hop: Hop, step: int, route: Sequence[Hop] = (), fields: dict[str, Any] | None = None) -> None:
+        """Send step `step` to `hop`, to be pushed on along `route` (with `fields` instead of its record).
 
         Only a step's first send has a route: while recovering, this client relays each output
         itself, so no server spends its time dialling a peer that may have died too.
         """
         current = step == len(self._offsets) - 1
         tail = self._tail if current else None  # an earlier step's outputs are replayed in full
-        frame = {"type": "step", "position": self._offsets[step], "hidden": hop.inputs[step],
+        frame = {"type": "step", "position": self._offsets[step], **(fields or prompt_names.step_fields(hop.inputs[step])),
                  "route": [after.route_entry(tail if after is self._hops[-1] else None) for after in route]}
         if tail is not None and hop is self._hops[-1]:
             frame["tail"] = tail
@@ -357,8 +316,14 @@ class InferenceSession:
             raise RetriesExhausted(f"gave up after {self._failures} server failures; the last: {error!r}") from error
 
     async def _replace(self, hop: Hop, error: BaseException) -> None:
-        """Swap a failed hop for a chain of new hops over its blocks, and replay its inputs there."""
-        await self._rebuild([hop], error)
+        """Swap a failed hop for a chain of new hops over its blocks, and replay its inputs there;
+        where a server named some of them (this client lacks their bytes), the hops from the last
+        one whose inputs it holds whole on are rebuilt (the first hop's it always holds)."""
+        if hop not in self._hops:
+            return  # rebuilt already, with a hop before it
+        index = self._hops.index(hop)
+        first = max(i for i in range(index + 1) if not any(map(prompt_names.is_named, self._hops[i].inputs)))
+        await self._rebuild(self._hops[first:index + 1], error)
         self._chains.replayed()
 
     async def _rebuild(self, old: list[Hop], error: BaseException | None = None) -> None:

@@ -21,12 +21,12 @@ import trio
 from trio.testing import MockClock
 
 from blocks.head import ModelHead
-from swarm.backoff import PeerBackoff
 from swarm.node import CONNECT_TIMEOUT
 from swarm.records import ServerRecord
 from swarm.protocol import MOVED, RemoteError
-from swarm.routing import NoChainError, choose_chain
-from swarm.session import Hop, InferenceSession, SessionConfig, SessionRequest
+from swarm.routing import NoChainError, PeerBackoff, choose_chain
+from swarm.hops import Hop, SessionConfig, SessionRequest
+from swarm.session import InferenceSession
 from tests.swarm_harness import reference_model, running_swarm
 from swarmgate.launcher import ServerProcess
 

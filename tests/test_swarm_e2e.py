@@ -12,6 +12,7 @@ import torch
 import trio
 
 from blocks.head import ModelHead
+from blocks.prefix_cache import BLOCK
 from swarm import codec, protocol
 from swarm.protocol import RemoteError
 from tests.support import wait_until
@@ -117,23 +118,26 @@ def test_concurrent_sessions_stay_independent(llama_swarm):
 def test_a_step_can_ask_for_only_its_last_positions(llama_swarm):
     """With `tail`, the last hop returns only the last positions, equal to those of a full step
     (a prompt, then a multi-token step as speculative drafts make); the first hop's outputs still
-    come back whole, as the next hop's inputs kept for replay."""
+    come back whole, as the next hop's inputs kept for replay (the second time, the prompt's
+    cached start named by its keys)."""
     path, _, bridge = llama_swarm
     head = ModelHead(path)
     prompt, drafts = _prompt(40, head.vocab_size, seed=5), _prompt(4, head.vocab_size, seed=6)
 
-    async def run(tails: list[int | None]) -> tuple[list[torch.Tensor], int]:
+    async def run(tails: list[int | None]) -> tuple[list[torch.Tensor], tuple[int, int]]:
         session = await bridge.client.open_session(path.name, head.num_layers, max_length=64, wire_codec="none")
         async with session:
             outputs = [await session.step(head.embed(ids), tail) for ids, tail in zip((prompt, drafts), tails)]
-            recorded = codec.decode(session._hops[1].inputs[0], max_elements=1 << 20).shape[1]
+            record = session._hops[1].inputs[0]  # named where the first server had the prompt's start cached
+            named = len(record["prefix"]) * BLOCK if "prefix" in record else 0
+            recorded = named + codec.decode(record.get("hidden", record), max_elements=1 << 20).shape[1]
             with pytest.raises(ValueError, match="tail"):
                 await session.step(head.embed(drafts[:, :1]), 2)
-        return outputs, recorded
+        return outputs, (recorded, named)
 
-    full, _ = bridge.call(run, [None, None])
-    tails, recorded = bridge.call(run, [1, 3])
-    assert [t.shape[1] for t in tails] == [1, 3] and recorded == prompt.shape[1]
+    full, first = bridge.call(run, [None, None])
+    tails, again = bridge.call(run, [1, 3])
+    assert [t.shape[1] for t in tails] == [1, 3] and first == (40, 0) and again == (40, 2 * BLOCK)
     torch.testing.assert_close(tails[0], full[0][:, -1:], rtol=0, atol=0)
     torch.testing.assert_close(tails[1], full[1][:, -3:], rtol=0, atol=0)
 

@@ -1,6 +1,6 @@
 """Peers this client caught returning wrong outputs: banned for the client's lifetime.
 
-Unlike a failure (swarm/backoff.py), a wrong output is no accident of the network: the server
+Unlike a failure (swarm/routing.py), a wrong output is no accident of the network: the server
 computes something other than the model (a bug, other weights or quantization, or malice), and it
 will do so again. So a ban is permanent for this client; restarting the gateway forgets it. A
 banned peer can come back under a new identity — keys are free — which only costs it the trust
