@@ -1,14 +1,18 @@
 """Prefix caching (blocks/prefix_cache.py): a prompt that starts like an earlier one reuses the
 cached blocks of that start, and what it computes — outputs and the cache its next steps use —
-equals computing it all (float32, 1e-5). Other adapters never share; memory is bounded.
+equals computing it all (float32, 1e-5). Other adapters never share; memory is bounded. Keys
+over the wire bytes are the same however a prompt is cut into steps.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from blocks.prefix_cache import BLOCK, PrefixCache
+from blocks.prefix_cache import BLOCK, PrefixCache, chain_keys
 from blocks.span import BlockSpan
+from swarm import codec
+from swarm.prompt_names import PrefixMemory
 
 TOLERANCE = 1e-5
 
@@ -103,3 +107,37 @@ def test_bfloat16_prompts_are_keyed_too(llama_path):
     prompt = _prompt(BLOCK + 5, 7, span.hidden_size).to(torch.bfloat16)
     assert _cached(span, prefixes, prompt, [])[1] == 0
     assert _cached(span, prefixes, prompt, [])[1] == BLOCK
+
+
+# -- keys over the wire bytes, and what a client remembers of them (swarm/prompt_names.py) -----------
+
+@pytest.mark.parametrize("name", codec.CODECS)
+def test_a_blocks_key_is_the_same_whether_it_is_sent_alone_or_within_a_prompt(name):
+    """A server keys what a prompt step carries, which may start after blocks named by their keys:
+    the chained keys of blocks encoded within the whole prompt equal those of the same blocks
+    encoded apart (int8's scale blocks never straddle two token blocks), and any change in any
+    earlier block changes every key after it."""
+    hidden = torch.randn(1, 3 * BLOCK + 5, 128)
+    whole = chain_keys(codec.token_blocks(codec.encode(hidden, name), BLOCK, 3))
+    start = chain_keys(codec.token_blocks(codec.encode(hidden[:, :BLOCK], name), BLOCK, 1))
+    rest = chain_keys(codec.token_blocks(codec.encode(hidden[:, BLOCK:], name), BLOCK, 2), start[-1])
+    assert whole == start + rest and len(set(whole)) == 3
+    changed = hidden.clone()
+    changed[0, 3, 7] += 1.0
+    assert set(chain_keys(codec.token_blocks(codec.encode(changed, name), BLOCK, 3))).isdisjoint(whole)
+    assert chain_keys(codec.token_blocks(codec.encode(hidden, name), BLOCK, 2, skip=1), start[-1]) == rest
+
+
+def test_int8_blocks_straddling_token_blocks_give_no_keys():
+    hidden = torch.randn(1, 2 * BLOCK, 6)  # 96 elements a block: int8 scales over 64 would straddle them
+    assert codec.token_blocks(codec.encode(hidden, "int8"), BLOCK, 2) == []
+
+
+def test_a_client_remembers_which_blocks_a_place_holds_least_recently_used_forgotten_first():
+    memory = PrefixMemory(max_keys=4)
+    memory.remember("server-a", [b"k1", b"k2", b"k3"])
+    assert memory.held("server-a", [b"k1", b"k2", b"k3", b"k4"]) == 3
+    assert memory.held("server-b", [b"k1"]) == 0  # another place (server, span, adapter, codec)
+    assert memory.held("server-a", [b"k2", b"k3"]) == 2 and memory.held("server-a", [b"x", b"k1"]) == 0
+    memory.remember("server-b", [b"k1", b"k9"])  # 5 keys: server-a's k1 (least recently used) goes
+    assert memory.held("server-a", [b"k1", b"k2"]) == 0 and memory.held("server-a", [b"k2"]) == 1

@@ -1,0 +1,76 @@
+"""A prompt's cached start named by its keys instead of sent (swarm/prompt_names.py), through two
+real server processes: the answers stay exact where the second server keeps no prefixes (the first
+sends it the bytes it lacks after naming them) and where the first server has evicted a start the
+client names (it answers ``unknown_prefix``, and the session replays the prompt with its bytes,
+counting no server as failed). Codec none, float32, the tiny Llama; greedy tokens equal transformers'.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from blocks.head import ModelHead
+from blocks.prefix_cache import BLOCK
+from swarm.bridge import SwarmBridge
+from swarmgate.launcher import start_swarm, stop_all
+from tests.support import free_port
+from tests.swarm_harness import FAST_ANNOUNCE, reference_model, swarm_greedy, wait_for_servers
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_models, tmp_path_factory):
+    """The first server caches 10 blocks of prompts, the second none."""
+    path, log_dir = tiny_models["llama"], tmp_path_factory.mktemp("names")
+    ports = [free_port(), free_port()]
+    servers = start_swarm(path, ["0:2"], log_dir=log_dir, log_prefix="first", extra_args=[
+        *FAST_ANNOUNCE, "--prefix-cache-tokens", str(10 * BLOCK), "--metrics-port", str(ports[0])])
+    bridge = SwarmBridge(initial_peers=servers[0].addrs, step_timeout=30.0, rtt_probe_interval=None)
+    try:
+        servers += start_swarm(path, ["2:4"], log_dir=log_dir, log_prefix="second", initial_peers=servers[0].addrs,
+                               extra_args=[*FAST_ANNOUNCE, "--prefix-cache-tokens", "0", "--metrics-port", str(ports[1])])
+        bridge.start()
+        wait_for_servers(bridge, path.name, 2)
+        yield path, bridge, ports
+    finally:
+        bridge.stop()
+        stop_all(servers)
+
+
+def _named_tokens(ports: list[int]) -> list[float]:
+    def one(port: int) -> float:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("swarmgate_server_prefix_named_tokens_total"))
+    return [one(port) for port in ports]
+
+
+def test_named_starts_stay_exact_when_the_next_server_lacks_them_or_the_first_evicted_them(swarm):
+    path, bridge, ports = swarm
+    head, model = ModelHead(path), reference_model(path)
+    generator = torch.Generator().manual_seed(7)
+    first = torch.randint(10, 500, (1, 150), generator=generator)
+    sharing = torch.cat([first[:, :130], torch.randint(10, 500, (1, 20), generator=generator)], dim=1)
+    other = torch.randint(10, 500, (1, 150), generator=generator)
+
+    def greedy_exact(prompt: torch.Tensor) -> list[float]:
+        """Named tokens per server while the prompt ran."""
+        before = _named_tokens(ports)
+        tokens, _ = swarm_greedy(bridge, head, path.name, prompt, 4, wire_codec="none")
+        expected = model.generate(prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)[0, prompt.shape[1]:]
+        assert tokens == [expected.tolist()]
+        return [after - b for after, b in zip(_named_tokens(ports), before)]
+
+    replays = bridge.replays()
+    assert greedy_exact(first) == [0, 0]  # nothing known yet: sent whole, its 9 blocks cached by the first server
+    # the client names the 8 shared blocks to the first server, which names their outputs to the
+    # second; that one holds nothing, so it gets their bytes after all
+    assert greedy_exact(sharing) == [8 * BLOCK, 0]
+    assert greedy_exact(other) == [0, 0]  # its 9 blocks push the first prompt's out of the first server's 10
+    # named again, evicted: unknown_prefix, and the prompt replayed whole on a fresh session
+    assert greedy_exact(sharing) == [0, 0]
+    assert bridge.replays() == replays + 1 and bridge.banned() == []
+    assert bridge.client.backoff.avoided() == frozenset()
