@@ -61,8 +61,8 @@ class _LiveSession:
 
 @dataclass
 class _Output:
-    """A step's output as it goes on: `hidden` on the wire, after the first blocks that `names` names
-    (a prompt whose start the next server may hold cached), or all of it where `names` is None."""
+    """A step's output as it goes on: `hidden` on the wire, all of it, or with `names` the rest after
+    the blocks they name (a prompt whose start the next server may hold cached)."""
 
     hidden: dict[str, Any]
     names: list[bytes] | None = None
@@ -70,9 +70,10 @@ class _Output:
     cached: int | None = None  # a prompt's: how many of its input blocks this server now holds cached
 
     def fields(self) -> dict[str, Any]:
-        named = {} if self.names is None else {"prefix": self.names}
-        return {"hidden": self.hidden, **named} if self.cached is None else {"hidden": self.hidden, **named,
-                                                                              "cached": self.cached}
+        fields: dict[str, Any] = {"prefix": self.names, "rest": self.hidden} if self.names else {"hidden": self.hidden}
+        if self.names == []:
+            fields["prefix"] = []  # names nothing, but lets the next server name its outputs
+        return fields if self.cached is None else {**fields, "cached": self.cached}
 
 
 class UnknownPrefixError(ProtocolError):
@@ -138,7 +139,10 @@ class InferenceService:
             adapter = self.session_adapter(request)
             self.caches.open(session_id, batch=batch, max_length=max_length, cache=span.new_cache())
             try:
-                await protocol.write_frame(stream, {"type": "opened", "session": session_id})
+                opened = {"type": "opened", "session": session_id}
+                if batch == 1 and self._caches_prompts(span, self.caches.get(session_id).cache):
+                    opened["prefix_names"] = True  # a prompt's start may be named (swarm/prompt_names.py)
+                await protocol.write_frame(stream, opened)
                 await self._run_session(session_id, stream, wire_codec, adapter, span, loaded,
                                         request.get("adapter"), push_to)
             finally:
@@ -289,8 +293,8 @@ class InferenceService:
         if tail is not None and (not isinstance(tail, int) or isinstance(tail, bool) or tail < 1):
             raise ProtocolError("'tail' must be a count >= 1")
         names = incoming.prefix_names(message, self._max_blocks(live))
-        hidden = incoming.expect_hidden(
-            message, "hidden", span, max_elements=session.batch * session.max_length * span.hidden_size,
+        hidden = incoming.expect_hidden(  # a step naming blocks sends the rest after them (old servers refuse it)
+            message, "rest" if names else "hidden", span, max_elements=session.batch * session.max_length * span.hidden_size,
             batch=session.batch, allow_empty=True,
         )
         if position != session.position:
@@ -300,8 +304,8 @@ class InferenceService:
         if tokens == 0:  # nothing to compute (the eager path could not even run it): the output is the input
             return _Output(codec.encode(hidden, live.codec))
         prefix = None
-        if position == 0 and session.batch == 1 and self._caches_prompts(live):
-            prefix = await self._find_prefix(live, message["hidden"], names or [], tokens)
+        if position == 0 and session.batch == 1 and self._caches_prompts(span, session.cache):
+            prefix = await self._find_prefix(live, message["rest" if names else "hidden"], names or [], tokens)
         elif names:
             raise UnknownPrefixError("this server caches no prefixes for the session")
         session.advance(tokens)  # raises ValueError past max_length, before any compute
@@ -322,7 +326,9 @@ class InferenceService:
         self.metrics.steps.inc()
         self.metrics.tokens.inc(tokens * session.batch)
         if prefix is not None:
-            return await self._prompt_output(live, span, message, output, prefix, names is not None, tail)
+            route = message.get("route") or [{}]  # names go to a next hop that takes them, from a client that does
+            may_name = names is not None and isinstance(route[0], dict) and route[0].get("names") is True
+            return await self._prompt_output(live, span, message, output, prefix, may_name, tail)
         return _Output(codec.encode(output if tail is None else output[:, -tail:], live.codec))
 
     def _max_blocks(self, live: _LiveSession) -> int:
@@ -332,13 +338,14 @@ class InferenceService:
         span = live.span or self.span
         return f"{span.start}:{span.end}:{live.adapter_digest}:{live.codec}"
 
-    def _caches_prompts(self, live: _LiveSession) -> bool:
-        """Whether the session's one-row prompts go through the prefix cache."""
-        return self.prefixes is not None and (live.span or self.span).caches_prefixes(self.caches.get(live.id).cache)
+    def _caches_prompts(self, span: BlockSpan, cache: Any) -> bool:
+        """Whether one-row prompts on `cache` go through the prefix cache."""
+        return self.prefixes is not None and span.caches_prefixes(cache)
 
     def _held(self, live: _LiveSession, names: list[bytes]) -> int:
         """How many of the prompt blocks `names` names, from the first, are cached for the session."""
-        return self.prefixes.held(self._namespace(live), names) if self._caches_prompts(live) else 0
+        cached = self._caches_prompts(live.span or self.span, self.caches.get(live.id).cache)
+        return self.prefixes.held(self._namespace(live), names) if cached and self.prefixes else 0
 
     async def _find_prefix(self, live: _LiveSession, wire: dict[str, Any], names: list[bytes], tokens: int) -> Prefix:
         """The cached blocks a one-row prompt starts with: those it names, then those whose keys its

@@ -179,9 +179,9 @@ class SwarmClient:
         if adapter is not None:
             message["adapter"] = adapter
         started = time.perf_counter()
-        await protocol.request(stream, message, "opened", timeout=self.step_timeout, keep_open=True)
+        opened = await protocol.request(stream, message, "opened", timeout=self.step_timeout, keep_open=True)
         self.node.observe_rtt(record.peer_id, time.perf_counter() - started)  # one round trip, no compute
-        return Hop(record, session, stream)
+        return Hop(record, session, stream, names=opened.get("prefix_names") is True)
 
     # -- span by span ----------------------------------------------------------------------------
     async def along_chain(

@@ -50,9 +50,12 @@ class Hop:
     # (the last hop's cut to the step's tail when one was asked)
     done: int = 0  # steps whose output came back
     reader: trio.CancelScope | None = None
+    names: bool = False  # its server keeps prompt blocks, and takes steps naming them (swarm/prompt_names.py)
 
     def route_entry(self, tail: int | None = None) -> dict[str, Any]:
-        entry = {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
+        entry: dict[str, Any] = {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
+        if self.names:
+            entry["names"] = True
         return entry if tail is None else {**entry, "tail": tail}
 
 

@@ -9,8 +9,12 @@ how many of the named blocks it holds, and gets the others' bytes), and replies 
 with the outputs it pushed, named blocks left out. A server that no longer holds what a client
 names answers ``unknown_prefix``; the session then replays the step with bytes (swarm/session.py).
 
+A step naming blocks carries the tensor after them as ``rest``, never as ``hidden`` (the whole
+input from the step's position), so a server that does not know names refuses it rather than
+taking the rest for the whole; servers say at ``open`` whether they take names (``prefix_names``),
+and a client names only to those, as servers name only to next hops whose route entry says so.
 A step's record (what the session keeps per hop for replay) is therefore either a tensor map or,
-where a server named part of it, ``{"prefix": keys, "hidden": the rest}``.
+where a server named part of it, ``{"prefix": keys, "rest": tensor map}``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import trio
 
 from blocks.prefix_cache import BLOCK, chain_keys
-from swarm import codec
+from swarm import codec, protocol
 
 MIN_NAMED_BYTES = 64 * 1024  # a prompt start smaller than this is sent as it is: naming it saves nothing
 
@@ -67,8 +71,9 @@ def named_fields(hidden: torch.Tensor, record: dict[str, Any], keys: Sequence[by
     """A prompt step's fields naming its first `count` blocks by `keys` and sending the rest of
     `hidden` (whose whole record is `record`); ``prefix`` even when empty: it lets the servers name
     their outputs."""
-    rest = codec.encode(hidden[:, BLOCK * count:], record["codec"]) if count else record
-    return {"prefix": list(keys[:count]), "hidden": rest}
+    if not count:
+        return {"prefix": [], "hidden": record}
+    return {"prefix": list(keys[:count]), "rest": codec.encode(hidden[:, BLOCK * count:], record["codec"])}
 
 
 def is_named(record: dict[str, Any]) -> bool:
@@ -82,6 +87,7 @@ def step_fields(record: dict[str, Any]) -> dict[str, Any]:
 
 def output_record(frame: dict[str, Any]) -> dict[str, Any]:
     """An ``output`` frame's hidden states as a record: named where the server named some."""
-    hidden = frame["hidden"]
-    names = frame.get("prefix")
-    return {"prefix": names, "hidden": hidden} if isinstance(names, list) and names else hidden
+    names, rest = frame.get("prefix"), frame.get("rest")
+    if isinstance(names, list) and names and isinstance(rest, dict):
+        return {"prefix": names, "rest": rest}
+    return protocol.field(frame, "hidden", dict)

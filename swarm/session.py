@@ -138,7 +138,7 @@ class InferenceSession:
         checks every output comes back; without pushes this client would relay named outputs)."""
         config = self._config
         if self._prefixes is None or self.position or hidden.shape[0] != 1 or hidden.shape[1] <= BLOCK \
-                or config.verify_fraction or not config.push:
+                or config.verify_fraction or not config.push or not self._hops[0].names:
             return None
         keys = await prompt_names.prompt_keys(record, hidden.shape[1])
         return keys, prompt_names.named_fields(hidden, record, keys, self._prefixes.held(self._place(0), keys))
@@ -254,7 +254,6 @@ class InferenceSession:
         step = hop.done
         if protocol.field(frame, "position", int) != self._offsets[step]:
             raise protocol.ProtocolError(f"server {hop.record.peer_id} answered for another step")
-        hidden = protocol.field(frame, "hidden", dict)
         record = prompt_names.output_record(frame)
         hop.done += 1
         if len(hop.outputs) == step:
@@ -265,7 +264,7 @@ class InferenceSession:
             self._prefixes.remember(self._place(0), self._prompt[0][:cached])
         if index + 1 == len(self._hops):
             if step == len(self._offsets) - 1:
-                self._output = hidden
+                self._output = protocol.field(frame, "hidden", dict)  # the chain's end names nothing
             return
         after = self._hops[index + 1]
         if len(after.inputs) == step:

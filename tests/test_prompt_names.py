@@ -1,6 +1,6 @@
 """A prompt's cached start named by its keys instead of sent (swarm/prompt_names.py), through two
-real server processes: the answers stay exact where the second server keeps no prefixes (the first
-sends it the bytes it lacks after naming them) and where the first server has evicted a start the
+real server processes: the answers stay exact where the second server lacks a start the first
+names to it (the first then sends the bytes it lacks) and where the first server has evicted a start the
 client names (it answers ``unknown_prefix``, and the session replays the prompt with its bytes,
 counting no server as failed). Codec none, float32, the tiny Llama; greedy tokens equal transformers'.
 """
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def swarm(tiny_models, tmp_path_factory):
-    """The first server caches 10 blocks of prompts, the second none."""
+    """The first server caches 10 blocks of prompts, the second 5."""
     path, log_dir = tiny_models["llama"], tmp_path_factory.mktemp("names")
     ports = [free_port(), free_port()]
     servers = start_swarm(path, ["0:2"], log_dir=log_dir, log_prefix="first", extra_args=[
@@ -31,7 +31,7 @@ def swarm(tiny_models, tmp_path_factory):
     bridge = SwarmBridge(initial_peers=servers[0].addrs, step_timeout=30.0, rtt_probe_interval=None)
     try:
         servers += start_swarm(path, ["2:4"], log_dir=log_dir, log_prefix="second", initial_peers=servers[0].addrs,
-                               extra_args=[*FAST_ANNOUNCE, "--prefix-cache-tokens", "0", "--metrics-port", str(ports[1])])
+                               extra_args=[*FAST_ANNOUNCE, "--prefix-cache-tokens", str(5 * BLOCK), "--metrics-port", str(ports[1])])
         bridge.start()
         wait_for_servers(bridge, path.name, 2)
         yield path, bridge, ports
@@ -65,9 +65,11 @@ def test_named_starts_stay_exact_when_the_next_server_lacks_them_or_the_first_ev
         return [after - b for after, b in zip(_named_tokens(ports), before)]
 
     replays = bridge.replays()
-    assert greedy_exact(first) == [0, 0]  # nothing known yet: sent whole, its 9 blocks cached by the first server
+    # nothing known yet: sent whole; the first server caches its 9 blocks, the second their last 5
+    assert greedy_exact(first) == [0, 0]
     # the client names the 8 shared blocks to the first server, which names their outputs to the
-    # second; that one holds nothing, so it gets their bytes after all
+    # second; that one holds none of the first 8 (chained keys: none after a missing one), so it
+    # gets their bytes after all
     assert greedy_exact(sharing) == [8 * BLOCK, 0]
     assert greedy_exact(other) == [0, 0]  # its 9 blocks push the first prompt's out of the first server's 10
     # named again, evicted: unknown_prefix, and the prompt replayed whole on a fresh session
