@@ -304,32 +304,36 @@ class InferenceService:
         if tokens == 0:  # nothing to compute (the eager path could not even run it): the output is the input
             return _Output(codec.encode(hidden, live.codec))
         prefix = None
-        if position == 0 and session.batch == 1 and self._caches_prompts(span, session.cache):
+        if position == 0 and tokens > BLOCK and session.batch == 1 and self._caches_prompts(span, session.cache):
             prefix = await self._find_prefix(live, message["rest" if names else "hidden"], names or [], tokens)
         elif names:
             raise UnknownPrefixError("this server caches no prefixes for the session")
         session.advance(tokens)  # raises ValueError past max_length, before any compute
         started = time.perf_counter()
-        if tokens == 1 and span.batches(session.cache):
+        if batched := tokens == 1 and span.batches(session.cache):
             output = await self.batcher.step(span, hidden, session.cache, position, live.adapter)  # on the host
         else:
             if prefix is not None:
                 await trio.to_thread.run_sync(self.prefixes.restore, span, session.cache, prefix, limiter=self.compute)
                 hidden, position = hidden[:, prefix.reused - named:], prefix.reused
             output = await self._compute_chunked(live, span, hidden, session.cache, position)
-            if prefix is not None:
-                output = prefix.joined(output)
-            if output.device.type != "cpu":  # the copy waits for the device: not on the event loop
-                output = await trio.to_thread.run_sync(output.cpu)
-            output = self.drill(output, "prefill" if message["position"] == 0 else "decode")
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.steps.inc()
         self.metrics.tokens.inc(tokens * session.batch)
         if prefix is not None:
             route = message.get("route") or [{}]  # names go to a next hop that takes them, from a client that does
             may_name = names is not None and isinstance(route[0], dict) and route[0].get("names") is True
-            return await self._prompt_output(live, span, message, output, prefix, may_name, tail)
-        return _Output(codec.encode(output if tail is None else output[:, -tail:], live.codec))
+            return await self._prompt_output(live, span, message, prefix.joined(output), prefix, may_name, tail)
+        output = output if tail is None else output[:, -tail:]
+        if not batched:  # a batch's outputs come on the host, drilled
+            output = await self._on_host(output, "prefill" if message["position"] == 0 else "decode")
+        return _Output(codec.encode(output, live.codec))
+
+    async def _on_host(self, output: torch.Tensor, kind: str = "prefill") -> torch.Tensor:
+        """`output` copied to the host (waiting for the device: not on the event loop), and drilled."""
+        if output.device.type != "cpu":
+            output = await trio.to_thread.run_sync(output.cpu)
+        return self.drill(output, kind)
 
     def _max_blocks(self, live: _LiveSession) -> int:
         return self.caches.get(live.id).max_length // BLOCK
@@ -371,9 +375,9 @@ class InferenceService:
         names = prefix.output_keys() if may_name else []
         output_keys: list[bytes] = []
         if tail is not None or not message.get("route"):
-            result = _Output(codec.encode(output if tail is None else output[:, -tail:], live.codec))
-        else:
-            wire = codec.encode(output[:, BLOCK * len(names):], live.codec)
+            result = _Output(codec.encode(await self._on_host(output if tail is None else output[:, -tail:]), live.codec))
+        else:  # only what goes on comes to the host
+            wire = codec.encode(await self._on_host(output[:, BLOCK * len(names):]), live.codec)
             new = codec.token_blocks(wire, BLOCK, len(prefix.keys) - len(names))
             output_keys = (await trio.to_thread.run_sync(chain_keys, new, names[-1] if names else b""))
             output_keys = output_keys[len(prefix.found) - len(names):]

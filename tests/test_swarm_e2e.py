@@ -130,7 +130,7 @@ def test_a_step_can_ask_for_only_its_last_positions(llama_swarm):
             outputs = [await session.step(head.embed(ids), tail) for ids, tail in zip((prompt, drafts), tails)]
             record = session._hops[1].inputs[0]  # named where the first server had the prompt's start cached
             named = len(record["prefix"]) * BLOCK if "prefix" in record else 0
-            recorded = named + codec.decode(record.get("hidden", record), max_elements=1 << 20).shape[1]
+            recorded = named + codec.decode(record.get("rest", record), max_elements=1 << 20).shape[1]
             with pytest.raises(ValueError, match="tail"):
                 await session.step(head.embed(drafts[:, :1]), 2)
         return outputs, (recorded, named)
