@@ -154,8 +154,12 @@ class DecodeBatcher:
                                                adapter=leader.adapter)]
             else:
                 outputs = leader.span.forward_batch([(s.hidden, s.cache, s.position) for s in batch], leader.adapter)
-            # to the host in this thread: the copy waits for the device, the event loop must not
-            return [self.finish(output).cpu() for output in outputs]
+            # to the host in this thread: the copy waits for the device, the event loop must not;
+            # a GPU batch's outputs in one copy (one wait, not one per session)
+            outputs = [self.finish(output) for output in outputs]
+            if len(outputs) == 1 or outputs[0].device.type == "cpu":
+                return [output.cpu() for output in outputs]
+            return list(torch.cat(outputs).cpu().split([output.shape[0] for output in outputs]))
 
         try:
             outputs = await trio.to_thread.run_sync(fitted(compute))
