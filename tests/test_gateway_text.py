@@ -151,10 +151,13 @@ def test_a_plain_greedy_sampler_takes_an_argmax_computed_elsewhere_and_no_other_
     plain = sampler(temperature=0)
     assert plain.plain and [t.token_id for t in plain.sample(logits, argmax=[1])] == [1] and plain.generated == 1
     for params in (dict(temperature=0, logprobs=0), dict(temperature=0, logit_bias={2: 5.0}),
-                   dict(temperature=0, min_tokens=2), dict(temperature=0.7, seed=0)):
+                   dict(temperature=0.7, seed=0)):
         other = sampler(eos=(1,), **params)
         assert not other.plain
         assert [t.token_id for t in other.sample(logits, argmax=[5])] != [5]  # its own sampling, not the given ids
+    held = sampler(eos=(1,), temperature=0, min_tokens=2)  # plain, the argmax given skipping EOS (head rounds)
+    assert held.plain and held.suppressed().tolist() == [1] and [t.token_id for t in held.sample(logits)] == [2]
+    assert [t.token_id for t in held.sample(logits, argmax=[2])] == [2] and held.suppressed() is None
 
 
 def test_greedy_and_top_k_1_take_the_argmax():

@@ -130,6 +130,34 @@ def test_greedy_rows_get_their_argmax_and_their_next_ids_embedded_in_one_call_pe
     assert sorted(embedded_calls) == [(5, 3), (7, 1)]  # rows of width 3: 3 + 2; of width 1: 1 + 2 + 1 + 3
 
 
+def test_greedy_rows_skip_their_suppressed_ids_and_their_logits_stay_as_computed():
+    """A sampler holding EOS back (min_tokens, ignore_eos) is still plain: the round's argmax skips
+    its ids on its rows only, in the same head call as the others'."""
+    started, release = threading.Event(), threading.Event()
+    rounds = HeadRounds(_gated_head(started, release))
+    hidden = torch.randn(3, 1, 8, generator=torch.Generator().manual_seed(3))
+    logits = (hidden @ WEIGHT.T)[:, -1, :]
+    best = logits.argmax(dim=-1)
+    suppress = torch.tensor([int(best[0]), int(best[1]), int(best[2])])  # every row's best
+
+    async def main():
+        blocker = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: None))
+        await asyncio.to_thread(started.wait, 5)  # both pile up for one round
+        tasks = [asyncio.create_task(rounds.sample(hidden[:2], lambda lg, ids: (lg, ids), greedy=True, suppress=suppress)),
+                 asyncio.create_task(rounds.sample(hidden[2:], lambda lg, ids: (lg, ids), greedy=True))]
+        await asyncio.sleep(0.05)
+        release.set()
+        await blocker
+        return await asyncio.gather(*tasks)
+
+    (held_logits, held), (free_logits, free) = asyncio.run(main())
+    masked = logits[:2].clone()
+    masked[:, suppress] = float("-inf")
+    assert held == masked.argmax(dim=-1).tolist() and held[0] != int(best[0]) and free == [int(best[2])]
+    torch.testing.assert_close(held_logits[:, -1, :], logits[:2])  # the works get the logits as computed
+    torch.testing.assert_close(free_logits[:, -1, :], logits[2:])
+
+
 def test_an_embedding_failure_reaches_the_works_of_its_call_only():
     def embed(ids: torch.Tensor) -> torch.Tensor:
         if ids.shape[1] == 2:

@@ -197,7 +197,7 @@ class Generation:
                 first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
                 (per_token, drafts, kept), hidden = await rounds.sample(
                     output[:, first:first + 1], partial(self._advance, output, drafts), member,
-                    greedy=self._sampler.plain, embeds=True)
+                    greedy=self._sampler.plain, suppress=self._sampler.suppressed(), embeds=True)
                 if kept < self._position:  # positions fed rejected drafts
                     await self._session.truncate(kept)
                     self._position = kept

@@ -56,6 +56,7 @@ class _Work(Generic[T]):
     then: Callable[..., Any]  # then(logits) when hidden is given (then(logits, ids) when greedy), else then()
     hidden: torch.Tensor | None = None
     greedy: bool = False  # then() also gets its rows' argmax token ids, computed with the round's others
+    suppress: torch.Tensor | None = None  # ids those argmax skip (a sampler's EOS under min_tokens)
     embeds: bool = False  # then() returns (result, ids or None); the work's result is (result, their embedding)
     future: Future[T] = field(default_factory=Future)
 
@@ -89,11 +90,11 @@ class HeadRounds:
                     self._arrived.notify()  # a round waiting for it waits no longer
 
     async def sample(self, hidden: torch.Tensor, then: Callable[..., Any], member: Member | None = None, *,
-                     greedy: bool = False, embeds: bool = False) -> Any:
+                     greedy: bool = False, suppress: torch.Tensor | None = None, embeds: bool = False) -> Any:
         """`then(logits(hidden))` on the head's thread, hidden [rows, tokens, h]; the logits are
         computed in one call with the round's other rows of the same shape. `greedy`: then(logits,
         ids), ids the argmax of each row's last logits (a list of ints), computed in one call with
-        the other rows of its head call. `embeds`: then() returns (result, ids [rows, k] or None),
+        the other rows of its head call, never one of `suppress`. `embeds`: then() returns (result, ids [rows, k] or None),
         and this returns (result, the ids' hidden states on the host, or None), embedded in one
         call with the round's other ids of width k."""
         if embeds and self._embed is None:
@@ -102,7 +103,7 @@ class HeadRounds:
             with self._lock:
                 member.decoding = True
                 self._members += 1
-        return await self._submit(_Work(then, hidden, greedy, embeds))
+        return await self._submit(_Work(then, hidden, greedy, suppress if greedy else None, embeds))
 
     async def call(self, fn: Callable[[], T]) -> T:
         """`fn()` on the head's thread, in turn with the rounds (e.g. a prompt's embedding)."""
@@ -224,7 +225,7 @@ class HeadRounds:
                 with packed_linears.batched() if len(group) > 1 else nullcontext():  # alone: as ever
                     logits = self._logits(torch.cat([work.hidden for work in group]))
                 rows = [work.hidden.shape[0] for work in group]
-                ids = logits[:, -1, :].argmax(dim=-1).tolist() if any(work.greedy for work in group) else []
+                ids = _argmax(logits[:, -1, :], group, rows) if any(work.greedy for work in group) else []
                 self.rounds += 1
                 self.calls += len(group)
             except BaseException as error:
@@ -234,6 +235,18 @@ class HeadRounds:
             for work, part, start, count in zip(group, logits.split(rows), offsets, rows):
                 out[work] = (part, ids[start:start + count] if work.greedy else None)
         return out
+
+
+def _argmax(last: torch.Tensor, group: list[_Work[Any]], rows: list[int]) -> list[int]:
+    """Each row's argmax of its last logits [rows, vocab], skipping its work's suppressed ids;
+    one argmax and one copy to the host for the whole head call."""
+    suppressed = [(start, count, work.suppress) for work, start, count
+                  in zip(group, itertools.accumulate(rows, initial=0), rows) if work.suppress is not None]
+    if suppressed:
+        last = last.clone()  # the works get the logits as computed
+        for start, count, ids in suppressed:
+            last[start:start + count, ids.to(last.device)] = float("-inf")
+    return last.argmax(dim=-1).tolist()
 
 
 async def _outlive(future: Future[Any]) -> None:

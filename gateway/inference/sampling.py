@@ -113,13 +113,21 @@ class Sampler:
 
     @property
     def plain(self) -> bool:
-        """Greedy with nothing to change, mask or report: each row's token is its argmax, which a
-        head round computes for many samplers at once (`sample`'s `argmax`)."""
-        return self.params.greedy and self.params.logprobs is None and not self._changes_logits()
+        """Greedy with nothing to change, mask or report but the EOS ids it suppresses: each row's
+        token is its argmax over the ids not `suppressed`, which a head round computes for many
+        samplers at once (`sample`'s `argmax`)."""
+        p = self.params
+        return p.greedy and p.logprobs is None and self._bias is None and not self._penalized and self.matchers is None
+
+    def suppressed(self) -> torch.Tensor | None:
+        """The ids this step's token may not be (EOS, under min_tokens or ignore_eos), if any."""
+        p = self.params
+        return self._eos if (p.ignore_eos or self.generated < p.min_tokens) and len(self._eos) else None
 
     def sample(self, logits: torch.Tensor, argmax: list[int] | None = None) -> list[SampledToken]:
         """One token per row from float logits [batch, vocab], on whatever device they are.
-        `argmax`, the rows' argmax computed elsewhere, is their tokens when the sampler is `plain`."""
+        `argmax`, the rows' argmax computed elsewhere (over the ids not `suppressed`), is their
+        tokens when the sampler is `plain`."""
         if argmax is not None and self.plain:
             self.generated += 1
             return [SampledToken(token, None) for token in argmax]
@@ -150,9 +158,7 @@ class Sampler:
         return sampled
 
     def _changes_logits(self) -> bool:
-        p = self.params
-        suppress = (p.ignore_eos or self.generated < p.min_tokens) and len(self._eos) > 0
-        return suppress or self._bias is not None or self._penalized or self.matchers is not None
+        return self.suppressed() is not None or self._bias is not None or self._penalized or self.matchers is not None
 
     def _to_host(self, tokens: torch.Tensor, raw: torch.Tensor | None) -> list[SampledToken]:
         """The step's one device-to-host copy: ids, and with logprobs their values and the top k."""
