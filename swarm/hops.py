@@ -45,7 +45,8 @@ class Hop:
     record: ServerRecord
     session: str
     stream: protocol.Stream
-    inputs: list[dict[str, Any]] = field(default_factory=list)  # wire input of each step, as far as known
+    # wire input of each step, as far as known: a tensor map, or {prefix, rest} (swarm/prompt_names.py)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)  # wire output of each step, as far as known
     # (the last hop's cut to the step's tail when one was asked)
     done: int = 0  # steps whose output came back

@@ -3,7 +3,8 @@
 The chain is a list of hops, each a session on one server for one span. A step goes to the first
 hop with the rest of the chain as its route; every server pushes its output to the next hop and
 also sends it back here, so the session holds each hop's inputs, as the exact wire bytes, step
-by step (DESIGN.md §7).
+by step (DESIGN.md §7) — but for a prompt's start that a server named by its cached blocks' keys:
+a hop whose inputs were named is replayed from an earlier hop, the first at worst.
 
 When a hop fails — its stream ends or resets, it answers with an error, or nothing arrives for
 ``step_timeout`` — its blocks get a replacement chain (from any live servers holding them, which
