@@ -61,7 +61,8 @@ async def _shared_prefix(client: openai.AsyncOpenAI, model: str, prefix: int, ro
         return time.perf_counter() - started
 
     warm_up, pairs = prefix_pairs(prefix, rounds)
-    await ttft(warm_up)
+    for prompt in warm_up:
+        await ttft(prompt)
     timed = [(await ttft(first), await ttft(sharing)) for first, sharing in pairs]
     first_ttft, sharing_ttft = statistics.median(t for t, _ in timed), statistics.median(t for _, t in timed)
     return {"first_ttft_s": first_ttft, "sharing_ttft_s": sharing_ttft, "ratio": sharing_ttft / first_ttft}

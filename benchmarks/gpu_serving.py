@@ -243,7 +243,8 @@ class HttpUp:
             return time.perf_counter() - started
 
         warm_up, pairs = prefix_pairs(prefix, rounds)
-        ttft(warm_up)
+        for prompt in warm_up:
+            ttft(prompt)
         timed = [(ttft(first), ttft(sharing)) for first, sharing in pairs]
         return statistics.median(t for t, _ in timed), statistics.median(t for _, t in timed)
 
