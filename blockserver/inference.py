@@ -292,6 +292,9 @@ class InferenceService:
         tail = message.get("tail")  # the last hop returns only the positions its client samples from
         if tail is not None and (not isinstance(tail, int) or isinstance(tail, bool) or tail < 1):
             raise ProtocolError("'tail' must be a count >= 1")
+        route = message.get("route") or []
+        if not isinstance(route, list) or not all(isinstance(hop, dict) for hop in route):
+            raise ProtocolError("'route' must be a list of maps")
         names = incoming.prefix_names(message, self._max_blocks(live))
         hidden = incoming.expect_hidden(  # a step naming blocks sends the rest after them (old servers refuse it)
             message, "rest" if names else "hidden", span, max_elements=session.batch * session.max_length * span.hidden_size,
@@ -321,8 +324,8 @@ class InferenceService:
         self.metrics.steps.inc()
         self.metrics.tokens.inc(tokens * session.batch)
         if prefix is not None:
-            route = message.get("route") or [{}]  # names go to a next hop that takes them, from a client that does
-            may_name = names is not None and isinstance(route[0], dict) and route[0].get("names") is True
+            # names go to a next hop that takes them, from a client that does
+            may_name = names is not None and bool(route) and route[0].get("names") is True
             return await self._prompt_output(live, span, message, prefix.joined(output), prefix, may_name, tail)
         output = output if tail is None else output[:, -tail:]
         if not batched:  # a batch's outputs come on the host, drilled
@@ -384,7 +387,7 @@ class InferenceService:
             result = _Output(wire, names if may_name else None, output if names else None)
         await trio.to_thread.run_sync(self.prefixes.store, span, self.caches.get(live.id).cache, self._namespace(live),
                                       output, prefix, output_keys, limiter=self.compute)
-        result.cached = len(prefix.keys)
+        result.cached = self.prefixes.held(self._namespace(live), prefix.keys)  # a long prompt may evict its start
         return result
 
     async def _compute_chunked(self, live: _LiveSession, span: BlockSpan, hidden, cache, position: int) -> Any:
@@ -425,23 +428,29 @@ class InferenceService:
             except Exception as error:
                 self.metrics.errors.labels("push").inc()
                 logger.info("session %s: could not push step %d on: %r", live.id, position, error)
+                if output.names:  # the client sends it on itself: it needs the bytes
+                    output = await self._named_fewer(output, 0)
                 if isinstance(hop, dict) and (stale := live.next_hops.pop(str(hop.get("peer")), None)) is not None:
                     await incoming.try_close(stale)
         await protocol.write_frame(live.client, {**reply, **output.fields()})
 
     async def _resend_unheld(self, stream: Stream, frame: dict[str, Any], output: _Output) -> _Output:
-        """After a push naming blocks: the next server says how many it holds; if not all, the step
-        again, naming those and sending the rest."""
-        answer = protocol.expect(await protocol.read_frame(stream, max_bytes=4096), "prefix")
-        held = protocol.field(answer, "held", int)
-        assert output.names is not None and output.whole is not None
-        if held >= len(output.names):
-            return output
-        held = max(held, 0)
-        rest = await trio.to_thread.run_sync(codec.encode, output.whole[:, BLOCK * held:], output.hidden["codec"])
-        output = _Output(rest, output.names[:held], output.whole, output.cached)
-        await protocol.write_frame(stream, {**frame, **output.fields()})
+        """After a push naming blocks: the next server says how many it holds; while not all, the
+        step again, naming those and sending the rest (each answer names fewer: it ends)."""
+        while output.names:
+            answer = protocol.expect(await protocol.read_frame(stream, max_bytes=4096), "prefix")
+            held = protocol.field(answer, "held", int)
+            if held >= len(output.names):
+                break
+            output = await self._named_fewer(output, max(held, 0))
+            await protocol.write_frame(stream, {**frame, **output.fields()})
         return output
+
+    async def _named_fewer(self, output: _Output, count: int) -> _Output:
+        """`output` naming only its first `count` blocks, the rest as bytes."""
+        assert output.names is not None and output.whole is not None
+        rest = await trio.to_thread.run_sync(codec.encode, output.whole[:, BLOCK * count:], output.hidden["codec"])
+        return _Output(rest, output.names[:count], output.whole, output.cached)
 
     async def _next_hop(self, live: _LiveSession, hop: Any) -> Stream:
         if not isinstance(hop, dict):

@@ -50,6 +50,11 @@ class PrefixMemory:
             count += 1
         return count
 
+    def forget(self, place: Hashable, keys: Sequence[bytes]) -> None:
+        """`place` answered that it lacks some of these (evicted since): name none of them there."""
+        for key in keys:
+            self._keys.pop((place, key), None)
+
     def remember(self, place: Hashable, keys: Sequence[bytes]) -> None:
         for key in keys:
             self._keys[(place, key)] = None
@@ -83,6 +88,17 @@ def is_named(record: dict[str, Any]) -> bool:
 def step_fields(record: dict[str, Any]) -> dict[str, Any]:
     """A step frame's fields that send `record`."""
     return record if is_named(record) else {"hidden": record}
+
+
+def cut(record: dict[str, Any], tokens: int, max_elements: int) -> dict[str, Any]:
+    """A record's first `tokens` positions, as exact bytes (codec none): a named record keeps its
+    names and cuts its rest (speculative decoding's drafts follow a prompt in its step)."""
+    if is_named(record):
+        named = BLOCK * len(record["prefix"])
+        if tokens <= named:
+            raise ValueError(f"cannot cut a prompt to {tokens} tokens inside its {named} named ones")
+        return {"prefix": record["prefix"], "rest": cut(record["rest"], tokens - named, max_elements)}
+    return codec.encode(codec.decode(record, max_elements=max_elements)[:, :tokens], "none")
 
 
 def output_record(frame: dict[str, Any]) -> dict[str, Any]:

@@ -164,10 +164,7 @@ class InferenceSession:
             del hop.inputs[keep:], hop.outputs[keep:]
             for records in (hop.inputs, hop.outputs) if cut else ():
                 if len(records) == keep:  # the cut step's first tokens, as exact bytes
-                    if prompt_names.is_named(records[-1]):
-                        raise ValueError("cannot cut into a prompt named by its cached start")
-                    hidden = codec.decode(records[-1], max_elements=self._max_elements)
-                    records[-1] = codec.encode(hidden[:, :position - self._offsets[keep - 1]], "none")
+                    records[-1] = prompt_names.cut(records[-1], position - self._offsets[keep - 1], self._max_elements)
             hop.done = min(hop.done, keep)
         del self._offsets[keep:]
         self.position, self._truncations = position, self._truncations + 1
@@ -229,10 +226,21 @@ class InferenceSession:
                 except Exception as error:  # EOF, reset, timeout, error reply, bad frame: the hop failed
                     failed[hop] = error
             for hop, error in failed.items():
-                if not (isinstance(error, protocol.RemoteError) and error.code == protocol.UNKNOWN_PREFIX):
-                    self._note_failure(hop.record.peer_id, error)  # a prefix evicted is no server's failure
+                if isinstance(error, protocol.RemoteError) and error.code == protocol.UNKNOWN_PREFIX and self._named(hop):
+                    self._forget_named(hop)  # a prefix evicted is no server's failure: replayed with bytes
+                else:
+                    self._note_failure(hop.record.peer_id, error)
             for hop, error in failed.items():
                 await self._replace(hop, error)
+
+    def _named(self, hop: Hop) -> bool:
+        """Whether this step named prompt blocks to `hop` (so an ``unknown_prefix`` from it is no failure)."""
+        first = hop is self._hops[0] and self._prompt is not None and bool(self._prompt[1]["prefix"])
+        return first or any(map(prompt_names.is_named, hop.inputs))
+
+    def _forget_named(self, hop: Hop) -> None:
+        if hop is self._hops[0] and self._prompt is not None and self._prefixes is not None:
+            self._prefixes.forget(self._place(0), self._prompt[0])
 
     def _start_reader(self, hop: Hop) -> None:
         assert self._nursery is not None
@@ -255,7 +263,9 @@ class InferenceSession:
         step = hop.done
         if protocol.field(frame, "position", int) != self._offsets[step]:
             raise protocol.ProtocolError(f"server {hop.record.peer_id} answered for another step")
-        record = prompt_names.output_record(frame)
+        current = step == len(self._offsets) - 1
+        # named outputs only where this step let servers name them; any other answer sends its bytes
+        record = prompt_names.output_record(frame) if current and self._prompt else protocol.field(frame, "hidden", dict)
         hop.done += 1
         if len(hop.outputs) == step:
             hop.outputs.append(record)

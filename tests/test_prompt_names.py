@@ -76,3 +76,30 @@ def test_named_starts_stay_exact_when_the_next_server_lacks_them_or_the_first_ev
     assert greedy_exact(sharing) == [0, 0]
     assert bridge.replays() == replays + 1 and bridge.banned() == []
     assert bridge.client.backoff.avoided() == frozenset()
+
+
+def test_a_prompt_step_with_drafts_cut_after_its_named_start_goes_on_exactly(swarm):
+    """Speculative decoding sends a prompt with its drafts in one step and may cut inside it: the
+    second server's record of that step, named by the first, is cut in its rest, and the
+    session goes on as transformers computes."""
+    path, bridge, _ = swarm
+    head, model = ModelHead(path), reference_model(path)
+    generator = torch.Generator().manual_seed(11)
+    prompt, drafts, after = (torch.randint(10, 500, (1, n), generator=generator) for n in (80, 3, 1))
+
+    async def run() -> tuple[bool, torch.Tensor]:
+        async with await bridge.client.open_session(path.name, head.num_layers, max_length=96,
+                                                    wire_codec="none") as session:
+            await session.step(head.embed(prompt), 1)  # sent whole; both servers cache its 4 blocks
+        async with await bridge.client.open_session(path.name, head.num_layers, max_length=96,
+                                                    wire_codec="none") as session:
+            await session.step(head.embed(torch.cat([prompt, drafts], dim=1)), 4)
+            named = "prefix" in session._hops[1].inputs[0]
+            await session.truncate(prompt.shape[1] + 1)  # the first draft kept, the others rejected
+            return named, head.logits(await session.step(head.embed(after)))[:, -1]
+
+    named, logits = bridge.call(run)
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, drafts[:, :1], after], dim=1)).logits[:, -1]
+    assert named
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
