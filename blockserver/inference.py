@@ -70,10 +70,12 @@ class _Output:
     cached: int | None = None  # a prompt's: how many of its input blocks this server now holds cached
 
     def fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"prefix": self.names, "rest": self.hidden} if self.names else {"hidden": self.hidden}
-        if self.names == []:
-            fields["prefix"] = []  # names nothing, but lets the next server name its outputs
-        return fields if self.cached is None else {**fields, "cached": self.cached}
+        fields: dict[str, Any] = {"rest" if self.names else "hidden": self.hidden}
+        if self.names is not None:  # even empty: lets the next server name its outputs
+            fields["prefix"] = self.names
+        if self.cached is not None:
+            fields["cached"] = self.cached
+        return fields
 
 
 class UnknownPrefixError(ProtocolError):
@@ -352,7 +354,7 @@ class InferenceService:
     def _held(self, live: _LiveSession, names: list[bytes]) -> int:
         """How many of the prompt blocks `names` names, from the first, are cached for the session."""
         cached = self._caches_prompts(live.span or self.span, self.caches.get(live.id).cache)
-        return self.prefixes.held(self._namespace(live), names) if cached and self.prefixes else 0
+        return self.prefixes.held(self._namespace(live), names) if cached and self.prefixes is not None else 0
 
     async def _find_prefix(self, live: _LiveSession, wire: dict[str, Any], names: list[bytes], tokens: int) -> Prefix:
         """The cached blocks a one-row prompt starts with: those it names, then those whose keys its
