@@ -99,9 +99,15 @@ class PrefixCache:
             for key in keys:
                 if (block := self._blocks.get((namespace, key))) is None:
                     break
-                self._blocks.move_to_end((namespace, key))
                 found.append(block)
+            self._touch(namespace, keys[:len(found)])
         return Prefix(list(keys), found)
+
+    def _touch(self, namespace: str, keys: Sequence[bytes]) -> None:
+        """Make `keys` (a chain, held) the most recently used, its first block most of all: a
+        chain is evicted from its end, so what stays can still be found (a lookup stops at a gap)."""
+        for key in reversed(keys):
+            self._blocks.move_to_end((namespace, key))
 
     def held(self, namespace: str, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first, are cached."""
@@ -136,6 +142,7 @@ class PrefixCache:
                                                 output[:, window].clone(), output_key)
         with self._lock:
             self._blocks.update(new)
+            self._touch(namespace, [key for key in prefix.keys if (namespace, key) in self._blocks])
             while len(self._blocks) > self.max_blocks:
                 self._blocks.popitem(last=False)
 

@@ -234,6 +234,9 @@ class InferenceService:
                 live = self._live.get(require(message, "session", str))
                 try:
                     if live is None:
+                        if message.get("prefix"):  # the pusher waits to hear what we hold: nothing
+                            await protocol.write_frame(stream, {"type": "prefix", "session": message["session"],
+                                                                "held": 0})
                         raise trio.BrokenResourceError
                     if names := incoming.prefix_names(message, self._max_blocks(live)):
                         held = self._held(live, names)  # the pusher sends the blocks we lack, then

@@ -86,8 +86,8 @@ def test_a_prefix_never_serves_another_namespace_and_the_cache_stays_bounded(lla
     assert _cached(span, prefixes, prompt, [], namespace="adapter-a")[1] == 0
     assert _cached(span, prefixes, prompt, [], namespace="adapter-b")[1] == 0  # another adapter: computed
     assert _cached(span, prefixes, prompt, [], namespace="adapter-b")[1] == 2 * BLOCK
-    assert prefixes.tokens == 3 * BLOCK  # 4 blocks stored, the least recently used one dropped
-    assert _cached(span, prefixes, prompt, [], namespace="adapter-a")[1] == 0  # its first block went, so all
+    assert prefixes.tokens == 3 * BLOCK  # 4 blocks stored, the least recently used one dropped:
+    assert _cached(span, prefixes, prompt, [], namespace="adapter-a")[1] == BLOCK  # a's last, so its first is found
 
 
 def test_the_whole_prompt_is_never_served_from_the_cache(llama_path):
@@ -141,3 +141,13 @@ def test_a_client_remembers_which_blocks_a_place_holds_least_recently_used_forgo
     assert memory.held("server-a", [b"k2", b"k3"]) == 2 and memory.held("server-a", [b"x", b"k1"]) == 0
     memory.remember("server-b", [b"k1", b"k9"])  # 5 keys: server-a's k1 (least recently used) goes
     assert memory.held("server-a", [b"k1", b"k2"]) == 0 and memory.held("server-a", [b"k2"]) == 1
+
+
+def test_a_prompt_longer_than_the_cache_keeps_its_start(llama_path):
+    """A chain is evicted from its end: what stays of a prompt that overflows the cache is its
+    first blocks, which the next lookup finds (a cache of its last blocks would find nothing)."""
+    span = BlockSpan(llama_path, 0, 2)
+    prefixes = PrefixCache(max_tokens=3 * BLOCK)
+    prompt = _prompt(5 * BLOCK + 1, 0, span.hidden_size)
+    assert _cached(span, prefixes, prompt, [])[1] == 0
+    assert _cached(span, prefixes, prompt, [])[1] == 3 * BLOCK

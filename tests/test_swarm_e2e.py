@@ -12,7 +12,7 @@ import torch
 import trio
 
 from blocks.head import ModelHead
-from blocks.prefix_cache import BLOCK
+from blocks.prefix_cache import BLOCK, KEY_BYTES
 from swarm import codec, protocol
 from swarm.protocol import RemoteError
 from tests.support import wait_until
@@ -243,13 +243,17 @@ def test_wrong_shape_and_dtype_get_clear_errors(llama_swarm):
     _assert_still_serves(bridge, path)
 
 
-def test_unknown_session_push_is_dropped(llama_swarm):
+def test_unknown_session_push_is_dropped_and_named_blocks_are_not_held(llama_swarm):
     path, _, bridge = llama_swarm
     record = max(bridge.servers(path.name), key=lambda r: r.start)
     hidden = ModelHead(path).hidden_size
     push = {"type": "step", "session": "no-such-session", "position": 0,
             "hidden": codec.encode(torch.zeros(1, 1, hidden), "none"), "route": []}
     _raw_exchange(bridge, record, protocol.PUSH, [protocol.pack_frame(push)], read=False)
+    # one naming prompt blocks hears it holds none (the pusher waits for that answer, else for its timeout)
+    named = {**{k: v for k, v in push.items() if k != "hidden"}, "prefix": [bytes(KEY_BYTES)], "rest": push["hidden"]}
+    answer = _raw_exchange(bridge, record, protocol.PUSH, [protocol.pack_frame(named)])
+    assert answer == {"type": "prefix", "session": "no-such-session", "held": 0}
     _assert_still_serves(bridge, path)
 
 
