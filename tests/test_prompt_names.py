@@ -65,12 +65,12 @@ def test_named_starts_stay_exact_when_the_next_server_lacks_them_or_the_first_ev
         return [after - b for after, b in zip(_named_tokens(ports), before)]
 
     replays = bridge.replays()
-    # nothing known yet: sent whole; the first server caches its 9 blocks, the second their last 5
+    # nothing known yet: sent whole; the first server caches its 9 blocks, the second their first 5
+    # (a chain is evicted from its end)
     assert greedy_exact(first) == [0, 0]
     # the client names the 8 shared blocks to the first server, which names their outputs to the
-    # second; that one holds none of the first 8 (chained keys: none after a missing one), so it
-    # gets their bytes after all
-    assert greedy_exact(sharing) == [8 * BLOCK, 0]
+    # second; that one holds the first 5 of them, says so, and gets the other 3 as bytes
+    assert greedy_exact(sharing) == [8 * BLOCK, 5 * BLOCK]
     assert greedy_exact(other) == [0, 0]  # its 9 blocks push the first prompt's out of the first server's 10
     # named again, evicted: unknown_prefix, and the prompt replayed whole on a fresh session
     assert greedy_exact(sharing) == [0, 0]
