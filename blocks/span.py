@@ -169,13 +169,13 @@ class BlockSpan:
 
         Without a cache it is a cache-less pass over a whole sequence (position 0); with one,
         `position` must equal the tokens the cache already holds, and the new ones are appended.
-        `adapter` applies LoRA for this call only.
+        `adapter` applies LoRA for this call only. `hidden` may be on the host: it is moved here.
         """
         if isinstance(cache, StaticKV):
             with torch.inference_mode(), lora.applied(adapter), self._gpu.lock:
                 return self._forward_static(hidden, cache, position, adapter)
         with torch.inference_mode(), lora.applied(adapter), self._gpu.lock:
-            return self._forward(hidden, cache, position)
+            return self._forward(hidden.to(self.device), cache, position)
 
     def batches(self, cache: object) -> bool:
         """Whether one-token steps on `cache` can run together with other sessions' (`forward_batch`):
@@ -199,7 +199,8 @@ class BlockSpan:
         with torch.inference_mode(), lora.applied(adapter), self._gpu.lock:
             if isinstance(steps[0][1], StaticKV):
                 return self._forward_slots(steps, adapter)
-            return batching.decode_together(self, steps)
+            return batching.decode_together(self, [(hidden.to(self.device), cache, position)
+                                                   for hidden, cache, position in steps])
 
     def backward(
         self, hidden: torch.Tensor, grad_output: torch.Tensor, adapter: lora.SpanLora | None
@@ -213,10 +214,11 @@ class BlockSpan:
             raise ValueError(f"output gradient {list(grad_output.shape)} does not match the input {list(hidden.shape)}")
         trainable = adapter.trainable() if adapter is not None else None
         leaves = dict(trainable.named_tensors()) if trainable is not None else {}
-        hidden = hidden.detach().clone().requires_grad_(True)  # a leaf, even from an inference tensor
+        hidden = hidden.detach().to(self.device, copy=True).requires_grad_(True)  # a leaf, even from an inference tensor
         with torch.enable_grad(), lora.applied(trainable), self._gpu.lock:
             output = self._forward(hidden, None, 0)
-        grad_input, *grads = torch.autograd.grad(output, [hidden, *leaves.values()], grad_output.to(output.dtype))
+        grad_input, *grads = torch.autograd.grad(output, [hidden, *leaves.values()],
+                                                 grad_output.to(output.device, output.dtype))
         return grad_input, dict(zip(leaves, grads))
 
     def _check_hidden(self, hidden: torch.Tensor) -> None:
@@ -236,6 +238,10 @@ class BlockSpan:
         batch, tokens = hidden.shape[:2]
         if tokens == 0:
             return hidden.clone()
+        if tokens == 1 and self.use_graphs and self.batches(cache):
+            # alone in pool rows: the pool's graph of its bucket, as when batched (a graph per rows
+            # a session sits in cost a capture of tens of ms for each, evicting the buckets')
+            return self._forward_slots([(hidden, cache, position)], adapter)[0]
         cache.ensure(batch, position + tokens)
         hidden = hidden.to(self.device)
         if tokens == 1 and self.use_graphs:

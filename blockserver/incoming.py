@@ -74,8 +74,10 @@ def expect_hidden(
     request: dict[str, Any], key: str, span: BlockSpan, *, max_elements: int, batch: int | None = None,
     allow_empty: bool = False,
 ) -> torch.Tensor:
-    """``request[key]``: hidden states (or their gradient) [batch, tokens, hidden], on the span's device
-    and dtype. `batch` fixes the rows; `allow_empty` admits zero tokens."""
+    """``request[key]``: hidden states (or their gradient) [batch, tokens, hidden] in the span's dtype,
+    on the host: the span moves them to its device in the compute thread (a copy to a GPU here would
+    block the event loop until the device finished the batch it runs, on an H100 a third of a busy
+    server's loop). `batch` fixes the rows; `allow_empty` admits zero tokens."""
     hidden = codec.decode(require(request, key, dict), max_elements=max_elements)
     if (
         hidden.dim() != 3
@@ -87,7 +89,7 @@ def expect_hidden(
         raise ProtocolError(
             f"{what} must be [{batch or 'batch'}, tokens, {span.hidden_size}], got {list(hidden.shape)}"
         )
-    return hidden.to(device=span.device, dtype=span.dtype)
+    return hidden.to(dtype=span.dtype)
 
 
 async def try_send(stream: Stream, message: dict[str, Any]) -> None:
