@@ -55,7 +55,7 @@ def test_batched_rows_use_the_packed_weight_and_agree_with_f_linear(packed_calls
 @pytest.mark.parametrize("case", ["outside batched()", "too few rows", "autograd on"])
 def test_everything_else_is_f_linear_bit_for_bit(case, packed_calls):
     linear = _linear()
-    x = torch.randn(3 if case == "too few rows" else 6, 1, 64)
+    x = torch.randn(packed_linears.MIN_ROWS - 1 if case == "too few rows" else 6, 1, 64)
     expected = F.linear(x, linear.weight, linear.bias)
     if case == "outside batched()":
         with torch.inference_mode():

@@ -11,10 +11,10 @@ GPU head synchronises with the host twice per round instead of twice per generat
 head work shares one thread: no thread hop per generation, and no dozens of worker threads
 contending for the GIL with the event loop and the swarm's trio thread.
 
-On a CPU a round of fewer than 4 rows costs as much as one of 1 (MKL's one-row path); from 4 rows
-of several generations, oneDNN's packed weights take over (blocks/packed_linears.py). The last
-server returns a batch's sessions one after another, so a round on a CPU head that finds fewer
-than 4 rows waits up to `CPU_GATHER` seconds for more while at least 4 generations are decoding
+On a CPU a round's LM head costs little more for 4 rows than for 1 (from 2 rows of several
+generations oneDNN's packed weights take over: blocks/packed_linears.py). The last server returns
+a batch's sessions one after another, so a round on a CPU head that finds fewer than `ROUND_ROWS`
+rows waits up to `CPU_GATHER` seconds for more while at least that many generations are decoding
 (those that `join`ed, from their first `sample`: not while their prompt computes) and some have
 not submitted: the rest of that batch arrives within it. One, two or three decoding generations
 never wait.
@@ -41,6 +41,7 @@ from swarm.node_options import fit_threads
 __all__ = ["HeadRounds", "Member", "head_rounds", "head_load"]
 
 T = TypeVar("T")
+ROUND_ROWS = 4  # rows a CPU round may wait for
 CPU_GATHER = 0.002  # seconds; 1-3 ms gave 8 streams 76-88 tokens/s against 71-73 (README, "Many users at once")
 
 
@@ -66,7 +67,7 @@ class HeadRounds:
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self._logits = logits
         self._embed = embed  # token ids [rows, k] -> hidden states [rows, k, h], for `embeds` work
-        self.gather = gather  # seconds a round of fewer than packed_linears.MIN_ROWS rows may wait for more
+        self.gather = gather  # seconds a round of fewer than ROUND_ROWS rows may wait for more
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._waiting: list[_Work[Any]] = []
@@ -151,7 +152,7 @@ class HeadRounds:
         are waiting, at least `enough` generations are decoding and some of them have not submitted."""
         if self.gather <= 0:
             return
-        enough, deadline = packed_linears.MIN_ROWS, time.monotonic() + self.gather
+        enough, deadline = ROUND_ROWS, time.monotonic() + self.gather
         while (self._members >= enough and len(self._waiting) < self._members
                and 0 < sum(work.hidden.shape[0] for work in self._waiting if work.hidden is not None) < enough
                and (left := deadline - time.monotonic()) > 0):
