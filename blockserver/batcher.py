@@ -6,13 +6,17 @@ takes every queued step it can batch with (same span weights, same adapter) up t
 rows, in arrival order; the others find their result ready when their turn for the slot comes
 and give it straight back. Under load, sessions join and leave the batch step by step.
 
-A step that finds the slot free may wait up to `gather` seconds for the sessions that stepped
-about when its own previous step did (half a round either way) and not since: they decode in
-step with it (a gateway sends their steps within the same moment), so they run as one batch
-instead of drifting apart into ever smaller ones. A lone stream has no such peers and never waits.
-The wait leaves the slot free: a batch that starts meanwhile takes the waiting step along. (Held,
-a straggler's wait for peers that were not coming stalled every session behind it: on an H100
-under 32 streams, a third of the slot's time went to such waits of 10 ms before batches of 1-4 rows.)
+A step may wait up to `gather` seconds from its arrival for the sessions that stepped about when
+its own previous step did (half a round either way) and not since: they decode in step with it
+(a gateway sends their steps within the same moment), so they run as one batch instead of
+drifting apart into ever smaller ones. A lone stream has no such peers and never waits. The wait
+leaves the slot free: a batch that starts meanwhile takes the waiting step along. (Held, a
+straggler's wait for peers that were not coming stalled every session behind it: on an H100
+under 32 streams, a third of the slot's time went to such waits of 10 ms before batches of 1-4
+rows.) That holds too for a step that arrived while a batch ran and gets the slot before its
+round's sessions have come: it gives the slot to others and waits for them. (Running at once
+with whoever had queued, it left the rest of its round to a batch of their own a moment later,
+and a round of sessions came apart into a chain of small batches.)
 
 With `split` > 1 a batch holds at most 1/`split` of the sessions stepping lately (same span and
 adapter), so a round of sessions in step goes through as that many micro-batches: while the next
@@ -54,6 +58,21 @@ class _Step:
         return self.span is other.span and self.adapter is other.adapter
 
 
+@dataclass(eq=False)
+class _Company:
+    """The sessions a step waits for before its batch runs, the rows that fill it, and the deadline."""
+
+    expected: set[int]  # id(cache) of each
+    rows: int
+    deadline: float
+
+    def ready(self, leader: _Step, queue: list[_Step]) -> bool:
+        joining = [step for step in queue if step.joins(leader)]
+        return (self.expected <= {id(step.cache) for step in joining}
+                or sum(step.hidden.shape[0] for step in joining) >= self.rows
+                or trio.current_time() >= self.deadline)
+
+
 class DecodeBatcher:
     def __init__(self, compute: trio.CapacityLimiter, metrics: ServerMetrics, *, max_rows: int, gather: float = 0.0,
                  split: int = 1, finish: Callable[[torch.Tensor], torch.Tensor] = lambda output: output):
@@ -83,12 +102,20 @@ class DecodeBatcher:
             self._last_step[id(cache)] = (trio.current_time(), span, adapter)
             self._wake()
         try:
-            if previous is not None and self.gather > 0 and not self.compute.borrowed_tokens:
+            company = None
+            if previous is not None and self.gather > 0:
                 self._forget_stopped(previous)
-                await self._gather(mine, previous, self._rows_for(mine))
-            async with self.compute:
-                if not mine.done.is_set():  # not taken along by a batch before
-                    await self._run(self._take(mine, self._rows_for(mine)))
+                company = self._company(mine, previous)
+            while not mine.done.is_set():
+                if company is not None and not self.compute.borrowed_tokens:
+                    await self._gather(mine, company)
+                async with self.compute:
+                    if mine.done.is_set():  # taken along by a batch before
+                        break
+                    if company is None or company.ready(mine, self._queue):
+                        await self._run(self._take(mine, company.rows if company else self._rows_for(mine)))
+                        break
+                # the slot came before the sessions of our round: it goes to others while we wait for them
         finally:
             if mine in self._queue:  # cancelled while waiting: nobody computes it
                 self._queue.remove(mine)
@@ -114,19 +141,20 @@ class DecodeBatcher:
         active = sum(span is leader.span and adapter is leader.adapter for _, span, adapter in self._last_step.values())
         return max(1, min(self.max_rows, -(-active // self.split)))
 
-    async def _gather(self, leader: _Step, previous: float, rows: int) -> None:
-        """Wait up to ``gather`` seconds for the sessions that stepped within half a round of the
-        leader's `previous` step (and not since), on the same span and adapter, to queue with it,
-        or for the batch to fill."""
-        half_round = (trio.current_time() - previous) / 2
+    def _company(self, leader: _Step, previous: float) -> "_Company":
+        """Whom the leader's step may wait for, until when: the sessions that stepped within half a
+        round of its `previous` step (and not since), on the same span and adapter."""
+        now = trio.current_time()
+        half_round = (now - previous) / 2
         expected = {key for key, (when, span, adapter) in self._last_step.items()
                     if abs(when - previous) < half_round and span is leader.span and adapter is leader.adapter}
-        with trio.move_on_after(self.gather):
-            while leader in self._queue:  # else a batch took it along
-                joining = [step for step in self._queue if step.joins(leader)]
-                if expected <= {id(step.cache) for step in joining} or \
-                        sum(step.hidden.shape[0] for step in joining) >= rows:
-                    return
+        return _Company(expected, self._rows_for(leader), now + self.gather)
+
+    async def _gather(self, leader: _Step, company: "_Company") -> None:
+        """Wait (not holding the slot) until the leader's company is queued with it, the batch is
+        full, its time is up or a batch took it along."""
+        with trio.move_on_at(company.deadline):
+            while leader in self._queue and not company.ready(leader, self._queue):
                 await self._arrived.wait()
 
     def _wake(self) -> None:

@@ -181,3 +181,39 @@ def test_a_split_round_goes_through_as_micro_batches():
     assert _rounds(0.2, 8, 4, drift=0.02)[-1:] == [8]
     split = _rounds(0.2, 8, 4, drift=0.02, split=2)
     assert split[-2:] == [4, 4] and max(split) <= 4
+
+
+def test_a_step_that_gets_the_slot_before_its_round_waits_for_it():
+    """X, Y and Z step together; then X steps while another computation holds the slot, and Y and
+    Z come a moment after it ends. X does not run alone when the slot frees: it gives it up, waits
+    for Y and Z, and the round stays one batch (alone, the rest of it would follow as another)."""
+    span = _CountingSpan()
+
+    async def main():
+        compute = trio.CapacityLimiter(1)
+        batcher = DecodeBatcher(compute, ServerMetrics(), max_rows=64, gather=1.0)
+        x, y, z = (object() for _ in range(3))
+        step = lambda cache: batcher.step(span, torch.zeros(1, 1, 4), cache, 0, None)  # noqa: E731
+
+        async def others_compute() -> None:
+            async with compute:
+                await trio.sleep(0.05)
+
+        async def later(cache) -> None:
+            await trio.sleep(0.1)
+            await step(cache)
+
+        async with trio.open_nursery() as nursery:
+            for cache in (x, y, z):
+                nursery.start_soon(step, cache)
+        await trio.sleep(0.05)
+        before = len(span.batches)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(others_compute)
+            await trio.sleep(0.01)
+            nursery.start_soon(step, x)  # queues behind the other computation
+            nursery.start_soon(later, y)  # after that computation ends
+            nursery.start_soon(later, z)
+        return span.batches[before:]
+
+    assert trio.run(main) == [3]
