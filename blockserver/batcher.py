@@ -106,8 +106,9 @@ class DecodeBatcher:
             if previous is not None and self.gather > 0:
                 self._forget_stopped(previous)
                 company = self._company(mine, previous)
+            gathering = company is not None and not self.compute.borrowed_tokens
             while not mine.done.is_set():
-                if company is not None and not self.compute.borrowed_tokens:
+                if gathering:
                     await self._gather(mine, company)
                 async with self.compute:
                     if mine.done.is_set():  # taken along by a batch before
@@ -115,7 +116,7 @@ class DecodeBatcher:
                     if company is None or company.ready(mine, self._queue):
                         await self._run(self._take(mine, company.rows if company else self._rows_for(mine)))
                         break
-                # the slot came before the sessions of our round: it goes to others while we wait for them
+                gathering = True  # the slot came before the sessions of our round: others use it while we wait
         finally:
             if mine in self._queue:  # cancelled while waiting: nobody computes it
                 self._queue.remove(mine)
