@@ -214,7 +214,7 @@ class BlockSpan:
             raise ValueError(f"output gradient {list(grad_output.shape)} does not match the input {list(hidden.shape)}")
         trainable = adapter.trainable() if adapter is not None else None
         leaves = dict(trainable.named_tensors()) if trainable is not None else {}
-        hidden = hidden.detach().to(self.device, copy=True).requires_grad_(True)  # a leaf, even from an inference tensor
+        hidden = hidden.detach().to(self.device, copy=True).requires_grad_(True)  # a leaf, even from inference mode
         with torch.enable_grad(), lora.applied(trainable), self._gpu.lock:
             output = self._forward(hidden, None, 0)
         grad_input, *grads = torch.autograd.grad(output, [hidden, *leaves.values()],
