@@ -293,7 +293,8 @@ class BlockSpan:
         self, hidden: torch.Tensor, cache: StaticKV, position: int, adapter: lora.SpanLora | None
     ) -> torch.Tensor:
         """One token through a CUDA graph over this session's buffers (captured at its first such
-        step). A session in pool rows keeps its graph in the pool: a graph reads the rows'
+        step). A session in pool rows whose steps cannot batch (`batches`; those that can go
+        through the pool's bucket graphs) keeps its graph in the pool: a graph reads the rows'
         addresses, not the session, so the next session in the same rows replays it rather than
         capturing anew (a capture costs tens of ms)."""
         key = (cache.capacity, id(adapter))
