@@ -124,12 +124,13 @@ class SessionCaches:
             session.last_used = self._clock()
             return session
 
-    def close(self, session_id: str) -> None:
-        """Forget the session and free its cache; closing twice is fine."""
+    def close(self, session_id: str) -> Session | None:
+        """Forget the session and free its cache; closing twice is fine. The closed session, if open."""
         with self._lock:
             session = self._sessions.pop(session_id, None)
         if session is not None:
             release(session.cache)
+        return session
 
     def expire_idle(self) -> list[str]:
         """Close sessions unused for longer than `idle_timeout`; returns their ids."""

@@ -27,6 +27,7 @@ about the same for 1 row or 32, it would not.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,8 +55,40 @@ class _Step:
     output: torch.Tensor | None = None
     error: BaseException | None = None
 
-    def joins(self, other: "_Step") -> bool:
-        return self.span is other.span and self.adapter is other.adapter
+    @property
+    def group(self) -> tuple[int, int]:
+        """Steps of one group may run as one batch: the same span weights and adapter."""
+        return id(self.span), id(self.adapter)
+
+
+class _Queue:
+    """The steps waiting for the compute slot, oldest first, with the sessions and the rows per
+    group queued: a gathering step's check (`_Company.ready`) costs no scan of the queue, though
+    every arrival wakes every gathering step."""
+
+    def __init__(self) -> None:
+        self.steps: list[_Step] = []
+        self.sessions: dict[int, _Step] = {}  # by id(cache): a session queues one step at a time
+        self.rows: Counter[tuple[int, int]] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __contains__(self, step: _Step) -> bool:
+        return self.sessions.get(id(step.cache)) is step
+
+    def add(self, step: _Step) -> None:
+        assert id(step.cache) not in self.sessions, "a session's steps run one after another"
+        self.steps.append(step)
+        self.sessions[id(step.cache)] = step
+        self.rows[step.group] += step.hidden.shape[0]
+
+    def remove(self, steps: list[_Step]) -> None:
+        for step in steps:
+            del self.sessions[id(step.cache)]
+            self.rows[step.group] -= step.hidden.shape[0]
+        taken = set(map(id, steps))
+        self.steps = [step for step in self.steps if id(step) not in taken]
 
 
 @dataclass(eq=False)
@@ -66,10 +99,11 @@ class _Company:
     rows: int
     deadline: float
 
-    def ready(self, leader: _Step, queue: list[_Step]) -> bool:
-        joining = [step for step in queue if step.joins(leader)]
-        return (self.expected <= {id(step.cache) for step in joining}
-                or sum(step.hidden.shape[0] for step in joining) >= self.rows
+    def ready(self, leader: _Step, queue: _Queue, stepping: dict[int, Any]) -> bool:
+        """Every expected session still open is queued (on the leader's span and adapter, as
+        when they were expected), the rows are filled, or time is up."""
+        return (self.expected & stepping.keys() <= queue.sessions.keys()
+                or queue.rows[leader.group] >= self.rows
                 or trio.current_time() >= self.deadline)
 
 
@@ -82,7 +116,7 @@ class DecodeBatcher:
         self.gather = gather  # seconds a step may wait for the sessions of its round
         self.split = split  # micro-batches per round of sessions in step (needs the gather's bookkeeping)
         self.finish = finish  # applied to each output in the worker thread (the drill)
-        self._queue: list[_Step] = []
+        self._queue = _Queue()
         self._arrived = trio.Event()  # set (and replaced) whenever a step is queued, when gathering
         # id(cache) -> when its session last stepped, and on what (no reference to the cache itself)
         self._last_step: dict[int, tuple[float, BlockSpan, SpanLora | None]] = {}
@@ -97,7 +131,7 @@ class DecodeBatcher:
         computed together with other sessions'."""
         mine = _Step(span, adapter, hidden, cache, position)
         previous = self._last_step.get(id(cache), (None,))[0]
-        self._queue.append(mine)
+        self._queue.add(mine)
         if self.gather > 0:  # gathering off: no bookkeeping on the decode path
             self._last_step[id(cache)] = (trio.current_time(), span, adapter)
             self._wake()
@@ -113,18 +147,23 @@ class DecodeBatcher:
                 async with self.compute:
                     if mine.done.is_set():  # taken along by a batch before
                         break
-                    if company is None or company.ready(mine, self._queue):
+                    if company is None or company.ready(mine, self._queue, self._last_step):
                         await self._run(self._take(mine, company.rows if company else self._rows_for(mine)))
                         break
                 gathering = True  # the slot came before the sessions of our round: others use it while we wait
         finally:
             if mine in self._queue:  # cancelled while waiting: nobody computes it
-                self._queue.remove(mine)
+                self._queue.remove([mine])
         await mine.done.wait()
         if mine.error is not None:
             raise mine.error
         assert mine.output is not None
         return mine.output
+
+    def forget(self, cache: Any) -> None:
+        """The session of `cache` closed: no step waits for it any more."""
+        if self._last_step.pop(id(cache), None) is not None:
+            self._wake()
 
     def _forget_stopped(self, previous: float) -> None:
         """Drop sessions that have not stepped for ROUNDS_KEPT of the leader's rounds (its last
@@ -155,7 +194,7 @@ class DecodeBatcher:
         """Wait (not holding the slot) until the leader's company is queued with it, the batch is
         full, its time is up or a batch took it along."""
         with trio.move_on_at(company.deadline):
-            while leader in self._queue and not company.ready(leader, self._queue):
+            while leader in self._queue and not company.ready(leader, self._queue, self._last_step):
                 await self._arrived.wait()
 
     def _wake(self) -> None:
@@ -166,11 +205,11 @@ class DecodeBatcher:
     def _take(self, leader: _Step, max_rows: int) -> list[_Step]:
         """The leader's step, then the queued ones that join it, oldest first, within `max_rows`."""
         batch, rows = [leader], leader.hidden.shape[0]
-        for step in self._queue:
-            if step is not leader and step.joins(leader) and rows + step.hidden.shape[0] <= max_rows:
+        for step in self._queue.steps:
+            if step is not leader and step.group == leader.group and rows + step.hidden.shape[0] <= max_rows:
                 batch.append(step)
                 rows += step.hidden.shape[0]
-        self._queue = [step for step in self._queue if step not in batch]
+        self._queue.remove(batch)
         self._wake()
         return batch
 

@@ -148,7 +148,8 @@ class InferenceService:
                 await self._run_session(session_id, stream, wire_codec, adapter, span, loaded,
                                         request.get("adapter"), push_to)
             finally:
-                self.caches.close(session_id)
+                if (closed := self.caches.close(session_id)) is not None:
+                    self.batcher.forget(closed.cache)  # its peers' steps wait for it no more
         except SessionLimitError as error:
             logger.info("inference stream from %s refused: %s", peer, error)
             await incoming.try_send(stream, protocol.error_frame(str(error), protocol.BUSY))

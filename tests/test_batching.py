@@ -217,3 +217,26 @@ def test_a_step_that_gets_the_slot_before_its_round_waits_for_it():
         return span.batches[before:]
 
     assert trio.run(main) == [3]
+
+
+def test_a_closed_session_is_not_waited_for():
+    """X and Y step together; then Y's session closes and X steps again. X's company was Y, but a
+    closed session never steps again: X runs at once instead of waiting out its gather."""
+    span = _CountingSpan()
+
+    async def main():
+        batcher = DecodeBatcher(trio.CapacityLimiter(1), ServerMetrics(), max_rows=64, gather=5.0)
+        x, y = object(), object()
+        step = lambda cache: batcher.step(span, torch.zeros(1, 1, 4), cache, 0, None)  # noqa: E731
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step, x)
+            nursery.start_soon(step, y)
+        await trio.sleep(0.05)
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step, x)
+            await trio.sleep(0.1)
+            batcher.forget(y)
+        return trio.current_time() - started
+
+    assert trio.run(main) < 1.0  # waited for Y until it closed, not the 5 s gather

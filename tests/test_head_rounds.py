@@ -255,6 +255,16 @@ def test_a_gathering_round_waits_for_the_rest_of_a_batch_of_four():
     assert time.monotonic() - started < 4
 
 
+def test_a_round_unfilled_waits_for_every_decoding_generation():
+    """A GPU head's rounds (`fill=None`) wait for all of the batch, not for 4 rows: 6 generations
+    decoding, handing in rows 20 ms apart, take one round."""
+    gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=5.0, fill=None)
+    started = time.monotonic()
+    assert _staggered(gathering, members=6, submit=6, gap=0.02) == 1  # ended by the 6th row, not the 5 s
+    assert time.monotonic() - started < 4
+    assert _staggered(HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=5.0), members=6, submit=6, gap=0.02) > 1
+
+
 def test_a_round_never_waits_with_fewer_than_four_generations_decoding():
     gathering = HeadRounds(lambda hidden: hidden @ WEIGHT.T, gather=30.0)
     started = time.monotonic()

@@ -11,19 +11,22 @@ GPU head synchronises with the host twice per round instead of twice per generat
 head work shares one thread: no thread hop per generation, and no dozens of worker threads
 contending for the GIL with the event loop and the swarm's trio thread.
 
-On a CPU a round's LM head costs little more for 4 rows than for 1 (from 2 rows of several
-generations oneDNN's packed weights take over: blocks/packed_linears.py). The last server returns
-a batch's sessions one after another, so a round on a CPU head that finds fewer than `ROUND_ROWS`
-rows waits up to `CPU_GATHER` seconds for more while at least that many generations are decoding
-(those that `join`ed, from their first `sample`: not while their prompt computes) and some have
-not submitted: the rest of that batch arrives within it. One, two or three decoding generations
-never wait.
+The last server returns a batch's sessions one after another, so a round that starts at the
+first of them leaves the rest to rounds of their own. While at least `ROUND_ROWS` generations are
+decoding (those that `join`ed, from their first `sample`: not while their prompt computes) and
+some have not submitted, a round waits a moment for them: the rest of that batch arrives within
+it. One, two or three decoding generations never wait. On a CPU, where a round's LM head costs
+little more for 4 rows than for 1 (from 2 rows of several generations oneDNN's packed weights take
+over: blocks/packed_linears.py), it waits up to `CPU_GATHER` for `ROUND_ROWS` rows; on a GPU,
+where a round costs about the same for any rows and its kernels may queue behind a server's on the
+same device, up to `GPU_GATHER` for every decoding generation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 import weakref
@@ -41,8 +44,9 @@ from swarm.node_options import fit_threads
 __all__ = ["HeadRounds", "Member", "head_rounds", "head_load"]
 
 T = TypeVar("T")
-ROUND_ROWS = 4  # rows a CPU round may wait for
+ROUND_ROWS = 4  # decoding generations before a round waits; the rows a CPU round waits for
 CPU_GATHER = 0.002  # seconds; 1-3 ms gave 8 streams 76-88 tokens/s against 71-73 (README, "Many users at once")
+GPU_GATHER = 0.003  # seconds; 32 streams 335 tokens/s against 288 on an H200 (README, "What 32 GPU streams wait on")
 
 
 @dataclass(eq=False)
@@ -64,10 +68,11 @@ class _Work(Generic[T]):
 
 class HeadRounds:
     def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], gather: float = 0.0,
-                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None, fill: int | None = ROUND_ROWS):
         self._logits = logits
         self._embed = embed  # token ids [rows, k] -> hidden states [rows, k, h], for `embeds` work
-        self.gather = gather  # seconds a round of fewer than ROUND_ROWS rows may wait for more
+        self.gather = gather  # seconds a round may wait for the rest of the decoding generations
+        self.fill = fill  # rows after which a round waits no more (None: when every decoding generation submitted)
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._waiting: list[_Work[Any]] = []
@@ -148,12 +153,12 @@ class HeadRounds:
             raise
 
     def _await_company(self) -> None:
-        """(Lock held.) Up to `gather` seconds for the round's rows to reach `enough`, while some
-        are waiting, at least `enough` generations are decoding and some of them have not submitted."""
+        """(Lock held.) Up to `gather` seconds for the round's rows to reach `fill`, while some are
+        waiting, at least ROUND_ROWS generations are decoding and some of them have not submitted."""
         if self.gather <= 0:
             return
-        enough, deadline = ROUND_ROWS, time.monotonic() + self.gather
-        while (self._members >= enough and len(self._waiting) < self._members
+        enough, deadline = self.fill or math.inf, time.monotonic() + self.gather
+        while (self._members >= ROUND_ROWS and len(self._waiting) < self._members
                and 0 < sum(work.hidden.shape[0] for work in self._waiting if work.hidden is not None) < enough
                and (left := deadline - time.monotonic()) > 0):
             self._arrived.wait(left)
@@ -267,13 +272,13 @@ _rounds_lock = threading.Lock()
 
 
 def head_rounds(head: Any) -> HeadRounds:
-    """The one `HeadRounds` over `head.logits` and `head.embed` (per head object, gone with it); a
-    CPU head's rounds gather (`CPU_GATHER`)."""
+    """The one `HeadRounds` over `head.logits` and `head.embed` (per head object, gone with it),
+    gathering as suits its device (module docstring)."""
     with _rounds_lock:
         if (rounds := _rounds.get(head)) is None:
             logits, embed = weakref.WeakMethod(head.logits), weakref.WeakMethod(head.embed)  # strong ones keep the head
-            gather = CPU_GATHER if torch.device(head.device).type == "cpu" else 0.0  # unmeasured on a GPU: off
-            rounds = _rounds[head] = HeadRounds(lambda hidden: logits()(hidden), gather, lambda ids: embed()(ids))
+            gather, fill = (CPU_GATHER, ROUND_ROWS) if torch.device(head.device).type == "cpu" else (GPU_GATHER, None)
+            rounds = _rounds[head] = HeadRounds(lambda hidden: logits()(hidden), gather, lambda ids: embed()(ids), fill)
         return rounds
 
 
