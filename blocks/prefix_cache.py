@@ -8,7 +8,7 @@ namespace (span range, adapter, output codec): a span's inputs for a given prefi
 bytes whenever the prefix, checkpoint, upstream spans and codec are, so equal keys mean equal
 prefixes, and an adapter's prefix never serves another. An entry holds the block's per-layer keys
 and values, the span's output for it and that output's key as the next span will compute it (when
-this span had a next one), so a prompt found here can name its outputs to the next server by
+this span had a next one, or once a later prompt through a next one computed it), so a prompt found here can name its outputs to the next server by
 their keys instead of sending them (blockserver/inference.py).
 
 Bounded by tokens, least recently used first. Entries are copied into a session's cache, never
@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from blake3 import blake3
@@ -127,6 +127,14 @@ class PrefixCache:
             else:
                 for layer, k, v in zip(range(span.start, span.end), keys, values):
                     cache.update(k, v, layer)
+
+    def name_outputs(self, namespace: str, keys: Sequence[bytes], output_keys: Sequence[bytes]) -> None:
+        """Give the held blocks `keys` the next span's keys of their outputs, where they lack them
+        (stored at a chain's end, or from a step with no route): later prompts may name them."""
+        with self._lock:
+            for key, output_key in zip(keys, output_keys):
+                if (block := self._blocks.get((namespace, key))) is not None and block.output_key is None:
+                    self._blocks[(namespace, key)] = replace(block, output_key=output_key)
 
     def store(self, span, cache, namespace: str, output: torch.Tensor, prefix: Prefix,
               output_keys: Sequence[bytes] = ()) -> None:

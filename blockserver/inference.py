@@ -389,7 +389,10 @@ class InferenceService:
             wire = codec.encode(await self._on_host(output[:, BLOCK * len(names):]), live.codec)
             new = codec.token_blocks(wire, BLOCK, len(prefix.keys) - len(names))
             output_keys = (await trio.to_thread.run_sync(chain_keys, new, names[-1] if names else b""))
-            output_keys = output_keys[len(prefix.found) - len(names):]
+            unnamed = len(prefix.found) - len(names)  # found blocks stored without their outputs' keys
+            self.prefixes.name_outputs(self._namespace(live), prefix.keys[len(names):len(prefix.found)],
+                                       output_keys[:unnamed])
+            output_keys = output_keys[unnamed:]
             result = _Output(wire, names if may_name else None, output if names else None)
         await trio.to_thread.run_sync(self.prefixes.store, span, self.caches.get(live.id).cache, self._namespace(live),
                                       output, prefix, output_keys, limiter=self.compute)

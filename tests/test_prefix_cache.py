@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocks.prefix_cache import BLOCK, PrefixCache, chain_keys
+from blocks.prefix_cache import BLOCK, PrefixCache, chain_keys, tensor_blocks
 from blocks.span import BlockSpan
 from swarm import codec
 from swarm.prompt_names import PrefixMemory
@@ -151,3 +151,19 @@ def test_a_prompt_longer_than_the_cache_keeps_its_start(llama_path):
     prompt = _prompt(5 * BLOCK + 1, 0, span.hidden_size)
     assert _cached(span, prefixes, prompt, [])[1] == 0
     assert _cached(span, prefixes, prompt, [])[1] == 3 * BLOCK
+
+
+def test_blocks_stored_without_their_outputs_keys_get_them_later(llama_path):
+    """Blocks cached where the span had no next hop keep no keys for their outputs; once a later
+    prompt computes those keys, the blocks hold them (an existing key is never replaced)."""
+    span = BlockSpan(llama_path, 0, 2)
+    prefixes = PrefixCache(max_tokens=8 * BLOCK)
+    prompt = _prompt(3 * BLOCK + 1, 0, span.hidden_size)
+    _cached(span, prefixes, prompt, [])
+    keys = chain_keys([part] for part in (b"a", b"b", b"c"))
+    found = prefixes.find("ns", chain_keys(tensor_blocks(prompt, 3)))
+    assert len(found.found) == 3 and found.output_keys() == []
+    prefixes.name_outputs("ns", found.keys[:2], keys[:2])
+    assert prefixes.find("ns", found.keys).output_keys() == keys[:2]
+    prefixes.name_outputs("ns", found.keys, [b"x", b"y", keys[2]])
+    assert prefixes.find("ns", found.keys).output_keys() == keys

@@ -2,7 +2,8 @@
 real server processes: the answers stay exact where the second server lacks a start the first
 names to it (the first then sends the bytes it lacks) and where the first server has evicted a start the
 client names (it answers ``unknown_prefix``, and the session replays the prompt with its bytes,
-counting no server as failed). Codec none, float32, the tiny Llama; greedy tokens equal transformers'.
+counting no server as failed), and where blocks cached without their outputs' keys get them
+for the next prompt. Codec none, float32, the tiny Llama; greedy tokens equal transformers'.
 With int8 activations a named start gives exactly what sending its bytes gives.
 """
 
@@ -78,6 +79,11 @@ def test_named_starts_stay_exact_when_the_next_server_lacks_them_or_the_first_ev
     assert greedy_exact(sharing) == [0, 0]
     assert bridge.replays() == replays + 1 and bridge.banned() == []
     assert bridge.client.backoff.avoided() == frozenset()
+    # that replay relayed each output itself (no route), so the first server cached the prompt's
+    # 9 blocks without their outputs' keys; the next run computes the keys and keeps them, and the
+    # run after names to the second server the 5 blocks it holds
+    greedy_exact(sharing)
+    assert greedy_exact(sharing) == [9 * BLOCK, 5 * BLOCK]
 
 
 def test_a_prompt_step_with_drafts_cut_after_its_named_start_goes_on_exactly(swarm):
@@ -127,3 +133,4 @@ def test_an_int8_start_named_gives_what_its_bytes_give(swarm):
     assert [after - b for after, b in zip(_named_tokens(ports), before)] == [0, 4 * BLOCK]
     assert named_tokens == sent_tokens
     torch.testing.assert_close(named_logits, sent_logits, atol=0, rtol=0)
+
