@@ -54,7 +54,8 @@ class _LiveSession:
     next_hops: dict[str, Stream] = field(default_factory=dict)  # peer id -> push stream
     push_locks: defaultdict[str, trio.Lock] = field(default_factory=lambda: defaultdict(trio.Lock))  # per next hop
     adapter: SpanLora | None = None  # LoRA applied to every step of the session
-    adapter_digest: str | None = None  # its name: part of the prefix cache's keys
+    adapter_digest: str | None = None  # its name: part of the prefix cache's namespace
+    cache_salt: str | None = None  # the client's: part of the namespace too (only equal salts share prompts)
     span: BlockSpan | None = None  # the blocks it computes, on the weights loaded when it opened
     loaded: BlockSpan | None = None  # the server's span then: after a move, drained
 
@@ -132,7 +133,7 @@ class InferenceService:
         peer = stream.muxed_conn.peer_id.to_base58()
         try:
             request = incoming.expect(await incoming.read(stream, self.limits, self.limits.open_timeout), "open")
-            session_id, batch, max_length, wire_codec = self._validate_open(request)
+            session_id, batch, max_length, wire_codec, cache_salt = self._validate_open(request)
             push_to = request.get("push_to")
             if push_to is not None and not (isinstance(push_to, dict) and isinstance(push_to.get("peer"), str)):
                 raise ProtocolError("'push_to' must be a map naming a 'peer'")
@@ -146,7 +147,7 @@ class InferenceService:
                     opened["prefix_names"] = True  # a prompt's start may be named (swarm/prompt_names.py)
                 await protocol.write_frame(stream, opened)
                 await self._run_session(session_id, stream, wire_codec, adapter, span, loaded,
-                                        request.get("adapter"), push_to)
+                                        request.get("adapter"), cache_salt, push_to)
             finally:
                 if (closed := self.caches.close(session_id)) is not None:
                     self.batcher.forget(closed.cache)  # its peers' steps wait for it no more
@@ -167,12 +168,15 @@ class InferenceService:
         finally:
             await incoming.try_close(stream)
 
-    def _validate_open(self, request: dict[str, Any]) -> tuple[str, int, int, str]:
+    def _validate_open(self, request: dict[str, Any]) -> tuple[str, int, int, str, str | None]:
         session_id = require(request, "session", str)
         batch = require(request, "batch", int)
         max_length = require(request, "max_length", int)
         wire_codec = incoming.wire_codec(request)
         checkpoint = request.get("checkpoint")
+        cache_salt = request.get("cache_salt")
+        if cache_salt is not None and not (isinstance(cache_salt, str) and 1 <= len(cache_salt) <= 256):
+            raise ProtocolError("'cache_salt' must be a string of 1-256 characters")
         if not 8 <= len(session_id) <= 64 or session_id in self._live:
             raise ProtocolError("session id must be 8-64 characters and not in use")
         if not 1 <= batch <= self.limits.max_batch:
@@ -182,16 +186,16 @@ class InferenceService:
             raise ProtocolError(f"max_length must be in [1, {max_positions}]")
         if checkpoint is not None and checkpoint != self.checkpoint:
             raise ProtocolError(f"checkpoint mismatch: server has {self.checkpoint}, client {checkpoint}")
-        return session_id, batch, max_length, wire_codec
+        return session_id, batch, max_length, wire_codec, cache_salt
 
     async def _run_session(
         self, session_id: str, stream: Stream, wire_codec: str, adapter: SpanLora | None, span: BlockSpan,
-        loaded: BlockSpan, adapter_digest: str | None, push_to: dict[str, Any] | None,
+        loaded: BlockSpan, adapter_digest: str | None, cache_salt: str | None, push_to: dict[str, Any] | None,
     ) -> None:
         inbox_send, inbox = trio.open_memory_channel[dict[str, Any]](64)
         with trio.CancelScope() as cancel:
             live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter,
-                                adapter_digest=adapter_digest, span=span, loaded=loaded)
+                                adapter_digest=adapter_digest, cache_salt=cache_salt, span=span, loaded=loaded)
             self._live[session_id] = live
             try:
                 async with trio.open_nursery() as nursery:
@@ -349,7 +353,8 @@ class InferenceService:
 
     def _namespace(self, live: _LiveSession) -> str:
         span = live.span or self.span
-        return f"{span.start}:{span.end}:{live.adapter_digest}:{live.codec}"
+        salt = "" if live.cache_salt is None else f":{live.cache_salt}"  # the last field: no other's can collide
+        return f"{span.start}:{span.end}:{live.adapter_digest}:{live.codec}{salt}"
 
     def _caches_prompts(self, span: BlockSpan, cache: Any) -> bool:
         """Whether one-row prompts on `cache` go through the prefix cache."""

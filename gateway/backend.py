@@ -55,11 +55,13 @@ class InferenceSession(Protocol):
 
 class InferenceBackend(Protocol):
     async def open_session(
-        self, model: str, *, batch: int, max_length: int, adapter: LoraWeights | None = None
+        self, model: str, *, batch: int, max_length: int, adapter: LoraWeights | None = None,
+        cache_salt: str | None = None,
     ) -> InferenceSession:
         """Reserve a chain for `batch` rows of up to `max_length` tokens each.
 
-        With `adapter` (a fine-tuned model), every span applies that LoRA for this session only.
+        With `adapter` (a fine-tuned model), every span applies that LoRA for this session only;
+        with `cache_salt`, servers reuse only cached prompt starts of sessions with the same salt.
         Raises `SwarmBusy` when no chain has room now and `BlocksUnavailable` when no chain
         covers the model.
         """

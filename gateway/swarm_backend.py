@@ -42,13 +42,14 @@ class SwarmBackend:
         self.wire_codec = wire_codec
 
     async def open_session(
-        self, model: str, *, batch: int, max_length: int, adapter: LoraWeights | None = None
+        self, model: str, *, batch: int, max_length: int, adapter: LoraWeights | None = None,
+        cache_salt: str | None = None,
     ) -> InferenceSession:
         served = self.models[model]
         try:
             return await self.bridge.open_session(SessionRequest(
                 model, served.num_blocks, batch=batch, max_length=max_length,
-                wire_codec=self.wire_codec, checkpoint=served.checkpoint, adapter=adapter,
+                wire_codec=self.wire_codec, checkpoint=served.checkpoint, adapter=adapter, cache_salt=cache_salt,
             ))
         except NoChainError as error:
             raise BlocksUnavailable(model, Coverage(served.num_blocks, tuple(error.missing))) from error

@@ -176,6 +176,8 @@ class SwarmClient:
             message["push_to"] = {"peer": push_to.peer_id, "addrs": list(push_to.addrs)}
         if request.checkpoint is not None:
             message["checkpoint"] = request.checkpoint
+        if request.cache_salt is not None:
+            message["cache_salt"] = request.cache_salt
         if adapter is not None:
             message["adapter"] = adapter
         started = time.perf_counter()

@@ -25,6 +25,7 @@ class SessionRequest:
     wire_codec: str = "int8"
     checkpoint: str | None = None
     adapter: LoraWeights | None = None  # LoRA on every span; each server gets its span's tensors
+    cache_salt: str | None = None  # servers' prefix caches serve this session only prompts of the same salt
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ Protocols (one libp2p stream each):
 - ``INFERENCE``: a client's long-lived stream for one session on one server:
   ``open`` -> ``opened``; then ``step`` -> ``output`` (many); closing the stream ends the session.
   ``open`` (and ``forward``) may name ``blocks`` [start, end], any part of the server's span;
-  ``open`` may name ``push_to`` {peer, addrs}, the next server, whose push stream is opened ahead; each
+  ``open`` may name ``push_to`` {peer, addrs}, the next server, whose push stream is opened ahead, and
+  a ``cache_salt`` (1-256 characters): the prefix cache serves the session only prompts of equal salts; each
   ``output`` names the session it was ``pushed`` to; a step at a position already held is dropped
   (a replay's duplicate), so resending a step is always safe.
 - ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain.

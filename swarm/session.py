@@ -145,9 +145,10 @@ class InferenceSession:
         return keys, prompt_names.named_fields(hidden, record, keys, self._prefixes.held(self._place(0), keys))
 
     def _place(self, index: int) -> tuple[Any, ...]:
-        """What a prefix cache's namespace is to this session's hop `index`: its span, adapter and codec."""
+        """What a prefix cache's namespace is to this session's hop `index`: its span, adapter, codec and salt."""
         record, adapter = self._hops[index].record, self.request.adapter
-        return record.peer_id, record.start, record.end, adapter and adapter.digest, self.request.wire_codec
+        return (record.peer_id, record.start, record.end, adapter and adapter.digest, self.request.wire_codec,
+                self.request.cache_salt)
 
     async def truncate(self, position: int) -> None:
         """Forget positions [position, self.position), between steps, with no round trip (see above);

@@ -150,7 +150,7 @@ class LocalBackend:
         self.adapters: list[LoraWeights | None] = []  # of each session opened since
 
     async def open_session(self, model: str, *, batch: int, max_length: int,
-                           adapter: LoraWeights | None = None) -> LocalSession:
+                           adapter: LoraWeights | None = None, cache_salt: str | None = None) -> LocalSession:
         assert model == self.model
         if self.busy:
             raise SwarmBusy("All chains for this model are at capacity.")

@@ -132,6 +132,26 @@ def test_a_prompt_sharing_an_earlier_ones_start_reuses_it_exactly(stack, tiny_mo
     assert named == [128, 128], named
 
 
+def test_prompts_share_cached_starts_only_under_the_same_cache_salt(stack):
+    """vLLM's `cache_salt`: a prompt repeated under another salt, or none, reuses nothing of it
+    (so a tenant cannot learn by timing what another's prompts began with); under the same salt
+    each server serves its whole blocks from the cache. The answers are the same throughout."""
+    client = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key=stack["key"], max_retries=0, timeout=120)
+    prompt = torch.randint(10, 500, (150,), generator=torch.Generator().manual_seed(11)).tolist()
+    texts, hits = [], []
+    for salt in ("alice", "bob", "alice", None):
+        before = [_prefix_tokens(port).get("hit", 0.0) for port in stack["metrics"]]
+        completion = client.completions.create(model=stack["model"], prompt=prompt, max_tokens=4, temperature=0,
+                                               extra_body={"cache_salt": salt} if salt else None)
+        texts.append(completion.choices[0].text)
+        hits.append([_prefix_tokens(port).get("hit", 0.0) - b for port, b in zip(stack["metrics"], before)])
+    whole_blocks = (len(prompt) - 1) // 16 * 16  # a prompt's last token is always computed
+    assert hits == [[0, 0], [0, 0], [whole_blocks] * 2, [0, 0]], hits
+    assert len(set(texts)) == 1
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=stack["model"], prompt="Hi", max_tokens=1, extra_body={"cache_salt": ""})
+
+
 def _prefix_tokens(port: int, kind: str = "cache") -> Any:
     """Prefix cache tokens by result ("hit", "miss"); with kind "named", the tokens steps named."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

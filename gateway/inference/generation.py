@@ -65,6 +65,7 @@ class GenerationJob:
     guide: Guide | None = None  # every row follows this grammar
     keep_markers: tuple[str, ...] = ()  # special tokens whose text the output keeps
     tool_parser: Any = None  # `gateway.agents.tool_parsers.ToolParser` when tools are active
+    cache_salt: str | None = None  # servers reuse cached prompt starts only of sessions with the same salt
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class Generation:
         self.opened_at = time.monotonic()
         self._session = await self._backend.open_session(
             self.job.model.swarm_id, batch=self.job.n, max_length=len(self.job.prompt_ids) + self.job.max_tokens,
-            adapter=self.job.model.adapter,
+            adapter=self.job.model.adapter, cache_salt=self.job.cache_salt,
         )
 
     async def close(self) -> None:

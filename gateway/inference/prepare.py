@@ -53,6 +53,7 @@ def generation_job(
         max_tokens=max_tokens,
         params=_sampling_params(request, model, logprobs),
         stops=request.stops(),
+        cache_salt=request.cache_salt,
     )
 
 

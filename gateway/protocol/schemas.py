@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible API, in OpenAI's exact shapes.
 
 Requests accept OpenAI's parameters plus vLLM's sampling extras (top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos) and ignore unknown fields, as vLLM does. Parameters
+repetition_penalty, min_tokens, ignore_eos), its `cache_salt`, and ignore unknown fields, as vLLM does. Parameters
 that are recognised but not supported (echo, suffix, ...) are declared so they can be refused
 with a 400 instead of being silently dropped. Tools, tool choice and `response_format` are served
 through `gateway.inference.agentic` (rendering, guided decoding, tool-call parsing).
@@ -181,6 +181,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)  # prompts share servers' prefix caches only under the same salt
 
     @field_validator("logit_bias")
     @classmethod
