@@ -4,12 +4,13 @@ skips recomputing that start.
 
 A block is `BLOCK` consecutive tokens from position 0. Its key chains a digest of the span's input
 bytes for it (as they crossed the wire) onto the previous block's key; entries live under a
-namespace (span range, adapter, output codec, the client's salt if any): a span's inputs for a given prefix are the same
-bytes whenever the prefix, checkpoint, upstream spans and codec are, so equal keys mean equal
-prefixes, and an adapter's prefix never serves another. An entry holds the block's per-layer keys
-and values, the span's output for it and that output's key as the next span will compute it (when
-this span had a next one, or once a later prompt through a next one computed it), so a prompt found here can name its outputs to the next server by
-their keys instead of sending them (blockserver/inference.py).
+namespace (span range, adapter, output codec, the client's salt if any): a span's inputs for a
+given prefix are the same bytes whenever the prefix, checkpoint, upstream spans and codec are, so
+equal keys mean equal prefixes, and an adapter's prefix never serves another. An entry holds the
+block's per-layer keys and values, the span's output for it and that output's key as the next
+span will compute it (when this span had a next one, or once a later prompt through a next one
+computed it), so a prompt found here can name its outputs to the next server by their keys
+instead of sending them (blockserver/inference.py).
 
 Bounded by tokens, least recently used first. Entries are copied into a session's cache, never
 shared, so sessions that diverge after a common prefix never see each other's positions. One-row

@@ -181,7 +181,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    cache_salt: str | None = Field(None, min_length=1, max_length=256)  # prompts share servers' prefix caches only under the same salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)  # prompts share cached starts only under one salt
 
     @field_validator("logit_bias")
     @classmethod
