@@ -48,8 +48,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
 
 
 # Constraints a JSON schema cannot state, answered 400 by design: a named `tool_choice` must be one of
-# `tools` (seen here on the Responses API), an upload must be JSONL chat examples.
-SEMANTIC_400 = ["/v1/responses", "/v1/files"]
+# `tools` (chat completions and the Responses API), an upload must be JSONL chat examples.
+SEMANTIC_400 = ["/v1/chat/completions", "/v1/responses", "/v1/files"]
 
 
 def _config(folder: Path) -> Path:
