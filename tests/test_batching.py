@@ -150,6 +150,17 @@ def test_sessions_in_step_wait_for_each_other_and_others_never_wait():
     assert time.perf_counter() - started < 0.9  # ... so nobody waits for it
 
 
+async def _stepped_together(batcher: DecodeBatcher, span: _CountingSpan, *caches: object):
+    """One step of each of `caches` at once (so each is the others' company from now on), then a
+    moment; returns `step(cache)`, one more one-token step of a cache's session."""
+    step = lambda cache: batcher.step(span, torch.zeros(1, 1, 4), cache, 0, None)  # noqa: E731
+    async with trio.open_nursery() as nursery:
+        for cache in caches:
+            nursery.start_soon(step, cache)
+    await trio.sleep(0.05)
+    return step
+
+
 def test_a_step_waiting_for_peers_leaves_the_slot_free_and_goes_along_with_a_batch():
     """X and Y stepped together; then X steps again and waits for Y, which never comes. Steps of
     other sessions arriving meanwhile run at once, taking X along, instead of waiting out its gather."""
@@ -158,11 +169,7 @@ def test_a_step_waiting_for_peers_leaves_the_slot_free_and_goes_along_with_a_bat
     async def main():
         batcher = DecodeBatcher(trio.CapacityLimiter(1), ServerMetrics(), max_rows=64, gather=1.0)
         x, y, z, w = (object() for _ in range(4))
-        step = lambda cache: batcher.step(span, torch.zeros(1, 1, 4), cache, 0, None)  # noqa: E731
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(step, x)
-            nursery.start_soon(step, y)
-        await trio.sleep(0.05)
+        step = await _stepped_together(batcher, span, x, y)
         started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(step, x)  # finds the slot free, waits for Y
@@ -227,11 +234,7 @@ def test_a_closed_session_is_not_waited_for():
     async def main():
         batcher = DecodeBatcher(trio.CapacityLimiter(1), ServerMetrics(), max_rows=64, gather=5.0)
         x, y = object(), object()
-        step = lambda cache: batcher.step(span, torch.zeros(1, 1, 4), cache, 0, None)  # noqa: E731
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(step, x)
-            nursery.start_soon(step, y)
-        await trio.sleep(0.05)
+        step = await _stepped_together(batcher, span, x, y)
         started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(step, x)
