@@ -17,7 +17,8 @@ from libp2p.stream_muxer.yamux import yamux
 from swarm import protocol
 from swarm.node import start_node
 from swarm.transport.tuning import (
-    TCP_READ_SIZE, _buffered_tcp_read, _combined_write_frame, _FreeFirstLock, _read_data_body,
+    TCP_READ_SIZE, _buffered_tcp_read, _combined_write_frame, _FreeFirstLock, _lean_read_stream,
+    _lean_stream_write, _read_data_body,
 )
 
 pytestmark = pytest.mark.skipif(os.environ.get("SWARMGATE_LIBP2P_TUNING") == "0", reason="the tuning is off")
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("SWARMGATE_LIBP2P_TUNING") == "0"
 def test_a_node_installs_the_tuning():
     assert TrioTCPStream.read is _buffered_tcp_read and yamux.Yamux._write_frame is _combined_write_frame
     assert yamux.Yamux._read_data_body is _read_data_body
+    assert yamux.YamuxStream.write is _lean_stream_write and yamux.Yamux.read_stream is _lean_read_stream
     assert yamux._yamux_release_on_read.cache_info() is not None  # PY_YAMUX_* read once
 
 
@@ -388,6 +390,50 @@ def test_many_streams_between_real_nodes_get_their_frames_intact_and_fewer_messa
 
     trio.run(main)
     assert counts["frames"] >= 2 * 32 * 20 and counts["messages"] < counts["frames"], counts
+
+
+def test_lean_stream_writes_and_reads_keep_py_libp2ps_semantics():
+    """The lean paths (a frame written without the stream's locks, buffered bytes read without the
+    connection's) debit the send window by exactly what they send, deliver bytes whole and in order,
+    and leave closed and reset streams to py-libp2p: a write after close fails, a read after the
+    peer's reset raises instead of waiting."""
+    from libp2p.stream_muxer.exceptions import MuxedStreamError
+
+    echo, resetting = "/swarmgate-test/echo-lean/1", "/swarmgate-test/reset/1"
+
+    async def serve_echo(stream) -> None:
+        while True:
+            try:
+                await protocol.write_frame(stream, await protocol.read_frame(stream))
+            except EOFError:
+                return
+
+    async def serve_reset(stream) -> None:
+        await protocol.read_frame(stream)
+        await stream.reset()
+
+    async def main() -> None:
+        async with start_node() as node, start_node() as other:
+            other.host.set_stream_handler(echo, serve_echo)
+            other.host.set_stream_handler(resetting, serve_reset)
+            await node.connect(other.multiaddrs()[0])
+            stream = await node.open_stream(other.peer_id, echo)
+            with trio.fail_after(20):
+                window = stream.muxed_stream.send_window
+                frames = [{"type": "x", "step": step, "data": bytes([step]) * (1000 + step)} for step in range(50)]
+                for frame in frames:
+                    await protocol.write_frame(stream, frame)
+                assert window - stream.muxed_stream.send_window == sum(len(protocol.pack_frame(f)) for f in frames)
+                assert [await protocol.read_frame(stream) for _ in frames] == frames
+                await stream.close()
+                with pytest.raises(MuxedStreamError):
+                    await stream.muxed_stream.write(b"after close")
+                doomed = await node.open_stream(other.peer_id, resetting)
+                await protocol.write_frame(doomed, {"type": "x"})
+                with pytest.raises((EOFError, protocol.ProtocolError)):
+                    await protocol.read_frame(doomed)
+
+    trio.run(main)
 
 
 def test_a_big_frame_crosses_in_whole_noise_messages(monkeypatch):

@@ -23,6 +23,11 @@ round trips/s on one stream, 1,799 → 5,158 on 32 at once (556 → 194 µs of C
   64 KiB frames each went out as a full noise message and a 17-byte runt, each with its own
   encryption, length prefix, socket send and, at the other end, read and decryption. Bulk
   (benchmarks/wire_frames.py, same machine, tree before / after): 92 → 120 MB/s each way.
+- A yamux stream's common write (one frame's worth, within its send window) and read (bytes
+  already buffered) skip the stream's read-write lock (an async generator context manager per
+  frame), its window lock and the connection's stream lock, and the debug lines py-libp2p formats
+  on every read. benchmarks/wire_frames.py, 32 streams, CPU per round trip against py-libp2p as it
+  ships, two alternations: 0.33x / 0.29x → 0.26x / 0.28x (about 10% less per frame).
 - Yamux's PY_YAMUX_* settings are read once, not from the environment on every frame.
 - A data frame's body is read within yamux's timeout by `protocol.time_limit`, not
   `trio.fail_after`'s generator-based context manager.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import struct
 from typing import Any
 
 import trio
@@ -269,6 +275,51 @@ async def _buffered_tcp_read(self: TrioTCPStream, n: int | None = None) -> bytes
         return data
 
 
+def _free(lock: Any) -> bool:
+    inner = getattr(lock, "_inner", lock)
+    return inner.value > 0 if isinstance(inner, trio.Semaphore) else not inner.locked()
+
+
+_MAX_DATA_BODY = yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE
+
+
+async def _lean_stream_write(self: YamuxStream, data: bytes) -> None:
+    """`YamuxStream.write` for the common frame (one yamux frame's worth, within the send window,
+    on an open stream whose locks are free): built and debited from the window without taking the
+    stream's read-write lock (an async generator context manager per frame) or its window lock, as
+    nothing else runs between the check and the debit; any other write as py-libp2p makes it."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    size = len(data)
+    if (0 < size <= _MAX_DATA_BODY and size <= self.send_window and not self.send_closed and not self.closed
+            and _free(self.window_lock) and _free(self.rw_lock._writer_lock)):
+        self.send_window -= size
+        await self.conn._write_frame(struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0, self.stream_id, size)
+                                     + data)
+        return
+    await _stream_write(self, data)
+
+
+async def _lean_read_stream(self: Yamux, stream_id: int, n: int | None = -1) -> bytes:
+    """`Yamux.read_stream` when the stream is open and has bytes buffered: taken at once, without
+    the connection's stream lock or the debug lines py-libp2p formats on every read; any other case
+    (nothing buffered, closing, reset) as py-libp2p handles it."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    stream, buffer = self.streams.get(stream_id), self.stream_buffers.get(stream_id)
+    if (stream is None or not buffer or stream.recv_closed or stream.reset_received or stream.closed
+            or self.event_shutting_down.is_set() or not _free(self.streams_lock)):
+        return await _read_stream(self, stream_id, n)
+    if n is None or n < 0 or n >= len(buffer):
+        data = bytes(buffer)
+        buffer.clear()
+    else:
+        data = bytes(buffer[:n])
+        del buffer[:n]
+    return data
+
+
+_stream_write, _read_stream = YamuxStream.write, Yamux.read_stream
+
+
 async def _read_data_body(self: Yamux, length: int) -> bytes:
     """`Yamux._read_data_body`: a data frame's body within yamux's data read timeout, bounded by
     `protocol.time_limit` rather than `trio.fail_after` (see there)."""
@@ -296,6 +347,8 @@ def install() -> None:
     _free_first_locks(NetStream, "_state_lock")
     if hasattr(Yamux, "_write_frame"):
         Yamux._write_frame = _combined_write_frame
+    YamuxStream.write = _lean_stream_write
+    Yamux.read_stream = _lean_read_stream
     if hasattr(Yamux, "_read_data_body") and hasattr(yamux, "read_exactly"):
         Yamux._read_data_body = _read_data_body
     if hasattr(TrioTCPStream, "read"):
