@@ -39,6 +39,12 @@ class Settings(BaseModel):
         description="Tokens (rows x length) per training forward through the swarm, so also the longest example; "
         "keep it within the servers' --max-train-tokens.",
     )
+    share_prefix_cache: bool = Field(
+        False,
+        description="Let tenants reuse each other's cached prompt starts on the servers. Off (as OpenAI's prompt "
+        "caching, never shared between organizations): each tenant's prompts carry a salt of its own, so no "
+        "tenant can learn from its TTFT what another's prompts began with.",
+    )
     speculative_tokens: int = Field(
         0, ge=0, le=32,
         description="Most tokens drafted per step by prompt lookup and verified by the swarm in the same pass "

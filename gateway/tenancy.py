@@ -1,4 +1,5 @@
-"""Who is calling and how much they may run: API keys -> tenants (401), per-tenant concurrency (429).
+"""Who is calling and how much they may run: API keys -> tenants (401), per-tenant concurrency (429),
+and which cached prompt starts a tenant may reuse (`tenant_salt`).
 
 Three modes, like vLLM's `--api-key`: per-tenant keys from the database (`storage.tenants`),
 one static key (tenant "default"), or open.
@@ -6,7 +7,10 @@ one static key (tenant "default"), or open.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
+import secrets
 from collections import Counter
 
 from gateway.protocol.errors import AuthenticationFailed, RateLimited
@@ -90,3 +94,18 @@ class ConcurrencyLimiter:
         self._total -= 1
         if not self._active[tenant]:
             del self._active[tenant]
+
+
+_SALT_KEY = secrets.token_bytes(32)  # this gateway process's: servers cannot test guessed tenant names
+
+
+def tenant_salt(tenant: str, cache_salt: str | None) -> str:
+    """The ``cache_salt`` a tenant's request goes to the swarm with: its own salt (if any) keyed with
+    the tenant, so servers' prefix caches share prompt starts only within a tenant (and a salt).
+
+    Hashed under a key of this process: servers are strangers and learn no tenant's name, nor can
+    they check a guess; sessions of one tenant through this gateway do share a salt, as they must
+    to share a prompt's start. After a restart the salts change, and so cached starts are missed once.
+    """
+    message = json.dumps([tenant, cache_salt]).encode()
+    return hmac.new(_SALT_KEY, message, hashlib.sha256).hexdigest()[:32]

@@ -154,6 +154,9 @@ def add_gateway_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--speculative-tokens", type=int, default=setting("speculative_tokens"), metavar="K",
                help="most tokens drafted per step by prompt lookup and verified by the chain in the same pass "
                     "(speculative decoding: the same outputs in fewer round trips where text repeats); 0: off")
+    add_option(parser, "--share-prefix-cache", action="store_true", default=setting("share_prefix_cache"),
+               help="let tenants reuse each other's cached prompt starts (a shared system prompt's TTFT gain across "
+                    "tenants); off: each tenant's prompts are salted apart, so no tenant can time another's")
     add_option(parser, "--verify-fraction", default="auto", metavar="F",
                help="chance that each server of a generation's chain is spot-checked at a step: its outputs "
                     "recomputed by another server, a third deciding a mismatch, liars banned (README: "
@@ -180,6 +183,7 @@ def gateway_settings(args: argparse.Namespace, models: dict[str, Any]) -> Settin
         max_upload_bytes=args.max_upload_mb * 2**20,
         fine_tune_learning_rate=args.fine_tune_learning_rate,
         speculative_tokens=args.speculative_tokens,
+        share_prefix_cache=args.share_prefix_cache,
         fine_tune_max_tokens=args.fine_tune_max_tokens,
     )
 

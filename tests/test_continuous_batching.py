@@ -56,7 +56,8 @@ def stack(tiny_models, tmp_path_factory):
         gateway, base = start_gateway(path, servers[0].addrs, data_dir, "--max-concurrent-requests", "32",
                                       "--wire-codec", "none", "--verify-fraction", "0")
         wait_covered(base, key)
-        yield {"base": base, "key": key, "model": path.name, "metrics": ports}
+        yield {"base": base, "key": key, "model": path.name, "metrics": ports, "path": path, "data_dir": data_dir,
+               "peers": servers[0].addrs}
     finally:
         if gateway is not None:
             gateway.terminate()
@@ -150,6 +151,32 @@ def test_prompts_share_cached_starts_only_under_the_same_cache_salt(stack):
     assert len(set(texts)) == 1
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=stack["model"], prompt="Hi", max_tokens=1, extra_body={"cache_salt": ""})
+
+
+def test_tenants_share_cached_starts_only_with_themselves_unless_the_gateway_lets_them(stack):
+    """As OpenAI's prompt caching (never shared between organizations): the same prompt from two
+    tenants reuses only what the same tenant computed before. A gateway started with
+    `--share-prefix-cache` lets the second tenant reuse the first's."""
+    other = KeyStore(stack["data_dir"]).create_key("globex")
+    prompt = torch.randint(10, 500, (150,), generator=torch.Generator().manual_seed(12)).tolist()
+    whole_blocks = (len(prompt) - 1) // 16 * 16
+
+    def hits(base: str, key: str) -> list[float]:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+        before = [_prefix_tokens(port).get("hit", 0.0) for port in stack["metrics"]]
+        client.completions.create(model=stack["model"], prompt=prompt, max_tokens=2, temperature=0)
+        return [_prefix_tokens(port).get("hit", 0.0) - b for port, b in zip(stack["metrics"], before)]
+
+    assert [hits(stack["base"], key) for key in (stack["key"], other, stack["key"], other)] == \
+        [[0, 0], [0, 0], [whole_blocks] * 2, [whole_blocks] * 2]
+    sharing, base = start_gateway(stack["path"], stack["peers"], stack["data_dir"], "--wire-codec", "none",
+                                  "--verify-fraction", "0", "--share-prefix-cache")
+    try:
+        wait_covered(base, other)  # unsalted now: nothing of the prompt is cached that way yet
+        assert [hits(base, key) for key in (stack["key"], other)] == [[0, 0], [whole_blocks] * 2]
+    finally:
+        sharing.terminate()
+        sharing.wait(30)
 
 
 def _prefix_tokens(port: int, kind: str = "cache") -> Any:

@@ -27,6 +27,7 @@ from blocks.tiny_checkpoints import build_checkpoint
 from gateway.app import create_app
 from gateway.backend import SwarmBusy, SwarmUnreachable
 from gateway.protocol.errors import from_exception
+from gateway.tenancy import tenant_salt
 from gateway.settings import Settings
 from gateway.storage.tenants import KeyStore
 from gateway.swarm_backend import SwarmBackend, SwarmModel
@@ -538,3 +539,13 @@ def test_swarm_failures_while_opening_answer_503(failure):
         asyncio.run(backend.open_session("m", batch=1, max_length=8))
     assert from_exception(raised.value).status_code == 503
     assert from_exception(SwarmBusy("full")).status_code == 429
+
+
+def test_tenant_salts_part_tenants_and_salts_and_name_neither():
+    """The salt a request reaches the swarm with: equal for one tenant and request salt (so its
+    prompts share cached starts), different across tenants or salts, and neither name readable in it."""
+    salts = {(tenant, salt): tenant_salt(tenant, salt) for tenant in ("acme", "globex") for salt in (None, "alice")}
+    assert len(set(salts.values())) == 4
+    assert tenant_salt("acme", None) == salts["acme", None]
+    assert tenant_salt("acme", "") != salts["acme", None]  # a request's empty salt is refused anyway (400)
+    assert all(1 <= len(salt) <= 256 and "acme" not in salt and "globex" not in salt for salt in salts.values())
