@@ -142,7 +142,7 @@ class InferenceService:
             adapter = self.session_adapter(request)
             self.caches.open(session_id, batch=batch, max_length=max_length, cache=span.new_cache())
             try:
-                opened = {"type": "opened", "session": session_id, "quiet": True}  # takes quiet steps
+                opened = {"type": "opened", "session": session_id}
                 if batch == 1 and self._caches_prompts(span, self.caches.get(session_id).cache):
                     opened["prefix_names"] = True  # a prompt's start may be named (swarm/prompt_names.py)
                 await protocol.write_frame(stream, opened)
@@ -421,15 +421,11 @@ class InferenceService:
 
         The reply names the session the push reached (``pushed``); without it the client sends
         the step on itself. A push naming prompt blocks waits for the next server to say how many
-        it holds, and sends the rest as bytes; the client gets the output as it was pushed. A
-        ``quiet`` step gets no reply once pushed: the next hop's answer tells the client it was, and
-        carries the output pushed (``input``: the client keeps it to replay that hop).
+        it holds, and sends the rest as bytes; the client gets the output as it was pushed.
         """
         position = message["position"]
         route = message.get("route") or []
         reply = {"type": "output", "position": position}
-        if message.get("echo") is True and isinstance(message.get("hidden"), dict):
-            reply["input"] = message["hidden"]  # pushed by a quiet hop, which sent the client no copy
         if route:
             hop = route[0]
             try:
@@ -439,15 +435,9 @@ class InferenceService:
                              "route": route[1:], "truncations": message.get("truncations", 0)}
                     if "tail" in hop:
                         frame["tail"] = hop["tail"]
-                    if hop.get("quiet") is True:
-                        frame["quiet"] = True
-                    if message.get("quiet") is True:
-                        frame["echo"] = True
                     await protocol.write_frame(stream, {**frame, **output.fields()})
                     if output.names:
                         output = await self._resend_unheld(stream, frame, output)
-                if message.get("quiet") is True:
-                    return
                 reply["pushed"] = hop["session"]
             except Exception as error:
                 self.metrics.errors.labels("push").inc()

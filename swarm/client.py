@@ -183,7 +183,7 @@ class SwarmClient:
         started = time.perf_counter()
         opened = await protocol.request(stream, message, "opened", timeout=self.step_timeout, keep_open=True)
         self.node.observe_rtt(record.peer_id, time.perf_counter() - started)  # one round trip, no compute
-        return Hop(record, session, stream, names=opened.get("prefix_names") is True, quiet=opened.get("quiet") is True)
+        return Hop(record, session, stream, names=opened.get("prefix_names") is True)
 
     # -- span by span ----------------------------------------------------------------------------
     async def along_chain(

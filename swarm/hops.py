@@ -53,14 +53,11 @@ class Hop:
     done: int = 0  # steps whose output came back
     reader: trio.CancelScope | None = None
     names: bool = False  # its server keeps prompt blocks, and takes steps naming them (swarm/prompt_names.py)
-    quiet: bool = False  # its server takes quiet steps: no output back once pushed on (swarm/session.py)
 
-    def route_entry(self, tail: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    def route_entry(self, tail: int | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
         if self.names:
             entry["names"] = True
-        if quiet:
-            entry["quiet"] = True
         return entry if tail is None else {**entry, "tail": tail}
 
 

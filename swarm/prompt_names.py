@@ -14,8 +14,7 @@ input from the step's position), so a server that does not know names refuses it
 taking the rest for the whole; servers say at ``open`` whether they take names (``prefix_names``),
 and a client names only to those, as servers name only to next hops whose route entry says so.
 A step's record (what the session keeps per hop for replay) is therefore either a tensor map or,
-where a server named part of it, ``{"prefix": keys, "rest": tensor map}``; or ``UNHELD``, where
-the hop before pushed it on and sent no copy back (a quiet step, swarm/session.py).
+where a server named part of it, ``{"prefix": keys, "rest": tensor map}``.
 """
 
 from __future__ import annotations
@@ -82,16 +81,8 @@ def named_fields(hidden: torch.Tensor, record: dict[str, Any], keys: Sequence[by
     return {"prefix": list(keys[:count]), "rest": codec.encode(hidden[:, BLOCK * count:], record["codec"])}
 
 
-UNHELD: dict[str, Any] = {"unheld": True}
-
-
 def is_named(record: dict[str, Any]) -> bool:
     return "prefix" in record
-
-
-def is_whole(record: dict[str, Any]) -> bool:
-    """Whether this client holds the record's bytes whole (neither named by keys nor unheld)."""
-    return "prefix" not in record and "unheld" not in record
 
 
 def step_fields(record: dict[str, Any]) -> dict[str, Any]:
@@ -101,9 +92,7 @@ def step_fields(record: dict[str, Any]) -> dict[str, Any]:
 
 def cut(record: dict[str, Any], tokens: int, max_elements: int) -> dict[str, Any]:
     """A record's first `tokens` positions, as exact bytes (codec none): a named record keeps its
-    names and cuts its rest (speculative decoding's drafts follow a prompt in its step); an unheld one stays so."""
-    if "unheld" in record:
-        return record
+    names and cuts its rest (speculative decoding's drafts follow a prompt in its step)."""
     if is_named(record):
         named = BLOCK * len(record["prefix"])
         if tokens <= named:

@@ -11,9 +11,7 @@ Protocols (one libp2p stream each):
   ``open`` may name ``push_to`` {peer, addrs}, the next server, whose push stream is opened ahead, and
   a ``cache_salt`` (1-256 characters): the prefix cache serves the session only prompts of equal salts; each
   ``output`` names the session it was ``pushed`` to; a step at a position already held is dropped
-  (a replay's duplicate), so resending a step is always safe. A ``quiet`` step (servers say at
-  ``opened`` that they take them) is not answered once pushed on: the push says ``echo``, and the
-  next server's ``output`` carries the ``input`` it got.
+  (a replay's duplicate), so resending a step is always safe.
 - ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain.
 - ``FORWARD``: one cache-less ``forward`` -> ``output`` over a full sequence.
 - ``RECORDS``: ask a peer for every server record it knows (fast start for a new node).

@@ -21,12 +21,6 @@ A step may ask for only its last ``tail`` positions (a generation samples from t
 last hop then returns just those. Its outputs are no hop's inputs, so replay loses nothing; with
 spot checks on, every position comes back, since a check compares them all.
 
-A step's first send is quiet where only the last hop's output is wanted here (pushes on, no spot
-checks, no prompt named): a server that pushed it on sends nothing back, and the next hop's answer
-carries what it got (``input``): a frame fewer per server but the last, per token. A quiet hop's
-input after another quiet hop is not held (a failure past it replays from an earlier hop); a
-stalled step counts against the first hop not heard from.
-
 ``truncate`` forgets the last positions (speculative decoding's rejected drafts): the records are
 cut there, so a replay rebuilds only what is kept, and later steps carry the truncation count; a
 count new to a server rolls its session back to the step's position (the same count: a duplicate).
@@ -72,7 +66,6 @@ class InferenceSession:
         self._hops: list[Hop] = []
         self._offsets: list[int] = []  # position of each step
         self._tail: int | None = None  # positions the current step's last hop returns (None: all)
-        self._quiet: set[Hop] = set()  # hops the current step asked for no answer once pushed on
         self._failed: set[str] = set()  # peers that failed during the current step
         self._slow: set[str] = set()  # peers that timed out during it: maybe loaded, not dead
         self._moved: set[str] = set()  # peers whose records proved stale during it: not failed
@@ -204,20 +197,11 @@ class InferenceSession:
         steps = len(self._offsets)
         for hop in self._hops:
             self._start_reader(hop)
-        self._quiet = self._quiet_hops()
         await self._send(self._hops[0], steps - 1, route=self._hops[1:] if self._config.push else (),
                          fields=self._prompt and self._prompt[1])
         await self._collect(events)
         while await self._verify():
             await self._collect(events)  # the chain was rebuilt after a liar: drive the step again
-        for hop in self._quiet & set(self._hops):
-            hop.reader.cancel()  # type: ignore[union-attr]  # it answers only a push that failed, and none did
-
-    def _quiet_hops(self) -> set[Hop]:
-        """The hops whose outputs this step needs not come back (see the module's docstring)."""
-        if not self._config.push or self._config.verify_fraction or self._prompt is not None:
-            return set()
-        return {hop for hop in self._hops[:-1] if hop.quiet}
 
     async def _collect(self, events: trio.MemoryReceiveChannel) -> None:
         """Until every hop answered the current step, replacing those that fail."""
@@ -283,11 +267,10 @@ class InferenceSession:
         current = step == len(self._offsets) - 1
         # named outputs only where this step let servers name them; any other answer sends its bytes
         record = prompt_names.output_record(frame) if current and self._prompt else protocol.field(frame, "hidden", dict)
-        index = self._hops.index(hop)
-        self._passed_on(index, step, protocol.field(frame, "input", dict) if "input" in frame else None)
         hop.done += 1
         if len(hop.outputs) == step:
             hop.outputs.append(record)
+        index = self._hops.index(hop)
         if index == 0 and self._prompt and step == len(self._offsets) - 1 and type(cached := frame.get("cached")) is int:
             assert self._prefixes is not None
             self._prefixes.remember(self._place(0), self._prompt[0][:cached])
@@ -301,18 +284,6 @@ class InferenceSession:
         if after.done <= step and frame.get("pushed") != after.session:
             await self._send(after, step)
 
-    def _passed_on(self, index: int, step: int, echoed: dict[str, Any] | None) -> None:
-        """Hop `index` answered `step`: the quiet hops before it pushed it on, so they are done with
-        it; their outputs are the next hops' inputs: `echoed` for hop `index`, unheld before it."""
-        for before, after in zip(self._hops[:index], self._hops[1:index + 1]):
-            if before in self._quiet and before.done == step:
-                record = echoed if after is self._hops[index] and echoed is not None else prompt_names.UNHELD
-                before.done += 1
-                if len(before.outputs) == step:
-                    before.outputs.append(record)
-                if len(after.inputs) == step:
-                    after.inputs.append(record)
-
     async def _send(self, hop: Hop, step: int, route: Sequence[Hop] = (), fields: dict[str, Any] | None = None) -> None:
         """Send step `step` to `hop`, to be pushed on along `route` (with `fields` instead of its record).
 
@@ -322,10 +293,7 @@ class InferenceSession:
         current = step == len(self._offsets) - 1
         tail = self._tail if current else None  # an earlier step's outputs are replayed in full
         frame = {"type": "step", "position": self._offsets[step], **(fields or prompt_names.step_fields(hop.inputs[step])),
-                 "route": [after.route_entry(tail if after is self._hops[-1] else None, quiet=after in self._quiet)
-                           for after in route]}
-        if route and hop in self._quiet:
-            frame["quiet"] = True
+                 "route": [after.route_entry(tail if after is self._hops[-1] else None) for after in route]}
         if tail is not None and hop is self._hops[-1]:
             frame["tail"] = tail
         if self._truncations:
@@ -360,12 +328,12 @@ class InferenceSession:
 
     async def _replace(self, hop: Hop, error: BaseException) -> None:
         """Swap a failed hop for a chain of new hops over its blocks, and replay its inputs there;
-        where a server named some of them or pushed them quietly (this client lacks their bytes), the
-        hops from the last one whose inputs it holds whole on are rebuilt (the first hop's it always holds)."""
+        where a server named some of them (this client lacks their bytes), the hops from the last
+        one whose inputs it holds whole on are rebuilt (the first hop's it always holds)."""
         if hop not in self._hops:
             return  # rebuilt already, with a hop before it
         index = self._hops.index(hop)
-        first = max(i for i in range(index + 1) if all(map(prompt_names.is_whole, self._hops[i].inputs)))
+        first = max(i for i in range(index + 1) if not any(map(prompt_names.is_named, self._hops[i].inputs)))
         await self._rebuild(self._hops[first:index + 1], error)
         self._chains.replayed()
 

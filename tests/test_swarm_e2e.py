@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import trio
 
 from blocks.head import ModelHead
 from blocks.prefix_cache import BLOCK, KEY_BYTES
-from swarm import codec, prompt_names, protocol
+from swarm import codec, protocol
 from swarm.protocol import RemoteError
 from tests.support import wait_until
 from tests.swarm_harness import reference_model, running_swarm, swarm_greedy
@@ -141,38 +140,6 @@ def test_a_step_can_ask_for_only_its_last_positions(llama_swarm):
     assert [t.shape[1] for t in tails] == [1, 3] and first == (40, 0) and again == (40, 2 * BLOCK)
     torch.testing.assert_close(tails[0], full[0][:, -1:], rtol=0, atol=0)
     torch.testing.assert_close(tails[1], full[1][:, -3:], rtol=0, atol=0)
-
-
-def test_a_quiet_step_is_answered_by_the_last_hop_alone_with_the_input_pushed_to_it(llama_swarm, monkeypatch):
-    """Decode steps go quiet (pushes on, no spot checks): the first server sends nothing back once
-    it pushed a step on, and the second's answer carries the input it got, so the client still
-    holds the second hop's inputs as exact bytes: a replay of it alone needs nothing else
-    (test_fault_tolerance's larger span that takes over part of itself replays just so)."""
-    path, _, bridge = llama_swarm
-    head = ModelHead(path)
-    answers: collections.Counter = collections.Counter()
-    read_frame = protocol.read_frame
-
-    async def counting(stream, **kwargs):
-        frame = await read_frame(stream, **kwargs)
-        answers[id(stream), frame["type"]] += 1
-        return frame
-
-    monkeypatch.setattr(protocol, "read_frame", counting)
-
-    async def run() -> tuple[bool, int, int, int, bool]:
-        session = await bridge.client.open_session(path.name, head.num_layers, max_length=64, wire_codec="none")
-        async with session:
-            first, second = session._hops
-            hidden = await session.step(head.embed(_prompt(8, head.vocab_size, seed=9)))
-            before = answers[id(first.stream), "output"], answers[id(second.stream), "output"]
-            for _ in range(5):
-                hidden = await session.step(head.embed(head.logits(hidden[:, -1:]).argmax(-1)))
-            after = answers[id(first.stream), "output"], answers[id(second.stream), "output"]
-            whole = all(map(prompt_names.is_whole, second.inputs)) and first.outputs == second.inputs
-            return first.quiet, after[0] - before[0], after[1] - before[1], len(second.inputs), whole
-
-    assert bridge.call(run) == (True, 0, 5, 6, True)
 
 
 def test_cacheless_forward_equals_local(llama_swarm):
