@@ -99,6 +99,13 @@ class ConcurrencyLimiter:
 _SALT_KEY = secrets.token_bytes(32)  # this gateway process's: servers cannot test guessed tenant names
 
 
+def swarm_salt(tenant: str, cache_salt: str | None, *, shared: bool) -> str | None:
+    """The ``cache_salt`` a request of `tenant` goes to the swarm with (chat, completions and
+    embeddings alike): its own where tenants share cached starts (``--share-prefix-cache``), else
+    `tenant_salt`'s."""
+    return cache_salt if shared else tenant_salt(tenant, cache_salt)
+
+
 def tenant_salt(tenant: str, cache_salt: str | None) -> str:
     """The ``cache_salt`` a tenant's request goes to the swarm with: its own salt (if any) keyed with
     the tenant, so servers' prefix caches share prompt starts only within a tenant (and a salt).

@@ -155,20 +155,26 @@ def test_prompts_share_cached_starts_only_under_the_same_cache_salt(stack):
 
 def test_tenants_share_cached_starts_only_with_themselves_unless_the_gateway_lets_them(stack):
     """As OpenAI's prompt caching (never shared between organizations): the same prompt from two
-    tenants reuses only what the same tenant computed before. A gateway started with
-    `--share-prefix-cache` lets the second tenant reuse the first's."""
+    tenants reuses only what the same tenant computed before, in completions and embeddings alike.
+    A gateway started with `--share-prefix-cache` lets the second tenant reuse the first's."""
     other = KeyStore(stack["data_dir"]).create_key("globex")
     prompt = torch.randint(10, 500, (150,), generator=torch.Generator().manual_seed(12)).tolist()
+    embedded = torch.randint(10, 500, (100,), generator=torch.Generator().manual_seed(13)).tolist()
     whole_blocks = (len(prompt) - 1) // 16 * 16
 
-    def hits(base: str, key: str) -> list[float]:
+    def hits(base: str, key: str, embeddings: bool = False) -> list[float]:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
         before = [_prefix_tokens(port).get("hit", 0.0) for port in stack["metrics"]]
-        client.completions.create(model=stack["model"], prompt=prompt, max_tokens=2, temperature=0)
+        if embeddings:
+            client.embeddings.create(model=stack["model"], input=[embedded])
+        else:
+            client.completions.create(model=stack["model"], prompt=prompt, max_tokens=2, temperature=0)
         return [_prefix_tokens(port).get("hit", 0.0) - b for port, b in zip(stack["metrics"], before)]
 
     assert [hits(stack["base"], key) for key in (stack["key"], other, stack["key"], other)] == \
         [[0, 0], [0, 0], [whole_blocks] * 2, [whole_blocks] * 2]
+    assert [hits(stack["base"], key, embeddings=True) for key in (stack["key"], other, stack["key"])] == \
+        [[0, 0], [0, 0], [96, 96]]
     sharing, base = start_gateway(stack["path"], stack["peers"], stack["data_dir"], "--wire-codec", "none",
                                   "--verify-fraction", "0", "--share-prefix-cache")
     try:

@@ -61,8 +61,10 @@ def pool(head: Any, output: torch.Tensor, lengths: Sequence[int]) -> torch.Tenso
         return F.normalize(mean, p=2, dim=-1).cpu()
 
 
-async def embed_rows(backend: InferenceBackend, model: ServedModel, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Every row of token ids -> its embedding (float32 [h]), in the rows' order.
+async def embed_rows(backend: InferenceBackend, model: ServedModel, rows: Sequence[Sequence[int]],
+                     cache_salt: str | None = None) -> list[torch.Tensor]:
+    """Every row of token ids -> its embedding (float32 [h]), in the rows' order; `cache_salt` as a
+    generation's (a lone row's start goes through the servers' prefix caches too).
 
     Raises what `open_session` raises (`SwarmBusy`, `BlocksUnavailable`) and the swarm's failures;
     every session is closed, also on cancellation.
@@ -73,7 +75,8 @@ async def embed_rows(backend: InferenceBackend, model: ServedModel, rows: Sequen
         width = max(lengths)
         ids = torch.tensor([list(rows[i]) + [0] * (width - len(rows[i])) for i in group], dtype=torch.long)
         hidden = await run_sync(model.head.embed, ids)
-        session = await backend.open_session(model.swarm_id, batch=len(group), max_length=width, adapter=model.adapter)
+        session = await backend.open_session(model.swarm_id, batch=len(group), max_length=width, adapter=model.adapter,
+                                             cache_salt=cache_salt)
         try:
             output = await session.step(hidden)
         finally:

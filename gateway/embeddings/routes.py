@@ -20,6 +20,7 @@ from gateway.models import ServedModel
 from gateway.protocol.errors import InvalidRequest
 from gateway.protocol.schemas import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from gateway.state import GatewayDep, TenantDep
+from gateway.tenancy import swarm_salt
 
 router = APIRouter()
 
@@ -40,7 +41,8 @@ async def create_embeddings(body: EmbeddingRequest, gateway: GatewayDep, tenant:
         raise BlocksUnavailable(model.swarm_id, coverage)
     lease = gateway.limiter.acquire(tenant)
     try:
-        vectors = await unless_disconnected(request, embed_rows(gateway.backend, model, rows))
+        salt = swarm_salt(tenant, None, shared=gateway.settings.share_prefix_cache)
+        vectors = await unless_disconnected(request, embed_rows(gateway.backend, model, rows, salt))
     finally:
         lease.release()
     tokens = sum(len(row) for row in rows)

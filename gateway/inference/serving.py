@@ -30,7 +30,7 @@ from gateway.models import ServedModel
 from gateway.protocol.schemas import FinishReason, SamplingFields
 from gateway.settings import Settings
 from gateway.state import Gateway
-from gateway.tenancy import tenant_salt
+from gateway.tenancy import swarm_salt
 
 RequestT = TypeVar("RequestT", bound=SamplingFields)
 ResponseT = TypeVar("ResponseT", bound=BaseModel)
@@ -120,8 +120,8 @@ class OpenAIServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         """Resolve the model, prepare the job (400s) and start its generation (503/429)."""
         model = await gateway.models.resolve(body.model, tenant)
         job = await self.prepare(body, model, gateway.settings)
-        if not gateway.settings.share_prefix_cache:  # a tenant's prompts share cached starts with its own only
-            job = dataclasses.replace(job, cache_salt=tenant_salt(tenant, job.cache_salt))
+        salt = swarm_salt(tenant, job.cache_salt, shared=gateway.settings.share_prefix_cache)
+        job = dataclasses.replace(job, cache_salt=salt)
         return model, job, await start_generation(gateway, job, tenant)
 
     async def create(
