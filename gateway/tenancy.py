@@ -1,5 +1,5 @@
 """Who is calling and how much they may run: API keys -> tenants (401), per-tenant concurrency (429),
-and which cached prompt starts a tenant may reuse (`tenant_salt`).
+and which cached prompt starts a tenant may reuse (`swarm_salt`).
 
 Three modes, like vLLM's `--api-key`: per-tenant keys from the database (`storage.tenants`),
 one static key (tenant "default"), or open.
