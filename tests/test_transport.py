@@ -340,6 +340,15 @@ def test_a_stream_takes_megabytes_before_its_reader_reads():
     trio.run(main)
 
 
+async def _echo_frames(stream) -> None:
+    """A stream handler that sends every frame back until the stream ends."""
+    while True:
+        try:
+            await protocol.write_frame(stream, await protocol.read_frame(stream))
+        except EOFError:
+            return
+
+
 def test_many_streams_between_real_nodes_get_their_frames_intact_and_fewer_messages(monkeypatch):
     """32 streams at once over one real connection (TCP, noise, yamux): every frame comes back
     whole and in its stream's order, and frames that met went out together (fewer noise
@@ -361,16 +370,9 @@ def test_many_streams_between_real_nodes_get_their_frames_intact_and_fewer_messa
     monkeypatch.setattr(SecureSession, "write", counting_message)
     echo = "/swarmgate-test/echo-many/1"
 
-    async def serve(stream) -> None:
-        while True:
-            try:
-                await protocol.write_frame(stream, await protocol.read_frame(stream))
-            except EOFError:
-                return
-
     async def main() -> None:
         async with start_node() as node, start_node() as other:
-            other.host.set_stream_handler(echo, serve)
+            other.host.set_stream_handler(echo, _echo_frames)
             await node.connect(other.multiaddrs()[0])
             streams = [await node.open_stream(other.peer_id, echo) for _ in range(32)]
             counts.update(frames=0, messages=0)
@@ -401,20 +403,13 @@ def test_lean_stream_writes_and_reads_keep_py_libp2ps_semantics():
 
     echo, resetting = "/swarmgate-test/echo-lean/1", "/swarmgate-test/reset/1"
 
-    async def serve_echo(stream) -> None:
-        while True:
-            try:
-                await protocol.write_frame(stream, await protocol.read_frame(stream))
-            except EOFError:
-                return
-
     async def serve_reset(stream) -> None:
         await protocol.read_frame(stream)
         await stream.reset()
 
     async def main() -> None:
         async with start_node() as node, start_node() as other:
-            other.host.set_stream_handler(echo, serve_echo)
+            other.host.set_stream_handler(echo, _echo_frames)
             other.host.set_stream_handler(resetting, serve_reset)
             await node.connect(other.multiaddrs()[0])
             stream = await node.open_stream(other.peer_id, echo)
