@@ -231,10 +231,12 @@ def swarm_run(path: Path, adapter: LoraAdapter, examples: list[TokenizedExample]
     from blocks.checkpoint import checkpoint_hash, load_config
     from gateway.swarm_backend import SwarmBackend, SwarmModel
     from swarm.bridge import SwarmBridge
+    from swarm.node_options import keep_freed_memory
     from swarmgate.launcher import stop_all
 
     layers = load_config(path).num_hidden_layers
     tokens = len(examples) * len(examples[0].input_ids)
+    keep_freed_memory()  # as the gateway's process does (gateway/serve.py)
     log_dir.mkdir(parents=True, exist_ok=True)
     settings = parse_transport(transport)
     result = Result(f"swarm, gateway step, {transport} yamux")
@@ -343,11 +345,11 @@ def wire_echo(size: int, frame: int | None, repeats: int = 3) -> float:
 
 def wire_bytes(examples: list[TokenizedExample], hidden: int, element: int, adapter: LoraAdapter) -> dict[str, int]:
     """What one swarm step over two servers moves: hidden states (forward: to and from each server;
-    backward: its input and output gradient to each, the input gradient back), the adapter uploaded
-    (it changed) and its gradients returned."""
+    backward: its input and output gradient to each, the input gradient back from the second; the
+    first's input needs none), the adapter uploaded (it changed) and its gradients returned."""
     activation = len(examples) * len(examples[0].input_ids) * hidden * element
     lora = sum(t.numel() * 4 for t in adapter.tensors.values())
-    return {"hidden states": 2 * 2 * activation + 2 * 3 * activation, "adapter upload": lora,
+    return {"hidden states": 2 * 2 * activation + (2 * 2 + 1) * activation, "adapter upload": lora,
             "LoRA gradients": lora}
 
 

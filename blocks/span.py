@@ -203,22 +203,28 @@ class BlockSpan:
                                                    for hidden, cache, position in steps])
 
     def backward(
-        self, hidden: torch.Tensor, grad_output: torch.Tensor, adapter: lora.SpanLora | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self, hidden: torch.Tensor, grad_output: torch.Tensor, adapter: lora.SpanLora | None, *,
+        input_grad: bool = True,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Gradients of a cache-less forward with `adapter`, given the gradient of its output.
 
-        Returns the gradient for `hidden` and for each LoRA tensor (PEFT names). The forward is
-        recomputed here, so nothing is kept between a client's forward and backward requests.
+        Returns the gradient for `hidden` (None without `input_grad`) and for each LoRA tensor
+        (PEFT names). The forward is recomputed here, so nothing is kept between a client's forward
+        and backward requests.
         """
         if grad_output.shape != hidden.shape:
             raise ValueError(f"output gradient {list(grad_output.shape)} does not match the input {list(hidden.shape)}")
         trainable = adapter.trainable() if adapter is not None else None
         leaves = dict(trainable.named_tensors()) if trainable is not None else {}
-        hidden = hidden.detach().to(self.device, copy=True).requires_grad_(True)  # a leaf, even from inference mode
+        if not input_grad and not leaves:
+            return None, {}
+        # a leaf, even from inference mode
+        hidden = hidden.detach().to(self.device, copy=True).requires_grad_(input_grad)
         with torch.enable_grad(), lora.applied(trainable), self._gpu.lock:
             output = self._forward(hidden, None, 0)
-        grad_input, *grads = torch.autograd.grad(output, [hidden, *leaves.values()],
-                                                 grad_output.to(output.device, output.dtype))
+        wanted = [hidden, *leaves.values()] if input_grad else list(leaves.values())
+        grads = torch.autograd.grad(output, wanted, grad_output.to(output.device, output.dtype))
+        grad_input, grads = (grads[0], grads[1:]) if input_grad else (None, grads)
         return grad_input, dict(zip(leaves, grads))
 
     def _check_hidden(self, hidden: torch.Tensor) -> None:

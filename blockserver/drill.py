@@ -51,6 +51,8 @@ class Drill:
 
 
 def _noisy_all(output: Any) -> Any:
+    if output is None:  # a gradient not asked for
+        return None
     if isinstance(output, torch.Tensor):
         return noisy(output)
     if isinstance(output, dict):

@@ -21,7 +21,7 @@ from blockserver.throughput import ThroughputCache
 from blocks.checkpoint import checkpoint_hash, default_model_name, load_config, resolve_model
 from blocks.span import BlockSpan
 from blocks.gguf_checkpoint import embedded_model_path
-from swarm.node_options import configure_threads, freeze_imported_objects
+from swarm.node_options import configure_threads, freeze_imported_objects, keep_freed_memory
 from swarm.node import SwarmNode, start_node
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ def run(config: ServerConfig) -> None:
     """Serve until interrupted."""
     configure_threads(config.torch_threads)
     freeze_imported_objects()
+    keep_freed_memory()
     try:
         trio.run(serve, config)
     except KeyboardInterrupt:

@@ -10,7 +10,8 @@ Requests, any number per stream, each answered by one frame and each due within 
 timeout of the stream's opening or the previous answer:
 - ``upload`` {adapter: digest, scaling, tensors: {PEFT name: tensor (codec none)}} -> ``stored``
 - ``forward`` {adapter, codec, hidden} -> ``output`` {hidden}
-- ``backward`` {adapter, codec, hidden, grad} -> ``grads`` {grad_input, grads: {name: tensor}}
+- ``backward`` {adapter, codec, hidden, grad[, input_grad]} -> ``grads`` {grad_input, grads: {name: tensor}}
+  (``input_grad`` false: no ``grad_input``, e.g. for the first span, whose input needs none)
 (``adapter`` null: the span has no LoRA tensors, e.g. an adapter limited to other layers.)
 Every request may carry ``blocks`` [start, end], the span the client believes it addresses; a
 server that has moved since refuses it (code ``error``: another server may do). A request naming
@@ -144,16 +145,19 @@ class TrainingService:
         wire_codec = incoming.wire_codec(request)
         hidden = self._hidden(request, "hidden", span)
         grad = self._hidden(request, "grad", span)
+        input_grad = request.get("input_grad", True)
+        if not isinstance(input_grad, bool):
+            raise ProtocolError("field 'input_grad' must be a boolean")
         if grad.shape != hidden.shape:
             raise ProtocolError(f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
         grad_input, grads = await trio.to_thread.run_sync(
-            fitted(lambda: self.drill(span.backward(hidden, grad, adapter), "backward")), limiter=self.compute
+            fitted(lambda: self.drill(span.backward(hidden, grad, adapter, input_grad=input_grad), "backward")),
+            limiter=self.compute,
         )
-        return {
-            "type": "grads",
-            "grad_input": codec.encode(grad_input, wire_codec),
-            "grads": {name: codec.encode(g, "none") for name, g in grads.items()},
-        }
+        reply = {"type": "grads", "grads": {name: codec.encode(g, "none") for name, g in grads.items()}}
+        if grad_input is not None:
+            reply["grad_input"] = codec.encode(grad_input, wire_codec)
+        return reply
 
     def _hidden(self, request: dict[str, Any], key: str, span: BlockSpan) -> torch.Tensor:
         """Hidden states (or their gradient) [batch, tokens, hidden] within the per-request token limit."""

@@ -16,7 +16,7 @@ from gateway.settings import Settings
 from gateway.swarm_backend import SwarmBackend, SwarmModel
 from swarm.bridge import SwarmBridge
 from swarm.node import RTT_PROBE_INTERVAL
-from swarm.node_options import NodeOptions, freeze_imported_objects
+from swarm.node_options import NodeOptions, freeze_imported_objects, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def run(
     """Serve ``settings.models`` until interrupted. ``on_ready`` runs once uvicorn listens and, when
     ``wait_for_coverage`` > 0, every block of every model is served (or that many seconds passed)."""
     freeze_imported_objects()
+    keep_freed_memory()
     served = [
         SwarmModel(name, load_config(path).num_hidden_layers, checkpoint_hash(path))
         for name, path in settings.models.items()

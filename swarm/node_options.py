@@ -3,6 +3,7 @@ the garbage collector."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import logging
@@ -136,3 +137,26 @@ def freeze_imported_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEEP_FREED_BYTES = 256 * 1024 * 1024
+HEAP_BLOCKS_UP_TO = 64 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed megabytes instead of returning them to the kernel.
+
+    A step's hidden states pass through several fresh buffers per hop (socket reads, decryption,
+    the frame, CBOR, the tensor); by default glibc serves each such buffer of more than a few MB
+    with fresh pages (mmap, or heap space it trimmed back to the kernel on the last free), and
+    the page faults of touching them cost more than the copies: on this 2-core machine a copy into
+    fresh memory ran at ~2.6 GB/s. Buffers up to 32 MB now come from the heap and freed space up to
+    256 MB stays there. False where the C library has no `mallopt` (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))

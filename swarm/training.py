@@ -92,22 +92,31 @@ async def forward(
     return output, TrainContext(client, adapter, hops, wire_codec, hidden.shape, hidden.dtype, hidden.device)
 
 
-async def backward(context: TrainContext, grad_output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Gradients for the forward's input and for every LoRA tensor of the adapter (PEFT names).
+async def backward(
+    context: TrainContext, grad_output: torch.Tensor, *, input_grad: bool = True
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Gradients for the forward's input (None unless `input_grad`) and for every LoRA tensor of the
+    adapter (PEFT names).
 
     Each span goes to the server that did its forward; if one has failed since, this raises and
-    the step is best redone, forward included (its new chain avoids the failed server).
+    the step is best redone, forward included (its new chain avoids the failed server). Without
+    `input_grad` (the gateway's embeddings are frozen) the first span returns no input gradient: one
+    hidden-state-sized transfer less per step, and no request at all when it has no LoRA tensors.
     """
     if grad_output.shape != context.shape:
         raise ValueError(f"grad_output {list(grad_output.shape)} must have the output's shape {list(context.shape)}")
     client, grad = context.client, codec.encode(grad_output.to(context.dtype), context.wire_codec)
     grads: dict[str, torch.Tensor] = {}
     devices = {name: t.device for name, t in context.adapter.source.items()}
-    for hop in reversed(context.hops):
+    for index in reversed(range(len(context.hops))):
+        hop, wants_input = context.hops[index], input_grad or index > 0
         expected = context.adapter.span(hop.record.start, hop.record.end).tensors
+        if not wants_input and not expected:
+            return None, grads
 
         async def span_backward(record: ServerRecord, grad_wire: dict[str, Any]) -> _Grads:
-            request = {"type": "backward", "codec": context.wire_codec, "hidden": hop.inputs, "grad": grad_wire}
+            request = {"type": "backward", "codec": context.wire_codec, "hidden": hop.inputs, "grad": grad_wire,
+                       "input_grad": wants_input}
             reply = await _call(client, record, context.adapter, request, "grads")
             received = protocol.field(reply, "grads", dict)
             if set(received) != set(expected):
@@ -115,17 +124,20 @@ async def backward(context: TrainContext, grad_output: torch.Tensor) -> tuple[to
             names = sorted(received)
             tensors = [_decode(received[name], expected[name].shape, expected[name].dtype, torch.device("cpu"))
                        for name in names]
-            return _Grads(_decode(protocol.field(reply, "grad_input", dict), context.shape, context.dtype,
-                                  torch.device("cpu")), dict(zip(names, tensors)))
+            grad_input = (_decode(protocol.field(reply, "grad_input", dict), context.shape, context.dtype,
+                                  torch.device("cpu")) if wants_input else None)
+            return _Grads(grad_input, dict(zip(names, tensors)))
 
         result = await span_backward(hop.record, grad)
         if client.check_drawn():
             checked = Checked("training backward", context.wire_codec, _Grads.as_rows, single_server=True,
                               whole_spans=True)
             result = await client.spot_check(hop.record, span_backward, grad, result, checked)
-        grad = codec.encode(result.grad_input, context.wire_codec)
         for name, tensor in result.lora.items():
             grads[name] = tensor.to(devices[name])
+        if result.grad_input is None:
+            return None, grads
+        grad = codec.encode(result.grad_input, context.wire_codec)
     return _decode(grad, context.shape, context.dtype, context.device), grads
 
 
@@ -136,14 +148,14 @@ _Walk = tuple[dict[str, Any], tuple[_Hop, ...]]  # a forward's wire tensor so fa
 class _Grads:
     """One span's backward: the gradient of its input and of its LoRA tensors (on the host)."""
 
-    grad_input: torch.Tensor
+    grad_input: torch.Tensor | None  # None where not asked for
     lora: dict[str, torch.Tensor]
 
     def as_rows(self) -> torch.Tensor:
         """Everything as rows of one [1, rows, width] tensor for ``judge``: the input gradient's
         token rows, and each LoRA gradient's rows along its longer side, zero-padded (which
         leaves every row's norm, so its relative error, unchanged)."""
-        rows = [self.grad_input.reshape(-1, self.grad_input.shape[-1]).float()]
+        rows = [] if self.grad_input is None else [self.grad_input.reshape(-1, self.grad_input.shape[-1]).float()]
         rows += [(t if t.shape[-1] >= t.shape[0] else t.T).float() for t in self.lora.values()]
         width = max(r.shape[-1] for r in rows)
         return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows]).unsqueeze(0)
@@ -193,7 +205,7 @@ class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         spec, context = ctx.spec, ctx.context
-        grad_input, grads = spec.run(lambda: backward(context, grad_output))
+        grad_input, grads = spec.run(lambda: backward(context, grad_output, input_grad=ctx.needs_input_grad[1]))
         return (None, grad_input, *(grads[name] for name in spec.names))
 
 

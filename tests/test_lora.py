@@ -99,7 +99,12 @@ def test_span_forward_and_backward_equal_peft(name, tiny_models, tmp_path):
     output = spans[1].forward(inputs[1], adapter=loras[1]).clone().requires_grad_(True)
     _loss(head.differentiable_logits(output), labels).backward()
     grad_mid, grads = spans[1].backward(inputs[1], output.grad, loras[1])
-    grads |= spans[0].backward(inputs[0], grad_mid, loras[0])[1]
+    first_input_grad, first_grads = spans[0].backward(inputs[0], grad_mid, loras[0])
+    no_input_grad, same_grads = spans[0].backward(inputs[0], grad_mid, loras[0], input_grad=False)
+    assert first_input_grad.shape == inputs[0].shape and no_input_grad is None
+    for grad_name, grad in first_grads.items():
+        torch.testing.assert_close(same_grads[grad_name], grad, atol=0, rtol=0)
+    grads |= first_grads
 
     reference = _peft_model(path, adapter, tmp_path / "adapter")
     logits = reference(ids).logits
@@ -175,7 +180,7 @@ def tenant_adapters(tiny_models, tmp_path_factory):
 
 
 @pytest.mark.e2e
-def test_lora_gradients_through_swarm_equal_peft(lora_swarm, tmp_path):
+def test_lora_gradients_through_swarm_equal_peft(lora_swarm, tmp_path, monkeypatch):
     path, _, bridge = lora_swarm
     head = ModelHead(path)
     fresh = create_adapter(path, base_name="llama", r=4, alpha=8, target_modules=SUPPORTED_MODULES, seed=7)
@@ -187,11 +192,23 @@ def test_lora_gradients_through_swarm_equal_peft(lora_swarm, tmp_path):
     adapter = _trained(fresh, 7)
     ids, labels = _batch(head.vocab_size, [16, 9, 12], seed=3)
 
+    replies: list[tuple[int, bool]] = []  # (span start, grad_input in the reply) of each backward
+    call = training._call
+
+    async def recording(client, record, weights, request, reply_type):
+        reply = await call(client, record, weights, request, reply_type)
+        if request["type"] == "backward":
+            replies.append((record.start, "grad_input" in reply))
+        return reply
+
     params = {n: t.clone().requires_grad_(True) for n, t in adapter.tensors.items()}
+    monkeypatch.setattr(training, "_call", recording)
     hidden = training.remote_blocks(bridge.call, bridge.client, path.name, 4, head.embed(ids),
                                     LoraWeights(params, adapter.scaling))
     loss = _loss(head.differentiable_logits(hidden), labels)
     loss.backward()
+    # the embeddings are frozen: the first span sends back no gradient for its input
+    assert sorted(replies) == [(0, False), (2, True)], replies
 
     reference = _peft_model(path, adapter, tmp_path / "adapter")
     expected_loss = _loss(reference(ids).logits, labels)
@@ -359,6 +376,9 @@ def test_bad_training_requests_get_clear_errors(lora_swarm, tenant_adapters):
     reply = _train_request(bridge, record, {"type": "backward", "adapter": span.digest, "codec": "none",
                                             "hidden": hidden(4), "grad": hidden(5)})
     assert "must have the shape" in reply["message"]
+    reply = _train_request(bridge, record, {"type": "backward", "adapter": span.digest, "codec": "none",
+                                            "hidden": hidden(4), "grad": hidden(4), "input_grad": "no"})
+    assert reply["code"] == protocol.INVALID and "'input_grad' must be a boolean" in reply["message"]
     reply = _train_request(bridge, record, {"type": "forward", "adapter": span.digest, "codec": "none",
                                             "hidden": hidden(4)})
     assert reply["type"] == "output"  # the server keeps serving after bad requests

@@ -1,7 +1,7 @@
 """py-libp2p's stack as the swarm tunes it (swarm/transport/tuning.py): the patches are in
 place, and each keeps the semantics of what it replaces: locks exclude, combined writes keep
-their order and their errors and let a cancelled writer go, buffered TCP reads hand out every
-byte once and in order, yamux credits windows per half window yet big frames flow."""
+their order and their errors and let a cancelled writer go, yamux credits windows per half window
+yet big frames flow. The paths for megabytes (swarm/transport/bulk.py): tests/test_transport_bulk.py."""
 
 from __future__ import annotations
 
@@ -11,21 +11,19 @@ import types
 import pytest
 import trio
 from libp2p.io.exceptions import ConnectionClosedError
-from libp2p.io.trio import TrioTCPStream
 from libp2p.stream_muxer.yamux import yamux
 
 from swarm import protocol
 from swarm.node import start_node
 from swarm.transport.tuning import (
-    TCP_READ_SIZE, _buffered_tcp_read, _combined_write_frame, _FreeFirstLock, _lean_read_stream,
-    _lean_stream_write, _read_data_body,
+    _combined_write_frame, _FreeFirstLock, _lean_read_stream, _lean_stream_write, _read_data_body,
 )
 
 pytestmark = pytest.mark.skipif(os.environ.get("SWARMGATE_LIBP2P_TUNING") == "0", reason="the tuning is off")
 
 
 def test_a_node_installs_the_tuning():
-    assert TrioTCPStream.read is _buffered_tcp_read and yamux.Yamux._write_frame is _combined_write_frame
+    assert yamux.Yamux._write_frame is _combined_write_frame
     assert yamux.Yamux._read_data_body is _read_data_body
     assert yamux.YamuxStream.write is _lean_stream_write and yamux.Yamux.read_stream is _lean_read_stream
     assert yamux._yamux_release_on_read.cache_info() is not None  # PY_YAMUX_* read once
@@ -158,44 +156,6 @@ def test_a_cancelled_writer_writes_nothing():
 def test_a_failed_write_fails_every_frame_it_carried():
     outcome = _writers(SlowConnection(fail=True), [b"a", b"b", b"c"])
     assert all(isinstance(result, ConnectionClosedError) for result in outcome.values()) and len(outcome) == 3
-
-
-# -- buffered TCP reads -------------------------------------------------------------------------------
-
-class ChunkedSocket:
-    """A trio SocketStream stand-in: each receive returns the next chunk (or raises it)."""
-
-    def __init__(self, *chunks: bytes | BaseException):
-        self.chunks, self.asked = list(chunks), []
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        self.asked.append(max_bytes)
-        chunk = self.chunks.pop(0)
-        if isinstance(chunk, BaseException):
-            raise chunk
-        return chunk[:max_bytes]
-
-
-def test_tcp_reads_serve_what_one_socket_read_fetched_beyond_them():
-    socket = ChunkedSocket(b"abcdef", b"gh", b"x" * 5, trio.BrokenResourceError("reset"))
-    stream = TrioTCPStream(socket)
-
-    async def main() -> list[bytes]:
-        reads = [await stream.read(2), await stream.read(2), await stream.read(0), await stream.read(10),
-                 await stream.read(), await stream.read(2 * TCP_READ_SIZE)]
-        try:
-            await stream.read(1)
-        except ConnectionClosedError:
-            reads.append(b"<reset>")
-        return reads
-
-    assert trio.run(main) == [b"ab", b"cd", b"", b"ef", b"gh", b"xxxxx", b"<reset>"]
-    assert socket.asked == [TCP_READ_SIZE, TCP_READ_SIZE, 2 * TCP_READ_SIZE, TCP_READ_SIZE]
-
-
-def test_a_tcp_read_of_a_closed_stream_returns_nothing():
-    stream = TrioTCPStream(ChunkedSocket(trio.ClosedResourceError()))
-    assert trio.run(stream.read, 4) == b""
 
 
 def test_a_data_body_read_returns_its_bytes_or_times_out_as_py_libp2ps(monkeypatch):

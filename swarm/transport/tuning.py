@@ -52,10 +52,10 @@ from libp2p.stream_muxer.yamux import yamux
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from swarm.protocol import time_limit
+from swarm.transport import bulk
 
 logger = logging.getLogger(__name__)
 
-TCP_READ_SIZE = 64 * 1024
 INITIAL_RECEIVE_WINDOW = 8 * 1024 * 1024  # an 8B model's bf16 hidden states of a 1,024-token prompt
 
 
@@ -256,30 +256,6 @@ def _hand_on(writes: dict[str, Any]) -> None:
         writes["sending"] = False
 
 
-async def _buffered_tcp_read(self: TrioTCPStream, n: int | None = None) -> bytes:
-    """`TrioTCPStream.read`: up to `n` bytes, from what an earlier read fetched beyond its own
-    when there is some, else from one socket read of up to `TCP_READ_SIZE`."""
-    if n == 0:
-        return b""
-    async with self.read_lock:
-        data = self.__dict__.pop("_swarm_unread", b"")
-        if not data:
-            try:
-                data = await self.stream.receive_some(max(n or 0, TCP_READ_SIZE))
-            except trio.BrokenResourceError as error:
-                raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}", transport="tcp") from error
-            except trio.ClosedResourceError:
-                return b""
-        if n is not None and len(data) > n:
-            self._swarm_unread, data = data[n:], data[:n]
-        return data
-
-
-def _free(lock: Any) -> bool:
-    inner = getattr(lock, "_inner", lock)
-    return inner.value > 0 if isinstance(inner, trio.Semaphore) else not inner.locked()
-
-
 _MAX_DATA_BODY = yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE
 
 
@@ -290,8 +266,10 @@ async def _lean_stream_write(self: YamuxStream, data: bytes) -> None:
     nothing else runs between the check and the debit; any other write as py-libp2p makes it."""
     await trio.lowlevel.checkpoint_if_cancelled()
     size = len(data)
-    if (0 < size <= _MAX_DATA_BODY and size <= self.send_window and not self.send_closed and not self.closed
-            and _free(self.window_lock) and _free(self.rw_lock._writer_lock)):
+    if size > _MAX_DATA_BODY:
+        await bulk.bulk_write(self, data, _stream_write)
+        return
+    if 0 < size <= self.send_window and bulk.writable_now(self):
         self.send_window -= size
         await self.conn._write_frame(struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0, self.stream_id, size)
                                      + data)
@@ -306,7 +284,7 @@ async def _lean_read_stream(self: Yamux, stream_id: int, n: int | None = -1) -> 
     await trio.lowlevel.checkpoint_if_cancelled()
     stream, buffer = self.streams.get(stream_id), self.stream_buffers.get(stream_id)
     if (stream is None or not buffer or stream.recv_closed or stream.reset_received or stream.closed
-            or self.event_shutting_down.is_set() or not _free(self.streams_lock)):
+            or self.event_shutting_down.is_set() or not bulk.free(self.streams_lock)):
         return await _read_stream(self, stream_id, n)
     if n is None or n < 0 or n >= len(buffer):
         data = bytes(buffer)
@@ -351,8 +329,7 @@ def install() -> None:
     Yamux.read_stream = _lean_read_stream
     if hasattr(Yamux, "_read_data_body") and hasattr(yamux, "read_exactly"):
         Yamux._read_data_body = _read_data_body
-    if hasattr(TrioTCPStream, "read"):
-        TrioTCPStream.read = _buffered_tcp_read
+    bulk.install()
     yamux.MAX_MESSAGE_SIZE = min(yamux.MAX_MESSAGE_SIZE, MAX_PLAINTEXT_LENGTH)  # a frame, header too, per message
     for name in _YAMUX_SETTINGS:
         if callable(setting := getattr(yamux, name, None)):
