@@ -6,8 +6,9 @@ Two nodes in one process (real hosts: TCP on loopback, noise, yamux) echo frames
 once each send a `--frame-kb` frame and wait for it back (an 8B model's bf16 hidden state for one
 token is 8 KB), then one stream sends `--bulk-mb` frames (a 1,024-token prompt's is 8 MB). Each
 setting runs in a child process, with `SWARMGATE_LIBP2P_TUNING=0` (py-libp2p as it ships) and
-with the tuning of swarm/transport/tuning.py; printed are round trips/s, CPU µs per round trip
-(both ends together) and bulk MB/s, and the tuned setting's ratios to the plain one.
+with the tuning of swarm/transport/ (and glibc's malloc keeping freed megabytes, as servers and
+gateways do: swarm/node_options.py); printed are round trips/s, CPU µs per round trip (both ends
+together) and bulk MB/s, and the tuned setting's ratios to the plain one.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if os.environ["SWARMGATE_LIBP2P_TUNING"] == "1":
+            from swarm.node_options import keep_freed_memory
+
+            keep_freed_memory()  # as every server and gateway process does
         print(json.dumps(trio.run(_measure, args.streams, int(args.frame_kb * 1024), int(args.bulk_mb * 1e6),
                                   args.rounds)))
         return

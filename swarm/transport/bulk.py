@@ -3,8 +3,11 @@
 A 1,024-token prompt of an 8B model is 8 MB of bf16 per hop, a LoRA training step's activations
 16.8 MB per transfer. py-libp2p moves them as 64 KB yamux frames, each its own noise message,
 each written and read through a dozen awaits (locks, the yamux reader's loop, trio's socket
-wrappers), which held two processes on one machine to ~180 MB/s at ~5 ms of CPU per MB on either
-side (`scratch`-style two-process measurement; benchmarks/wire_frames.py's bulk line). Here:
+wrappers), and copies each byte about ten times on the way in. Between two processes on this
+2-core machine (one sending 16 MB frames, the other reading them) that was ~180 MB/s at 4.4–5.3 ms
+of CPU per MB on either side; with this module and `node_options.keep_freed_memory` ~400 MB/s,
+~2 ms per MB on either side. benchmarks/wire_frames.py (8 MB frames echoed between two nodes in
+one process): 61–63 → 140–150 MB/s each way. Here:
 
 - A write of more than one 64 KB frame goes out as yamux frames of up to `BULK_FRAME_BODY` bytes
   (256 KB: frames of other streams still interleave between them, each waiting at most one such

@@ -17,8 +17,8 @@ round trips/s on one stream, 1,799 → 5,158 on 32 at once (556 → 194 µs of C
   extra scheduler round when free.
 - Writes that meet on one yamux connection while another is being sent go out together as one
   noise message and one socket send, in order (`_combined_write_frame`).
-- TCP reads fetch up to 64 KB at once and serve the bytes that follow from memory: noise reads
-  its 2-byte length and then its message, two socket reads per message before.
+- TCP reads fetch up to 256 KB at once and serve the bytes that follow from memory: noise reads
+  its 2-byte length and then its message, two socket reads per message before (`bulk.py`).
 - A yamux data frame, header included, fits one noise message (65,519 bytes of plaintext): yamux's
   64 KiB frames each went out as a full noise message and a 17-byte runt, each with its own
   encryption, length prefix, socket send and, at the other end, read and decryption. Bulk
@@ -31,6 +31,7 @@ round trips/s on one stream, 1,799 → 5,158 on 32 at once (556 → 194 µs of C
 - Yamux's PY_YAMUX_* settings are read once, not from the environment on every frame.
 - A data frame's body is read within yamux's timeout by `protocol.time_limit`, not
   `trio.fail_after`'s generator-based context manager.
+Writes and reads of megabytes take the paths in `bulk.py`, installed with these.
 A patch whose target a py-libp2p upgrade renamed is skipped: slower, not wrong.
 `SWARMGATE_LIBP2P_TUNING=0` installs nothing (a diagnosis; benchmarks/wire_frames.py's baseline).
 """
