@@ -218,7 +218,7 @@ class BlockSpan:
         leaves = dict(trainable.named_tensors()) if trainable is not None else {}
         if not input_grad and not leaves:
             return None, {}
-        # a leaf, even from inference mode
+        # a copy: a plain tensor (a leaf when its gradient is asked for), even from inference mode
         hidden = hidden.detach().to(self.device, copy=True).requires_grad_(input_grad)
         with torch.enable_grad(), lora.applied(trainable), self._gpu.lock:
             output = self._forward(hidden, None, 0)

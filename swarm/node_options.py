@@ -141,7 +141,9 @@ def freeze_imported_objects() -> None:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 KEEP_FREED_BYTES = 256 * 1024 * 1024
-HEAP_BLOCKS_UP_TO = 64 * 1024 * 1024
+# buffers this size or smaller come from the heap: a training step's 33.6 MB request fits; glibc
+# before 2.35 or so refuses more than 32 MB, so that is the fallback
+HEAP_BLOCKS_UP_TO = (64 * 1024 * 1024, 32 * 1024 * 1024)
 
 
 def keep_freed_memory() -> bool:
@@ -151,12 +153,15 @@ def keep_freed_memory() -> bool:
     the frame, CBOR, the tensor); by default glibc serves each such buffer of more than a few MB
     with fresh pages (mmap, or heap space it trimmed back to the kernel on the last free), and
     the page faults of touching them cost more than the copies: on this 2-core machine a copy into
-    fresh memory ran at ~2.6 GB/s. Buffers up to 32 MB now come from the heap and freed space up to
-    256 MB stays there. False where the C library has no `mallopt` (not glibc).
+    fresh memory ran at ~2.6 GB/s. Buffers up to 64 MB (32 on older glibc) now come from the heap
+    and freed space up to 256 MB stays there: a process may keep that much more resident (per
+    malloc arena), and a heap holding long-lived blocks can fragment. True when both settings took;
+    False where the C library has no `mallopt` (not glibc) or refused them.
     """
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    heap = any(mallopt(_M_MMAP_THRESHOLD, size) for size in HEAP_BLOCKS_UP_TO)
+    kept = bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    return heap and kept

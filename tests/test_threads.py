@@ -153,7 +153,7 @@ print(frozen, alive() is None)
 def test_freed_megabytes_are_reused_without_page_faults():
     """`keep_freed_memory` (the gateway and every server call it): buffers of a hop's size, made and
     dropped as a frame passes through, come back from the heap instead of fresh pages. Without it,
-    each round of four 16 MB buffers here costs ~12,000 page faults (the pages of every new buffer)."""
+    each round of four 16 MB buffers here costs ~12,000 page faults of 4 KB pages (every new buffer's)."""
     script = """
 import resource, sys
 from swarm.node_options import keep_freed_memory
@@ -173,5 +173,5 @@ print(kept, faults() - start)
         assert child.returncode == 0, child.stderr[-2000:]
         kept, faults = child.stdout.split()
         runs[mode] = (kept, int(faults))
-    assert runs["default"][0] == "False" and runs["default"][1] > 20 * 4096, runs  # fresh pages every time
-    assert runs["keep"][0] == "True" and runs["keep"][1] < 4096, runs
+    assert runs["default"][0] == "False" and runs["keep"][0] == "True"
+    assert runs["keep"][1] * 20 < runs["default"][1], runs  # fresh pages every time (fewer with huge pages)

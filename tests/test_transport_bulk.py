@@ -172,10 +172,11 @@ def test_a_frame_larger_than_the_window_crosses_whole_beside_small_frames(monkey
 
     monkeypatch.setattr(yamux.Yamux, "_write_frame", counting)
     waits: list[int] = []
-    window_credit = bulk._window_credit
+    window_credit, window_spent = bulk._window_credit, trio.Event()
 
     async def waiting(stream) -> None:
         waits.append(stream.send_window)
+        window_spent.set()
         await window_credit(stream)
 
     monkeypatch.setattr(bulk, "_window_credit", waiting)
@@ -183,7 +184,7 @@ def test_a_frame_larger_than_the_window_crosses_whole_beside_small_frames(monkey
     payload = random.Random(0).randbytes(20_000_000)
 
     async def serve_sink(stream) -> None:
-        await trio.sleep(0.5)  # the writer spends its window meanwhile
+        await window_spent.wait()  # read only once the writer has spent its window
         frame = await protocol.read_frame(stream, max_bytes=1 << 25)
         await protocol.write_frame(stream, {"type": "ok", "same": frame["data"] == payload})
 

@@ -257,7 +257,7 @@ def _hand_on(writes: dict[str, Any]) -> None:
         writes["sending"] = False
 
 
-_MAX_DATA_BODY = yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE
+_MAX_DATA_BODY = MAX_PLAINTEXT_LENGTH - yamux.HEADER_SIZE  # a frame, header too, per noise message
 
 
 async def _lean_stream_write(self: YamuxStream, data: bytes) -> None:
