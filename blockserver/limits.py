@@ -26,6 +26,7 @@ class ServerLimits:
     drain_timeout: float = 60.0  # after a move, sessions on the old span may run this long
     max_train_tokens: int = 4096  # batch * length of one training forward/backward
     adapter_cache_bytes: int = 256 * 2**20  # LoRA adapters kept by digest (LRU)
+    train_kept_bytes: int = 512 * 2**20  # training forwards' inputs kept for their backward (LRU, idle_timeout)
     # A whole FORWARD/TRAIN request, or a PUSH stream's first step, must arrive within it (a 64 MiB
     # frame needs ~5 Mbit/s): a peer that sends nothing, or part of a frame, holds no handler longer.
     read_timeout: float = 120.0

@@ -202,6 +202,7 @@ async def read_frame(stream: Stream, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
 
 BUSY = "busy"  # error code: the server is full now; another server or a retry later may work
 UNKNOWN_ADAPTER = "unknown_adapter"  # error code: upload the span's adapter tensors, then retry
+UNKNOWN_INPUT = "unknown_input"  # error code: a kept training input is gone; send it with the request
 INVALID = "invalid"  # error code: the request itself is wrong; another server would refuse it too
 UNKNOWN_PREFIX = "unknown_prefix"  # error code: a named prompt prefix is not cached there; send its bytes
 MOVED = "moved"  # error code: the server serves other blocks now; the record the client chose by is stale

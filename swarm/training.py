@@ -2,8 +2,9 @@
 
 The gateway holds the adapter and its optimizer state (DESIGN.md §6); servers compute.
 ``forward`` sends hidden states span by span with the adapter applied and keeps what went into
-each span; ``backward`` walks the chain in reverse, sending each span its input again with the
-gradient of its output, and collects the gradient of the input and of that span's LoRA tensors.
+each span; ``backward`` walks the chain in reverse, sending each span the gradient of its output
+(and its input again, unless the server kept it from the forward), and collects the gradient of
+the input and of that span's LoRA tensors.
 ``remote_blocks`` wraps the pair as an autograd function, so a local loop calls
 ``loss.backward()`` and finds the gradients on its LoRA tensors. Exact by default: codec ``none``
 sends the hidden states in their own dtype (the head's: bf16 from a GPU gateway, float32 from a
@@ -40,6 +41,7 @@ Runner = Callable[[Callable[[], Awaitable[Any]]], Any]  # e.g. SwarmBridge.call
 class _Hop:
     record: ServerRecord
     inputs: dict[str, Any]  # the wire tensor sent into this span
+    kept: str | None = None  # the server's key for them, if it keeps them for the backward
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,11 @@ async def forward(
             wire, hops = value
             if record.peer_id in uploaded:
                 await uploaded[record.peer_id].wait()
-            reply = await _call(client, record, adapter, {"type": "forward", "codec": wire_codec, "hidden": wire},
-                                "output")
-            return protocol.field(reply, "hidden", dict), (*hops, _Hop(record, wire))
+            request = {"type": "forward", "codec": wire_codec, "hidden": wire, "keep": True}
+            reply = await _call(client, record, adapter, request, "output")
+            kept = reply.get("kept")
+            hop = _Hop(record, wire, kept if isinstance(kept, str) else None)
+            return protocol.field(reply, "hidden", dict), (*hops, hop)
 
         checked = Checked("training forward", wire_codec, lambda value: codec.decode(value[0], max_elements=hidden.numel()),
                           whole_spans=True)
@@ -115,9 +119,16 @@ async def backward(
             return None, grads
 
         async def span_backward(record: ServerRecord, grad_wire: dict[str, Any]) -> _Grads:
-            request = {"type": "backward", "codec": context.wire_codec, "hidden": hop.inputs, "grad": grad_wire,
-                       "input_grad": wants_input}
-            reply = await _call(client, record, context.adapter, request, "grads")
+            request = {"type": "backward", "codec": context.wire_codec, "grad": grad_wire, "input_grad": wants_input}
+            reply = None
+            if hop.kept is not None and record.peer_id == hop.record.peer_id:  # not a spot check's other server
+                try:
+                    reply = await _call(client, record, context.adapter, {**request, "kept": hop.kept}, "grads")
+                except protocol.RemoteError as error:
+                    if error.code != protocol.UNKNOWN_INPUT:
+                        raise
+            if reply is None:
+                reply = await _call(client, record, context.adapter, {**request, "hidden": hop.inputs}, "grads")
             received = protocol.field(reply, "grads", dict)
             if set(received) != set(expected):
                 raise protocol.ProtocolError(f"server {record.peer_id} returned gradients for other tensors")

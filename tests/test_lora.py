@@ -8,9 +8,11 @@ within 1e-4 of local peft's, and greedy tokens are equal.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from blocks.head import ModelHead
 from blocks.lora import LoraError, SpanLora
 from blockserver.limits import ServerLimits
 from blocks.span import BlockSpan
-from blockserver.training import TrainingService
+from blockserver.training import KeptInputs, TrainingService
 from swarm import codec, protocol, training
 from blocks.lora_weights import ATTENTION_MODULES, SUPPORTED_MODULES, LoraWeights
 from tests.swarm_harness import running_swarm, swarm_greedy
@@ -192,13 +194,13 @@ def test_lora_gradients_through_swarm_equal_peft(lora_swarm, tmp_path, monkeypat
     adapter = _trained(fresh, 7)
     ids, labels = _batch(head.vocab_size, [16, 9, 12], seed=3)
 
-    replies: list[tuple[int, bool]] = []  # (span start, grad_input in the reply) of each backward
+    replies: list[tuple[int, bool, bool]] = []  # (span start, input resent, grad_input in the reply) per backward
     call = training._call
 
     async def recording(client, record, weights, request, reply_type):
         reply = await call(client, record, weights, request, reply_type)
         if request["type"] == "backward":
-            replies.append((record.start, "grad_input" in reply))
+            replies.append((record.start, "hidden" in request, "grad_input" in reply))
         return reply
 
     params = {n: t.clone().requires_grad_(True) for n, t in adapter.tensors.items()}
@@ -207,8 +209,9 @@ def test_lora_gradients_through_swarm_equal_peft(lora_swarm, tmp_path, monkeypat
                                     LoraWeights(params, adapter.scaling))
     loss = _loss(head.differentiable_logits(hidden), labels)
     loss.backward()
-    # the embeddings are frozen: the first span sends back no gradient for its input
-    assert sorted(replies) == [(0, False), (2, True)], replies
+    # the servers kept each span's input from the forward: no backward sends it again; the
+    # embeddings are frozen: the first span sends back no gradient for its input
+    assert sorted(replies) == [(0, False, False), (2, False, True)], replies
 
     reference = _peft_model(path, adapter, tmp_path / "adapter")
     expected_loss = _loss(reference(ids).logits, labels)
@@ -296,6 +299,44 @@ def test_evicted_adapter_is_uploaded_again(lora_swarm, tenant_adapters):
 
 
 @pytest.mark.e2e
+def test_a_backward_whose_kept_input_is_gone_sends_it(lora_swarm, tenant_adapters):
+    """A server that no longer holds a forward's input (evicted, expired, restarted) answers
+    `unknown_input`; the backward sends the input then, and its gradients are those of a backward
+    that found it kept."""
+    path, _, bridge = lora_swarm
+    weights = _trained(tenant_adapters[0][0], 13).weights()
+    head = ModelHead(path)
+    hidden = head.embed(_batch(head.vocab_size, [9], seed=9)[0])
+
+    def gradients(forget: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        output, context = bridge.call(lambda: training.forward(bridge.client, path.name, 4, hidden, weights))
+        assert all(hop.kept for hop in context.hops)
+        if forget:
+            context = dataclasses.replace(context, hops=tuple(dataclasses.replace(hop, kept="0" * 32)
+                                                              for hop in context.hops))
+        return bridge.call(lambda: training.backward(context, torch.ones_like(output)))
+
+    kept_input, kept_grads = gradients(forget=False)
+    resent_input, resent_grads = gradients(forget=True)
+    torch.testing.assert_close(resent_input, kept_input, atol=0, rtol=0)
+    for name, grad in kept_grads.items():
+        torch.testing.assert_close(resent_grads[name], grad, atol=0, rtol=0)
+
+
+def test_kept_inputs_are_bounded_short_lived_and_their_keepers_own(monkeypatch):
+    kept = KeptInputs(max_bytes=3 * 400, ttl=60.0)  # three [1, 10, 10] float32 inputs
+    inputs = [torch.full((1, 10, 10), float(i)) for i in range(4)]
+    keys = [kept.put("peer-a", x) for x in inputs]
+    assert kept.bytes == 3 * 400 and kept.take("peer-a", keys[0]) is None  # the oldest made room
+    assert kept.take("peer-b", keys[1]) is None  # not the keeper's
+    assert torch.equal(kept.take("peer-a", keys[1]), inputs[1]) and kept.take("peer-a", keys[1]) is None  # once
+    assert kept.put("peer-a", torch.zeros(1, 40, 10)) is None  # alone larger than the bound
+    later = time.monotonic() + 61
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert kept.take("peer-a", keys[2]) is None and kept.bytes == 0  # expired
+
+
+@pytest.mark.e2e
 def test_adapter_on_some_layers_only(lora_swarm, tmp_path):
     """PEFT's layers_to_transform: the server of layers 2-3 gets no tensors and runs bare."""
     path, _, bridge = lora_swarm
@@ -376,6 +417,9 @@ def test_bad_training_requests_get_clear_errors(lora_swarm, tenant_adapters):
     reply = _train_request(bridge, record, {"type": "backward", "adapter": span.digest, "codec": "none",
                                             "hidden": hidden(4), "grad": hidden(5)})
     assert "must have the shape" in reply["message"]
+    reply = _train_request(bridge, record, {"type": "backward", "adapter": span.digest, "codec": "none",
+                                            "kept": "0" * 32, "grad": hidden(4)})
+    assert reply["code"] == protocol.UNKNOWN_INPUT and "send it" in reply["message"]
     reply = _train_request(bridge, record, {"type": "backward", "adapter": span.digest, "codec": "none",
                                             "hidden": hidden(4), "grad": hidden(4), "input_grad": "no"})
     assert reply["code"] == protocol.INVALID and "'input_grad' must be a boolean" in reply["message"]

@@ -69,6 +69,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                help="batch x length of one LoRA training forward or backward")
     add_option(server, "--adapter-cache-mb", type=int, default=LIMITS.adapter_cache_bytes // 2**20,
                help="MiB of LoRA adapters kept by digest (least recently used evicted)")
+    add_option(server, "--train-kept-mb", type=int, default=LIMITS.train_kept_bytes // 2**20,
+               help="MiB of training forwards' inputs kept for their backward, which then need not resend them")
     add_option(server, "--announce-interval", type=float, default=DEFAULT.announce_interval,
                help="seconds between record refreshes")
     add_option(server, "--throughput", type=float, default=DEFAULT.throughput, metavar="TOKENS_PER_S",
@@ -127,6 +129,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_forward_tokens=args.max_forward_tokens,
         max_train_tokens=args.max_train_tokens,
         adapter_cache_bytes=args.adapter_cache_mb * 2**20,
+        train_kept_bytes=args.train_kept_mb * 2**20,
         read_timeout=args.read_timeout,
         max_peer_sessions=args.max_peer_sessions,
         max_peer_streams=args.max_peer_streams,
