@@ -345,11 +345,11 @@ def wire_echo(size: int, frame: int | None, repeats: int = 3) -> float:
 
 def wire_bytes(examples: list[TokenizedExample], hidden: int, element: int, adapter: LoraAdapter) -> dict[str, int]:
     """What one swarm step over two servers moves: hidden states (forward: to and from each server;
-    backward: its input and output gradient to each, the input gradient back from the second; the
-    first's input needs none), the adapter uploaded (it changed) and its gradients returned."""
+    backward: its output's gradient to each, whose input it kept, and the input gradient back from the
+    second; the first's input needs none), the adapter uploaded (it changed) and its gradients returned."""
     activation = len(examples) * len(examples[0].input_ids) * hidden * element
     lora = sum(t.numel() * 4 for t in adapter.tensors.values())
-    return {"hidden states": 2 * 2 * activation + (2 * 2 + 1) * activation, "adapter upload": lora,
+    return {"hidden states": 2 * 2 * activation + (2 + 1) * activation, "adapter upload": lora,
             "LoRA gradients": lora}
 
 
