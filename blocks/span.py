@@ -209,7 +209,7 @@ class BlockSpan:
         """Gradients of a cache-less forward with `adapter`, given the gradient of its output.
 
         Returns the gradient for `hidden` (None without `input_grad`) and for each LoRA tensor
-        (PEFT names). The forward is recomputed here, so nothing is kept between a client's forward
+        (PEFT names). The forward is recomputed here: no activations wait between a client's forward
         and backward requests.
         """
         if grad_output.shape != hidden.shape:

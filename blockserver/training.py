@@ -1,14 +1,15 @@
 """The TRAIN protocol of a block server: adapter uploads, and forward/backward with LoRA.
 
-Stateless between requests: ``backward`` carries the span's input again and the server
-recomputes the forward (activation recomputation: one more forward per step) rather than
-keeping activations from the client's ``forward`` until its ``backward``. So nothing has to
-expire, a client that vanishes costs nothing, memory is bounded per request, and any server of
-the same span can answer a backward.
+No state between requests is needed: ``backward`` can carry the span's input again, and the
+server recomputes the forward (activation recomputation: one more forward per step) rather than
+keeping activations from the client's ``forward`` until its ``backward``. So memory is bounded per
+request and any server of the same span can answer a backward.
 
-One exception, which only saves bytes: a forward may ask the server to keep its input for a while
-(``keep``), and the backward then names it (``kept``) instead of sending it again; a server that
-has dropped it (memory bound, expiry, restart) answers ``unknown_input`` and gets it sent.
+What a server may keep, only to save bytes: a forward's input, when it asks (``keep``), for its
+backward to name (``kept``) instead of sending it again. Kept inputs are bounded (``--train-kept-mb``)
+and expire after the idle timeout (checked every second, so a client that vanishes costs nothing
+for long); a server that has dropped one (bound, expiry, restart) answers ``unknown_input`` and
+gets it sent.
 
 Requests, any number per stream, each answered by one frame and each due within the read
 timeout of the stream's opening or the previous answer:
@@ -65,7 +66,7 @@ class KeptInputs:
         size = hidden.numel() * hidden.element_size()
         if size > self.max_bytes:
             return None
-        self._expire()
+        self.expire()
         while self.bytes + size > self.max_bytes:
             self._drop(next(iter(self._entries)))
         key = secrets.token_hex(16)
@@ -74,14 +75,15 @@ class KeptInputs:
         return key
 
     def take(self, peer: str, key: str) -> torch.Tensor | None:
-        self._expire()
+        self.expire()
         entry = self._entries.get(key)
         if entry is None or entry[0] != peer:
             return None
         self._drop(key)
         return entry[1]
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """Drop what has outlived the ttl (called on every use, and every second by the server)."""
         deadline = time.monotonic() - self.ttl
         while self._entries and next(iter(self._entries.values()))[2] < deadline:
             self._drop(next(iter(self._entries)))
@@ -199,14 +201,16 @@ class TrainingService:
     async def _backward(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         span, adapter = self.span, self.session_adapter(request)
         wire_codec = incoming.wire_codec(request)
-        grad = self._hidden(request, "grad", span)
-        if "hidden" in request:
-            hidden = self._hidden(request, "hidden", span)
-        elif (hidden := self.kept.take(peer, require(request, "kept", str))) is None:
-            raise _UnknownInput("this server no longer holds that input: send it (field 'hidden')")
         input_grad = request.get("input_grad", True)
         if not isinstance(input_grad, bool):
             raise ProtocolError("field 'input_grad' must be a boolean")
+        grad = self._hidden(request, "grad", span)
+        if "hidden" in request:
+            hidden = self._hidden(request, "hidden", span)
+        elif not isinstance(key := request.get("kept"), str):
+            raise ProtocolError("a backward carries its input ('hidden') or names a kept one ('kept')")
+        elif (hidden := self.kept.take(peer, key)) is None:
+            raise _UnknownInput("this server no longer holds that input: send it (field 'hidden')")
         if grad.shape != hidden.shape:
             raise ProtocolError(f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
         grad_input, grads = await trio.to_thread.run_sync(

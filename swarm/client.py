@@ -242,7 +242,7 @@ class SwarmClient:
         blocks and compared (swarm/trust/verification.py); when a third server sides against
         `record`'s, its server is banned and the majority's result returned instead. A shadow
         server that fails is avoided and another drawn, up to SHADOW_ATTEMPTS. `call` must have
-        no side effects beyond its result."""
+        no side effects beyond its result (cache entries a server may drop aside)."""
 
         async def recompute(avoid: set[str]) -> tuple[T, list[ServerRecord]]:
             records, output = self.shadow_chain(record, avoid=avoid, whole_spans=checked.whole_spans), value

@@ -65,10 +65,12 @@ async def forward(
     adapter: LoraWeights,
     *,
     wire_codec: str = "none",
+    keep: bool = False,
 ) -> tuple[torch.Tensor, TrainContext]:
     """Hidden states [b, t, h] through every block with `adapter` applied; no gradients kept here.
 
-    A span whose server fails is retried on another (``SwarmClient.along_chain``).
+    A span whose server fails is retried on another (``SwarmClient.along_chain``). `keep`: a
+    backward follows, so servers may keep each span's input for it (not for evaluation).
     """
     if hidden.dim() != 3:
         raise ValueError(f"expected hidden states [batch, tokens, hidden], got {list(hidden.shape)}")
@@ -78,11 +80,12 @@ async def forward(
         uploaded = _upload_ahead(nursery, client, model, num_blocks, adapter)
 
         async def through(record: ServerRecord, value: _Walk) -> _Walk:
-            """No side effects: a spot check may run it again on other servers and keep theirs."""
+            """No side effects but a cache entry the server may drop (a kept input): a spot check
+            may run it again on other servers and keep theirs."""
             wire, hops = value
             if record.peer_id in uploaded:
                 await uploaded[record.peer_id].wait()
-            request = {"type": "forward", "codec": wire_codec, "hidden": wire, "keep": True}
+            request = {"type": "forward", "codec": wire_codec, "hidden": wire, "keep": keep}
             reply = await _call(client, record, adapter, request, "output")
             kept = reply.get("kept")
             hop = _Hop(record, wire, kept if isinstance(kept, str) else None)
@@ -188,7 +191,8 @@ def remote_blocks(
     (``SwarmBridge.call``); forward and backward each make one pass along the chain.
     """
     names = tuple(adapter.tensors)
-    spec = _Spec(run, client, model, num_blocks, names, adapter.scaling, wire_codec)
+    # servers keep the spans' inputs for a backward only when one may follow (not under no_grad)
+    spec = _Spec(run, client, model, num_blocks, names, adapter.scaling, wire_codec, keep=torch.is_grad_enabled())
     return _RemoteBlocks.apply(spec, hidden, *(adapter.tensors[n] for n in names))
 
 
@@ -201,6 +205,7 @@ class _Spec:
     names: tuple[str, ...]
     scaling: float
     wire_codec: str
+    keep: bool
 
 
 class _RemoteBlocks(torch.autograd.Function):
@@ -208,7 +213,8 @@ class _RemoteBlocks(torch.autograd.Function):
     def forward(ctx: Any, spec: _Spec, hidden: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         adapter = LoraWeights(dict(zip(spec.names, (t.detach() for t in tensors))), spec.scaling)
         output, context = spec.run(
-            lambda: forward(spec.client, spec.model, spec.num_blocks, hidden.detach(), adapter, wire_codec=spec.wire_codec)
+            lambda: forward(spec.client, spec.model, spec.num_blocks, hidden.detach(), adapter,
+                            wire_codec=spec.wire_codec, keep=spec.keep)
         )
         ctx.spec, ctx.context = spec, context
         return output

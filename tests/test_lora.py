@@ -197,10 +197,14 @@ def test_lora_gradients_through_swarm_equal_peft(lora_swarm, tmp_path, monkeypat
     replies: list[tuple[int, bool, bool]] = []  # (span start, input resent, grad_input in the reply) per backward
     call = training._call
 
+    keeps: list[bool] = []  # what each forward asked of its server
+
     async def recording(client, record, weights, request, reply_type):
         reply = await call(client, record, weights, request, reply_type)
         if request["type"] == "backward":
             replies.append((record.start, "hidden" in request, "grad_input" in reply))
+        else:
+            keeps.append(request["keep"])
         return reply
 
     params = {n: t.clone().requires_grad_(True) for n, t in adapter.tensors.items()}
@@ -212,6 +216,9 @@ def test_lora_gradients_through_swarm_equal_peft(lora_swarm, tmp_path, monkeypat
     # the servers kept each span's input from the forward: no backward sends it again; the
     # embeddings are frozen: the first span sends back no gradient for its input
     assert sorted(replies) == [(0, False, False), (2, False, True)], replies
+    with torch.no_grad():  # an evaluation: no backward follows, so nothing is kept for one
+        training.remote_blocks(bridge.call, bridge.client, path.name, 4, head.embed(ids), LoraWeights(params, 2.0))
+    assert keeps == [True, True, False, False], keeps
 
     reference = _peft_model(path, adapter, tmp_path / "adapter")
     expected_loss = _loss(reference(ids).logits, labels)
@@ -309,7 +316,8 @@ def test_a_backward_whose_kept_input_is_gone_sends_it(lora_swarm, tenant_adapter
     hidden = head.embed(_batch(head.vocab_size, [9], seed=9)[0])
 
     def gradients(forget: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        output, context = bridge.call(lambda: training.forward(bridge.client, path.name, 4, hidden, weights))
+        output, context = bridge.call(lambda: training.forward(bridge.client, path.name, 4, hidden, weights,
+                                                               keep=True))
         assert all(hop.kept for hop in context.hops)
         if forget:
             context = dataclasses.replace(context, hops=tuple(dataclasses.replace(hop, kept="0" * 32)
