@@ -91,14 +91,9 @@ class BlockServer:
             self._nursery = nursery
             nursery.start_soon(self._announce_forever)
             nursery.start_soon(self.inference.expire_forever)
-            nursery.start_soon(self._expire_kept_inputs_forever)
+            nursery.start_soon(self.training.expire_forever)
             await self.announce()
             task_status.started()
-
-    async def _expire_kept_inputs_forever(self) -> None:
-        while True:
-            await trio.sleep(1.0)
-            self.training.kept.expire()
 
     async def _measure(self, span: BlockSpan) -> None:
         self.throughput = self.fixed_throughput or await trio.to_thread.run_sync(

@@ -115,6 +115,13 @@ class TrainingService:
         self.adapters = AdapterCache(self.limits.adapter_cache_bytes)
         self.kept = KeptInputs(self.limits.train_kept_bytes, self.limits.idle_timeout)
 
+    async def expire_forever(self) -> None:
+        """Kept inputs whose backward never came go after the idle timeout, even with no more
+        training requests to notice it."""
+        while True:
+            await trio.sleep(1.0)
+            self.kept.expire()
+
     def session_adapter(self, request: dict[str, Any]) -> SpanLora | None:
         """The adapter an ``open`` frame (or a training request) names in its ``adapter`` field.
 

@@ -1,4 +1,5 @@
-"""Test harness: real server processes on loopback plus a bridged client, and HF references."""
+"""Test harness: real server processes on loopback plus a bridged client, HF references, and an
+echo handler for streams between real nodes."""
 
 from __future__ import annotations
 
@@ -14,11 +15,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from blocks.head import ModelHead
+from swarm import protocol
 from swarm.bridge import SwarmBridge
 from swarmgate.launcher import ServerProcess, start_swarm, stop_all
 from tests.support import free_port, wait_until
 
 FAST_ANNOUNCE = ["--announce-interval", "1"]
+
+
+async def echo_frames(stream: protocol.Stream) -> None:
+    """A stream handler that sends every frame back until the stream ends."""
+    while True:
+        try:
+            await protocol.write_frame(stream, await protocol.read_frame(stream))
+        except EOFError:
+            return
 
 
 @contextmanager

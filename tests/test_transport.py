@@ -18,6 +18,7 @@ from swarm.node import start_node
 from swarm.transport.tuning import (
     _combined_write_frame, _FreeFirstLock, _lean_read_stream, _lean_stream_write, _read_data_body,
 )
+from tests.swarm_harness import echo_frames
 
 pytestmark = pytest.mark.skipif(os.environ.get("SWARMGATE_LIBP2P_TUNING") == "0", reason="the tuning is off")
 
@@ -300,15 +301,6 @@ def test_a_stream_takes_megabytes_before_its_reader_reads():
     trio.run(main)
 
 
-async def _echo_frames(stream) -> None:
-    """A stream handler that sends every frame back until the stream ends."""
-    while True:
-        try:
-            await protocol.write_frame(stream, await protocol.read_frame(stream))
-        except EOFError:
-            return
-
-
 def test_many_streams_between_real_nodes_get_their_frames_intact_and_fewer_messages(monkeypatch):
     """32 streams at once over one real connection (TCP, noise, yamux): every frame comes back
     whole and in its stream's order, and frames that met went out together (fewer noise
@@ -332,7 +324,7 @@ def test_many_streams_between_real_nodes_get_their_frames_intact_and_fewer_messa
 
     async def main() -> None:
         async with start_node() as node, start_node() as other:
-            other.host.set_stream_handler(echo, _echo_frames)
+            other.host.set_stream_handler(echo, echo_frames)
             await node.connect(other.multiaddrs()[0])
             streams = [await node.open_stream(other.peer_id, echo) for _ in range(32)]
             counts.update(frames=0, messages=0)
@@ -369,7 +361,7 @@ def test_lean_stream_writes_and_reads_keep_py_libp2ps_semantics():
 
     async def main() -> None:
         async with start_node() as node, start_node() as other:
-            other.host.set_stream_handler(echo, _echo_frames)
+            other.host.set_stream_handler(echo, echo_frames)
             other.host.set_stream_handler(resetting, serve_reset)
             await node.connect(other.multiaddrs()[0])
             stream = await node.open_stream(other.peer_id, echo)

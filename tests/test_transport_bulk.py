@@ -23,6 +23,7 @@ from swarm import protocol
 from swarm.node import start_node
 from swarm.transport import bulk
 from swarm.transport.bulk import BULK_FRAME_BODY, TCP_READ_SIZE
+from tests.swarm_harness import echo_frames
 
 pytestmark = pytest.mark.skipif(os.environ.get("SWARMGATE_LIBP2P_TUNING") == "0", reason="the tuning is off")
 
@@ -188,17 +189,10 @@ def test_a_frame_larger_than_the_window_crosses_whole_beside_small_frames(monkey
         frame = await protocol.read_frame(stream, max_bytes=1 << 25)
         await protocol.write_frame(stream, {"type": "ok", "same": frame["data"] == payload})
 
-    async def serve_echo(stream) -> None:
-        while True:
-            try:
-                await protocol.write_frame(stream, await protocol.read_frame(stream))
-            except EOFError:
-                return
-
     async def main() -> None:
         async with start_node() as node, start_node() as other:
             other.host.set_stream_handler(sink, serve_sink)
-            other.host.set_stream_handler(echo, serve_echo)
+            other.host.set_stream_handler(echo, echo_frames)
             await node.connect(other.multiaddrs()[0])
             streams = [await node.open_stream(other.peer_id, echo) for _ in range(8)]
             echoed = []
