@@ -25,6 +25,7 @@ exchange (write a frame, read the reply within a timeout, expect its type, close
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any, Protocol
 
@@ -95,7 +96,70 @@ def pack_frame(message: dict[str, Any]) -> bytes:
 
 
 async def write_frame(stream: Stream, message: dict[str, Any]) -> None:
-    await stream.write(pack_frame(message))
+    for part in frame_parts(message):
+        await stream.write(part)
+
+
+def frame_parts(message: dict[str, Any]) -> list[bytes | memoryview]:
+    """`pack_frame(message)` as consecutive parts, its large byte strings (hidden states, gradients,
+    adapter tensors) given as they are rather than copied into the frame: CBOR-encoding a 16 MB
+    value and prefixing the length copied it twice, ~0.4 ms of a sender's ~2 ms per MB. The
+    bytes on the wire are `pack_frame`'s. Each large value stands in the encoding as a unique
+    marker, which is then cut out and replaced by the value's CBOR head and the value itself."""
+    large: dict[bytes, bytes] = {}
+    encoded = cbor2.dumps(_with_markers(message, large, 0)) if _has_large(message, 0) else None
+    if encoded is None:
+        return [pack_frame(message)]
+    parts: list[bytes | memoryview] = []
+    head, size, cursor = b"", 0, 0
+    marks = sorted((encoded.index(_MARKER_HEAD + marker), marker) for marker in large)
+    for at, marker in marks:
+        value = large[marker]
+        head += encoded[cursor:at] + _bytes_head(len(value))
+        parts += (head, memoryview(value))
+        size += len(head) + len(value)
+        head, cursor = b"", at + len(_MARKER_HEAD) + len(marker)
+    tail = encoded[cursor:]
+    parts.append(tail)
+    size += len(tail)
+    parts[0] = size.to_bytes(_HEADER, "big") + parts[0]
+    return [part for part in parts if len(part)]
+
+
+_LARGE = 64 * 1024  # byte strings from this size go into a frame uncopied (frame_parts)
+_MARKER_HEAD = b"\x50"  # CBOR's head of a 16-byte byte string
+
+
+def _has_large(value: dict[str, Any] | list[Any], depth: int) -> bool:
+    """Whether a map or list holds a large byte string (every frame asks: kept cheap)."""
+    for item in value.values() if type(value) is dict else value:
+        kind = type(item)
+        if kind is bytes or kind is bytearray or kind is memoryview:
+            if len(item) >= _LARGE:
+                return True
+        elif (kind is dict or kind is list) and depth < _MAX_DEPTH and _has_large(item, depth + 1):
+            return True
+    return False
+
+
+def _with_markers(value: Any, large: dict[bytes, bytes], depth: int) -> Any:
+    """`value` with every large byte string replaced by a fresh random 16-byte marker (kept in `large`)."""
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) >= _LARGE:
+        marker = os.urandom(16)
+        large[marker] = value
+        return marker
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, dict):
+        return {key: _with_markers(item, large, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_markers(item, large, depth + 1) for item in value]
+    return value
+
+
+def _bytes_head(length: int) -> bytes:
+    """CBOR's head of a byte string of `length` (>= 65,536) bytes, in cbor2's shortest form."""
+    return (b"\x5a" + length.to_bytes(4, "big")) if length < 1 << 32 else (b"\x5b" + length.to_bytes(8, "big"))
 
 
 class time_limit:

@@ -386,16 +386,17 @@ def test_lean_stream_writes_and_reads_keep_py_libp2ps_semantics():
 def test_a_big_frame_crosses_in_whole_noise_messages(monkeypatch):
     """A 2 MB frame between real nodes goes out as noise messages each carrying a whole yamux frame:
     about 2 MB / 64 KB messages, not twice as many (a full one and a 17-byte runt per yamux frame)."""
-    from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
+    from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
+    from noise.state import CipherState
 
     sizes: list[int] = []
-    encrypt = NoiseTransportReadWriter.encrypt
+    encrypt = CipherState.encrypt_with_ad
 
-    def counting(self, data: bytes) -> bytes:
+    def counting(self, ad: bytes, data: bytes) -> bytes:
         sizes.append(len(data))
-        return encrypt(self, data)
+        return encrypt(self, ad, data)
 
-    monkeypatch.setattr(NoiseTransportReadWriter, "encrypt", counting)
+    monkeypatch.setattr(CipherState, "encrypt_with_ad", counting)
     sink, payload = "/swarmgate-test/sink/1", bytes(2_000_000)
 
     async def serve(stream) -> None:

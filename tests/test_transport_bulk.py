@@ -139,14 +139,16 @@ def test_noise_seals_a_long_write_in_order_and_sends_it_at_once():
     sealed, writes = [], []
 
     def encrypt(data: bytes) -> bytes:
-        sealed.append(data)
-        return b"<" + data[:1] + b">"
+        sealed.append(bytes(data))
+        return b"<" + bytes(data[:1]) + b">"
 
     async def write(data: bytes) -> None:
         writes.append(data)
 
     writer = object.__new__(NoiseTransportReadWriter)
-    writer.noise_state = types.SimpleNamespace(encrypt=encrypt)
+    cipher_state = types.SimpleNamespace(encrypt_with_ad=lambda ad, data: encrypt(data))  # noise's, after the handshake
+    writer.noise_state = types.SimpleNamespace(encrypt=encrypt, handshake_finished=True,
+                                               noise_protocol=types.SimpleNamespace(cipher_state_encrypt=cipher_state))
     writer.read_writer = msgio.FixedSizeLenMsgReadWriter(types.SimpleNamespace(write=write))
     writer.read_writer.size_len_bytes = 2
     message = b"".join(bytes([i]) * MAX_PLAINTEXT_LENGTH for i in range(3)) + b"\x09" * 10

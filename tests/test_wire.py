@@ -94,6 +94,24 @@ def test_frame_roundtrip_across_partial_reads():
     assert _read(protocol.pack_frame(message)) == message
 
 
+@pytest.mark.parametrize("message, uncopied", [
+    ({"type": "step", "position": 1, "hidden": {"codec": "none", "data": b"\x01" * 8192}}, 0),
+    ({"type": "output", "hidden": {"shape": [2, 3], "data": bytes(range(256)) * 256}}, 1),  # exactly 64 KB
+    ({"type": "x", "edge": b"\x02" * (64 * 1024 - 1), "after": 5}, 0),  # a byte short of large
+    ({"type": "grads", "grads": {f"t{i}": {"data": bytes([i]) * (70_000 + i)} for i in range(3)},
+      "list": [b"\x07" * 100_000, "s", [bytearray(b"\x08" * 80_000)]], "tail": "end"}, 5),
+])
+def test_frame_parts_are_the_packed_frame_with_large_values_uncopied(message, uncopied):
+    """write_frame sends `frame_parts`: byte for byte `pack_frame`'s frame, its large values the
+    caller's own buffers rather than copies; it reads back as the message."""
+    parts = protocol.frame_parts(message)
+    frame = b"".join(parts)
+    assert frame == protocol.pack_frame(message)
+    assert cbor2.loads(frame[4:]) == cbor2.loads(cbor2.dumps(message))
+    large = [part for part in parts if isinstance(part, memoryview)]
+    assert len(large) == uncopied and all(len(part) >= 64 * 1024 for part in large)
+
+
 def test_frame_size_checked_before_reading():
     with pytest.raises(protocol.ProtocolError, match="exceeds the limit"):
         _read((10**6).to_bytes(4, "big"), max_bytes=1000)

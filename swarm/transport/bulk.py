@@ -96,11 +96,20 @@ async def _noise_write_msg(self: NoiseTransportReadWriter, msg: bytes, prefix_en
     if prefix_encoded or len(msg) <= MAX_PLAINTEXT_LENGTH:
         await _write_msg(self, msg, prefix_encoded)
         return
-    parts = []
+    parts, view = [], memoryview(msg)
     for start in range(0, len(msg), MAX_PLAINTEXT_LENGTH):
-        sealed = self.encrypt(msg[start:start + MAX_PLAINTEXT_LENGTH])
+        sealed = _seal(self, view[start:start + MAX_PLAINTEXT_LENGTH])
         parts += (len(sealed).to_bytes(2, "big"), sealed)
     await self.read_writer.read_write_closer.write(b"".join(parts))
+
+
+def _seal(self: NoiseTransportReadWriter, plaintext: memoryview) -> bytes:
+    """`self.encrypt` of a slice without copying it to bytes first (the noise library's
+    `NoiseConnection.encrypt` accepts only bytes; its cipher state takes any buffer)."""
+    connection = self.noise_state
+    if not connection.handshake_finished:
+        return self.encrypt(bytes(plaintext))  # raises as ever
+    return connection.noise_protocol.cipher_state_encrypt.encrypt_with_ad(None, plaintext)
 
 
 _write_msg = NoiseTransportReadWriter.write_msg
