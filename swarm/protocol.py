@@ -96,8 +96,13 @@ def pack_frame(message: dict[str, Any]) -> bytes:
 
 
 async def write_frame(stream: Stream, message: dict[str, Any]) -> None:
-    for part in frame_parts(message):
-        await stream.write(part)
+    parts = frame_parts(message)
+    if len(parts) == 1:
+        await stream.write(parts[0])
+    elif (write_parts := getattr(stream, "write_parts", None)) is not None:  # swarm/transport/bulk.py
+        await write_parts(parts)
+    else:
+        await stream.write(b"".join(parts))
 
 
 def frame_parts(message: dict[str, Any]) -> list[bytes | memoryview]:

@@ -159,6 +159,25 @@ def test_noise_seals_a_long_write_in_order_and_sends_it_at_once():
     assert writes[-1] == b"\x00\x03<s>"
 
 
+@pytest.mark.parametrize("start, end", [(0, 0), (0, 3), (2, 9), (3, 12), (0, 15), (14, 15), (5, 5)])
+def test_parts_give_any_range_across_their_buffers(start, end):
+    buffers = [b"abc", memoryview(b"defghi"), b"", bytearray(b"jklmno")]
+    parts = bulk.Parts(buffers)
+    assert len(parts) == 15
+    assert b"".join(parts.pieces(start, end)) == b"abcdefghijklmno"[start:end]
+
+
+def test_write_parts_joins_them_for_a_stream_that_is_not_yamux():
+    written = []
+
+    async def write(data) -> None:
+        written.append(data)
+
+    stream = types.SimpleNamespace(muxed_stream=object(), write=write)
+    trio.run(bulk.write_parts, stream, [b"ab", memoryview(b"cd")])
+    assert written == [b"abcd"]
+
+
 # -- between real nodes ----------------------------------------------------------------------------
 
 def test_a_frame_larger_than_the_window_crosses_whole_beside_small_frames(monkeypatch):
@@ -220,3 +239,40 @@ def test_a_frame_larger_than_the_window_crosses_whole_beside_small_frames(monkey
     trio.run(main)
     assert waits and data_frames and max(data_frames) <= BULK_FRAME_BODY
     assert sum(data_frames) >= 0.9 * len(payload)  # nearly all of it in large frames, not 64 KB ones
+
+
+def test_a_frame_of_many_large_values_crosses_in_large_frames(monkeypatch):
+    """An adapter upload's shape (128 values of 70-260 KB, each given to the writer uncopied) goes
+    out as yamux frames cut across the values, not as a small frame, a value and a runt per value,
+    and arrives equal."""
+    data_frames: list[int] = []
+    write_frame = yamux.Yamux._write_frame
+
+    async def counting(self, data: bytes) -> None:
+        if data[1] == yamux.TYPE_DATA:
+            data_frames.append(len(data) - yamux.HEADER_SIZE)
+        await write_frame(self, data)
+
+    monkeypatch.setattr(yamux.Yamux, "_write_frame", counting)
+    rng = random.Random(1)
+    tensors = {f"t{i}": {"codec": "none", "data": rng.randbytes(70_000 if i % 2 else 262_144)} for i in range(128)}
+    sink = "/swarmgate-test/parts-sink/1"
+
+    async def serve(stream) -> None:
+        frame = await protocol.read_frame(stream, max_bytes=1 << 25)
+        await protocol.write_frame(stream, {"type": "ok", "same": frame["tensors"] == tensors})
+
+    async def main() -> None:
+        async with start_node() as node, start_node() as other:
+            other.host.set_stream_handler(sink, serve)
+            await node.connect(other.multiaddrs()[0])
+            stream = await node.open_stream(other.peer_id, sink)
+            with trio.fail_after(60):
+                data_frames.clear()
+                await protocol.write_frame(stream, {"type": "upload", "tensors": tensors})
+                assert await protocol.read_frame(stream) == {"type": "ok", "same": True}
+            await stream.close()
+
+    trio.run(main)
+    total = sum(len(t["data"]) for t in tensors.values())
+    assert len(data_frames) <= total // BULK_FRAME_BODY + 4, sorted(data_frames)[:10]

@@ -13,8 +13,10 @@ one process): 61–63 → 140–150 MB/s each way. Here:
   (256 KB: frames of other streams still interleave between them, each waiting at most one such
   frame's encryption and send), without py-libp2p's per-frame locks when they are free, and
   polls for window credits from 1 ms on (py-libp2p: every 10 ms).
-- Noise encrypts a long plaintext's messages in one go and sends them with one socket write
-  (py-libp2p awaited a locked socket write per 64 KB message).
+- A frame whose large values `protocol.frame_parts` leaves uncopied is written as `Parts` (through
+  `NetStream.write_parts`), its yamux frames cut across those buffers.
+- Noise encrypts a long plaintext's messages in one go, from slices of it, and sends them with one
+  socket write (py-libp2p awaited a locked socket write per 64 KB message).
 - TCP reads fetch up to `TCP_READ_SIZE` bytes and serve what follows from an offset into them: no
   copy of the remainder per read.
 - Reads copy less: `read_exactly` returns a read that came whole as it is (py-libp2p copied it into
@@ -26,6 +28,8 @@ Small frames take the paths in `tuning.py`, unchanged.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import struct
 from typing import Any
 
@@ -34,6 +38,7 @@ from libp2p.io import msgio
 from libp2p.io import utils as io_utils
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
 from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.exceptions import MuxedStreamError
@@ -59,21 +64,54 @@ def writable_now(stream: YamuxStream) -> bool:
             and free(stream.window_lock) and free(stream.rw_lock._writer_lock))
 
 
-async def bulk_write(stream: YamuxStream, data: bytes, fallback: Any) -> None:
+class Parts:
+    """Buffers written as one (a frame from `protocol.frame_parts`): yamux frames are cut across
+    them, so a frame's large values are neither copied into one buffer first nor sent as yamux
+    frames of their own (with a small frame before and a runt after each: an adapter upload's
+    128 tensors of 256 KB crossed at 300 MB/s so, 400 MB/s copied, between two processes here)."""
+
+    __slots__ = ("buffers", "_ends")
+
+    def __init__(self, buffers: list[bytes | memoryview]) -> None:
+        self.buffers = [memoryview(buffer) for buffer in buffers]
+        self._ends = list(itertools.accumulate(len(buffer) for buffer in self.buffers))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def pieces(self, start: int, end: int) -> list[memoryview]:
+        """The slices of the buffers that make bytes [start, end)."""
+        out, index = [], bisect.bisect_right(self._ends, start)
+        while start < end and index < len(self.buffers):
+            begin = self._ends[index] - len(self.buffers[index])
+            stop = min(end, self._ends[index])
+            out.append(self.buffers[index][start - begin:stop - begin])
+            start, index = stop, index + 1
+        return out
+
+
+async def write_parts(self: NetStream, parts: list[bytes | memoryview]) -> None:
+    """`NetStream.write` of consecutive buffers (`protocol.write_frame`); joined where the stream is
+    not yamux's."""
+    await self.write(Parts(parts) if isinstance(self.muxed_stream, YamuxStream) else b"".join(parts))
+
+
+async def bulk_write(stream: YamuxStream, data: bytes | memoryview | Parts, fallback: Any) -> None:
     """`YamuxStream.write` of more than one 64 KB frame: large frames while the window allows,
     waiting for the peer's credit when it is spent; what remains once a lock is taken or the stream
     closes goes through `fallback`, py-libp2p's own write (which raises what it raises)."""
-    view, sent, total = memoryview(data), 0, len(data)
+    parts = data if isinstance(data, Parts) else Parts([data])
+    sent, total = 0, len(parts)
     while sent < total:
         if stream.send_window <= 0:
             await _window_credit(stream)
         if not writable_now(stream):
-            await fallback(stream, bytes(view[sent:]))
+            await fallback(stream, b"".join(parts.pieces(sent, total)))
             return
         size = min(stream.send_window, total - sent, BULK_FRAME_BODY)
         stream.send_window -= size
         header = struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0, stream.stream_id, size)
-        await stream.conn._write_frame(b"".join((header, view[sent:sent + size])))
+        await stream.conn._write_frame(b"".join((header, *parts.pieces(sent, sent + size))))
         sent += size
 
 
@@ -180,6 +218,7 @@ _session_read = SecureSession.read
 
 def install() -> None:
     """Called by `tuning.install`."""
+    NetStream.write_parts = write_parts
     NoiseTransportReadWriter.write_msg = _noise_write_msg
     TrioTCPStream.read = buffered_tcp_read
     SecureSession.read = _secure_read

@@ -260,14 +260,14 @@ def _hand_on(writes: dict[str, Any]) -> None:
 _MAX_DATA_BODY = MAX_PLAINTEXT_LENGTH - yamux.HEADER_SIZE  # a frame, header too, per noise message
 
 
-async def _lean_stream_write(self: YamuxStream, data: bytes) -> None:
+async def _lean_stream_write(self: YamuxStream, data: bytes | bulk.Parts) -> None:
     """`YamuxStream.write` for the common frame (one yamux frame's worth, within the send window,
     on an open stream whose locks are free): built and debited from the window without taking the
     stream's read-write lock (an async generator context manager per frame) or its window lock, as
     nothing else runs between the check and the debit; any other write as py-libp2p makes it."""
     await trio.lowlevel.checkpoint_if_cancelled()
     size = len(data)
-    if size > _MAX_DATA_BODY:
+    if size > _MAX_DATA_BODY or isinstance(data, bulk.Parts):
         await bulk.bulk_write(self, data, _stream_write)
         return
     if 0 < size <= self.send_window and bulk.writable_now(self):
