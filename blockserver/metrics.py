@@ -36,6 +36,9 @@ class ServerMetrics:
         self.moves = Counter("swarmgate_server_span_moves", "Moves to another span (rebalancing)", registry=registry)
         self.refused = Counter("swarmgate_server_refused_streams", "Streams refused to a peer over its per-peer limits",
                                ["protocol", "reason"], registry=registry)
+        self.train_kept_bytes = Gauge("swarmgate_server_train_kept_bytes",
+                                      "Bytes of training forwards' inputs kept for their backward",
+                                      registry=registry)
         self.drill_corrupted = Gauge("swarmgate_server_drill_corrupted",
                                      "Outputs corrupted on purpose (--drill-corrupt: a drill, never in production)",
                                      registry=registry)

@@ -101,6 +101,7 @@ class TrainingService:
         self.limits = limits
         self.compute = compute  # shared with inference: one computation at a time
         self.metrics = metrics or ServerMetrics()
+        self.metrics.train_kept_bytes.set_function(lambda: self.kept.bytes)  # read when scraped
         self.drill = drill or Drill()  # --drill-corrupt: corrupts a fraction of outputs on purpose
         self.span = span
 

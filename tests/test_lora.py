@@ -13,6 +13,7 @@ import io
 import json
 import tarfile
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from blocks.span import BlockSpan
 from blockserver.training import KeptInputs, TrainingService
 from swarm import codec, protocol, training
 from blocks.lora_weights import ATTENTION_MODULES, SUPPORTED_MODULES, LoraWeights
+from tests.support import free_port, wait_until
 from tests.swarm_harness import running_swarm, swarm_greedy
 
 MAX_TRAIN_TOKENS = 256
@@ -329,6 +331,28 @@ def test_a_backward_whose_kept_input_is_gone_sends_it(lora_swarm, tenant_adapter
     torch.testing.assert_close(resent_input, kept_input, atol=0, rtol=0)
     for name, grad in kept_grads.items():
         torch.testing.assert_close(resent_grads[name], grad, atol=0, rtol=0)
+
+
+@pytest.mark.e2e
+def test_a_server_frees_kept_inputs_whose_backward_never_comes(tiny_models, tmp_path):
+    """A real server process keeps a training forward's input (its /metrics count the bytes) and
+    frees it once the idle timeout passes, with no request coming to notice it."""
+    path, port = tiny_models["llama"], free_port()
+    with running_swarm(path, ["0:4"], extra_args=["--session-idle-timeout", "2", "--metrics-port", str(port)],
+                       log_dir=tmp_path) as (_, bridge):
+        def kept_bytes() -> float:
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            return next(float(line.split()[1]) for line in metrics.splitlines()
+                        if line.startswith("swarmgate_server_train_kept_bytes "))
+
+        head = ModelHead(path)
+        hidden = head.embed(_batch(head.vocab_size, [7], seed=3)[0])
+        weights = create_adapter(path, base_name="llama", r=4, alpha=8, seed=3).weights()
+        _, context = bridge.call(lambda: training.forward(bridge.client, path.name, 4, hidden, weights, keep=True))
+        kept_at = time.monotonic()
+        assert context.hops[0].kept and kept_bytes() == hidden.numel() * hidden.element_size()
+        wait_until(lambda: kept_bytes() == 0, 15)
+        assert time.monotonic() - kept_at >= 1.0  # the timeout, not at once
 
 
 def test_kept_inputs_are_bounded_short_lived_and_their_keepers_own(monkeypatch):
