@@ -136,10 +136,11 @@ _MARKER_HEAD = b"\x50"  # CBOR's head of a 16-byte byte string
 
 
 def _has_large(value: dict[str, Any] | list[Any], depth: int) -> bool:
-    """Whether a map or list holds a large byte string (every frame asks: kept cheap)."""
+    """Whether a map or list holds a large byte string (every frame asks: kept cheap). Only `bytes`
+    go uncopied: they cannot change while the write awaits; a bytearray is copied as cbor2 copies it."""
     for item in value.values() if type(value) is dict else value:
         kind = type(item)
-        if kind is bytes or kind is bytearray or kind is memoryview:
+        if kind is bytes:
             if len(item) >= _LARGE:
                 return True
         elif (kind is dict or kind is list) and depth < _MAX_DEPTH and _has_large(item, depth + 1):
@@ -148,8 +149,8 @@ def _has_large(value: dict[str, Any] | list[Any], depth: int) -> bool:
 
 
 def _with_markers(value: Any, large: dict[bytes, bytes], depth: int) -> Any:
-    """`value` with every large byte string replaced by a fresh random 16-byte marker (kept in `large`)."""
-    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) >= _LARGE:
+    """`value` with every large `bytes` value replaced by a fresh random 16-byte marker (kept in `large`)."""
+    if type(value) is bytes and len(value) >= _LARGE:
         marker = os.urandom(16)
         large[marker] = value
         return marker

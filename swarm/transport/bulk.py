@@ -145,9 +145,10 @@ def _seal(self: NoiseTransportReadWriter, plaintext: memoryview) -> bytes:
     """`self.encrypt` of a slice without copying it to bytes first (the noise library's
     `NoiseConnection.encrypt` accepts only bytes; its cipher state takes any buffer)."""
     connection = self.noise_state
-    if not connection.handshake_finished:
-        return self.encrypt(bytes(plaintext))  # raises as ever
-    return connection.noise_protocol.cipher_state_encrypt.encrypt_with_ad(None, plaintext)
+    cipher_state = getattr(getattr(connection, "noise_protocol", None), "cipher_state_encrypt", None)
+    if cipher_state is None or not connection.handshake_finished:
+        return self.encrypt(bytes(plaintext))  # as ever (and raising as ever before the handshake)
+    return cipher_state.encrypt_with_ad(None, plaintext)
 
 
 _write_msg = NoiseTransportReadWriter.write_msg
