@@ -90,14 +90,17 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _one_way_frame(shape: str, megabytes: float) -> dict:
+def _one_way_frame(shape: str, megabytes: float) -> tuple[dict, int]:
+    """A frame of `shape` and the bytes of its values."""
     if shape == "hidden":
-        return {"type": "x", "hidden": {"codec": "none", "data": bytes(int(megabytes * 1e6))}}
+        values = [bytes(int(megabytes * 1e6))]
+        return {"type": "x", "hidden": {"codec": "none", "data": values[0]}}, len(values[0])
     large = int(megabytes * 1e6 / 80)  # 64 tensors of `large` bytes and 64 of a quarter of it
     if large // 4 < 64 * 1024:
         raise SystemExit("--adapter-mb must be at least 21: smaller tensors than 64 KB go into a frame copied")
-    return {"type": "upload", "tensors": {f"t{i}": {"codec": "none", "shape": [i], "data": bytes(large if i % 2 else large // 4)}
-                                          for i in range(128)}}
+    values = [bytes(large if i % 2 else large // 4) for i in range(128)]
+    tensors = {f"t{i}": {"codec": "none", "shape": [i], "data": value} for i, value in enumerate(values)}
+    return {"type": "upload", "tensors": tensors}, sum(map(len, values))
 
 
 def _reader(addresses: multiprocessing.Queue, done: multiprocessing.Queue, frames: int) -> None:
@@ -151,12 +154,12 @@ def _one_way(shape: str, megabytes: float, frames: int) -> dict[str, float]:
     reader.start()
     try:
         peer, listening = addresses.get(timeout=60)
-        frame = _one_way_frame(shape, megabytes)
+        frame, value_bytes = _one_way_frame(shape, megabytes)
         wall, cpu = trio.run(_send_one_way, peer, listening, frame, frames)
         reader_cpu = done.get(timeout=60)
     finally:
         reader.terminate()
-    size = frames * sum(len(t["data"]) for t in (frame["tensors"].values() if shape == "adapter" else [frame["hidden"]])) / 1e6
+    size = frames * value_bytes / 1e6
     return {f"one way, {shape} frames, MB/s": size / wall, f"one way, {shape}: sender CPU ms/MB": cpu / size * 1e3,
             f"one way, {shape}: reader CPU ms/MB": reader_cpu / size * 1e3}
 

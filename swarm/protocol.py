@@ -110,24 +110,20 @@ def frame_parts(message: dict[str, Any]) -> list[bytes | memoryview]:
     adapter tensors) given as they are rather than copied into the frame: CBOR-encoding a 16 MB
     value and prefixing the length copied it twice, ~0.4 ms of a sender's ~2 ms per MB. The
     bytes on the wire are `pack_frame`'s. Each large value stands in the encoding as a unique
-    marker, which is then cut out and replaced by the value's CBOR head and the value itself."""
-    large: dict[bytes, bytes] = {}
-    encoded = cbor2.dumps(_with_markers(message, large, 0)) if _has_large(message, 0) else None
-    if encoded is None:
+    marker (cbor2 writes maps and lists in order, so the markers come in the order they were
+    made), which is then cut out and replaced by the value's CBOR head and the value itself."""
+    if not _has_large(message, 0):
         return [pack_frame(message)]
+    large: dict[bytes, bytes] = {}  # marker -> value, in the order the encoding meets them
+    encoded = cbor2.dumps(_with_markers(message, large, 0))
     parts: list[bytes | memoryview] = []
-    head, size, cursor = b"", 0, 0
-    marks = sorted((encoded.index(_MARKER_HEAD + marker), marker) for marker in large)
-    for at, marker in marks:
-        value = large[marker]
-        head += encoded[cursor:at] + _bytes_head(len(value))
-        parts += (head, memoryview(value))
-        size += len(head) + len(value)
-        head, cursor = b"", at + len(_MARKER_HEAD) + len(marker)
-    tail = encoded[cursor:]
-    parts.append(tail)
-    size += len(tail)
-    parts[0] = size.to_bytes(_HEADER, "big") + parts[0]
+    cursor = 0
+    for marker, value in large.items():
+        at = encoded.index(_MARKER_HEAD + marker, cursor)
+        parts += (encoded[cursor:at] + _bytes_head(len(value)), memoryview(value))
+        cursor = at + len(_MARKER_HEAD) + len(marker)
+    parts.append(encoded[cursor:])
+    parts[0] = sum(len(part) for part in parts).to_bytes(_HEADER, "big") + parts[0]
     return [part for part in parts if len(part)]
 
 
