@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from blocks import slots
+from blocks.graphs import GraphCache
 from blocks.slots import SlotPool
 
 
@@ -218,7 +219,7 @@ class StaticKV:
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.graphs: dict[Any, Any] = {}  # the span's captured decode steps over these buffers
+        self.graphs = GraphCache()  # the span's captured decode steps over these buffers
         # set by the span around each computation
         self.write_at: int = 0
         self.write_index: torch.Tensor | None = None  # graph mode: the position as a device tensor

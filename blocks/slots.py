@@ -15,13 +15,15 @@ buffers and step alone.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from blocks.graphs import GraphCache
+
 MIN_LENGTH = 256  # attended positions of the smallest bucket
 MAX_GRAPHS = 32  # captured batched steps kept per pool (each adapter has its own), least recently used go
+MAX_SHORT_GRAPHS = 12  # captured short multi-token steps (`ChunkRows`), kept apart: they never evict a decode bucket
 
 
 class SlotPool:
@@ -35,7 +37,8 @@ class SlotPool:
         self.keys: list[torch.Tensor] = []  # allocated at the first session
         self.values: list[torch.Tensor] = []
         self._free = [True] * rows
-        self._graphs: OrderedDict[Any, Any] = OrderedDict()  # the span's captured batched steps over these rows
+        self.graphs = GraphCache(MAX_GRAPHS)  # the span's captured one-token steps over these rows
+        self.short_graphs = GraphCache(MAX_SHORT_GRAPHS)  # and its short multi-token steps
 
     @property
     def scratch(self) -> int:
@@ -56,22 +59,6 @@ class SlotPool:
                     self.values = [torch.zeros_like(k) for k in self.keys]
                 return first
         return None
-
-    def graph(self, key: Any) -> Any:
-        """The captured step for `key`, or None."""
-        found = self._graphs.get(key)
-        if found is not None:
-            self._graphs.move_to_end(key)
-        return found
-
-    def keep_graph(self, key: Any, graph: Any) -> None:
-        self._graphs[key] = graph
-        while len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)
-
-    @property
-    def graph_count(self) -> int:
-        return len(self._graphs)
 
     def give_back(self, first: int, batch: int) -> None:
         self._free[first : first + batch] = [True] * batch
@@ -104,6 +91,28 @@ class SlotRows:
         all_keys[self._row_index, :, self._positions] = keys[:, :, 0]
         all_values[self._row_index, :, self._positions] = values[:, :, 0]
         return all_keys[:, :, : self._length], all_values[:, :, : self._length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._length - 1
+
+
+class ChunkRows:
+    """The cache attention layers see during a short multi-token step of one session in pool
+    rows (`BlockSpan._short_step`): its `rows` (a device tensor, so one graph serves sessions in
+    any rows) write their new keys and values at `where` (padding tokens at the scratch position)
+    and attend to the first `length` positions, gathered from the pool."""
+
+    def __init__(self, pool: SlotPool, rows: torch.Tensor, where: torch.Tensor, length: int):
+        self._pool, self._rows, self._where, self._length = pool, rows, where, length
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        local = layer_idx - self._pool.start
+        all_keys, all_values = self._pool.keys[local], self._pool.values[local]
+        rows, where = self._rows[:, None], self._where[None, :]
+        all_keys[rows, :, where] = keys.transpose(1, 2)  # [batch, tokens, kv_heads, head_dim]
+        all_values[rows, :, where] = values.transpose(1, 2)
+        return (all_keys[:, :, : self._length].index_select(0, self._rows),
+                all_values[:, :, : self._length].index_select(0, self._rows))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._length - 1

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +14,8 @@ from transformers.cache_utils import Cache
 
 from blocks import batching, family, lora, packed_linears, slots
 from blocks.cache import StaticKV
-from blocks.slots import SlotPool, SlotRows
+from blocks.graphs import GpuState
+from blocks.slots import ChunkRows, SlotPool, SlotRows
 from blocks.checkpoint import load_config
 from blocks.quant import check_quant, quantize_linears, weight_bytes
 
@@ -26,29 +25,8 @@ def graphs_enabled() -> bool:
     return os.environ.get("SWARMGATE_CUDA_GRAPHS", "1").lower() not in ("0", "false", "no", "off")
 
 
-@dataclass
-class _GpuState:
-    """Shared by a span and its views: one lock around GPU work (a capture must not overlap
-    other work of this process's spans), the side stream captures run on, and a positions
-    vector for masks."""
-
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    stream: Any = None
-    positions: torch.Tensor | None = None
-    retired: list = field(default_factory=list)
-    captures: int = 0  # graphs captured so far (tests, metrics)
-
-
-@dataclass
-class _DecodeGraph:
-    """One captured one-token step — of a session, or of a bucket of pool rows — with its static
-    input, position(s) and output tensors."""
-
-    graph: Any
-    hidden: torch.Tensor
-    position: torch.Tensor
-    output: torch.Tensor
-    adapter: Any  # kept alive: the graph reads its tensors
+SHORT_STEP_TOKENS = 128  # steps of 2..this many tokens of a session in pool rows replay a captured graph
+SHORT_STEP_FLOOR = 16  # the narrowest such graph: fewer tokens are padded to it
 
 
 class BlockSpan:
@@ -62,7 +40,9 @@ class BlockSpan:
     size and length bucket), which removes Python's per-kernel launch cost; prefill, multi-token
     steps and quantized spans run eagerly on the same static cache. With `enable_slots`, static
     caches are rows of a shared pool and sessions' one-token steps run batched (blocks/slots.py),
-    one graph per bucket of rows. On a CPU nothing changes: transformers' DynamicCache, eager.
+    one graph per bucket of rows, and their steps of a few tokens (a short prompt, a cached
+    prompt's tail, drafts) replay a graph per bucket of widths. On a CPU nothing changes:
+    transformers' DynamicCache, eager.
     """
 
     def __init__(
@@ -120,7 +100,7 @@ class BlockSpan:
         self.use_graphs = (  # bitsandbytes: eager
             self.static_cache and quant == "none" and graphs_enabled() and self.family.use_graphs(self.config)
         )
-        self._gpu = _GpuState()
+        self._gpu = GpuState()
         self.slot_pool: SlotPool | None = None  # shared by views: they index it by global layer
 
     def enable_slots(self, rows: int, length: int) -> None:
@@ -252,6 +232,8 @@ class BlockSpan:
         hidden = hidden.to(self.device)
         if tokens == 1 and self.use_graphs:
             output = self._graph_step(hidden, cache, position, adapter)
+        elif self.use_graphs and cache.pooled and tokens <= SHORT_STEP_TOKENS:
+            output = self._short_step(hidden, cache, position, adapter)
         else:
             output = self._eager_static(hidden, cache, position)
         cache.length = position + tokens
@@ -306,51 +288,18 @@ class BlockSpan:
         key = (cache.capacity, id(adapter))
         if cache.pooled:
             key = ("rows", self.start, self.end, cache.row, cache.batch, *key)
-        step = cache.pool.graph(key) if cache.pooled else cache.graphs.get(key)
-        if step is None:
-            return self._capture(hidden, cache, position, adapter, key)
-        step.hidden.copy_(hidden)
-        step.position.fill_(position)
-        step.graph.replay()
-        return step.output.clone()  # the graph's own output tensor is overwritten by its next replay
-
-    def _capture(self, hidden, cache: StaticKV, position: int, adapter, key) -> torch.Tensor:
+        graphs = cache.pool.graphs if cache.pooled else cache.graphs
+        if (step := graphs.get(key)) is not None:
+            return step.replay(hidden, position)
         gpu = self._gpu
         if gpu.positions is None or len(gpu.positions) < cache.capacity:
             if gpu.positions is not None:
                 gpu.retired.append(gpu.positions)  # captured graphs still read it
             gpu.positions = torch.arange(max(cache.capacity, self.config.max_position_embeddings), device=self.device)
-        static_hidden = hidden.clone()
-        static_position = torch.full((1,), position, dtype=torch.long, device=self.device)
-        result, graph, output = self._captured(lambda: self._graph_body(static_hidden, static_position, cache))
-        step = _DecodeGraph(graph, static_hidden, static_position, output, adapter)
-        if cache.pooled:
-            cache.pool.keep_graph(key, step)
-        else:
-            cache.graphs[key] = step
+        inputs = (hidden.clone(), torch.full((1,), position, dtype=torch.long, device=self.device))
+        result, step = gpu.capture(self.device, inputs, lambda h, p: self._graph_body(h, p, cache), adapter)
+        graphs.keep(key, step)
         return result
-
-    def _captured(self, body) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """Run `body` once for real (the warm-up: cuBLAS workspaces, lazy inits; it is this
-        step's result), then capture it: (result, graph, the graph's output tensor)."""
-        gpu = self._gpu
-        if gpu.stream is None:
-            gpu.stream = torch.cuda.Stream(device=self.device)
-        stream = gpu.stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            result = body().clone()
-            # A private memory pool per graph (a few MB of one token's activations): a pool shared
-            # through graph_pool_handle() cannot outlive the graphs of ended sessions.
-            graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                output = body()
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        gpu.captures += 1
-        return result, graph, output
 
     def _graph_body(self, hidden: torch.Tensor, position: torch.Tensor, cache: StaticKV) -> torch.Tensor:
         """The one-token step with its position as a device tensor; attention over the whole
@@ -370,6 +319,50 @@ class BlockSpan:
             return self._run_layers(hidden, cache, masks, position_embeddings, position_ids)
         finally:
             cache.write_index = None
+
+    def _short_step(self, hidden: torch.Tensor, cache: StaticKV, position: int,
+                    adapter: lora.SpanLora | None) -> torch.Tensor:
+        """A few tokens of a session in pool rows (a short prompt, a cached prompt's uncached
+        tail, drafts) through a graph per (rows, width, attended length, adapter) bucket: eager,
+        such a step is mostly Python launching kernels, as a one-token step is. The session's
+        rows, its first position and where each token writes are inputs, so a graph serves
+        sessions in any rows; tokens padding the width write to the pool's scratch position and
+        their outputs are dropped."""
+        pool = self.slot_pool
+        assert pool is not None
+        batch, tokens = hidden.shape[:2]
+        width = slots.bucket(tokens, SHORT_STEP_TOKENS, floor=SHORT_STEP_FLOOR)
+        length = slots.bucket(position + tokens, pool.length, floor=slots.MIN_LENGTH)
+        staged = hidden.new_zeros(batch, width, self.hidden_size)
+        staged[:, :tokens] = hidden
+        where = torch.full((width,), pool.scratch, dtype=torch.long)
+        where[:tokens] = torch.arange(position, position + tokens)
+        values = (staged, torch.tensor([position]), where, torch.arange(cache.row, cache.row + batch))
+        key = (self.start, self.end, batch, width, length, id(adapter))
+        if (step := pool.short_graphs.get(key)) is not None:
+            return step.replay(*values)[:, :tokens]
+        inputs = tuple(value.to(self.device) for value in values)
+        result, step = self._gpu.capture(self.device, inputs, functools.partial(self._short_body, length=length),
+                                         adapter)
+        pool.short_graphs.keep(key, step)
+        return result[:, :tokens]
+
+    def _short_body(self, hidden: torch.Tensor, first: torch.Tensor, where: torch.Tensor, rows: torch.Tensor, *,
+                    length: int) -> torch.Tensor:
+        """`hidden`'s tokens at positions `first`, `first` + 1, ... of pool rows `rows`, attending
+        causally to the first `length` positions."""
+        queries = first + torch.arange(hidden.shape[1], device=self.device)
+        keys = torch.arange(length, device=self.device)
+        masks = {}
+        for kind in self._mask_layer:
+            mask = keys[None, :] <= queries[:, None]
+            if (window := self._window(kind)) is not None:
+                mask = mask & (keys[None, :] > queries[:, None] - window)
+            masks[kind] = mask.view(1, 1, hidden.shape[1], length)
+        position_ids = queries.view(1, -1)
+        position_embeddings = self.family.position_embeddings(self.rotary_emb, hidden, position_ids, list(masks))
+        return self._run_layers(hidden, ChunkRows(self.slot_pool, rows, where, length), masks, position_embeddings,
+                                position_ids)
 
     # -- batched steps over pool rows (blocks/slots.py) ------------------------------------------
     def _forward_slots(self, steps, adapter: lora.SpanLora | None) -> list[torch.Tensor]:
@@ -405,15 +398,11 @@ class BlockSpan:
 
     def _slots_graph(self, rows: int, length: int, adapter, hidden: torch.Tensor, positions: torch.Tensor):
         key = (self.start, self.end, rows, length, id(adapter))
-        step = self.slot_pool.graph(key)
-        if step is not None:
-            step.hidden.copy_(hidden, non_blocking=True)
-            step.position.copy_(positions, non_blocking=True)
-            step.graph.replay()
-            return step.output.clone()
-        static_hidden, static_positions = hidden.to(self.device), positions.to(self.device)
-        result, graph, output = self._captured(lambda: self._slots_body(static_hidden, static_positions, rows, length))
-        self.slot_pool.keep_graph(key, _DecodeGraph(graph, static_hidden, static_positions, output, adapter))
+        if (step := self.slot_pool.graphs.get(key)) is not None:
+            return step.replay(hidden, positions)
+        inputs = (hidden.to(self.device), positions.to(self.device))
+        result, step = self._gpu.capture(self.device, inputs, lambda h, p: self._slots_body(h, p, rows, length), adapter)
+        self.slot_pool.graphs.keep(key, step)
         return result
 
     def _slots_body(self, hidden: torch.Tensor, positions: torch.Tensor, rows: int, length: int) -> torch.Tensor:

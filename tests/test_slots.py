@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from blocks.cache import SessionCaches, StaticKV
+from blocks.graphs import CapturedStep
 from blocks.slots import SlotPool, bucket
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import build_checkpoint
@@ -79,6 +80,60 @@ def test_batched_pool_steps_equal_each_sessions_own(name, checkpoints):
     torch.testing.assert_close(span.forward(bystander, cache=pooled[2][0], position=3),
                                reference.forward(bystander, cache=alone[2][0], position=3), atol=TOLERANCE, rtol=0)
     assert [cache.length for cache, _ in pooled] == [8, 14, 4, 26]
+
+
+class _Rerun:
+    """A CUDA graph's stand-in on the CPU: `replay` runs the captured body again on its static
+    inputs, into its output tensor, as a replay would."""
+
+    def __init__(self, body, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.body, self.inputs, self.output = body, inputs, output
+
+    def replay(self) -> None:
+        self.output.copy_(self.body(*self.inputs))
+
+
+def graphs_on_the_cpu(span: BlockSpan) -> list[tuple[torch.Tensor, ...]]:
+    """Turn the span's graph paths on with `_Rerun` captures; returns the captures' inputs, as made."""
+    captured = []
+
+    def capture(device, inputs, body, adapter):
+        captured.append(inputs)
+        output = body(*inputs)
+        return output.clone(), CapturedStep(_Rerun(body, inputs, output), inputs, output, adapter)
+
+    span.use_graphs = True
+    span._gpu.capture = capture
+    return captured
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral_sliding", "gemma3"])
+def test_short_steps_replay_one_graph_per_bucket_in_any_rows(name, checkpoints):
+    """Steps of a few tokens of sessions in pool rows (short prompts, a cached prompt's tail,
+    drafts) go through one captured step per (rows, width, length, adapter) bucket, whichever rows
+    a session sits in, and give what each session's own steps give; the tokens padding a step to
+    its width write nowhere a session attends (the one-token steps after them agree too)."""
+    span, reference = pooled_span(checkpoints[name], 1, 4), BlockSpan(checkpoints[name], 1, 4)
+    captured = graphs_on_the_cpu(span)
+    shapes = [(1, 5), (2, 11), (1, 23)]  # widths 16, 16 (2 rows), 32: three buckets
+    pooled, alone = prefilled(span, shapes), prefilled(reference, shapes)
+    assert [cache.row for cache, _ in pooled] == [0, 1, 3] and len(captured) == 3
+    generator = torch.Generator().manual_seed(4)
+    adapter = random_span_lora(span, generator)
+    for index, tokens, lora in ((2, 7, None), (0, 3, None), (0, 9, adapter)):
+        cache, position = pooled[index]
+        hidden = torch.randn(1, tokens, span.hidden_size, generator=generator)
+        own = reference.forward(hidden, cache=alone[index][0], position=position, adapter=lora)
+        torch.testing.assert_close(span.forward(hidden, cache=cache, position=position, adapter=lora), own,
+                                   atol=TOLERANCE, rtol=0)
+        pooled[index], alone[index] = (cache, position + tokens), (alone[index][0], position + tokens)
+    # rows 3 and 0 replayed the one-row width-16 graph captured at the first prompt: only the adapter's is new
+    assert len(captured) == 4 and len(span.slot_pool.short_graphs) == 4
+    assert [(inputs[0].shape[0], inputs[0].shape[1]) for inputs in captured] == [(1, 16), (2, 16), (1, 32), (1, 16)]
+    hidden = [torch.randn(rows, 1, span.hidden_size, generator=generator) for rows, _ in shapes]
+    together = span.forward_batch([(h, cache, position) for h, (cache, position) in zip(hidden, pooled)])
+    for h, out, (cache, position) in zip(hidden, together, alone):
+        torch.testing.assert_close(out, reference.forward(h, cache=cache, position=position), atol=TOLERANCE, rtol=0)
 
 
 def test_batched_pool_steps_apply_the_shared_adapter(checkpoints):
