@@ -25,7 +25,7 @@ def graphs_enabled() -> bool:
     return os.environ.get("SWARMGATE_CUDA_GRAPHS", "1").lower() not in ("0", "false", "no", "off")
 
 
-SHORT_STEP_TOKENS = 128  # steps of 2..this many tokens of a session in pool rows replay a captured graph
+SHORT_STEP_TOKENS = 128  # steps of 2..this many tokens replay a captured graph (`BlockSpan._short_step`)
 SHORT_STEP_FLOOR = 16  # the narrowest such graph: fewer tokens are padded to it
 
 
@@ -102,14 +102,21 @@ class BlockSpan:
         )
         self._gpu = GpuState()
         self.slot_pool: SlotPool | None = None  # shared by views: they index it by global layer
+        self.staging: SlotPool | None = None  # one row: short steps of sessions with buffers of their own (views share it)
 
-    def enable_slots(self, rows: int, length: int) -> None:
+    def enable_slots(self, rows: int, length: int, staged: int = 0) -> None:
         """On the static-cache path, give sessions rows of a shared pool of `rows` x `length`
-        positions (allocated at the first session), so their one-token steps batch (blocks/slots.py)."""
+        positions (allocated at the first session), so their one-token steps batch (blocks/slots.py);
+        and a staging row of `staged` positions (allocated at its first use), through which
+        one-row sessions with buffers of their own take their short steps (`_short_step`)."""
         if self.static_cache and rows > 0 and length > 0:
-            self.slot_pool = SlotPool(start=self.start, num_layers=self.num_layers,
-                                      kv_heads=self.family.kv_heads(self.config), head_dim=self.family.head_dim(self.config),
-                                      rows=rows, length=length, dtype=self.dtype, device=self.device)
+            self.slot_pool = self._rows_of_kv(rows, length)
+            self.staging = self._rows_of_kv(1, staged) if staged > 0 else None
+
+    def _rows_of_kv(self, rows: int, length: int) -> SlotPool:
+        return SlotPool(start=self.start, num_layers=self.num_layers, kv_heads=self.family.kv_heads(self.config),
+                        head_dim=self.family.head_dim(self.config), rows=rows, length=length, dtype=self.dtype,
+                        device=self.device)
 
     def view(self, start: int, end: int) -> "BlockSpan":
         """Layers [start, end) of this span, sharing its weights: a server computes any part of
@@ -232,7 +239,7 @@ class BlockSpan:
         hidden = hidden.to(self.device)
         if tokens == 1 and self.use_graphs:
             output = self._graph_step(hidden, cache, position, adapter)
-        elif self.use_graphs and cache.pooled and tokens <= SHORT_STEP_TOKENS:
+        elif self.use_graphs and tokens <= SHORT_STEP_TOKENS and (cache.pooled or self._stages(cache, position + tokens)):
             output = self._short_step(hidden, cache, position, adapter)
         else:
             output = self._eager_static(hidden, cache, position)
@@ -320,37 +327,61 @@ class BlockSpan:
         finally:
             cache.write_index = None
 
+    def _stages(self, cache: StaticKV, needed: int) -> bool:
+        """Whether a short step of `cache` (buffers of its own) can go through the staging row."""
+        return self.staging is not None and cache.batch == 1 and needed <= self.staging.length
+
     def _short_step(self, hidden: torch.Tensor, cache: StaticKV, position: int,
                     adapter: lora.SpanLora | None) -> torch.Tensor:
-        """A few tokens of a session in pool rows (a short prompt, a cached prompt's uncached
-        tail, drafts) through a graph per (rows, width, attended length, adapter) bucket: eager,
-        such a step is mostly Python launching kernels, as a one-token step is. The session's
-        rows, its first position and where each token writes are inputs, so a graph serves
-        sessions in any rows; tokens padding the width write to the pool's scratch position and
-        their outputs are dropped."""
-        pool = self.slot_pool
+        """A few tokens (a short prompt, a cached prompt's uncached tail, drafts) through a graph
+        per (rows, width, attended length, adapter) bucket: eager, such a step is mostly Python
+        launching kernels, as a one-token step is. The session's rows, its first position and
+        where each token writes are inputs, so a graph serves sessions in any pool rows; tokens
+        padding the width write to the scratch position and their outputs are dropped. A
+        session with buffers of its own goes through the span's staging row: the positions it
+        holds copied in, the new ones copied back (~0.1 ms of copies for ~1,000 positions of 16
+        layers of 8B shapes, against tens of ms of eager Python)."""
+        pool = self.slot_pool if cache.pooled else self.staging
         assert pool is not None
         batch, tokens = hidden.shape[:2]
+        if not cache.pooled:
+            if not pool.keys:
+                pool.take(1)  # its one row, for good
+            self._stage(cache, pool, slice(0, position), into_pool=True)
         width = slots.bucket(tokens, SHORT_STEP_TOKENS, floor=SHORT_STEP_FLOOR)
         length = slots.bucket(position + tokens, pool.length, floor=slots.MIN_LENGTH)
         staged = hidden.new_zeros(batch, width, self.hidden_size)
         staged[:, :tokens] = hidden
         where = torch.full((width,), pool.scratch, dtype=torch.long)
         where[:tokens] = torch.arange(position, position + tokens)
-        values = (staged, torch.tensor([position]), where, torch.arange(cache.row, cache.row + batch))
+        first_row = cache.row if cache.pooled else 0
+        values = (staged, torch.tensor([position]), where, torch.arange(first_row, first_row + batch))
         key = (self.start, self.end, batch, width, length, id(adapter))
         if (step := pool.short_graphs.get(key)) is not None:
-            return step.replay(*values)[:, :tokens]
-        inputs = tuple(value.to(self.device) for value in values)
-        result, step = self._gpu.capture(self.device, inputs, functools.partial(self._short_body, length=length),
-                                         adapter)
-        pool.short_graphs.keep(key, step)
-        return result[:, :tokens]
+            output = step.replay(*values)
+        else:
+            inputs = tuple(value.to(self.device) for value in values)
+            output, step = self._gpu.capture(self.device, inputs, functools.partial(self._short_body, pool=pool,
+                                                                                      length=length), adapter)
+            pool.short_graphs.keep(key, step)
+        if not cache.pooled:
+            self._stage(cache, pool, slice(position, position + tokens), into_pool=False)
+        return output[:, :tokens]
+
+    def _stage(self, cache: StaticKV, pool: SlotPool, positions: slice, *, into_pool: bool) -> None:
+        """Copy `positions` of the session's own keys and values into the staging row, or back."""
+        for layer in range(self.start, self.end):
+            for own, staged in ((cache.keys, pool.keys), (cache.values, pool.values)):
+                ours, theirs = own[layer - cache.start][:, :, positions], staged[layer - pool.start][:, :, positions]
+                if into_pool:
+                    theirs.copy_(ours)
+                else:
+                    ours.copy_(theirs)
 
     def _short_body(self, hidden: torch.Tensor, first: torch.Tensor, where: torch.Tensor, rows: torch.Tensor, *,
-                    length: int) -> torch.Tensor:
-        """`hidden`'s tokens at positions `first`, `first` + 1, ... of pool rows `rows`, attending
-        causally to the first `length` positions."""
+                    pool: SlotPool, length: int) -> torch.Tensor:
+        """`hidden`'s tokens at positions `first`, `first` + 1, ... of `pool`'s rows `rows`,
+        attending causally to the first `length` positions."""
         queries = first + torch.arange(hidden.shape[1], device=self.device)
         keys = torch.arange(length, device=self.device)
         masks = {}
@@ -361,8 +392,7 @@ class BlockSpan:
             masks[kind] = mask.view(1, 1, hidden.shape[1], length)
         position_ids = queries.view(1, -1)
         position_embeddings = self.family.position_embeddings(self.rotary_emb, hidden, position_ids, list(masks))
-        return self._run_layers(hidden, ChunkRows(self.slot_pool, rows, where, length), masks, position_embeddings,
-                                position_ids)
+        return self._run_layers(hidden, ChunkRows(pool, rows, where, length), masks, position_embeddings, position_ids)
 
     # -- batched steps over pool rows (blocks/slots.py) ------------------------------------------
     def _forward_slots(self, steps, adapter: lora.SpanLora | None) -> list[torch.Tensor]:

@@ -17,8 +17,8 @@ import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,6 +69,7 @@ class _Output:
     names: list[bytes] | None = None
     whole: torch.Tensor | None = None  # with names: the whole output, to resend naming fewer blocks
     cached: int | None = None  # a prompt's: how many of its input blocks this server now holds cached
+    store: Callable[[], Awaitable[int]] | None = None  # a prompt's: caches its new blocks, says `cached` then
 
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"rest" if self.names else "hidden": self.hidden}
@@ -383,8 +384,8 @@ class InferenceService:
 
     async def _prompt_output(self, live: _LiveSession, span: BlockSpan, message: dict[str, Any], output: torch.Tensor,
                              prefix: Prefix, may_name: bool, tail: int | None) -> _Output:
-        """Cache the prompt's new blocks, and its output as it goes on: with a next hop, the blocks
-        that next hop may hold named by their keys where the step let us name (`may_name`), the
+        """The prompt's output as it goes on (its `store` caches the new blocks): with a next hop,
+        the blocks it may hold named by their keys where the step let us name (`may_name`), the
         rest as bytes, whose keys the new blocks keep; at the chain's end, the tail asked for."""
         names = prefix.output_keys() if may_name else []
         output_keys: list[bytes] = []
@@ -399,9 +400,14 @@ class InferenceService:
                                        output_keys[:unnamed])
             output_keys = output_keys[unnamed:]
             result = _Output(wire, names if may_name else None, output if names else None)
-        await trio.to_thread.run_sync(self.prefixes.store, span, self.caches.get(live.id).cache, self._namespace(live),
-                                      output, prefix, output_keys, limiter=self.compute)
-        result.cached = self.prefixes.held(self._namespace(live), prefix.keys)  # a long prompt may evict its start
+        prefixes, cache, namespace = self.prefixes, self.caches.get(live.id).cache, self._namespace(live)
+
+        async def store() -> int:
+            await trio.to_thread.run_sync(prefixes.store, span, cache, namespace, output, prefix, output_keys,
+                                          limiter=self.compute)
+            return prefixes.held(namespace, prefix.keys)  # a long prompt may evict its start
+
+        result.store = store
         return result
 
     async def _compute_chunked(self, live: _LiveSession, span: BlockSpan, hidden, cache, position: int) -> Any:
@@ -417,7 +423,8 @@ class InferenceService:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: _Output) -> None:
-        """Push to the next server first (it is on the critical path), then report to the client.
+        """Push to the next server first (it is on the critical path), then cache a prompt's new
+        blocks (while the next server computes), then report to the client.
 
         The reply names the session the push reached (``pushed``); without it the client sends
         the step on itself. A push naming prompt blocks waits for the next server to say how many
@@ -446,6 +453,8 @@ class InferenceService:
                     output = await self._named_fewer(output, 0)
                 if isinstance(hop, dict) and (stale := live.next_hops.pop(str(hop.get("peer")), None)) is not None:
                     await incoming.try_close(stale)
+        if output.store is not None:
+            output.cached = await output.store()
         await protocol.write_frame(live.client, {**reply, **output.fields()})
 
     async def _resend_unheld(self, stream: Stream, frame: dict[str, Any], output: _Output) -> _Output:
@@ -464,7 +473,7 @@ class InferenceService:
         """`output` naming only its first `count` blocks, the rest as bytes."""
         assert output.names is not None and output.whole is not None
         rest = await trio.to_thread.run_sync(codec.encode, output.whole[:, BLOCK * count:], output.hidden["codec"])
-        return _Output(rest, output.names[:count], output.whole, output.cached)
+        return replace(output, hidden=rest, names=output.names[:count])
 
     async def _next_hop(self, live: _LiveSession, hop: Any) -> Stream:
         if not isinstance(hop, dict):

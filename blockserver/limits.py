@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from swarm import protocol
 
+STAGED_LENGTH = 4096  # positions of a GPU span's staging row (`decode_slots`)
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -37,18 +39,20 @@ class ServerLimits:
     peer_stream_rate: float = 500.0  # new streams per second of one peer, all protocols (a token bucket that
     peer_stream_burst: int = 1000  # holds this many): only floods reach either
 
-    def decode_slots(self) -> tuple[int, int]:
+    def decode_slots(self) -> tuple[int, int, int]:
         """Rows and positions per row of the pool of KV rows that lets GPU sessions' decode steps
         batch (blocks/slots.py): a row per batch row, half of `max_tokens` in all. Sessions
-        longer than a row, or arriving when the rows are taken, keep caches of their own."""
+        longer than a row, or arriving when the rows are taken, keep caches of their own; a
+        one-row one of at most `STAGED_LENGTH` positions takes its short steps (a cached
+        prompt's tail) through a staging row of that length (blocks/span.py `_short_step`)."""
         rows = min(self.max_batch_rows, self.max_sessions)
-        return rows, (self.max_tokens // 2 // max(rows, 1)) // 64 * 64
+        return rows, (self.max_tokens // 2 // max(rows, 1)) // 64 * 64, STAGED_LENGTH
 
     def cache_memory_tokens(self, device: str) -> int:
         """KV positions a server may hold in memory at once, for placement: sessions reserve
-        `max_tokens`, and a GPU's pool is allocated whole, whoever uses its rows."""
-        rows, length = self.decode_slots()
-        return self.max_tokens + (rows * length if device == "cuda" else 0)
+        `max_tokens`, and a GPU's pool and staging row are allocated whole, whoever uses them."""
+        rows, length, staged = self.decode_slots()
+        return self.max_tokens + (rows * length + staged if device == "cuda" else 0)
 
     def peer_cap(self, kind: str) -> int:
         """Concurrent streams one peer may hold of protocol `kind` (``inference``, ``push``, ...).

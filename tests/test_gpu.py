@@ -195,6 +195,29 @@ def test_prefix_cache_on_static_caches(gpu_model):
     assert relative(after, span.forward(step, cache=plain, position=second.shape[1])) < 2e-2
 
 
+def test_sessions_longer_than_a_pool_row_take_short_steps_through_the_staging_row(gpu_model):
+    """A session with buffers of its own (longer than a pool row) takes its prompt and a cached
+    prompt's tail as short-step graphs through the staging row, shared by such sessions, and
+    agrees with eager steps, its decode steps after them too."""
+    span = BlockSpan(gpu_model, 0, 6, dtype=DTYPE, device="cuda")
+    span.enable_slots(rows=2, length=64, staged=512)
+    eager = BlockSpan(gpu_model, 0, 6, dtype=DTYPE, device="cuda")
+    eager.use_graphs = False
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    for prompt in (80, 70):  # width 128, then a tail of 20: width 32; both attend 256 positions
+        cache, reference = span.new_cache(), eager.new_cache()
+        cache.reserve(1, 200)
+        reference.reserve(1, 200)
+        position = 0
+        for tokens in (prompt, 20, 1, 1, 1):
+            hidden = torch.randn(1, tokens, span.hidden_size, device="cuda", dtype=DTYPE, generator=generator)
+            ours = span.forward(hidden, cache=cache, position=position)
+            assert relative(ours, eager.forward(hidden, cache=reference, position=position)) < 2e-2
+            position += tokens
+        assert not cache.pooled
+    assert len(span.staging.short_graphs) == 2 and not span.slot_pool.keys
+
+
 def greedy_tokens(head: ModelHead, spans: list[BlockSpan], prompt: torch.Tensor, tokens: int):
     caches = [span.new_cache() for span in spans]
     ids, position, out, logits_seen = prompt.cuda(), 0, [], []

@@ -136,6 +136,34 @@ def test_short_steps_replay_one_graph_per_bucket_in_any_rows(name, checkpoints):
         torch.testing.assert_close(out, reference.forward(h, cache=cache, position=position), atol=TOLERANCE, rtol=0)
 
 
+def test_sessions_longer_than_a_row_take_short_steps_through_the_staging_row(checkpoints):
+    """A one-row session with buffers of its own (longer than a pool row) takes its short steps
+    through the span's staging row: its positions copied in, the new ones copied back, so the
+    same captured steps serve every such session and its own cache stays right."""
+    span, reference = BlockSpan(checkpoints["llama"], 0, 4), BlockSpan(checkpoints["llama"], 0, 4)
+    span.static_cache = True
+    span.enable_slots(rows=2, length=64, staged=256)
+    captured = graphs_on_the_cpu(span)
+    generator = torch.Generator().manual_seed(6)
+    sessions = []
+    for prompt in (40, 30):
+        cache, own = span.new_cache(), reference.new_cache()
+        cache.reserve(1, 100)  # longer than a row: buffers of its own
+        hidden = torch.randn(1, prompt, span.hidden_size, generator=generator)
+        torch.testing.assert_close(span.forward(hidden, cache=cache, position=0),
+                                   reference.forward(hidden, cache=own, position=0), atol=TOLERANCE, rtol=0)
+        sessions.append([cache, own, prompt])
+    assert [cache.pooled for cache, _, _ in sessions] == [False, False] and len(captured) == 2  # widths 64, 32
+    for tokens in (9, 1, 5):  # short steps of both replay one width-16 graph; one-token steps their own
+        for session in sessions:
+            cache, own, position = session
+            hidden = torch.randn(1, tokens, span.hidden_size, generator=generator)
+            torch.testing.assert_close(span.forward(hidden, cache=cache, position=position),
+                                       reference.forward(hidden, cache=own, position=position), atol=TOLERANCE, rtol=0)
+            session[2] += tokens
+    assert len(span.staging.short_graphs) == 3 and not span.slot_pool.keys  # the pool's rows never used
+
+
 def test_batched_pool_steps_apply_the_shared_adapter(checkpoints):
     span, reference = pooled_span(checkpoints["llama"], 0, 4), BlockSpan(checkpoints["llama"], 0, 4)
     generator = torch.Generator().manual_seed(2)
@@ -178,6 +206,6 @@ def test_pool_rows_and_buckets():
 
 def test_a_servers_pool_is_half_its_cache_and_placement_counts_it():
     limits = ServerLimits()  # 64 batch rows, 64 sessions, 65536 cache tokens
-    assert limits.decode_slots() == (64, 512)
-    assert limits.cache_memory_tokens("cuda") == 65536 + 64 * 512 and limits.cache_memory_tokens("cpu") == 65536
-    assert ServerLimits(max_sessions=8, max_tokens=10_000).decode_slots() == (8, 576)  # rounded down to 64
+    assert limits.decode_slots() == (64, 512, 4096)  # and a staging row of 4096 positions
+    assert limits.cache_memory_tokens("cuda") == 65536 + 64 * 512 + 4096 and limits.cache_memory_tokens("cpu") == 65536
+    assert ServerLimits(max_sessions=8, max_tokens=10_000).decode_slots()[:2] == (8, 576)  # rounded down to 64
