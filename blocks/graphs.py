@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+SEEN_KEYS = 256  # keys a GraphCache remembers having been asked about (`first_use`)
+
 
 @dataclass
 class CapturedStep:
@@ -42,6 +44,7 @@ class GraphCache:
     def __init__(self, max_graphs: int | None = None) -> None:
         self.max_graphs = max_graphs
         self._steps: OrderedDict[Any, CapturedStep] = OrderedDict()
+        self._seen: OrderedDict[Any, None] = OrderedDict()  # keys `first_use` was asked about, latest last
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -56,6 +59,18 @@ class GraphCache:
         self._steps[key] = step
         while self.max_graphs is not None and len(self._steps) > self.max_graphs:
             self._steps.popitem(last=False)
+
+    def first_use(self, key: Any) -> bool:
+        """Whether `key` comes for the first time lately (then noted): a caller may run such a
+        step eagerly and capture it only when it comes again, as a capture costs more than an
+        eager run and a one-off key would evict one in use."""
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return False
+        self._seen[key] = None
+        while len(self._seen) > SEEN_KEYS:
+            self._seen.popitem(last=False)
+        return True
 
     def clear(self) -> None:
         self._steps.clear()

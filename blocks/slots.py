@@ -10,7 +10,8 @@ only on the bucket (rows, attended length), so `BlockSpan` captures one CUDA gra
 adapter and replays it for whatever sessions fill it.
 
 Sessions that want more than a row's length, or find no rows free, keep their own `StaticKV`
-buffers and step alone.
+buffers and step alone (a one-row one takes its short steps through the span's staging row, a
+pool of one row: `BlockSpan._short_step`). A short step of a few tokens sees `ChunkRows`.
 """
 
 from __future__ import annotations

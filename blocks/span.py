@@ -337,12 +337,13 @@ class BlockSpan:
         per (rows, width, attended length, adapter) bucket: eager, such a step is mostly Python
         launching kernels, as a one-token step is. The session's rows, its first position and
         where each token writes are inputs, so a graph serves sessions in any pool rows; tokens
-        padding the width write to the scratch position and their outputs are dropped. A
-        session with buffers of its own goes through the span's staging row: the positions it
-        holds copied in, the new ones copied back (~0.1 ms of copies for ~1,000 positions of 16
-        layers of 8B shapes, against tens of ms of eager Python)."""
+        padding the width write to the scratch position and their outputs are dropped. A bucket
+        runs eagerly the first time and is captured when it comes again. A session with buffers
+        of its own goes through the span's staging row: the positions it holds copied in, the
+        new ones copied back (two copies per layer each way, against tens of ms of eager Python
+        for 16 layers of 8B shapes)."""
         pool = self.slot_pool if cache.pooled else self.staging
-        assert pool is not None
+        assert pool is not None and (cache.pool is pool or not cache.pooled)
         batch, tokens = hidden.shape[:2]
         if not cache.pooled:
             if not pool.keys:
@@ -359,6 +360,8 @@ class BlockSpan:
         key = (self.start, self.end, batch, width, length, id(adapter))
         if (step := pool.short_graphs.get(key)) is not None:
             output = step.replay(*values)
+        elif pool.short_graphs.first_use(key):  # eager once: only buckets that come again are captured
+            output = self._short_body(*(value.to(self.device) for value in values), pool=pool, length=length)
         else:
             inputs = tuple(value.to(self.device) for value in values)
             output, step = self._gpu.capture(self.device, inputs, functools.partial(self._short_body, pool=pool,
@@ -382,6 +385,7 @@ class BlockSpan:
                     pool: SlotPool, length: int) -> torch.Tensor:
         """`hidden`'s tokens at positions `first`, `first` + 1, ... of `pool`'s rows `rows`,
         attending causally to the first `length` positions."""
+        # a padding query past a sliding window's reach may see no key: its row is NaN, dropped
         queries = first + torch.arange(hidden.shape[1], device=self.device)
         keys = torch.arange(length, device=self.device)
         masks = {}

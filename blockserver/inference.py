@@ -69,7 +69,7 @@ class _Output:
     names: list[bytes] | None = None
     whole: torch.Tensor | None = None  # with names: the whole output, to resend naming fewer blocks
     cached: int | None = None  # a prompt's: how many of its input blocks this server now holds cached
-    store: Callable[[], Awaitable[int]] | None = None  # a prompt's: caches its new blocks, says `cached` then
+    store: Callable[[], Awaitable[int | None]] | None = None  # a prompt's: caches its new blocks, says `cached`
 
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"rest" if self.names else "hidden": self.hidden}
@@ -244,7 +244,7 @@ class InferenceService:
                             await protocol.write_frame(stream, {"type": "prefix", "session": message["session"],
                                                                 "held": 0})
                         raise trio.BrokenResourceError
-                    if names := incoming.prefix_names(message, self._max_blocks(live)):
+                    if names := incoming.prefix_names(message, self.caches.get(live.id).max_length // BLOCK):
                         held = self._held(live, names)  # the pusher sends the blocks we lack, then
                         await protocol.write_frame(stream, {"type": "prefix", "session": live.id, "held": held})
                         if held < len(names):
@@ -306,7 +306,7 @@ class InferenceService:
         route = message.get("route") or []
         if not isinstance(route, list) or not all(isinstance(hop, dict) for hop in route):
             raise ProtocolError("'route' must be a list of maps")
-        names = incoming.prefix_names(message, self._max_blocks(live))
+        names = incoming.prefix_names(message, session.max_length // BLOCK)
         hidden = incoming.expect_hidden(  # a step naming blocks sends the rest after them (old servers refuse it)
             message, "rest" if names else "hidden", span, max_elements=session.batch * session.max_length * span.hidden_size,
             batch=session.batch, allow_empty=True,
@@ -348,9 +348,6 @@ class InferenceService:
         if output.device.type != "cpu":
             output = await trio.to_thread.run_sync(output.cpu)
         return self.drill(output, kind)
-
-    def _max_blocks(self, live: _LiveSession) -> int:
-        return self.caches.get(live.id).max_length // BLOCK
 
     def _namespace(self, live: _LiveSession) -> str:
         span = live.span or self.span
@@ -402,9 +399,13 @@ class InferenceService:
             result = _Output(wire, names if may_name else None, output if names else None)
         prefixes, cache, namespace = self.prefixes, self.caches.get(live.id).cache, self._namespace(live)
 
-        async def store() -> int:
-            await trio.to_thread.run_sync(prefixes.store, span, cache, namespace, output, prefix, output_keys,
-                                          limiter=self.compute)
+        async def store() -> int | None:  # best effort: a failure costs later prompts a recomputation, no more
+            try:
+                await trio.to_thread.run_sync(prefixes.store, span, cache, namespace, output, prefix, output_keys,
+                                              limiter=self.compute)
+            except Exception:
+                logger.exception("caching a prompt's blocks failed")
+                return None
             return prefixes.held(namespace, prefix.keys)  # a long prompt may evict its start
 
         result.store = store
