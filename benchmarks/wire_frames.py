@@ -180,9 +180,8 @@ def main() -> None:
 
             keep_freed_memory()  # as every server and gateway process does
         results = trio.run(_measure, args.streams, int(args.frame_kb * 1024), int(args.bulk_mb * 1e6), args.rounds)
-        for shape, megabytes in (("hidden", args.bulk_mb), ("adapter", args.adapter_mb)):
-            if args.one_way_frames:
-                results.update(_one_way(shape, megabytes, args.one_way_frames))
+        for shape, megabytes in (("hidden", args.bulk_mb), ("adapter", args.adapter_mb)) if args.one_way_frames else ():
+            results.update(_one_way(shape, megabytes, args.one_way_frames))
         print(json.dumps(results))
         return
     runs = {}

@@ -102,7 +102,8 @@ class BlockSpan:
         )
         self._gpu = GpuState()
         self.slot_pool: SlotPool | None = None  # shared by views: they index it by global layer
-        self.staging: SlotPool | None = None  # one row: short steps of sessions with buffers of their own (views share it)
+        # one row, shared by views: short steps of sessions with buffers of their own
+        self.staging: SlotPool | None = None
 
     def enable_slots(self, rows: int, length: int, staged: int = 0) -> None:
         """On the static-cache path, give sessions rows of a shared pool of `rows` x `length`
@@ -239,7 +240,8 @@ class BlockSpan:
         hidden = hidden.to(self.device)
         if tokens == 1 and self.use_graphs:
             output = self._graph_step(hidden, cache, position, adapter)
-        elif self.use_graphs and tokens <= SHORT_STEP_TOKENS and (cache.pooled or self._stages(cache, position + tokens)):
+        elif (self.use_graphs and tokens <= SHORT_STEP_TOKENS
+              and (cache.pooled or self._stages(cache, position + tokens))):
             output = self._short_step(hidden, cache, position, adapter)
         else:
             output = self._eager_static(hidden, cache, position)
@@ -314,18 +316,24 @@ class BlockSpan:
         length = cache.capacity
         cache.write_index, cache.view_length = position, length
         try:
-            positions = self._gpu.positions[:length]
-            masks = {}
-            for kind in self._mask_layer:
-                mask = positions <= position
-                if (window := self._window(kind)) is not None:
-                    mask = mask & (positions > position - window)
-                masks[kind] = mask.view(1, 1, 1, length)
+            masks = {kind: mask.view(1, 1, 1, length)
+                     for kind, mask in self._attended(self._gpu.positions[:length], position).items()}
             position_ids = position.view(1, 1)
             position_embeddings = self.family.position_embeddings(self.rotary_emb, hidden, position_ids, list(masks))
             return self._run_layers(hidden, cache, masks, position_embeddings, position_ids)
         finally:
             cache.write_index = None
+
+    def _attended(self, keys: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per attention kind, [queries, keys] booleans: which of the positions `keys` each of the
+        positions `queries` attends (causally; within the window, for a sliding kind)."""
+        masks = {}
+        for kind in self._mask_layer:
+            mask = keys[None, :] <= queries[:, None]
+            if (window := self._window(kind)) is not None:
+                mask = mask & (keys[None, :] > queries[:, None] - window)
+            masks[kind] = mask
+        return masks
 
     def _stages(self, cache: StaticKV, needed: int) -> bool:
         """Whether a short step of `cache` (buffers of its own) can go through the staging row."""
@@ -360,13 +368,14 @@ class BlockSpan:
         key = (self.start, self.end, batch, width, length, id(adapter))
         if (step := pool.short_graphs.get(key)) is not None:
             output = step.replay(*values)
-        elif pool.short_graphs.first_use(key):  # eager once: only buckets that come again are captured
-            output = self._short_body(*(value.to(self.device) for value in values), pool=pool, length=length)
         else:
             inputs = tuple(value.to(self.device) for value in values)
-            output, step = self._gpu.capture(self.device, inputs, functools.partial(self._short_body, pool=pool,
-                                                                                      length=length), adapter)
-            pool.short_graphs.keep(key, step)
+            body = functools.partial(self._short_body, pool=pool, length=length)
+            if pool.short_graphs.first_use(key):  # eager once: only buckets that come again are captured
+                output = body(*inputs)
+            else:
+                output, step = self._gpu.capture(self.device, inputs, body, adapter)
+                pool.short_graphs.keep(key, step)
         if not cache.pooled:
             self._stage(cache, pool, slice(position, position + tokens), into_pool=False)
         return output[:, :tokens]
@@ -387,13 +396,8 @@ class BlockSpan:
         attending causally to the first `length` positions."""
         # a padding query past a sliding window's reach may see no key: its row is NaN, dropped
         queries = first + torch.arange(hidden.shape[1], device=self.device)
-        keys = torch.arange(length, device=self.device)
-        masks = {}
-        for kind in self._mask_layer:
-            mask = keys[None, :] <= queries[:, None]
-            if (window := self._window(kind)) is not None:
-                mask = mask & (keys[None, :] > queries[:, None] - window)
-            masks[kind] = mask.view(1, 1, hidden.shape[1], length)
+        masks = {kind: mask.view(1, 1, hidden.shape[1], length)
+                 for kind, mask in self._attended(torch.arange(length, device=self.device), queries).items()}
         position_ids = queries.view(1, -1)
         position_embeddings = self.family.position_embeddings(self.rotary_emb, hidden, position_ids, list(masks))
         return self._run_layers(hidden, ChunkRows(pool, rows, where, length), masks, position_embeddings, position_ids)
@@ -435,19 +439,15 @@ class BlockSpan:
         if (step := self.slot_pool.graphs.get(key)) is not None:
             return step.replay(hidden, positions)
         inputs = (hidden.to(self.device), positions.to(self.device))
-        result, step = self._gpu.capture(self.device, inputs, lambda h, p: self._slots_body(h, p, rows, length), adapter)
+        body = functools.partial(self._slots_body, rows=rows, length=length)
+        result, step = self._gpu.capture(self.device, inputs, body, adapter)
         self.slot_pool.graphs.keep(key, step)
         return result
 
     def _slots_body(self, hidden: torch.Tensor, positions: torch.Tensor, rows: int, length: int) -> torch.Tensor:
         """Rows [0, rows) of the pool, row r at `positions[r]` (scratch for rows not stepping)."""
-        keys = torch.arange(length, device=self.device)[None, :]
-        masks = {}
-        for kind in self._mask_layer:
-            mask = keys <= positions[:, None]
-            if (window := self._window(kind)) is not None:
-                mask = mask & (keys > positions[:, None] - window)
-            masks[kind] = mask.view(rows, 1, 1, length)
+        masks = {kind: mask.view(rows, 1, 1, length)
+                 for kind, mask in self._attended(torch.arange(length, device=self.device), positions).items()}
         position_ids = positions.view(rows, 1)
         position_embeddings = self.family.position_embeddings(self.rotary_emb, hidden, position_ids, list(masks))
         return self._run_layers(hidden, SlotRows(self.slot_pool, rows, length, positions), masks,
