@@ -54,12 +54,22 @@ class SlotPool:
             if run == batch:
                 first = row - batch + 1
                 self._free[first : row + 1] = [False] * batch
-                if not self.keys:
-                    self.keys = [torch.zeros(self._shape, dtype=self._dtype, device=self._device)
-                                 for _ in range(self.num_layers)]
-                    self.values = [torch.zeros_like(k) for k in self.keys]
+                self.allocate()
                 return first
         return None
+
+    def allocate(self) -> None:
+        """The rows' memory, if not yet: at the first session, or when steps are captured ahead."""
+        if not self.keys:
+            self.keys = [torch.zeros(self._shape, dtype=self._dtype, device=self._device)
+                         for _ in range(self.num_layers)]
+            self.values = [torch.zeros_like(k) for k in self.keys]
+
+    def decode_buckets(self) -> list[tuple[int, int]]:
+        """Every (rows, attended length) bucket a one-token step over these rows may take."""
+        rows = sorted({bucket(n, self.rows) for n in range(1, self.rows + 1)})
+        lengths = sorted({bucket(n, self.length, floor=MIN_LENGTH) for n in range(1, self.length + 1)})
+        return [(r, length) for r in rows for length in lengths]
 
     def give_back(self, first: int, batch: int) -> None:
         self._free[first : first + batch] = [True] * batch

@@ -25,7 +25,7 @@ def graphs_enabled() -> bool:
     return os.environ.get("SWARMGATE_CUDA_GRAPHS", "1").lower() not in ("0", "false", "no", "off")
 
 
-SHORT_STEP_TOKENS = 128  # steps of 2..this many tokens replay a captured graph (`BlockSpan._short_step`)
+SHORT_STEP_TOKENS = 256  # steps of 2..this many tokens replay a captured graph (`BlockSpan._short_step`)
 SHORT_STEP_FLOOR = 16  # the narrowest such graph: fewer tokens are padded to it
 
 
@@ -433,6 +433,22 @@ class BlockSpan:
         for _, cache, position in steps:
             cache.length = position + 1
         return [output[where] for where in placed]
+
+    def capture_decode_steps(self) -> int:
+        """Capture the pool's one-token step of every (rows, length) bucket now, as vLLM captures
+        its batch sizes at start: a capture while serving holds this process's GPU work for tens
+        of ms, and every session in the chain waits. Without an adapter (each has its own graphs,
+        captured at first use); at most the pool's `MAX_GRAPHS`. Returns the graphs captured."""
+        pool = self.slot_pool
+        if pool is None or not self.use_graphs or not self.family.static_rope(self.config):
+            return 0
+        pool.allocate()
+        buckets = pool.decode_buckets()[: slots.MAX_GRAPHS]
+        with torch.inference_mode(), self._gpu.lock:
+            for rows, length in buckets:  # every row at the scratch position: no session's cache is touched
+                self._slots_graph(rows, length, None, torch.zeros(rows, 1, self.hidden_size, dtype=self.dtype),
+                                  torch.full((rows,), pool.scratch, dtype=torch.long))
+        return len(buckets)
 
     def _slots_graph(self, rows: int, length: int, adapter, hidden: torch.Tensor, positions: torch.Tensor):
         key = (self.start, self.end, rows, length, id(adapter))

@@ -7,6 +7,7 @@ rebalancing (blockserver/placement.py).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +63,9 @@ async def serve(config: ServerConfig) -> None:
     def load_span(start: int, end: int) -> BlockSpan:
         span = BlockSpan(model_path, start, end, dtype=dtype, device=config.device, quant=config.quant)
         span.enable_slots(*config.limits.decode_slots())
+        started = time.perf_counter()
+        if captured := span.capture_decode_steps():
+            logger.info("captured %d decode steps (CUDA graphs) in %.1f s", captured, time.perf_counter() - started)
         return span
 
     if config.blocks is not None:

@@ -166,6 +166,29 @@ def test_sessions_longer_than_a_row_take_short_steps_through_the_staging_row(che
     assert len(span.staging.short_graphs) == 2 and not span.slot_pool.keys  # the pool's rows never used
 
 
+def test_decode_steps_captured_at_start_serve_every_batch_after(checkpoints):
+    """A server captures its pool's one-token step of every (rows, length) bucket as it starts
+    (`capture_decode_steps`), writing nothing a session could see; steps after it replay those
+    graphs — lone or batched, in any rows — with no capture while serving, and give what each
+    session's own steps give."""
+    span, reference = pooled_span(checkpoints["llama"], 1, 4, rows=6, length=512), BlockSpan(checkpoints["llama"], 1, 4)
+    captured = graphs_on_the_cpu(span)
+    assert span.slot_pool.decode_buckets() == [(rows, length) for rows in (1, 2, 4, 6) for length in (256, 512)]
+    assert span.capture_decode_steps() == 8 and len(captured) == 8 and len(span.slot_pool.graphs) == 8
+    assert all(int(positions.min()) == span.slot_pool.scratch for _, positions in captured)
+    shapes = [(1, 5), (2, 11), (1, 23)]
+    pooled, alone = prefilled(span, shapes), prefilled(reference, shapes)
+    generator = torch.Generator().manual_seed(7)
+    for stepping in ([0], [0, 1, 2], [2], [1, 2]):  # rows 1, 4 (rows 0-3), 4 (row 3), 4
+        hidden = {i: torch.randn(shapes[i][0], 1, span.hidden_size, generator=generator) for i in stepping}
+        together = span.forward_batch([(hidden[i], *pooled[i]) for i in stepping])
+        for i, out in zip(stepping, together):
+            torch.testing.assert_close(out, reference.forward(hidden[i], cache=alone[i][0], position=alone[i][1]),
+                                       atol=TOLERANCE, rtol=0)
+            pooled[i], alone[i] = (pooled[i][0], pooled[i][1] + 1), (alone[i][0], alone[i][1] + 1)
+    assert len(captured) == 8
+
+
 def test_batched_pool_steps_apply_the_shared_adapter(checkpoints):
     span, reference = pooled_span(checkpoints["llama"], 0, 4), BlockSpan(checkpoints["llama"], 0, 4)
     generator = torch.Generator().manual_seed(2)
