@@ -444,7 +444,7 @@ class BlockSpan:
             return 0
         pool.allocate()
         buckets = pool.decode_buckets()[: slots.MAX_GRAPHS]
-        with torch.inference_mode(), self._gpu.lock:
+        with torch.inference_mode(), lora.applied(None), self._gpu.lock:
             for rows, length in buckets:  # every row at the scratch position: no session's cache is touched
                 self._slots_graph(rows, length, None, torch.zeros(rows, 1, self.hidden_size, dtype=self.dtype),
                                   torch.full((rows,), pool.scratch, dtype=torch.long))
