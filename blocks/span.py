@@ -438,12 +438,12 @@ class BlockSpan:
         """Capture the pool's one-token step of every (rows, length) bucket now, as vLLM captures
         its batch sizes at start: a capture while serving holds this process's GPU work for tens
         of ms, and every session in the chain waits. Without an adapter (each has its own graphs,
-        captured at first use); at most the pool's `MAX_GRAPHS`. Returns the graphs captured."""
+        captured at first use); at most what the pool's LRU keeps. Returns the graphs captured."""
         pool = self.slot_pool
         if pool is None or not self.use_graphs or not self.family.static_rope(self.config):
             return 0
         pool.allocate()
-        buckets = pool.decode_buckets()[: slots.MAX_GRAPHS]
+        buckets = pool.decode_buckets()[: pool.graphs.max_graphs]
         with torch.inference_mode(), lora.applied(None), self._gpu.lock:
             for rows, length in buckets:  # every row at the scratch position: no session's cache is touched
                 self._slots_graph(rows, length, None, torch.zeros(rows, 1, self.hidden_size, dtype=self.dtype),

@@ -172,12 +172,12 @@ def test_decode_steps_captured_at_start_serve_every_batch_after(checkpoints):
     graphs — lone or batched, in any rows — with no capture while serving, and give what each
     session's own steps give."""
     span, reference = pooled_span(checkpoints["llama"], 1, 4, rows=6, length=512), BlockSpan(checkpoints["llama"], 1, 4)
+    shapes = [(1, 5), (2, 11), (1, 23)]
+    pooled, alone = prefilled(span, shapes), prefilled(reference, shapes)  # sessions held while it captures
     captured = graphs_on_the_cpu(span)
     assert span.slot_pool.decode_buckets() == [(rows, length) for rows in (1, 2, 4, 6) for length in (256, 512)]
     assert span.capture_decode_steps() == 8 and len(captured) == 8 and len(span.slot_pool.graphs) == 8
     assert all(int(positions.min()) == span.slot_pool.scratch for _, positions in captured)
-    shapes = [(1, 5), (2, 11), (1, 23)]
-    pooled, alone = prefilled(span, shapes), prefilled(reference, shapes)
     generator = torch.Generator().manual_seed(7)
     for stepping in ([0], [0, 1, 2], [2], [1, 2]):  # rows 1, 4 (rows 0-3), 4 (row 3), 4
         hidden = {i: torch.randn(shapes[i][0], 1, span.hidden_size, generator=generator) for i in stepping}
