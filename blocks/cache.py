@@ -193,7 +193,9 @@ class StaticKV:
     ``max_length`` (rounded up to ``ALIGN``): a default ``max_tokens`` reserves the whole context,
     which most sessions never fill. Or, given a `SlotPool` with rows free at its first step, its
     buffers are views of pool rows (blocks/slots.py): growing them is free, and its one-token steps
-    can run batched with other sessions'.
+    can run batched with other sessions'. Rows go by what a session holds, not by what it may
+    reach (an API request without `max_tokens` reserves the whole context): one that outgrows its
+    rows moves to buffers of its own, its positions copied, and gives the rows back.
 
     It is the ``cache`` HF attention layers see: ``update`` writes the new keys/values and returns
     the first ``view_length`` positions, at a position given either as a Python int (eager) or
@@ -255,6 +257,13 @@ class StaticKV:
             return
         if self.pool is not None and self._take_rows(batch, needed):
             return
+        self._own_buffers(batch, needed)
+        if self.row is not None:  # outgrew its pool rows: they are free again, its positions copied out
+            self.pool.give_back(self.row, batch)
+            self.pool, self.row = None, None
+
+    def _own_buffers(self, batch: int, needed: int) -> None:
+        """Buffers of its own with room for `needed` positions, holding what it held."""
         capacity = max(self.MIN_CAPACITY, 1 << (needed - 1).bit_length())
         if self.max_length is not None:
             capacity = min(capacity, -(-max(self.max_length, needed) // self.ALIGN) * self.ALIGN)
@@ -267,20 +276,19 @@ class StaticKV:
         self.graphs.clear()  # they point at the old buffers
 
     def _take_rows(self, batch: int, needed: int) -> bool:
-        """Grow within pool rows: views of a longer prefix of them, no copy; False if it has no
-        rows and cannot take any (then it keeps buffers of its own for good)."""
+        """Grow within pool rows: views of a longer prefix of them, no copy. False if it has no
+        rows and cannot take any, or outgrows its rows: then it keeps buffers of its own for good."""
         pool = self.pool
         assert pool is not None
         if self.row is None:
-            longest = max(needed, self.max_length or 0)
-            self.row = pool.take(batch) if longest <= pool.length and not self.keys else None
+            self.row = pool.take(batch) if needed <= pool.length and not self.keys else None
             if self.row is None:
                 self.pool = None
                 return False
             rows = [pool.layer_rows(self.start + i, self.row, batch) for i in range(self.num_layers)]
             self.keys, self.values = [k for k, _ in rows], [v for _, v in rows]
         elif needed > pool.length:
-            raise ValueError(f"{needed} positions exceed the {pool.length} of this session's pool rows")
+            return False
         self.capacity = slots.bucket(needed, pool.length, floor=slots.MIN_LENGTH)
         return True
 

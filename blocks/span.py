@@ -168,9 +168,9 @@ class BlockSpan:
     def batches(self, cache: object) -> bool:
         """Whether one-token steps on `cache` can run together with other sessions' (`forward_batch`):
         a DynamicCache of a span that batches (blocks/batching.py), or a static cache in pool rows
-        (blocks/slots.py)."""
+        with room in them for the step (blocks/slots.py)."""
         if isinstance(cache, StaticKV):
-            return cache.pooled and self.family.static_rope(self.config)
+            return cache.pooled and cache.length < cache.pool.length and self.family.static_rope(self.config)
         return batching.batchable(self, cache)
 
     def caches_prefixes(self, cache: object) -> bool:
@@ -306,7 +306,8 @@ class BlockSpan:
                 gpu.retired.append(gpu.positions)  # captured graphs still read it
             gpu.positions = torch.arange(max(cache.capacity, self.config.max_position_embeddings), device=self.device)
         inputs = (hidden.clone(), torch.full((1,), position, dtype=torch.long, device=self.device))
-        result, step = gpu.capture(self.device, inputs, lambda h, p: self._graph_body(h, p, cache), adapter)
+        result, step = gpu.capture(self.device, inputs, lambda h, p: self._graph_body(h, p, cache), adapter,
+                                   cache.pool.graph_memory if cache.pooled else None)
         graphs.keep(key, step)
         return result
 
@@ -374,7 +375,7 @@ class BlockSpan:
             if pool.short_graphs.first_use(key):  # eager once: only buckets that come again are captured
                 output = body(*inputs)
             else:
-                output, step = self._gpu.capture(self.device, inputs, body, adapter)
+                output, step = self._gpu.capture(self.device, inputs, body, adapter, pool.graph_memory)
                 pool.short_graphs.keep(key, step)
         if not cache.pooled:
             self._stage(cache, pool, slice(position, position + tokens), into_pool=False)
@@ -411,8 +412,8 @@ class BlockSpan:
         placed = []  # (first row, rows) of each step, read once: a session may close meanwhile
         for hidden, cache, position in steps:
             self._check_hidden(hidden)
-            if hidden.shape[1] != 1 or not cache.pooled or cache.pool is not pool:
-                raise ValueError("batched steps are one token each, of sessions in this span's pool rows")
+            if hidden.shape[1] != 1 or not cache.pooled or cache.pool is not pool or position >= pool.length:
+                raise ValueError("batched steps are one token each, of sessions with room in this span's pool rows")
             if position != cache.length:
                 raise ValueError(f"position {position} does not follow the {cache.length} tokens already seen")
             cache.ensure(hidden.shape[0], position + 1)
@@ -445,7 +446,9 @@ class BlockSpan:
         pool.allocate()
         buckets = pool.decode_buckets()[: pool.graphs.max_graphs]
         with torch.inference_mode(), lora.applied(None), self._gpu.lock:
-            for rows, length in buckets:  # every row at the scratch position: no session's cache is touched
+            # Largest first, as vLLM: the smaller steps' intermediates fit in what it took from the
+            # pool's shared memory. Every row at the scratch position: no session's cache is touched.
+            for rows, length in reversed(buckets):
                 self._slots_graph(rows, length, None, torch.zeros(rows, 1, self.hidden_size, dtype=self.dtype),
                                   torch.full((rows,), pool.scratch, dtype=torch.long))
         return len(buckets)
@@ -456,7 +459,7 @@ class BlockSpan:
             return step.replay(hidden, positions)
         inputs = (hidden.to(self.device), positions.to(self.device))
         body = functools.partial(self._slots_body, rows=rows, length=length)
-        result, step = self._gpu.capture(self.device, inputs, body, adapter)
+        result, step = self._gpu.capture(self.device, inputs, body, adapter, self.slot_pool.graph_memory)
         self.slot_pool.graphs.keep(key, step)
         return result
 

@@ -98,7 +98,7 @@ def graphs_on_the_cpu(span: BlockSpan) -> list[tuple[torch.Tensor, ...]]:
     as they were captured (a replay fills the inputs themselves with its own values)."""
     captured = []
 
-    def capture(device, inputs, body, adapter):
+    def capture(device, inputs, body, adapter, memory=None):
         captured.append(tuple(tensor.clone() for tensor in inputs))
         output = body(*inputs)
         return output.clone(), CapturedStep(_Rerun(body, inputs, output), inputs, output, adapter)
@@ -144,13 +144,13 @@ def test_sessions_longer_than_a_row_take_short_steps_through_the_staging_row(che
     same captured steps serve every such session and its own cache stays right."""
     span, reference = BlockSpan(checkpoints["llama"], 0, 4), BlockSpan(checkpoints["llama"], 0, 4)
     span.static_cache = True
-    span.enable_slots(rows=2, length=64, staged=256)
+    span.enable_slots(rows=2, length=16, staged=256)
     captured = graphs_on_the_cpu(span)
     generator = torch.Generator().manual_seed(6)
     sessions = []
-    for prompt in (40, 30):
+    for prompt in (40, 30):  # longer than a row: buffers of their own
         cache, own = span.new_cache(), reference.new_cache()
-        cache.reserve(1, 100)  # longer than a row: buffers of its own
+        cache.reserve(1, 100)
         hidden = torch.randn(1, prompt, span.hidden_size, generator=generator)
         torch.testing.assert_close(span.forward(hidden, cache=cache, position=0),
                                    reference.forward(hidden, cache=own, position=0), atol=TOLERANCE, rtol=0)
@@ -203,21 +203,64 @@ def test_batched_pool_steps_apply_the_shared_adapter(checkpoints):
 
 def test_sessions_take_consecutive_rows_and_fall_back_to_their_own_buffers(checkpoints):
     span = pooled_span(checkpoints["llama"], 0, 2, rows=4, length=64)
-    caches = SessionCaches(max_sessions=8, max_tokens=10_000, idle_timeout=60)
+    caches = SessionCaches(max_sessions=8, max_tokens=100_000, idle_timeout=60)
     first = caches.open("a", batch=2, max_length=32, cache=span.new_cache())
     span.forward(torch.randn(2, 3, span.hidden_size), cache=first.cache, position=0)
-    too_long = caches.open("b", batch=1, max_length=65, cache=span.new_cache())  # longer than a row
-    span.forward(torch.randn(1, 3, span.hidden_size), cache=too_long.cache, position=0)
-    third = caches.open("c", batch=2, max_length=64, cache=span.new_cache())
-    span.forward(torch.randn(2, 3, span.hidden_size), cache=third.cache, position=0)
-    no_room = caches.open("d", batch=1, max_length=8, cache=span.new_cache())  # all 4 rows taken
+    # may grow past a row (a request without max_tokens reserves the whole context): rows go by what it holds
+    may_grow = caches.open("b", batch=1, max_length=4096, cache=span.new_cache())
+    span.forward(torch.randn(1, 3, span.hidden_size), cache=may_grow.cache, position=0)
+    no_pair = caches.open("c", batch=2, max_length=64, cache=span.new_cache())  # one row free, not two
+    span.forward(torch.randn(2, 3, span.hidden_size), cache=no_pair.cache, position=0)
+    too_long = caches.open("d", batch=1, max_length=100, cache=span.new_cache())  # its prompt is longer than a row
+    span.forward(torch.randn(1, 65, span.hidden_size), cache=too_long.cache, position=0)
+    last = caches.open("e", batch=1, max_length=8, cache=span.new_cache())
+    span.forward(torch.randn(1, 3, span.hidden_size), cache=last.cache, position=0)
+    no_room = caches.open("f", batch=1, max_length=8, cache=span.new_cache())  # all 4 rows taken
     span.forward(torch.randn(1, 3, span.hidden_size), cache=no_room.cache, position=0)
-    assert [s.cache.row for s in (first, too_long, third, no_room)] == [0, None, 2, None]
-    assert [span.batches(s.cache) for s in (first, too_long, third, no_room)] == [True, False, True, False]
+    sessions = (first, may_grow, no_pair, too_long, last, no_room)
+    assert [s.cache.row for s in sessions] == [0, 2, None, None, 3, None]
+    assert [span.batches(s.cache) for s in sessions] == [True, True, False, False, True, False]
     caches.close("a")  # its rows are free again
-    again = caches.open("e", batch=1, max_length=8, cache=span.new_cache())
+    again = caches.open("g", batch=1, max_length=8, cache=span.new_cache())
     span.forward(torch.randn(1, 3, span.hidden_size), cache=again.cache, position=0)
     assert again.cache.row == 0
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_a_session_that_outgrows_its_rows_moves_to_buffers_of_its_own(graphs, checkpoints):
+    """One-token steps past the end of a session's pool row, and a prompt step across it, move the
+    session to buffers of its own with every position it held, and give its rows back."""
+    span, reference = pooled_span(checkpoints["llama"], 0, 3, rows=2, length=64), BlockSpan(checkpoints["llama"], 0, 3)
+    if graphs:
+        graphs_on_the_cpu(span)
+    generator = torch.Generator().manual_seed(8)
+    sessions = []
+    for prompt in (61, 50):
+        cache, own = span.new_cache(), reference.new_cache()
+        cache.reserve(1, 4096)
+        hidden = torch.randn(1, prompt, span.hidden_size, generator=generator)
+        torch.testing.assert_close(span.forward(hidden, cache=cache, position=0),
+                                   reference.forward(hidden, cache=own, position=0), atol=TOLERANCE, rtol=0)
+        sessions.append([cache, own, prompt])
+    assert [cache.row for cache, _, _ in sessions] == [0, 1]
+    for step in range(6):  # the first session: 61 -> 67 positions one token at a time, batched while in its row
+        cache, own, position = sessions[0]
+        hidden = torch.randn(1, 1, span.hidden_size, generator=generator)
+        out = (span.forward_batch([(hidden, cache, position)])[0] if span.batches(cache)
+               else span.forward(hidden, cache=cache, position=position))
+        torch.testing.assert_close(out, reference.forward(hidden, cache=own, position=position), atol=TOLERANCE, rtol=0)
+        assert cache.pooled == (position + 1 <= 64)
+        sessions[0][2] += 1
+    cache, own, position = sessions[1]  # the second: a 20-token step from 50 crosses its row's end
+    hidden = torch.randn(1, 20, span.hidden_size, generator=generator)
+    torch.testing.assert_close(span.forward(hidden, cache=cache, position=position),
+                               reference.forward(hidden, cache=own, position=position), atol=TOLERANCE, rtol=0)
+    assert not cache.pooled and cache.capacity >= 70
+    assert span.slot_pool.take(2) == 0  # both rows given back
+    for cache, own, position in [(sessions[0][0], sessions[0][1], 67), (sessions[1][0], sessions[1][1], 70)]:
+        hidden = torch.randn(1, 1, span.hidden_size, generator=generator)  # their own buffers kept every position
+        torch.testing.assert_close(span.forward(hidden, cache=cache, position=position),
+                                   reference.forward(hidden, cache=own, position=position), atol=TOLERANCE, rtol=0)
 
 
 def test_pool_rows_and_buckets():
