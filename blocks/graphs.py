@@ -89,19 +89,18 @@ class GpuState:
     captures: int = 0  # graphs captured so far (tests, metrics)
 
     def capture(self, device: torch.device, inputs: tuple[torch.Tensor, ...], body: Callable[..., torch.Tensor],
-                adapter: Any) -> tuple[torch.Tensor, CapturedStep]:
+                adapter: Any, memory: Any = None) -> tuple[torch.Tensor, CapturedStep]:
         """Run `body(*inputs)` once for real (the warm-up: cuBLAS workspaces, lazy inits; it is
-        this step's result), then capture it: (result, the captured step)."""
+        this step's result), then capture it: (result, the captured step). `memory` (a
+        `graph_pool_handle()`) is a memory pool shared with other graphs, else the graph gets its own."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(device=device)
         stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             result = body(*inputs).clone()
-            # A private memory pool per graph (a few MB of one step's activations): a pool shared
-            # through graph_pool_handle() cannot outlive the graphs of ended sessions.
             graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=memory, capture_error_mode="thread_local")
             try:
                 output = body(*inputs)
             finally:

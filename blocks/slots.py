@@ -40,6 +40,11 @@ class SlotPool:
         self._free = [True] * rows
         self.graphs = GraphCache(MAX_GRAPHS)  # the span's captured one-token steps over these rows
         self.short_graphs = GraphCache(MAX_SHORT_GRAPHS)  # and its short multi-token steps
+        # One memory pool for all those graphs (a graph_pool_handle(), on cuda), as vLLM shares one:
+        # they live as long as these rows, replay one at a time under the span's lock and keep their
+        # outputs, so the intermediates of one step serve them all (a private pool each: ~190 MB a
+        # graph of 16 layers of 8B shapes). A session's own graphs keep private pools, freed with it.
+        self.graph_memory: Any = None
 
     @property
     def scratch(self) -> int:
@@ -64,6 +69,8 @@ class SlotPool:
             self.keys = [torch.zeros(self._shape, dtype=self._dtype, device=self._device)
                          for _ in range(self.num_layers)]
             self.values = [torch.zeros_like(k) for k in self.keys]
+        if self.graph_memory is None and self._device.type == "cuda":
+            self.graph_memory = torch.cuda.graph_pool_handle()
 
     def decode_buckets(self) -> list[tuple[int, int]]:
         """Every (rows, attended length) bucket a one-token step over these rows may take."""
