@@ -1,8 +1,12 @@
 """Per-session KV-cache bookkeeping for a block server: admission limits, lookup, idle expiry, rollback.
 
-A session reserves `batch * max_length` tokens up front, so a server never runs out of cache
-mid-generation; it refuses new sessions instead. A session can be truncated (speculative
-decoding drops the positions of rejected draft tokens): `rollback` cuts either kind of cache.
+A session's cache tokens are reserved as it grows, `RESERVE_CHUNK` positions at a time up to its
+`max_length`, as vLLM allocates blocks: reserving `max_length` up front let an API request without
+`max_tokens` (the whole context) take a server's cache for the 20 tokens it used, or more than a
+server holds (a 131,072-token context against the default 65,536: every such request refused). A
+step that needs more than the server has free fails with `SessionLimitError` before any compute,
+and the client replays the session elsewhere. A session can be truncated (speculative decoding
+drops the positions of rejected draft tokens): `rollback` cuts either kind of cache.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +22,9 @@ import torch
 from blocks import slots
 from blocks.graphs import GraphCache
 from blocks.slots import SlotPool
+
+
+RESERVE_CHUNK = 256  # positions a session's reservation grows by
 
 
 class SessionLimitError(Exception):
@@ -40,18 +47,23 @@ class Session:
     position: int = 0  # tokens already in the cache
     last_used: float = 0.0
     truncations: int = 0  # the client's truncation count this cache reflects (see `truncate`)
+    reserved: int = 0  # positions per row set aside for it so far
+    grow: Callable[[Session, int], None] | None = field(default=None, repr=False)  # SessionCaches' reservation
 
     @property
     def tokens(self) -> int:
         """Cache tokens reserved for this session."""
-        return self.batch * self.max_length
+        return self.batch * self.reserved
 
     def advance(self, n: int) -> None:
-        """Account for `n` more tokens; call before computing them so an overflow costs nothing."""
+        """Account for `n` more tokens; call before computing them so an overflow costs nothing
+        (ValueError past `max_length`, SessionLimitError when the server's cache is full)."""
         if self.position + n > self.max_length:
             raise ValueError(
                 f"session {self.id!r}: {self.position} + {n} tokens exceed its max_length of {self.max_length}"
             )
+        if self.position + n > self.reserved and self.grow is not None:
+            self.grow(self, self.position + n)
         trim_windows(self.cache)
         self.position += n
 
@@ -104,17 +116,27 @@ class SessionCaches:
                 raise ValueError(f"session {session_id!r} is already open")
             if len(self._sessions) >= self.max_sessions:
                 raise SessionLimitError(f"server full: {len(self._sessions)}/{self.max_sessions} sessions")
-            if batch * max_length > self.free_tokens:
-                raise SessionLimitError(
-                    f"not enough cache: requested {batch * max_length} tokens, {self.free_tokens} free"
-                )
+            reserved = min(max_length, RESERVE_CHUNK)
+            if batch * reserved > self.free_tokens:
+                raise SessionLimitError(f"not enough cache: requested {batch * reserved} tokens, {self.free_tokens} free")
             reserve = getattr(cache, "reserve", None)
-            if reserve is not None:  # a static cache sizes itself from what the session may hold
+            if reserve is not None:  # a static cache caps its buffers at what the session may hold
                 reserve(batch, max_length)
             keep_past(cache)
-            session = Session(session_id, batch, max_length, cache, last_used=self._clock())
+            session = Session(session_id, batch, max_length, cache, last_used=self._clock(), reserved=reserved,
+                              grow=self._grow)
             self._sessions[session_id] = session
             return session
+
+    def _grow(self, session: Session, needed: int) -> None:
+        """Reserve room for `needed` positions of `session`, in whole chunks (SessionLimitError if full)."""
+        with self._lock:
+            reserved = min(session.max_length, -(-needed // RESERVE_CHUNK) * RESERVE_CHUNK)
+            extra = session.batch * (reserved - session.reserved)
+            if extra > self.free_tokens:
+                raise SessionLimitError(f"not enough cache: session {session.id!r} needs {extra} more tokens, "
+                                        f"{self.free_tokens} free")
+            session.reserved = reserved
 
     def get(self, session_id: str) -> Session:
         """The open session, marked as just used."""

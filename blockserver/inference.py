@@ -86,10 +86,7 @@ class UnknownPrefixError(ProtocolError):
 
 class InferenceService:
     def __init__(
-        self,
-        node: SwarmNode,
-        span: BlockSpan,
-        *,
+        self, node: SwarmNode, span: BlockSpan, *,
         checkpoint: str,
         limits: ServerLimits,
         caches: SessionCaches,
@@ -268,8 +265,9 @@ class InferenceService:
         async for message in inbox:
             try:
                 output = await self._step(live, message)
-            except UnknownPrefixError as error:
-                await protocol.write_frame(live.client, protocol.error_frame(str(error), protocol.UNKNOWN_PREFIX))
+            except (UnknownPrefixError, SessionLimitError) as error:  # an evicted prefix; our cache full (blocks/cache.py)
+                code = protocol.UNKNOWN_PREFIX if isinstance(error, UnknownPrefixError) else protocol.BUSY
+                await protocol.write_frame(live.client, protocol.error_frame(str(error), code))
                 continue
             except (ProtocolError, codec.CodecError, UnknownSessionError, ValueError) as error:
                 self.metrics.errors.labels("bad_step").inc()
@@ -322,7 +320,7 @@ class InferenceService:
             prefix = await self._find_prefix(live, message["rest" if names else "hidden"], names or [], tokens)
         elif names:
             raise UnknownPrefixError("this server caches no prefixes for the session")
-        session.advance(tokens)  # raises ValueError past max_length, before any compute
+        session.advance(tokens)  # ValueError past max_length, SessionLimitError past our cache: before any compute
         started = time.perf_counter()
         if batched := tokens == 1 and span.batches(session.cache):
             output = await self.batcher.step(span, hidden, session.cache, position, live.adapter)  # on the host

@@ -89,15 +89,8 @@ class InferenceSession:
         """Open sessions along a chain over every block; a server that refuses or fails is replaced,
         waiting up to ``replace_wait`` for another when none is left (one restarting, say); but
         servers that are full answer at once (the caller may retry later or elsewhere)."""
-
-        def find() -> list[ServerRecord] | None:
-            chain = self._find(0, self.request.num_blocks)
-            busy = isinstance(self._last_error, protocol.RemoteError) and self._last_error.code == protocol.BUSY
-            if chain is None and busy:
-                raise self._last_error
-            return chain
-
-        hops = await self._open_hops(find, wait=self._config.replace_wait)
+        hops = await self._open_hops(lambda: self._find_unless_full(0, self.request.num_blocks),
+                                     wait=self._config.replace_wait)
         if hops is None:
             raise self._last_error
         self._hops = hops
@@ -340,7 +333,7 @@ class InferenceSession:
     async def _rebuild(self, old: list[Hop], error: BaseException | None = None) -> None:
         """Replace consecutive hops `old` by a new chain over their blocks and replay the recorded inputs."""
         start, end = old[0].record.start, old[-1].record.end
-        new = await self._open_hops(lambda: self._find(start, end), wait=self._config.replace_wait)
+        new = await self._open_hops(lambda: self._find_unless_full(start, end), wait=self._config.replace_wait)
         if new is None:
             raise NoChainError(self.request.model, list(range(start, end))) from error
         new[0].inputs = list(old[0].inputs)
@@ -354,6 +347,14 @@ class InferenceSession:
             self._start_reader(hop)
         for step in range(len(new[0].inputs)):
             await self._send(new[0], step)
+
+    def _find_unless_full(self, start: int, end: int) -> list[ServerRecord] | None:
+        """`_find`; but with no chain left after a server said it is full, that error at once: a
+        full server answers now, and waiting `replace_wait` for another would not change it."""
+        chain = self._find(start, end)
+        if chain is None and isinstance(self._last_error, protocol.RemoteError) and self._last_error.code == protocol.BUSY:
+            raise self._last_error
+        return chain
 
     def _find(self, start: int, end: int) -> list[ServerRecord] | None:
         """A chain avoiding this step's failed and slow peers; failing that, a slow peer again (a

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from blocks import checkpoint, family
-from blocks.cache import SessionCaches, SessionLimitError, UnknownSessionError
+from blocks.cache import RESERVE_CHUNK, SessionCaches, SessionLimitError, UnknownSessionError
 from blocks.head import ModelHead
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import DEFAULT_CONFIG, build_checkpoint, default_model_path, train_tokenizer
@@ -197,18 +197,30 @@ class FakeClock:
 
 def test_session_caches_enforce_limits():
     caches = SessionCaches(max_sessions=2, max_tokens=1000, idle_timeout=60)
-    caches.open("a", batch=2, max_length=300, cache=object())
-    assert (caches.num_sessions, caches.free_tokens) == (1, 400)
-    with pytest.raises(SessionLimitError, match="not enough cache: requested 500 tokens, 400 free"):
-        caches.open("b", batch=1, max_length=500, cache=object())
+    a = caches.open("a", batch=2, max_length=100, cache=object())
+    assert (caches.num_sessions, caches.free_tokens) == (1, 800)  # 2 rows x its max_length: less than a chunk
+    with pytest.raises(SessionLimitError, match="not enough cache: requested 1024 tokens, 800 free"):
+        caches.open("b", batch=4, max_length=100_000, cache=object())  # a first chunk of 256 positions per row
     with pytest.raises(ValueError, match="already open"):
         caches.open("a", batch=1, max_length=1, cache=object())
-    caches.open("b", batch=1, max_length=400, cache=object())
+    # the whole context asked for (no max_tokens): reserved as it grows, RESERVE_CHUNK positions at a time
+    b = caches.open("b", batch=1, max_length=100_000, cache=object())
+    assert caches.free_tokens == 800 - RESERVE_CHUNK
+    b.advance(RESERVE_CHUNK)
+    assert caches.free_tokens == 800 - RESERVE_CHUNK
+    b.advance(1)
+    assert caches.free_tokens == 800 - 2 * RESERVE_CHUNK
     with pytest.raises(SessionLimitError, match="server full: 2/2 sessions"):
         caches.open("c", batch=1, max_length=1, cache=object())
+    with pytest.raises(SessionLimitError, match="not enough cache: session 'b' needs 512 more tokens, 288 free"):
+        b.advance(2 * RESERVE_CHUNK)  # to 769 positions: two more chunks would not fit, the step is not taken
+    assert (b.position, b.tokens) == (RESERVE_CHUNK + 1, 2 * RESERVE_CHUNK)
+    a.advance(100)  # within what it reserved
     caches.close("a")
     caches.close("a")
-    assert (caches.num_sessions, caches.free_tokens) == (1, 600)
+    assert (caches.num_sessions, caches.free_tokens) == (1, 1000 - 2 * RESERVE_CHUNK)
+    b.advance(RESERVE_CHUNK)
+    assert caches.free_tokens == 1000 - 3 * RESERVE_CHUNK
     with pytest.raises(UnknownSessionError, match="unknown session 'a'"):
         caches.get("a")
 

@@ -193,3 +193,44 @@ def _prefix_tokens(port: int, kind: str = "cache") -> Any:
                     if line.startswith("swarmgate_server_prefix_named_tokens_total"))
     return {line.split('result="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line.startswith("swarmgate_server_prefix_cache_tokens_total")}
+
+
+def test_requests_without_max_tokens_share_a_small_cache(tiny_models, tmp_path):
+    """A request without `max_tokens` may run to the end of the context (2,048 tokens here), but a
+    server reserves cache as a session grows: six such streams open at once on a server of 4,096
+    cache tokens (reserving the whole context, two did: the others were refused)."""
+    path, data_dir = tiny_models["llama"], tmp_path
+    key = KeyStore(data_dir).create_key("acme")
+    servers = start_swarm(path, ["0:4"], extra_args=[*FAST_ANNOUNCE, "--max-cache-tokens", "4096"], log_dir=data_dir)
+    gateway = None
+    try:
+        gateway, base = start_gateway(path, servers[0].addrs, data_dir, "--verify-fraction", "0")
+        wait_covered(base, key)
+        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+        async def first_chunks(index: int, started: asyncio.Event, held: list[int]) -> int:
+            stream = await client.chat.completions.create(  # chat: no max_tokens is no limit (completions': 16)
+                model=path.name, messages=[{"role": "user", "content": f"{index}: once upon a time"}], temperature=0,
+                stream=True, extra_body={"ignore_eos": True})
+            chunks = 0
+            async for _ in stream:
+                chunks += 1
+                if chunks == 3:
+                    held.append(index)
+                    if len(held) == 6:
+                        started.set()
+                    await started.wait()  # every stream holds its session until all six have theirs
+                    break
+            await stream.close()
+            return chunks
+
+        async def run() -> list[int]:
+            started, held = asyncio.Event(), []
+            return await asyncio.wait_for(asyncio.gather(*(first_chunks(i, started, held) for i in range(6))), 120)
+
+        assert asyncio.run(run()) == [3] * 6
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(30)
+        stop_all(servers)

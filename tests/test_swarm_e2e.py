@@ -297,21 +297,36 @@ def test_a_session_opens_its_push_stream_before_the_first_step(llama_swarm):
     _assert_still_serves(bridge, path)
 
 
-def test_full_server_refuses_new_session(llama_swarm):
+def test_full_server_refuses_a_step_past_its_cache_at_once(llama_swarm):
+    """Sessions reserve cache as they grow, not the max_length they may reach (an API request
+    without max_tokens asks for the whole context): both open, and the step that would pass a
+    server's cache is refused as BUSY, at once (no other server holds those blocks), and taken
+    after the first session closes."""
     path, _, bridge = llama_swarm
+    hidden_size = ModelHead(path).hidden_size
+    prompt = MAX_CACHE_TOKENS // 6 + 1  # two sessions of 3 rows: more than the cache
 
-    async def open_two() -> str:
-        first = await bridge.client.open_session(path.name, 4, batch=3, max_length=MAX_CACHE_TOKENS // 6 + 1)
+    async def fill_then_step() -> tuple[str, float]:
+        first = await bridge.client.open_session(path.name, 4, batch=3, max_length=2048)
+        second = await bridge.client.open_session(path.name, 4, batch=3, max_length=2048)
         try:
+            await first.step(torch.randn(3, prompt, hidden_size))
+            started = trio.current_time()
             with pytest.raises(RemoteError) as refused:
-                await bridge.client.open_session(path.name, 4, batch=3, max_length=MAX_CACHE_TOKENS // 6 + 1)
+                await second.step(torch.randn(3, prompt, hidden_size))
+            waited = trio.current_time() - started
         finally:
             await first.close()
-        second = await bridge.client.open_session(path.name, 4, batch=3, max_length=MAX_CACHE_TOKENS // 6 + 1)
-        await second.close()
-        return str(refused.value)
+            await second.close()
+        again = await bridge.client.open_session(path.name, 4, batch=3, max_length=2048)
+        try:
+            assert (await again.step(torch.randn(3, prompt, hidden_size))).shape == (3, prompt, hidden_size)
+        finally:
+            await again.close()
+        return str(refused.value), waited
 
-    assert "not enough cache" in bridge.call(open_two)
+    message, waited = bridge.call(fill_then_step)
+    assert "not enough cache" in message and waited < 5
 
 
 def test_client_that_disappears_frees_its_session(llama_swarm, tmp_path):
@@ -331,7 +346,7 @@ def test_client_that_disappears_frees_its_session(llama_swarm, tmp_path):
                               cwd=Path(__file__).parent.parent)
     try:
         assert client.stdout.readline().strip() == "in session"
-        _wait_for_free_tokens(bridge, path.name, lambda free: free <= MAX_CACHE_TOKENS - 2000)
+        _wait_for_free_tokens(bridge, path.name, lambda free: free <= MAX_CACHE_TOKENS - 100)
     finally:
         client.kill()
         client.wait()
