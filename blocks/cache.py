@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,11 +213,12 @@ class StaticKV:
     CUDA graph (``BlockSpan``). The capacity starts at ``MIN_CAPACITY`` tokens and doubles when a
     step needs more (a copy, and the session's graphs are dropped), never past the session's
     ``max_length`` (rounded up to ``ALIGN``): a default ``max_tokens`` reserves the whole context,
-    which most sessions never fill. Or, given a `SlotPool` with rows free at its first step, its
-    buffers are views of pool rows (blocks/slots.py): growing them is free, and its one-token steps
-    can run batched with other sessions'. Rows go by what a session holds, not by what it may
-    reach (an API request without `max_tokens` reserves the whole context): one that outgrows its
-    rows moves to buffers of its own, its positions copied, and gives the rows back.
+    which most sessions never fill. Or, given `SlotPool`s (shortest rows first) with rows free at
+    its first step, its buffers are views of pool rows (blocks/slots.py): growing them is free, and
+    its one-token steps can run batched with other sessions'. Rows go by what a session holds, not
+    by what it may reach (an API request without `max_tokens` reserves the whole context): one that
+    outgrows its rows moves to longer rows where some are free, else to buffers of its own for good,
+    its positions copied, and gives the rows back.
 
     It is the ``cache`` HF attention layers see: ``update`` writes the new keys/values and returns
     the first ``view_length`` positions, at a position given either as a Python int (eager) or
@@ -229,10 +230,11 @@ class StaticKV:
 
     def __init__(
         self, *, start: int, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-        pool: SlotPool | None = None,
+        pools: Sequence[SlotPool] = (),
     ):
         self.start, self.num_layers = start, num_layers
-        self.pool = pool  # rows of a shared pool (blocks/slots.py), if it has them free at the first step
+        self.pools = tuple(pools)  # shared pools of rows (blocks/slots.py) it may take rows of, shortest first
+        self.pool: SlotPool | None = None  # the one whose rows it has
         self.row: int | None = None  # the first of its pool rows, once taken
         self.released = False
         self.kv_heads, self.head_dim = kv_heads, head_dim
@@ -261,9 +263,14 @@ class StaticKV:
         """Give its pool rows back (the session ended; once). A step of it still in a batch may
         compute and write its rows: nobody takes them before that batch ends, since rows are taken
         inside a computation and computations take turns."""
-        if self.pool is not None and self.row is not None and not self.released:
-            self.pool.give_back(self.row, self.batch or 1)
+        if not self.released:
+            self._leave_rows()
         self.released = True
+
+    def _leave_rows(self) -> None:
+        if self.pool is not None and self.row is not None:
+            self.pool.give_back(self.row, self.batch or 1)
+        self.pool, self.row = None, None
 
     @property
     def nbytes(self) -> int:
@@ -277,12 +284,11 @@ class StaticKV:
             raise ValueError(f"this session has {self.batch} rows, got a step with {batch}")
         if needed <= self.capacity:
             return
-        if self.pool is not None and self._take_rows(batch, needed):
+        if self._take_rows(batch, needed):
             return
         self._own_buffers(batch, needed)
-        if self.row is not None:  # outgrew its pool rows: they are free again, its positions copied out
-            self.pool.give_back(self.row, batch)
-            self.pool, self.row = None, None
+        self._leave_rows()  # if it outgrew its rows: they are free again, its positions copied out
+        self.pools = ()  # buffers of its own for good
 
     def _own_buffers(self, batch: int, needed: int) -> None:
         """Buffers of its own with room for `needed` positions, holding what it held."""
@@ -298,21 +304,26 @@ class StaticKV:
         self.graphs.clear()  # they point at the old buffers
 
     def _take_rows(self, batch: int, needed: int) -> bool:
-        """Grow within pool rows: views of a longer prefix of them, no copy. False if it has no
-        rows and cannot take any, or outgrows its rows: then it keeps buffers of its own for good."""
+        """Room for `needed` positions in pool rows: a longer view of its rows (no copy), else rows
+        of the first pool long enough with rows free (what it holds copied in, its old rows given
+        back); False if none."""
         pool = self.pool
-        assert pool is not None
-        if self.row is None:
-            self.row = pool.take(batch) if needed <= pool.length and not self.keys else None
-            if self.row is None:
-                self.pool = None
-                return False
-            rows = [pool.layer_rows(self.start + i, self.row, batch) for i in range(self.num_layers)]
-            self.keys, self.values = [k for k, _ in rows], [v for _, v in rows]
-        elif needed > pool.length:
-            return False
-        self.capacity = slots.bucket(needed, pool.length, floor=slots.MIN_LENGTH)
-        return True
+        if pool is not None and needed <= pool.length:
+            self.capacity = slots.bucket(needed, pool.length, floor=slots.MIN_LENGTH)
+            return True
+        for longer in self.pools:
+            if needed > longer.length or longer is pool or (row := longer.take(batch)) is None:
+                continue
+            rows = [longer.layer_rows(self.start + i, row, batch) for i in range(self.num_layers)]
+            keys, values = [k for k, _ in rows], [v for _, v in rows]
+            for new, old in zip(keys + values, self.keys + self.values):
+                new[:, :, : self.length].copy_(old[:, :, : self.length])
+            self._leave_rows()
+            self.pool, self.row, self.keys, self.values = longer, row, keys, values
+            self.capacity = slots.bucket(needed, longer.length, floor=slots.MIN_LENGTH)
+            self.graphs.clear()
+            return True
+        return False
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any

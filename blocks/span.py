@@ -101,18 +101,22 @@ class BlockSpan:
             self.static_cache and quant == "none" and graphs_enabled() and self.family.use_graphs(self.config)
         )
         self._gpu = GpuState()
-        self.slot_pool: SlotPool | None = None  # shared by views: they index it by global layer
+        self.slot_pools: list[SlotPool] = []  # shortest rows first; shared by views: they index them by global layer
         # one row, shared by views: short steps of sessions with buffers of their own
         self.staging: SlotPool | None = None
 
-    def enable_slots(self, rows: int, length: int, staged: int = 0) -> None:
-        """On the static-cache path, give sessions rows of a shared pool of `rows` x `length`
-        positions (allocated at the first session), so their one-token steps batch (blocks/slots.py);
-        and a staging row of `staged` positions (allocated at its first use), through which
-        one-row sessions with buffers of their own take their short steps (`_short_step`)."""
+    def enable_slots(self, rows: int, length: int, staged: int = 0, longer: tuple[int, int] = (0, 0)) -> None:
+        """On the static-cache path, give sessions rows of a pool of `rows` x `length` positions,
+        and of `longer` (rows, length) for those that outgrow them (allocated at a first session),
+        so their one-token steps batch (blocks/slots.py); and a staging row of `staged` positions,
+        through which one-row sessions with buffers of their own take short steps (`_short_step`)."""
         if self.static_cache and rows > 0 and length > 0:
-            self.slot_pool = self._rows_of_kv(rows, length)
+            self.slot_pools = [self._rows_of_kv(*shape) for shape in ((rows, length), longer) if shape[0] > 0]
             self.staging = self._rows_of_kv(1, staged) if staged > 0 else None
+
+    @property
+    def slot_pool(self) -> SlotPool | None:  # the shortest rows, where sessions start
+        return self.slot_pools[0] if self.slot_pools else None
 
     def _rows_of_kv(self, rows: int, length: int) -> SlotPool:
         return SlotPool(start=self.start, num_layers=self.num_layers, kv_heads=self.family.kv_heads(self.config),
@@ -143,16 +147,10 @@ class BlockSpan:
             return DynamicCache(config=self.config)
         return StaticKV(start=self.start, num_layers=self.num_layers, kv_heads=self.family.kv_heads(self.config),
                         head_dim=self.family.head_dim(self.config), dtype=self.dtype, device=self.device,
-                        pool=self.slot_pool)
+                        pools=self.slot_pools)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        *,
-        cache: Cache | None = None,
-        position: int = 0,
-        adapter: lora.SpanLora | None = None,
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, *, cache: Cache | None = None, position: int = 0,
+                adapter: lora.SpanLora | None = None) -> torch.Tensor:
         """Hidden states [b, t, h] of tokens at positions [position, position + t) through the span.
 
         Without a cache it is a cache-less pass over a whole sequence (position 0); with one,
@@ -232,11 +230,11 @@ class BlockSpan:
         batch, tokens = hidden.shape[:2]
         if tokens == 0:
             return hidden.clone()
+        cache.ensure(batch, position + tokens)  # may move it to longer pool rows
         if tokens == 1 and self.use_graphs and self.batches(cache):
             # alone in pool rows: the pool's graph of its bucket, as when batched (a graph per rows
             # a session sits in cost a capture of tens of ms for each, evicting the buckets')
             return self._forward_slots([(hidden, cache, position)], adapter)[0]
-        cache.ensure(batch, position + tokens)
         hidden = hidden.to(self.device)
         if tokens == 1 and self.use_graphs:
             output = self._graph_step(hidden, cache, position, adapter)
@@ -351,7 +349,7 @@ class BlockSpan:
         of its own goes through the span's staging row: the positions it holds copied in, the
         new ones copied back (two copies per layer each way, against tens of ms of eager Python
         for 16 layers of 8B shapes)."""
-        pool = self.slot_pool if cache.pooled else self.staging
+        pool = cache.pool if cache.pooled else self.staging
         assert pool is not None and (cache.pool is pool or not cache.pooled)
         batch, tokens = hidden.shape[:2]
         if not cache.pooled:
@@ -407,13 +405,12 @@ class BlockSpan:
     def _forward_slots(self, steps, adapter: lora.SpanLora | None) -> list[torch.Tensor]:
         """One-token steps of sessions in pool rows as one forward over the pool's first rows:
         a CUDA graph per (rows, attended length, adapter) bucket where graphs apply, else eager."""
-        pool = self.slot_pool
-        assert pool is not None
+        pool = steps[0][1].pool
         placed = []  # (first row, rows) of each step, read once: a session may close meanwhile
         for hidden, cache, position in steps:
             self._check_hidden(hidden)
             if hidden.shape[1] != 1 or not cache.pooled or cache.pool is not pool or position >= pool.length:
-                raise ValueError("batched steps are one token each, of sessions with room in this span's pool rows")
+                raise ValueError("batched steps are one token each, of sessions with room in rows of one pool")
             if position != cache.length:
                 raise ValueError(f"position {position} does not follow the {cache.length} tokens already seen")
             cache.ensure(hidden.shape[0], position + 1)
@@ -426,9 +423,9 @@ class BlockSpan:
             staged_hidden[where] = hidden
             staged_positions[where] = position
         if self.use_graphs:
-            output = self._slots_graph(rows, length, adapter, staged_hidden, staged_positions)
+            output = self._slots_graph(pool, rows, length, adapter, staged_hidden, staged_positions)
         else:
-            output = self._slots_body(staged_hidden.to(self.device), staged_positions.to(self.device), rows, length)
+            output = self._slots_body(staged_hidden.to(self.device), staged_positions.to(self.device), pool, rows, length)
         if steps[0][0].device.type == "cpu":
             output = output.cpu()  # one copy back for the whole batch
         for _, cache, position in steps:
@@ -436,40 +433,42 @@ class BlockSpan:
         return [output[where] for where in placed]
 
     def capture_decode_steps(self) -> int:
-        """Capture the pool's one-token step of every (rows, length) bucket now, as vLLM captures
+        """Capture each pool's one-token step of every (rows, length) bucket now, as vLLM captures
         its batch sizes at start: a capture while serving holds this process's GPU work for tens
         of ms, and every session in the chain waits. Without an adapter (each has its own graphs,
-        captured at first use); at most what the pool's LRU keeps. Returns the graphs captured."""
-        pool = self.slot_pool
-        if pool is None or not self.use_graphs or not self.family.static_rope(self.config):
+        captured at first use); at most what a pool's LRU keeps. Returns the graphs captured."""
+        if not self.use_graphs or not self.family.static_rope(self.config):
             return 0
-        pool.allocate()
-        buckets = pool.decode_buckets()[: pool.graphs.max_graphs]
+        captured = 0
         with torch.inference_mode(), lora.applied(None), self._gpu.lock:
-            # Largest first, as vLLM: the smaller steps' intermediates fit in what it took from the
-            # pool's shared memory. Every row at the scratch position: no session's cache is touched.
-            for rows, length in reversed(buckets):
-                self._slots_graph(rows, length, None, torch.zeros(rows, 1, self.hidden_size, dtype=self.dtype),
-                                  torch.full((rows,), pool.scratch, dtype=torch.long))
-        return len(buckets)
+            for pool in self.slot_pools:
+                pool.allocate()
+                buckets = pool.decode_buckets()[: pool.graphs.max_graphs]
+                # Largest first, as vLLM: the smaller steps' intermediates fit in what it took from the
+                # pool's shared memory. Every row at the scratch position: no session's cache is touched.
+                for rows, length in reversed(buckets):
+                    hidden, scratch = torch.zeros(rows, 1, self.hidden_size, dtype=self.dtype), pool.scratch
+                    self._slots_graph(pool, rows, length, None, hidden, torch.full((rows,), scratch, dtype=torch.long))
+                captured += len(buckets)
+        return captured
 
-    def _slots_graph(self, rows: int, length: int, adapter, hidden: torch.Tensor, positions: torch.Tensor):
+    def _slots_graph(self, pool: SlotPool, rows: int, length: int, adapter, hidden: torch.Tensor, positions: torch.Tensor):
         key = (self.start, self.end, rows, length, id(adapter))
-        if (step := self.slot_pool.graphs.get(key)) is not None:
+        if (step := pool.graphs.get(key)) is not None:
             return step.replay(hidden, positions)
         inputs = (hidden.to(self.device), positions.to(self.device))
-        body = functools.partial(self._slots_body, rows=rows, length=length)
-        result, step = self._gpu.capture(self.device, inputs, body, adapter, self.slot_pool.graph_memory)
-        self.slot_pool.graphs.keep(key, step)
+        body = functools.partial(self._slots_body, pool=pool, rows=rows, length=length)
+        result, step = self._gpu.capture(self.device, inputs, body, adapter, pool.graph_memory)
+        pool.graphs.keep(key, step)
         return result
 
-    def _slots_body(self, hidden: torch.Tensor, positions: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    def _slots_body(self, hidden: torch.Tensor, positions: torch.Tensor, pool: SlotPool, rows: int, length: int):
         """Rows [0, rows) of the pool, row r at `positions[r]` (scratch for rows not stepping)."""
         masks = {kind: mask.view(rows, 1, 1, length)
                  for kind, mask in self._attended(torch.arange(length, device=self.device), positions).items()}
         position_ids = positions.view(rows, 1)
         position_embeddings = self.family.position_embeddings(self.rotary_emb, hidden, position_ids, list(masks))
-        return self._run_layers(hidden, SlotRows(self.slot_pool, rows, length, positions), masks,
+        return self._run_layers(hidden, SlotRows(pool, rows, length, positions), masks,
                                 position_embeddings, position_ids)
 
     # -- the dynamic-cache path (CPU, and cache-less passes) -------------------------------------

@@ -56,9 +56,10 @@ class _Step:
     error: BaseException | None = None
 
     @property
-    def group(self) -> tuple[int, int]:
-        """Steps of one group may run as one batch: the same span weights and adapter."""
-        return id(self.span), id(self.adapter)
+    def group(self) -> tuple[int, int, int]:
+        """Steps of one group may run as one batch: the same span weights, adapter and (on a GPU)
+        pool of KV rows (blocks/slots.py)."""
+        return id(self.span), id(self.adapter), id(getattr(self.cache, "pool", None))
 
 
 class _Queue:

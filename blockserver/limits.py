@@ -39,20 +39,23 @@ class ServerLimits:
     peer_stream_rate: float = 500.0  # new streams per second of one peer, all protocols (a token bucket that
     peer_stream_burst: int = 1000  # holds this many): only floods reach either
 
-    def decode_slots(self) -> tuple[int, int, int]:
-        """Rows and positions per row of the pool of KV rows that lets GPU sessions' decode steps
-        batch (blocks/slots.py): a row per batch row, half of `max_tokens` in all. Sessions
-        longer than a row, or arriving when the rows are taken, keep caches of their own; a
-        one-row one of at most `STAGED_LENGTH` positions takes its short steps (a cached
-        prompt's tail) through a staging row of that length (blocks/span.py `_short_step`)."""
+    def decode_slots(self) -> tuple[int, int, int, tuple[int, int]]:
+        """The pools of KV rows that let GPU sessions' decode steps batch (blocks/slots.py): rows and
+        positions per row of the first, a row per batch row, half of `max_tokens` in all; and of a
+        second of an eighth of those rows, 4x as long (a quarter of `max_tokens`), for sessions
+        that outgrow the first's. Sessions longer still, or arriving when the rows are taken, keep
+        caches of their own; a one-row one of at most `STAGED_LENGTH` positions takes its short
+        steps (a cached prompt's tail) through a staging row of that length (blocks/span.py
+        `_short_step`). Returns (rows, length, staged, (longer rows, longer length))."""
         rows = min(self.max_batch_rows, self.max_sessions)
-        return rows, (self.max_tokens // 2 // max(rows, 1)) // 64 * 64, STAGED_LENGTH
+        length = (self.max_tokens // 2 // max(rows, 1)) // 64 * 64
+        return rows, length, STAGED_LENGTH, (max(rows // 8, 1) if length else 0, 4 * length)
 
     def cache_memory_tokens(self, device: str) -> int:
         """KV positions a server may hold in memory at once, for placement: sessions reserve
-        `max_tokens`, and a GPU's pool and staging row are allocated whole, whoever uses them."""
-        rows, length, staged = self.decode_slots()
-        return self.max_tokens + (rows * length + staged if device == "cuda" else 0)
+        `max_tokens`, and a GPU's pools and staging row are allocated whole, whoever uses them."""
+        rows, length, staged, (long_rows, long_length) = self.decode_slots()
+        return self.max_tokens + (rows * length + long_rows * long_length + staged if device == "cuda" else 0)
 
     def peer_cap(self, kind: str) -> int:
         """Concurrent streams one peer may hold of protocol `kind` (``inference``, ``push``, ...).

@@ -227,40 +227,49 @@ def test_sessions_take_consecutive_rows_and_fall_back_to_their_own_buffers(check
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_a_session_that_outgrows_its_rows_moves_to_buffers_of_its_own(graphs, checkpoints):
-    """One-token steps past the end of a session's pool row, and a prompt step across it, move the
-    session to buffers of its own with every position it held, and give its rows back."""
-    span, reference = pooled_span(checkpoints["llama"], 0, 3, rows=2, length=64), BlockSpan(checkpoints["llama"], 0, 3)
+def test_a_session_that_outgrows_its_rows_moves_to_longer_rows_then_to_buffers_of_its_own(graphs, checkpoints):
+    """One-token steps past the end of a session's pool row move it to a row of the longer pool,
+    where it batches on; past that, to buffers of its own; a prompt step across a row's end with
+    no longer row free, to its own buffers too. Every move keeps every position and gives the rows
+    back; each step equals the session's own on a DynamicCache."""
+    span, reference = BlockSpan(checkpoints["llama"], 0, 3), BlockSpan(checkpoints["llama"], 0, 3)
+    span.static_cache = True
+    span.enable_slots(rows=2, length=64, longer=(1, 128))
+    short, long = span.slot_pools
     if graphs:
         graphs_on_the_cpu(span)
     generator = torch.Generator().manual_seed(8)
+
+    def step(session: list, tokens: int) -> None:
+        cache, own, position = session
+        hidden = torch.randn(1, tokens, span.hidden_size, generator=generator)
+        out = (span.forward_batch([(hidden, cache, position)])[0] if tokens == 1 and span.batches(cache)
+               else span.forward(hidden, cache=cache, position=position))
+        torch.testing.assert_close(out, reference.forward(hidden, cache=own, position=position), atol=TOLERANCE, rtol=0)
+        session[2] += tokens
+
     sessions = []
     for prompt in (61, 50):
         cache, own = span.new_cache(), reference.new_cache()
         cache.reserve(1, 4096)
-        hidden = torch.randn(1, prompt, span.hidden_size, generator=generator)
-        torch.testing.assert_close(span.forward(hidden, cache=cache, position=0),
-                                   reference.forward(hidden, cache=own, position=0), atol=TOLERANCE, rtol=0)
-        sessions.append([cache, own, prompt])
-    assert [cache.row for cache, _, _ in sessions] == [0, 1]
-    for step in range(6):  # the first session: 61 -> 67 positions one token at a time, batched while in its row
-        cache, own, position = sessions[0]
-        hidden = torch.randn(1, 1, span.hidden_size, generator=generator)
-        out = (span.forward_batch([(hidden, cache, position)])[0] if span.batches(cache)
-               else span.forward(hidden, cache=cache, position=position))
-        torch.testing.assert_close(out, reference.forward(hidden, cache=own, position=position), atol=TOLERANCE, rtol=0)
-        assert cache.pooled == (position + 1 <= 64)
-        sessions[0][2] += 1
-    cache, own, position = sessions[1]  # the second: a 20-token step from 50 crosses its row's end
-    hidden = torch.randn(1, 20, span.hidden_size, generator=generator)
-    torch.testing.assert_close(span.forward(hidden, cache=cache, position=position),
-                               reference.forward(hidden, cache=own, position=position), atol=TOLERANCE, rtol=0)
-    assert not cache.pooled and cache.capacity >= 70
-    assert span.slot_pool.take(2) == 0  # both rows given back
-    for cache, own, position in [(sessions[0][0], sessions[0][1], 67), (sessions[1][0], sessions[1][1], 70)]:
-        hidden = torch.randn(1, 1, span.hidden_size, generator=generator)  # their own buffers kept every position
-        torch.testing.assert_close(span.forward(hidden, cache=cache, position=position),
-                                   reference.forward(hidden, cache=own, position=position), atol=TOLERANCE, rtol=0)
+        sessions.append([cache, own, 0])
+        step(sessions[-1], prompt)
+    first, second = sessions
+    assert [first[0].row, second[0].row] == [0, 1] and first[0].pool is second[0].pool is short
+    pools = []
+    for _ in range(6):  # 61 -> 67 positions, a token at a time
+        step(first, 1)
+        pools.append(first[0].pool)
+    assert pools == [short] * 3 + [long] * 3 and span.batches(first[0]) and first[0].row == 0
+    step(second, 20)  # from 50 across its row's end: the longer pool's one row is taken
+    assert not second[0].pooled and second[0].capacity >= 70
+    assert short.take(2) == 0  # both short rows given back
+    step(first, 128 - 67)
+    assert first[0].pool is long
+    step(first, 1)  # past the longer row too: buffers of its own, its row given back
+    assert not first[0].pooled and long.take(1) == 0
+    step(first, 1)
+    step(second, 1)
 
 
 def test_pool_rows_and_buckets():
@@ -272,8 +281,9 @@ def test_pool_rows_and_buckets():
     assert [bucket(n, 64, floor=8) for n in (1, 8, 9, 33, 100)] == [8, 8, 16, 64, 64]
 
 
-def test_a_servers_pool_is_half_its_cache_and_placement_counts_it():
+def test_a_servers_pools_are_three_quarters_of_its_cache_and_placement_counts_them():
     limits = ServerLimits()  # 64 batch rows, 64 sessions, 65536 cache tokens
-    assert limits.decode_slots() == (64, 512, 4096)  # and a staging row of 4096 positions
-    assert limits.cache_memory_tokens("cuda") == 65536 + 64 * 512 + 4096 and limits.cache_memory_tokens("cpu") == 65536
-    assert ServerLimits(max_sessions=8, max_tokens=10_000).decode_slots()[:2] == (8, 576)  # rounded down to 64
+    assert limits.decode_slots() == (64, 512, 4096, (8, 2048))  # a staging row of 4096; 8 rows of 2048
+    assert limits.cache_memory_tokens("cuda") == 65536 + 64 * 512 + 8 * 2048 + 4096
+    assert limits.cache_memory_tokens("cpu") == 65536
+    assert ServerLimits(max_sessions=8, max_tokens=10_000).decode_slots() == (8, 576, 4096, (1, 2304))  # rounded down to 64
