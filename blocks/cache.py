@@ -1,7 +1,8 @@
 """Per-session KV-cache bookkeeping for a block server: admission limits, lookup, idle expiry, rollback.
 
-A session's cache tokens are reserved as it grows, `RESERVE_CHUNK` positions at a time up to its
-`max_length`, as vLLM allocates blocks: reserving `max_length` up front let an API request without
+A session's cache tokens are reserved as it grows, as vLLM allocates blocks: what its static
+cache's buffers would hold for its positions (`own_capacity`: powers of two from 256), up to its
+`max_length`; reserving `max_length` up front let an API request without
 `max_tokens` (the whole context) take a server's cache for the 20 tokens it used, or more than a
 server holds (a 131,072-token context against the default 65,536: every such request refused). A
 step that needs more than the server has free fails with `SessionLimitError` before any compute,
@@ -22,9 +23,6 @@ import torch
 from blocks import slots
 from blocks.graphs import GraphCache
 from blocks.slots import SlotPool
-
-
-RESERVE_CHUNK = 256  # positions a session's reservation grows by
 
 
 class SessionLimitError(Exception):
@@ -116,7 +114,7 @@ class SessionCaches:
                 raise ValueError(f"session {session_id!r} is already open")
             if len(self._sessions) >= self.max_sessions:
                 raise SessionLimitError(f"server full: {len(self._sessions)}/{self.max_sessions} sessions")
-            reserved = min(max_length, RESERVE_CHUNK)
+            reserved = min(own_capacity(1, max_length), max_length)
             if batch * reserved > self.free_tokens:
                 raise SessionLimitError(f"not enough cache: requested {batch * reserved} tokens, {self.free_tokens} free")
             reserve = getattr(cache, "reserve", None)
@@ -129,9 +127,9 @@ class SessionCaches:
             return session
 
     def _grow(self, session: Session, needed: int) -> None:
-        """Reserve room for `needed` positions of `session`, in whole chunks (SessionLimitError if full)."""
+        """Reserve room for `needed` positions of `session` (SessionLimitError if the server is full)."""
         with self._lock:
-            reserved = min(session.max_length, -(-needed // RESERVE_CHUNK) * RESERVE_CHUNK)
+            reserved = min(own_capacity(needed, session.max_length), session.max_length)
             extra = session.batch * (reserved - session.reserved)
             if extra > self.free_tokens:
                 raise SessionLimitError(f"not enough cache: session {session.id!r} needs {extra} more tokens, "
@@ -205,6 +203,18 @@ def rollback(cache: object, position: int) -> None:
         layer.crop(-drop)  # transformers' convention: minus the tokens to drop
 
 
+MIN_CAPACITY = 256  # positions of a static cache's first buffers of its own
+ALIGN = 64
+
+
+def own_capacity(needed: int, max_length: int | None) -> int:
+    """Positions of a static cache's buffers of its own holding `needed`: a power of two (they
+    double as a session grows: a copy, and its graphs captured anew), at most `max_length`
+    rounded up to `ALIGN`. A server reserves a session's cache tokens by the same rule."""
+    capacity = max(MIN_CAPACITY, 1 << (needed - 1).bit_length())
+    return capacity if max_length is None else min(capacity, -(-max(max_length, needed) // ALIGN) * ALIGN)
+
+
 class StaticKV:
     """Pre-allocated keys and values of one session on a span's layers (the GPU path).
 
@@ -212,7 +222,7 @@ class StaticKV:
     concatenation, and fixed addresses, so the span's one-token decode step can be replayed as a
     CUDA graph (``BlockSpan``). The capacity starts at ``MIN_CAPACITY`` tokens and doubles when a
     step needs more (a copy, and the session's graphs are dropped), never past the session's
-    ``max_length`` (rounded up to ``ALIGN``): a default ``max_tokens`` reserves the whole context,
+    ``max_length`` (rounded up to ``ALIGN``: `own_capacity`): a default ``max_tokens`` reserves the whole context,
     which most sessions never fill. Or, given `SlotPool`s (shortest rows first) with rows free at
     its first step, its buffers are views of pool rows (blocks/slots.py): growing them is free, and
     its one-token steps can run batched with other sessions'. Rows go by what a session holds, not
@@ -225,8 +235,6 @@ class StaticKV:
     as a device tensor (inside a graph). The span sets both before running its layers.
     """
 
-    MIN_CAPACITY = 256
-    ALIGN = 64
 
     def __init__(
         self, *, start: int, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -237,6 +245,7 @@ class StaticKV:
         self.pool: SlotPool | None = None  # the one whose rows it has
         self.row: int | None = None  # the first of its pool rows, once taken
         self.released = False
+        self._moving = threading.Lock()  # a move between pools against `release`
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.batch: int | None = None  # fixed by the first step (or reserve)
@@ -260,15 +269,17 @@ class StaticKV:
         return self.row is not None
 
     def release(self) -> None:
-        """Give its pool rows back (the session ended; once). A step of it still in a batch may
-        compute and write its rows: nobody takes them before that batch ends, since rows are taken
-        inside a computation and computations take turns."""
-        if not self.released:
-            self._leave_rows()
-        self.released = True
+        """Give its pool rows back (the session ended; once), and take none after. A step of it
+        still in a batch may compute and write its rows (so they stay its `row`): nobody takes them
+        before that batch ends, since rows are taken inside a computation and computations take turns."""
+        with self._moving:  # the event loop releases; a computation may be moving it meanwhile
+            if not self.released and self.pool is not None and self.row is not None:
+                self.pool.give_back(self.row, self.batch or 1)
+            self.released, self.pools = True, ()
 
     def _leave_rows(self) -> None:
-        if self.pool is not None and self.row is not None:
+        """(`_moving` held.) Off its rows, given back unless `release` did."""
+        if self.pool is not None and self.row is not None and not self.released:
             self.pool.give_back(self.row, self.batch or 1)
         self.pool, self.row = None, None
 
@@ -284,17 +295,16 @@ class StaticKV:
             raise ValueError(f"this session has {self.batch} rows, got a step with {batch}")
         if needed <= self.capacity:
             return
-        if self._take_rows(batch, needed):
-            return
-        self._own_buffers(batch, needed)
-        self._leave_rows()  # if it outgrew its rows: they are free again, its positions copied out
-        self.pools = ()  # buffers of its own for good
+        with self._moving:
+            if self._take_rows(batch, needed):
+                return
+            self._own_buffers(batch, needed)
+            self._leave_rows()  # if it outgrew its rows: they are free again, its positions copied out
+            self.pools = ()  # buffers of its own for good
 
     def _own_buffers(self, batch: int, needed: int) -> None:
         """Buffers of its own with room for `needed` positions, holding what it held."""
-        capacity = max(self.MIN_CAPACITY, 1 << (needed - 1).bit_length())
-        if self.max_length is not None:
-            capacity = min(capacity, -(-max(self.max_length, needed) // self.ALIGN) * self.ALIGN)
+        capacity = own_capacity(needed, self.max_length)
         shape = (batch, self.kv_heads, capacity, self.head_dim)
         keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]

@@ -54,12 +54,12 @@ class _Step:
     done: trio.Event = field(default_factory=trio.Event)
     output: torch.Tensor | None = None
     error: BaseException | None = None
+    # Steps of one group may run as one batch: the same span weights, adapter and (on a GPU) pool
+    # of KV rows (blocks/slots.py). Fixed as it is queued: a session closing meanwhile leaves its pool.
+    group: tuple[int, int, int] = field(init=False)
 
-    @property
-    def group(self) -> tuple[int, int, int]:
-        """Steps of one group may run as one batch: the same span weights, adapter and (on a GPU)
-        pool of KV rows (blocks/slots.py)."""
-        return id(self.span), id(self.adapter), id(getattr(self.cache, "pool", None))
+    def __post_init__(self) -> None:
+        self.group = id(self.span), id(self.adapter), id(getattr(self.cache, "pool", None))
 
 
 class _Queue:

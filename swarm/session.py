@@ -333,7 +333,8 @@ class InferenceSession:
     async def _rebuild(self, old: list[Hop], error: BaseException | None = None) -> None:
         """Replace consecutive hops `old` by a new chain over their blocks and replay the recorded inputs."""
         start, end = old[0].record.start, old[-1].record.end
-        new = await self._open_hops(lambda: self._find_unless_full(start, end), wait=self._config.replace_wait)
+        before = None if error is self._last_error else self._last_error  # an earlier step's BUSY is no reason now
+        new = await self._open_hops(lambda: self._find_unless_full(start, end, before), wait=self._config.replace_wait)
         if new is None:
             raise NoChainError(self.request.model, list(range(start, end))) from error
         new[0].inputs = list(old[0].inputs)
@@ -348,12 +349,12 @@ class InferenceSession:
         for step in range(len(new[0].inputs)):
             await self._send(new[0], step)
 
-    def _find_unless_full(self, start: int, end: int) -> list[ServerRecord] | None:
-        """`_find`; but with no chain left after a server said it is full, that error at once: a
-        full server answers now, and waiting `replace_wait` for another would not change it."""
-        chain = self._find(start, end)
-        if chain is None and isinstance(self._last_error, protocol.RemoteError) and self._last_error.code == protocol.BUSY:
-            raise self._last_error
+    def _find_unless_full(self, start: int, end: int, before: BaseException | None = None) -> list[ServerRecord] | None:
+        """`_find`; but with no chain left after a server said it is full (since `before`, the last
+        error then), that error at once: a full server answers now; waiting `replace_wait` would not help."""
+        chain, last = self._find(start, end), self._last_error
+        if chain is None and last is not before and isinstance(last, protocol.RemoteError) and last.code == protocol.BUSY:
+            raise last
         return chain
 
     def _find(self, start: int, end: int) -> list[ServerRecord] | None:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from blocks import checkpoint, family
-from blocks.cache import RESERVE_CHUNK, SessionCaches, SessionLimitError, UnknownSessionError
+from blocks.cache import SessionCaches, SessionLimitError, UnknownSessionError, own_capacity
 from blocks.head import ModelHead
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import DEFAULT_CONFIG, build_checkpoint, default_model_path, train_tokenizer
@@ -196,31 +196,33 @@ class FakeClock:
 
 
 def test_session_caches_enforce_limits():
-    caches = SessionCaches(max_sessions=2, max_tokens=1000, idle_timeout=60)
+    caches = SessionCaches(max_sessions=2, max_tokens=1200, idle_timeout=60)  # reserved as a static cache's buffers
     a = caches.open("a", batch=2, max_length=100, cache=object())
-    assert (caches.num_sessions, caches.free_tokens) == (1, 800)  # 2 rows x its max_length: less than a chunk
-    with pytest.raises(SessionLimitError, match="not enough cache: requested 1024 tokens, 800 free"):
-        caches.open("b", batch=4, max_length=100_000, cache=object())  # a first chunk of 256 positions per row
+    assert (caches.num_sessions, caches.free_tokens) == (1, 1000)  # 2 rows x its max_length
+    with pytest.raises(SessionLimitError, match="not enough cache: requested 1024 tokens, 1000 free"):
+        caches.open("b", batch=4, max_length=100_000, cache=object())  # 256 positions per row to start with
     with pytest.raises(ValueError, match="already open"):
         caches.open("a", batch=1, max_length=1, cache=object())
-    # the whole context asked for (no max_tokens): reserved as it grows, RESERVE_CHUNK positions at a time
+    # the whole context asked for (no max_tokens): reserved as it grows, as its static cache's buffers would
     b = caches.open("b", batch=1, max_length=100_000, cache=object())
-    assert caches.free_tokens == 800 - RESERVE_CHUNK
-    b.advance(RESERVE_CHUNK)
-    assert caches.free_tokens == 800 - RESERVE_CHUNK
+    assert caches.free_tokens == 1000 - 256
+    b.advance(256)
+    assert caches.free_tokens == 1000 - 256
     b.advance(1)
-    assert caches.free_tokens == 800 - 2 * RESERVE_CHUNK
+    assert caches.free_tokens == 1000 - 512  # doubled
     with pytest.raises(SessionLimitError, match="server full: 2/2 sessions"):
         caches.open("c", batch=1, max_length=1, cache=object())
-    with pytest.raises(SessionLimitError, match="not enough cache: session 'b' needs 512 more tokens, 288 free"):
-        b.advance(2 * RESERVE_CHUNK)  # to 769 positions: two more chunks would not fit, the step is not taken
-    assert (b.position, b.tokens) == (RESERVE_CHUNK + 1, 2 * RESERVE_CHUNK)
+    with pytest.raises(SessionLimitError, match="not enough cache: session 'b' needs 512 more tokens, 488 free"):
+        b.advance(512)  # to 769 positions: 1024 would not fit, the step is not taken
+    assert (b.position, b.tokens) == (257, 512)
     a.advance(100)  # within what it reserved
     caches.close("a")
     caches.close("a")
-    assert (caches.num_sessions, caches.free_tokens) == (1, 1000 - 2 * RESERVE_CHUNK)
-    b.advance(RESERVE_CHUNK)
-    assert caches.free_tokens == 1000 - 3 * RESERVE_CHUNK
+    assert (caches.num_sessions, caches.free_tokens) == (1, 1200 - 512)
+    b.advance(512)
+    assert caches.free_tokens == 1200 - 1024
+    assert [own_capacity(n, 100_000) for n in (1, 256, 257, 769)] == [256, 256, 512, 1024]
+    assert [own_capacity(n, 300) for n in (1, 257)] == [256, 320]  # max_length rounded up to 64
     with pytest.raises(UnknownSessionError, match="unknown session 'a'"):
         caches.get("a")
 

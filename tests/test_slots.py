@@ -272,6 +272,29 @@ def test_a_session_that_outgrows_its_rows_moves_to_longer_rows_then_to_buffers_o
     step(second, 1)
 
 
+def test_a_session_closed_while_its_step_is_in_a_batch_leaves_the_batch_whole(checkpoints):
+    """Closing a session gives its rows back once, but a batch already holding its step still
+    computes it in those rows; a released cache takes no rows again, even when it outgrows its own."""
+    span, reference = pooled_span(checkpoints["llama"], 0, 2, rows=2, length=64), BlockSpan(checkpoints["llama"], 0, 2)
+    (kept, kept_own, _), (closing, _, _) = [[c, o, 0] for c, o in
+                                            zip([span.new_cache(), span.new_cache()], [reference.new_cache(), None])]
+    generator = torch.Generator().manual_seed(9)
+    prompt = torch.randn(1, 10, span.hidden_size, generator=generator)
+    span.forward(prompt, cache=kept, position=0), reference.forward(prompt, cache=kept_own, position=0)
+    span.forward(torch.randn(1, 10, span.hidden_size, generator=generator), cache=closing, position=0)
+    closing.release()
+    closing.release()
+    assert span.slot_pool.take(1) == 1 and span.slot_pool.take(1) is None  # given back
+    span.slot_pool.give_back(1, 1)
+    hidden = torch.randn(1, 1, span.hidden_size, generator=generator)
+    out = span.forward_batch([(hidden, kept, 10), (torch.randn(1, 1, span.hidden_size, generator=generator), closing, 10)])
+    torch.testing.assert_close(out[0], reference.forward(hidden, cache=kept_own, position=10), atol=TOLERANCE, rtol=0)
+    other = span.new_cache()  # a new session takes the row given back
+    span.forward(torch.randn(1, 10, span.hidden_size, generator=generator), cache=other, position=0)
+    span.forward(torch.randn(1, 60, span.hidden_size, generator=generator), cache=closing, position=11)  # past its row
+    assert other.row == 1 and not closing.pooled and span.slot_pool.take(1) is None  # not given back twice
+
+
 def test_pool_rows_and_buckets():
     pool = SlotPool(start=0, num_layers=1, kv_heads=1, head_dim=2, rows=4, length=8,
                     dtype=torch.float32, device="cpu")
