@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,6 +149,25 @@ def test_sessions_in_step_wait_for_each_other_and_others_never_wait():
     started = time.perf_counter()
     assert _rounds(1.0, 2, 4, drift=0.02, adapters=[None, object()]) == [1] * 8  # another adapter never joins
     assert time.perf_counter() - started < 0.9  # ... so nobody waits for it
+
+
+def test_sessions_in_different_pools_of_rows_never_share_a_batch():
+    """On a GPU a batch runs over one pool's rows (blocks/slots.py): sessions in step in two pools
+    make a batch per pool, however long they gather."""
+    span = _CountingSpan()
+
+    async def main():
+        batcher = DecodeBatcher(trio.CapacityLimiter(1), ServerMetrics(), max_rows=64, gather=0.2)
+        short, long = object(), object()
+        caches = [SimpleNamespace(pool=short), SimpleNamespace(pool=short), SimpleNamespace(pool=long)]
+        for _ in range(4):
+            async with trio.open_nursery() as nursery:
+                for cache in caches:
+                    nursery.start_soon(batcher.step, span, torch.zeros(1, 1, 4), cache, 0, None)
+            await trio.sleep(0.05)
+
+    trio.run(main)
+    assert sum(span.batches) == 12 and max(span.batches) == 2 and span.batches[-2:] in ([2, 1], [1, 2])
 
 
 async def _stepped_together(batcher: DecodeBatcher, span: _CountingSpan, *caches: object):

@@ -189,6 +189,32 @@ def test_decode_steps_captured_at_start_serve_every_batch_after(checkpoints):
     assert len(captured) == 8
 
 
+def test_each_pool_of_rows_captures_its_buckets_and_batches_its_own_sessions(checkpoints):
+    """With a second pool of longer rows, a prompt longer than the first pool's rows starts in the
+    second; each pool's buckets are captured at start, and steps of sessions in either replay
+    them, batched per pool, with no capture while serving."""
+    span, reference = BlockSpan(checkpoints["llama"], 1, 4), BlockSpan(checkpoints["llama"], 1, 4)
+    span.static_cache = True
+    span.enable_slots(rows=4, length=256, longer=(2, 512))
+    shapes = [(1, 300), (1, 5), (1, 400)]
+    pooled, alone = prefilled(span, shapes, max_length=1000), prefilled(reference, shapes, max_length=1000)
+    short, long = span.slot_pools
+    assert [(cache.pool, cache.row) for cache, _ in pooled] == [(long, 0), (short, 0), (long, 1)]
+    captured = graphs_on_the_cpu(span)
+    assert span.capture_decode_steps() == 3 + 4 and (len(short.graphs), len(long.graphs)) == (3, 4)
+    generator = torch.Generator().manual_seed(10)
+    for group in ([0, 2], [1], [2], [0, 2]):  # a batch is of one pool
+        hidden = {i: torch.randn(1, 1, span.hidden_size, generator=generator) for i in group}
+        together = span.forward_batch([(hidden[i], *pooled[i]) for i in group])
+        for i, out in zip(group, together):
+            torch.testing.assert_close(out, reference.forward(hidden[i], cache=alone[i][0], position=alone[i][1]),
+                                       atol=TOLERANCE, rtol=0)
+            pooled[i], alone[i] = (pooled[i][0], pooled[i][1] + 1), (alone[i][0], alone[i][1] + 1)
+    assert len(captured) == 7
+    with pytest.raises(ValueError, match="rows of one pool"):
+        span.forward_batch([(torch.randn(1, 1, span.hidden_size), *pooled[0]), (torch.randn(1, 1, span.hidden_size), *pooled[1])])
+
+
 def test_batched_pool_steps_apply_the_shared_adapter(checkpoints):
     span, reference = pooled_span(checkpoints["llama"], 0, 4), BlockSpan(checkpoints["llama"], 0, 4)
     generator = torch.Generator().manual_seed(2)
