@@ -2,11 +2,11 @@
 
 A session's cache tokens are reserved as it grows, as vLLM allocates blocks: what its static
 cache's buffers would hold for its positions (`own_capacity`: powers of two from 256), up to its
-`max_length`; reserving `max_length` up front let an API request without
-`max_tokens` (the whole context) take a server's cache for the 20 tokens it used, or more than a
-server holds (a 131,072-token context against the default 65,536: every such request refused). A
-step that needs more than the server has free fails with `SessionLimitError` before any compute,
-and the client replays the session elsewhere. A session can be truncated (speculative decoding
+`max_length`. Reserved up front, `max_length` let an API request without `max_tokens` (the whole
+context) hold a server's cache for the 20 tokens it used, or ask for more than a server holds (a
+131,072-token context against the default 65,536: every such request refused). A step needing
+more than the server has free fails with `SessionLimitError` before any compute, and the client
+replays the session elsewhere. A session can be truncated (speculative decoding
 drops the positions of rejected draft tokens): `rollback` cuts either kind of cache.
 """
 
@@ -222,8 +222,8 @@ class StaticKV:
     concatenation, and fixed addresses, so the span's one-token decode step can be replayed as a
     CUDA graph (``BlockSpan``). The capacity starts at ``MIN_CAPACITY`` tokens and doubles when a
     step needs more (a copy, and the session's graphs are dropped), never past the session's
-    ``max_length`` (rounded up to ``ALIGN``: `own_capacity`): a default ``max_tokens`` reserves the whole context,
-    which most sessions never fill. Or, given `SlotPool`s (shortest rows first) with rows free at
+    ``max_length`` (rounded up to ``ALIGN``: `own_capacity`): a default ``max_tokens`` reserves the
+    whole context, which most sessions never fill. Or, given `SlotPool`s (shortest rows first) with rows free at
     its first step, its buffers are views of pool rows (blocks/slots.py): growing them is free, and
     its one-token steps can run batched with other sessions'. Rows go by what a session holds, not
     by what it may reach (an API request without `max_tokens` reserves the whole context): one that
@@ -234,7 +234,6 @@ class StaticKV:
     the first ``view_length`` positions, at a position given either as a Python int (eager) or
     as a device tensor (inside a graph). The span sets both before running its layers.
     """
-
 
     def __init__(
         self, *, start: int, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,

@@ -55,7 +55,7 @@ class _Step:
     output: torch.Tensor | None = None
     error: BaseException | None = None
     # Steps of one group may run as one batch: the same span weights, adapter and (on a GPU) pool
-    # of KV rows (blocks/slots.py). Fixed as it is queued: a session closing meanwhile leaves its pool.
+    # of KV rows (blocks/slots.py), read once as the step is queued.
     group: tuple[int, int, int] = field(init=False)
 
     def __post_init__(self) -> None:
