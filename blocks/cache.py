@@ -114,7 +114,7 @@ class SessionCaches:
                 raise ValueError(f"session {session_id!r} is already open")
             if len(self._sessions) >= self.max_sessions:
                 raise SessionLimitError(f"server full: {len(self._sessions)}/{self.max_sessions} sessions")
-            reserved = min(own_capacity(1, max_length), max_length)
+            reserved = _reservation(1, max_length)
             if batch * reserved > self.free_tokens:
                 raise SessionLimitError(f"not enough cache: requested {batch * reserved} tokens, {self.free_tokens} free")
             reserve = getattr(cache, "reserve", None)
@@ -129,7 +129,7 @@ class SessionCaches:
     def _grow(self, session: Session, needed: int) -> None:
         """Reserve room for `needed` positions of `session` (SessionLimitError if the server is full)."""
         with self._lock:
-            reserved = min(own_capacity(needed, session.max_length), session.max_length)
+            reserved = _reservation(needed, session.max_length)
             extra = session.batch * (reserved - session.reserved)
             if extra > self.free_tokens:
                 raise SessionLimitError(f"not enough cache: session {session.id!r} needs {extra} more tokens, "
@@ -213,6 +213,11 @@ def own_capacity(needed: int, max_length: int | None) -> int:
     rounded up to `ALIGN`. A server reserves a session's cache tokens by the same rule."""
     capacity = max(MIN_CAPACITY, 1 << (needed - 1).bit_length())
     return capacity if max_length is None else min(capacity, -(-max(max_length, needed) // ALIGN) * ALIGN)
+
+
+def _reservation(needed: int, max_length: int) -> int:
+    """Positions per row a session holding `needed` has reserved: its static cache's buffers', up to its max_length."""
+    return min(own_capacity(needed, max_length), max_length)
 
 
 class StaticKV:

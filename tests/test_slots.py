@@ -166,6 +166,18 @@ def test_sessions_longer_than_a_row_take_short_steps_through_the_staging_row(che
     assert len(span.staging.short_graphs) == 2 and not span.slot_pool.keys  # the pool's rows never used
 
 
+def step_together_and_alone(span: BlockSpan, reference: BlockSpan, pooled: list, alone: list, stepping: list[int],
+                            generator: torch.Generator) -> None:
+    """One-token steps of sessions `stepping` as one batch on `span`, each equal to its own step on
+    `reference`; both sessions' (cache, position) entries move on a token."""
+    hidden = {i: torch.randn(pooled[i][0].batch, 1, span.hidden_size, generator=generator) for i in stepping}
+    together = span.forward_batch([(hidden[i], *pooled[i]) for i in stepping])
+    for i, out in zip(stepping, together):
+        torch.testing.assert_close(out, reference.forward(hidden[i], cache=alone[i][0], position=alone[i][1]),
+                                   atol=TOLERANCE, rtol=0)
+        pooled[i], alone[i] = (pooled[i][0], pooled[i][1] + 1), (alone[i][0], alone[i][1] + 1)
+
+
 def test_decode_steps_captured_at_start_serve_every_batch_after(checkpoints):
     """A server captures its pool's one-token step of every (rows, length) bucket as it starts
     (`capture_decode_steps`), writing nothing a session could see; steps after it replay those
@@ -180,12 +192,7 @@ def test_decode_steps_captured_at_start_serve_every_batch_after(checkpoints):
     assert all(int(positions.min()) == span.slot_pool.scratch for _, positions in captured)
     generator = torch.Generator().manual_seed(7)
     for stepping in ([0], [0, 1, 2], [2], [1, 2]):  # rows 1, 4 (rows 0-3), 4 (row 3), 4
-        hidden = {i: torch.randn(shapes[i][0], 1, span.hidden_size, generator=generator) for i in stepping}
-        together = span.forward_batch([(hidden[i], *pooled[i]) for i in stepping])
-        for i, out in zip(stepping, together):
-            torch.testing.assert_close(out, reference.forward(hidden[i], cache=alone[i][0], position=alone[i][1]),
-                                       atol=TOLERANCE, rtol=0)
-            pooled[i], alone[i] = (pooled[i][0], pooled[i][1] + 1), (alone[i][0], alone[i][1] + 1)
+        step_together_and_alone(span, reference, pooled, alone, stepping, generator)
     assert len(captured) == 8
 
 
@@ -204,12 +211,7 @@ def test_each_pool_of_rows_captures_its_buckets_and_batches_its_own_sessions(che
     assert span.capture_decode_steps() == 3 + 4 and (len(short.graphs), len(long.graphs)) == (3, 4)
     generator = torch.Generator().manual_seed(10)
     for group in ([0, 2], [1], [2], [0, 2]):  # a batch is of one pool
-        hidden = {i: torch.randn(1, 1, span.hidden_size, generator=generator) for i in group}
-        together = span.forward_batch([(hidden[i], *pooled[i]) for i in group])
-        for i, out in zip(group, together):
-            torch.testing.assert_close(out, reference.forward(hidden[i], cache=alone[i][0], position=alone[i][1]),
-                                       atol=TOLERANCE, rtol=0)
-            pooled[i], alone[i] = (pooled[i][0], pooled[i][1] + 1), (alone[i][0], alone[i][1] + 1)
+        step_together_and_alone(span, reference, pooled, alone, group, generator)
     assert len(captured) == 7
     with pytest.raises(ValueError, match="rows of one pool"):
         span.forward_batch([(torch.randn(1, 1, span.hidden_size), *pooled[0]), (torch.randn(1, 1, span.hidden_size), *pooled[1])])
