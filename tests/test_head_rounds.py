@@ -92,6 +92,9 @@ EMBEDDING = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
 
 
 def test_greedy_rows_get_their_argmax_and_their_next_ids_embedded_in_one_call_per_width():
+    """The argmax of every row is embedded ahead, in one call (on a GPU, copied to the host with the
+    ids: one synchronisation a round); next ids that are that argmax take it, others (drafts,
+    or other ids) are embedded in one call per width."""
     embedded_calls = []
 
     def embed(ids: torch.Tensor) -> torch.Tensor:
@@ -100,12 +103,14 @@ def test_greedy_rows_get_their_argmax_and_their_next_ids_embedded_in_one_call_pe
 
     started, release = threading.Event(), threading.Event()
     rounds = HeadRounds(_gated_head(started, release), embed=embed)
-    inputs = [torch.randn(1 + i % 3, 1, 8, generator=torch.Generator().manual_seed(i)) for i in range(7)]
-    widths = [1, 1, 3, 1, 3, 1, None]  # None: the generation is done, nothing to embed
+    inputs = [torch.randn(1 + i % 3, 1, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    widths = [1, 1, 3, 1, 3, 1, None, "other"]  # None: the generation is done; "other": feeds other ids
 
     def then(width):
         def advance(logits, ids):
             assert ids == logits[:, -1, :].argmax(dim=-1).tolist()
+            if width == "other":
+                return ids, (torch.tensor(ids).unsqueeze(1) + 1) % WEIGHT.shape[0]
             return ids, None if width is None else torch.tensor(ids).unsqueeze(1).repeat(1, width)
         return advance
 
@@ -124,10 +129,13 @@ def test_greedy_rows_get_their_argmax_and_their_next_ids_embedded_in_one_call_pe
         assert ids == (hidden @ WEIGHT.T)[:, -1, :].argmax(dim=-1).tolist()
         if width is None:
             assert embedded is None
+        elif width == "other":
+            torch.testing.assert_close(embedded, EMBEDDING[(torch.tensor(ids) + 1) % WEIGHT.shape[0]].unsqueeze(1))
         else:
             assert embedded.device.type == "cpu"
             torch.testing.assert_close(embedded, EMBEDDING[torch.tensor(ids)].unsqueeze(1).repeat(1, width, 1))
-    assert sorted(embedded_calls) == [(5, 3), (7, 1)]  # rows of width 3: 3 + 2; of width 1: 1 + 2 + 1 + 3
+    # ahead: all 15 rows; then rows of width 3 (3 + 2) and the 2 rows of other ids of width 1
+    assert embedded_calls == [(15, 1), (5, 3), (2, 1)]
 
 
 def test_greedy_rows_skip_their_suppressed_ids_and_their_logits_stay_as_computed():

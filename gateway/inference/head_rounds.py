@@ -3,13 +3,16 @@
 A generation hands its step's output to `HeadRounds.sample` and awaits what its own function
 (sampling, text, the next token ids) returns. Work that arrives while a round runs waits for the
 next round, which computes the logits of all its rows in one LM head call (per input shape) and
-the greedy tokens of its plain greedy generations in one argmax and one copy to the host (per
-call), then runs each generation's function in turn and embeds the ids they return in one call
-(per width), with one copy to the host. A lone generation's round starts at once: nothing waits for company. The LM
-head's weight (vocabulary x hidden) is thus read once per round instead of once per generation, a
-GPU head synchronises with the host twice per round instead of twice per generation, and all
-head work shares one thread: no thread hop per generation, and no dozens of worker threads
-contending for the GIL with the event loop and the swarm's trio thread.
+the greedy tokens of its plain greedy generations in one argmax (per call), embeds those tokens
+ahead and copies both to the host at once, then runs each generation's function in turn; the ids
+they return are embedded in one call (per width) with one copy to the host, unless they are the
+argmax already embedded (plain greedy decoding). A lone generation's round starts at once: nothing
+waits for company. The LM head's weight (vocabulary x hidden) is thus read once per round instead
+of once per generation, a GPU head synchronises with the host once per greedy round (twice where
+some generation samples, or feeds drafts) instead of twice per generation, and all head work
+shares one thread: no thread hop per generation, and no dozens of worker threads contending for
+the GIL with the event loop and the swarm's trio thread. On one GPU shared with servers each
+synchronisation may wait out another process's kernels (README, "What 32 GPU streams wait on").
 
 The last server returns a batch's sessions one after another, so a round that starts at the
 first of them leaves the rest to rounds of their own. While at least `ROUND_ROWS` generations are
@@ -54,6 +57,9 @@ class Member:
     """A generation's membership of the rounds (`HeadRounds.join`): counted once it samples."""
 
     decoding: bool = False
+
+
+_Ahead = tuple[list[int] | None, torch.Tensor | None]  # a greedy work's argmax ids and, where it embeds, theirs on the host
 
 
 @dataclass(eq=False)
@@ -166,7 +172,7 @@ class HeadRounds:
     def _run_round(self, works: list[_Work[Any]]) -> None:
         fit_threads()
         computed = self._compute_logits([work for work in works if work.hidden is not None])
-        embedding: list[tuple[_Work[Any], Any, torch.Tensor | None]] = []
+        embedding: list[tuple[_Work[Any], Any, torch.Tensor | None, _Ahead]] = []
         for work in works:
             if isinstance(found := computed.get(work), BaseException):
                 work.future.set_exception(found)
@@ -175,24 +181,27 @@ class HeadRounds:
                 if found is None:
                     result = work.then()
                 else:
-                    logits, ids = found
+                    logits, ids, _ = found
                     result = work.then(logits, ids) if work.greedy else work.then(logits)
                 if work.embeds:
                     result, next_ids = result
-                    embedding.append((work, result, next_ids))
+                    embedding.append((work, result, next_ids, (None, None) if found is None else found[1:]))
                 else:
                     work.future.set_result(result)
             except BaseException as error:  # the generation's own failure, only its own
                 work.future.set_exception(error)
         self._embed_ids(embedding)
 
-    def _embed_ids(self, staged: list[tuple[_Work[Any], Any, torch.Tensor | None]]) -> None:
-        """One embedding call and one copy to the host per width of ids; a failure goes to every
-        work of its call. The hidden states go to the swarm's wire next: the host is where they are used."""
+    def _embed_ids(self, staged: list[tuple[_Work[Any], Any, torch.Tensor | None, _Ahead]]) -> None:
+        """One embedding call and one copy to the host per width of ids, but for ids that are the
+        argmax the round embedded ahead; a failure goes to every work of its call. The hidden
+        states go to the swarm's wire next: the host is where they are used."""
         groups: dict[int, list[tuple[_Work[Any], Any, torch.Tensor]]] = {}
-        for work, result, ids in staged:
+        for work, result, ids, (argmax, embedded) in staged:
             if ids is None:
                 work.future.set_result((result, None))
+            elif embedded is not None and ids.shape[1] == 1 and ids[:, 0].tolist() == argmax:
+                work.future.set_result((result, embedded))
             else:
                 groups.setdefault(ids.shape[1], []).append((work, result, ids))
         for group in groups.values():
@@ -215,13 +224,12 @@ class HeadRounds:
             if work.future.set_running_or_notify_cancel():
                 work.future.set_exception(error)
 
-    def _compute_logits(
-        self, works: list[_Work[Any]]
-    ) -> dict[_Work[Any], tuple[torch.Tensor, list[int] | None] | BaseException]:
+    def _compute_logits(self, works: list[_Work[Any]]) -> dict[_Work[Any], tuple[torch.Tensor, list[int] | None, torch.Tensor | None] | BaseException]:
         """One head call per input shape, giving each work its logits and, when it is greedy, its
-        rows' argmax of their last logits (one argmax and one copy to the host per call); a
-        failure goes to every work of its call."""
-        out: dict[_Work[Any], tuple[torch.Tensor, list[int] | None] | BaseException] = {}
+        rows' argmax of their last logits and, when it also embeds, their hidden states (one
+        argmax, one embedding and one synchronisation with the host per call); a failure goes to
+        every work of its call."""
+        out: dict[_Work[Any], tuple[torch.Tensor, list[int] | None, torch.Tensor | None] | BaseException] = {}
         groups: dict[tuple[Any, ...], list[_Work[Any]]] = {}
         for work in works:
             assert work.hidden is not None
@@ -231,7 +239,7 @@ class HeadRounds:
                 with packed_linears.batched() if len(group) > 1 else nullcontext():  # alone: as ever
                     logits = self._logits(torch.cat([work.hidden for work in group]))
                 rows = [work.hidden.shape[0] for work in group]
-                ids = _argmax(logits[:, -1, :], group, rows) if any(work.greedy for work in group) else []
+                ids, embedded = self._argmax(logits[:, -1, :], group, rows)
                 self.rounds += 1
                 self.calls += len(group)
             except BaseException as error:
@@ -239,20 +247,28 @@ class HeadRounds:
                 continue
             offsets = itertools.accumulate(rows, initial=0)
             for work, part, start, count in zip(group, logits.split(rows), offsets, rows):
-                out[work] = (part, ids[start:start + count] if work.greedy else None)
+                ahead = embedded[start:start + count] if embedded is not None and work.embeds else None
+                out[work] = (part, ids[start:start + count], ahead) if work.greedy else (part, None, None)
         return out
 
-
-def _argmax(last: torch.Tensor, group: list[_Work[Any]], rows: list[int]) -> list[int]:
-    """Each row's argmax of its last logits [rows, vocab], skipping its work's suppressed ids;
-    one argmax and one copy to the host for the whole head call."""
-    suppressed = [(start, count, work.suppress) for work, start, count
-                  in zip(group, itertools.accumulate(rows, initial=0), rows) if work.suppress is not None]
-    if suppressed:
-        last = last.clone()  # the works get the logits as computed
-        for start, count, ids in suppressed:
-            last[start:start + count, ids.to(last.device)] = float("-inf")
-    return last.argmax(dim=-1).tolist()
+    def _argmax(self, last: torch.Tensor, group: list[_Work[Any]], rows: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        """Each row's argmax of its last logits [rows, vocab], skipping its work's suppressed ids,
+        and where a greedy work embeds, every row's argmax embedded on the head's device: the
+        next step's input of plain greedy decoding, copied to the host with the ids (a copy the
+        ids' own, which waits for the device, completes)."""
+        if not any(work.greedy for work in group):
+            return [], None
+        suppressed = [(start, count, work.suppress) for work, start, count
+                      in zip(group, itertools.accumulate(rows, initial=0), rows) if work.suppress is not None]
+        if suppressed:
+            last = last.clone()  # the works get the logits as computed
+            for start, count, ids in suppressed:
+                last[start:start + count, ids.to(last.device)] = float("-inf")
+        argmax = last.argmax(dim=-1)
+        embedded = None
+        if self._embed is not None and any(work.greedy and work.embeds for work in group):
+            embedded = self._embed(argmax[:, None]).to("cpu", non_blocking=True)  # pinned: ordered before the ids' copy
+        return argmax.tolist(), embedded
 
 
 async def _outlive(future: Future[Any]) -> None:
