@@ -16,7 +16,7 @@ from libp2p.stream_muxer.yamux import yamux
 from swarm import protocol
 from swarm.node import start_node
 from swarm.transport.tuning import (
-    _combined_write_frame, _FreeFirstLock, _lean_read_stream, _lean_stream_write, _read_data_body,
+    GATHER_FRAMES_BELOW, _combined_write_frame, _FreeFirstLock, _lean_read_stream, _lean_stream_write, _read_data_body,
 )
 from tests.swarm_harness import echo_frames
 
@@ -112,6 +112,35 @@ def test_writes_queued_behind_a_send_go_out_together_in_order():
     outcome = _writers(connection, [b"a", b"b", b"c", b"d"])
     assert connection.writes == [b"a", b"bcd"]
     assert outcome == dict.fromkeys([b"a", b"b", b"c", b"d"], "written")
+
+
+def test_writers_woken_together_go_out_as_one_send_and_a_big_frame_does_not_wait():
+    """A batch's sessions are woken at once and each writes its output: the first writer lets
+    the others queue behind it before it sends (one send, not one each). A frame too big to
+    gain from that is sent at once."""
+    connection = SlowConnection()
+    muxer = types.SimpleNamespace(secured_conn=connection)
+    big = b"B" * (GATHER_FRAMES_BELOW + 1)
+
+    async def write_when(woken: trio.Event, data: bytes) -> None:
+        await woken.wait()
+        await _combined_write_frame(muxer, data)
+
+    async def main() -> None:
+        woken = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for data in (b"a", b"b", b"c"):
+                nursery.start_soon(write_when, woken, data)
+            await trio.sleep(0.01)
+            woken.set()  # all three run next, in an order trio picks
+        async with trio.open_nursery() as nursery:
+            for data in (b"d", b"e"):  # runnable as the big frame is written
+                nursery.start_soon(_combined_write_frame, muxer, data)
+            await _combined_write_frame(muxer, big)
+
+    trio.run(main)
+    assert len(connection.writes) == 3 and sorted(connection.writes[0]) == sorted(b"abc")
+    assert connection.writes[1] == big and sorted(connection.writes[2]) == sorted(b"de")
 
 
 def test_a_queued_writer_that_is_cancelled_takes_its_frame_back():

@@ -16,7 +16,8 @@ round trips/s on one stream, 1,799 → 5,158 on 32 at once (556 → 194 µs of C
 - Per-frame locks (TCP stream, yamux connection and stream, net stream) are taken without an
   extra scheduler round when free.
 - Writes that meet on one yamux connection while another is being sent go out together as one
-  noise message and one socket send, in order (`_combined_write_frame`).
+  noise message and one socket send, in order (`_combined_write_frame`); a small frame's writer
+  first lets the tasks woken with it write theirs (a batch's sessions: one send for their pushes).
 - TCP reads fetch up to 256 KB at once and serve the bytes that follow from memory: noise reads
   its 2-byte length and then its message, two socket reads per message before (`bulk.py`).
 - A yamux data frame, header included, fits one noise message (65,519 bytes of plaintext): yamux's
@@ -184,6 +185,11 @@ def _free_first_locks(cls: type, *paths: str) -> None:
     cls.__init__ = __init__
 
 
+# A writer that finds none sending lets the tasks woken with it run first when its frame is this
+# small: a batch's sessions, woken together, each write a push and a reply, and go out as one send
+# per connection instead of one each. 32 streams through `up` on an H100 (8B shapes): +11% tokens/s.
+GATHER_FRAMES_BELOW = 64 * 1024
+
 
 class _Pending:
     """A frame waiting to be written with the one being sent."""
@@ -200,7 +206,8 @@ class _Pending:
 async def _combined_write_frame(self: Yamux, data: bytes) -> None:
     """`Yamux._write_frame` that writes every frame queued meanwhile with its own, in order.
 
-    A writer that finds none sending sends its frame and whatever queued behind it, as one
+    A writer that finds none sending lets the tasks runnable with it run first (a small frame:
+    `GATHER_FRAMES_BELOW`), then sends its frame and whatever queued behind it, as one
     message; a writer that finds one sending queues its frame and returns once it was written
     (or raises the error writing it met). After its write the sender hands on to the first
     frame queued since, so no writer sends for others for long. A writer that is cancelled
@@ -229,6 +236,8 @@ async def _combined_write_frame(self: Yamux, data: bytes) -> None:
                 raise pending.error
             return
     writes["sending"] = True
+    if len(data) <= GATHER_FRAMES_BELOW:  # shielded: a lead that yields must still send what queued
+        await trio.lowlevel.cancel_shielded_checkpoint()
     batch, writes["queue"] = writes["queue"], []
     try:
         try:
