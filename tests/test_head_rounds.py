@@ -179,6 +179,25 @@ def test_an_embedding_failure_reaches_the_works_of_its_call_only():
     assert isinstance(wide, RuntimeError) and narrow[0] == "narrow" and narrow[1].shape == (1, 1, 8)
 
 
+def test_a_failed_embedding_ahead_leaves_the_round_to_embed_as_before():
+    """Embedding a round's argmax ahead is a shortcut: when it fails, the works' ids are embedded
+    by the usual call, and no work of the round fails for it."""
+    calls = []
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        calls.append(ids.shape)
+        if len(calls) == 1:
+            raise RuntimeError("embedding ahead failed")
+        return EMBEDDING[ids]
+
+    rounds = HeadRounds(slow_head, embed=embed)
+    hidden = torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(5))
+    greedy = lambda logits, ids: (ids, torch.tensor(ids).unsqueeze(1))  # noqa: E731
+    [(ids, embedded)] = run(rounds.sample(hidden, greedy, greedy=True, embeds=True))
+    torch.testing.assert_close(embedded, EMBEDDING[torch.tensor(ids)].unsqueeze(1))
+    assert calls == [(2, 1), (2, 1)]  # ahead (failed), then the usual call
+
+
 def _gated_head(started: threading.Event, release: threading.Event):
     def head(hidden: torch.Tensor) -> torch.Tensor:
         started.set()

@@ -143,6 +143,50 @@ def test_writers_woken_together_go_out_as_one_send_and_a_big_frame_does_not_wait
     assert connection.writes[1] == big and sorted(connection.writes[2]) == sorted(b"de")
 
 
+def test_a_lead_cancelled_while_it_gathers_writes_nothing_and_hands_the_lead_on():
+    """Cancelled during its gathering round (a session torn down, a deadline), the lead must not
+    go on into the connection's write: noise would number a message never sent, and the
+    connection would break for every stream on it. The frames queued behind it still go (in
+    whichever order trio runs the woken tasks, the case of a cancelled lead among them)."""
+
+    class NumberingConnection:  # as noise: a message's number is taken before the socket's write
+        def __init__(self) -> None:
+            self.numbered, self.writes = 0, []
+
+        async def write(self, data: bytes) -> None:
+            self.numbered += 1
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self.writes.append(data)
+
+    for _ in range(20):  # trio runs the three woken tasks in any order
+        connection, outcome = NumberingConnection(), {}
+        muxer, woken, scope = types.SimpleNamespace(secured_conn=connection), trio.Event(), trio.CancelScope()
+
+        async def write(data: bytes, scope: trio.CancelScope) -> None:
+            await woken.wait()
+            with scope:
+                await _combined_write_frame(muxer, data)
+                outcome[data] = "written"
+            outcome.setdefault(data, "cancelled")
+
+        async def cancel() -> None:
+            await woken.wait()
+            scope.cancel()
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write, b"a", scope)
+                nursery.start_soon(write, b"b", trio.CancelScope())
+                nursery.start_soon(cancel)
+                await trio.sleep(0.01)
+                woken.set()
+
+        trio.run(main)
+        # a's frame goes only if b's send took it before the cancellation reached a (queued)
+        assert outcome[b"b"] == "written" and connection.writes in ([b"b"], [b"ba"])
+        assert connection.numbered == 1
+
+
 def test_a_queued_writer_that_is_cancelled_takes_its_frame_back():
     connection = SlowConnection()
     outcome = _writers(connection, [b"a", b"b", b"x", b"c"], cancel=(b"x",))

@@ -267,7 +267,10 @@ class HeadRounds:
         argmax = last.argmax(dim=-1)
         embedded = None
         if self._embed is not None and any(work.greedy and work.embeds for work in group):
-            embedded = self._embed(argmax[:, None]).to("cpu", non_blocking=True)  # pinned: ordered before the ids' copy
+            try:  # pinned: ordered before the ids' copy below
+                embedded = self._embed(argmax[:, None]).to("cpu", non_blocking=True)
+            except Exception:  # only a shortcut: its failure is the embedding call's, later, for its works alone
+                embedded = None
         return argmax.tolist(), embedded
 
 

@@ -236,8 +236,14 @@ async def _combined_write_frame(self: Yamux, data: bytes) -> None:
                 raise pending.error
             return
     writes["sending"] = True
-    if len(data) <= GATHER_FRAMES_BELOW:  # shielded: a lead that yields must still send what queued
+    if len(data) <= GATHER_FRAMES_BELOW:
         await trio.lowlevel.cancel_shielded_checkpoint()
+        try:  # cancelled meanwhile: nothing of ours is encrypted yet, so give the frame and the lead back
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            writes["queue"].remove(pending)
+            _hand_on(writes)
+            raise
     batch, writes["queue"] = writes["queue"], []
     try:
         try:
