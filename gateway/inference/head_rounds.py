@@ -12,7 +12,8 @@ of once per generation, a GPU head synchronises with the host once per greedy ro
 some generation samples, or feeds drafts) instead of twice per generation, and all head work
 shares one thread: no thread hop per generation, and no dozens of worker threads contending for
 the GIL with the event loop and the swarm's trio thread. On one GPU shared with servers each
-synchronisation may wait out another process's kernels (README, "What 32 GPU streams wait on").
+synchronisation may wait out another process's kernels (README, "Where a token's time goes at 32
+GPU streams").
 
 The last server returns a batch's sessions one after another, so a round that starts at the
 first of them leaves the rest to rounds of their own. While at least `ROUND_ROWS` generations are
@@ -59,7 +60,8 @@ class Member:
     decoding: bool = False
 
 
-_Ahead = tuple[list[int] | None, torch.Tensor | None]  # a greedy work's argmax ids and, where it embeds, theirs on the host
+# A greedy work's argmax ids and, where it embeds, their hidden states on the host
+_Ahead = tuple[list[int] | None, torch.Tensor | None]
 
 
 @dataclass(eq=False)
@@ -224,12 +226,14 @@ class HeadRounds:
             if work.future.set_running_or_notify_cancel():
                 work.future.set_exception(error)
 
-    def _compute_logits(self, works: list[_Work[Any]]) -> dict[_Work[Any], tuple[torch.Tensor, list[int] | None, torch.Tensor | None] | BaseException]:
+    def _compute_logits(
+        self, works: list[_Work[Any]]
+    ) -> dict[_Work[Any], tuple[torch.Tensor, *_Ahead] | BaseException]:
         """One head call per input shape, giving each work its logits and, when it is greedy, its
         rows' argmax of their last logits and, when it also embeds, their hidden states (one
         argmax, one embedding and one synchronisation with the host per call); a failure goes to
         every work of its call."""
-        out: dict[_Work[Any], tuple[torch.Tensor, list[int] | None, torch.Tensor | None] | BaseException] = {}
+        out: dict[_Work[Any], tuple[torch.Tensor, *_Ahead] | BaseException] = {}
         groups: dict[tuple[Any, ...], list[_Work[Any]]] = {}
         for work in works:
             assert work.hidden is not None
@@ -251,7 +255,7 @@ class HeadRounds:
                 out[work] = (part, ids[start:start + count], ahead) if work.greedy else (part, None, None)
         return out
 
-    def _argmax(self, last: torch.Tensor, group: list[_Work[Any]], rows: list[int]) -> tuple[list[int], torch.Tensor | None]:
+    def _argmax(self, last: torch.Tensor, group: list[_Work[Any]], rows: list[int]) -> _Ahead:
         """Each row's argmax of its last logits [rows, vocab], skipping its work's suppressed ids,
         and where a greedy work embeds, every row's argmax embedded on the head's device: the
         next step's input of plain greedy decoding, copied to the host with the ids (a copy the
