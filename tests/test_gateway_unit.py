@@ -442,19 +442,21 @@ def test_tenant_limit_and_swarm_capacity_are_429(client, base_url, http, backend
 
 
 def test_internal_errors_do_not_leak(client, http, backend):
-    backend.fail_at_step = 2
-    response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4})
+    backend.fail_at_step = 2  # the first decode step: every request gets there (greedy, EOS ignored)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    response = http.post("/v1/chat/completions", json=body)
     error = assert_error(response, 500, "server_error")
     assert "secret" not in response.text and "Traceback" not in response.text
     assert backend.sessions[-1].closed
 
-    with http.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": True}) as streamed:
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
         events = [line for line in streamed.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2].removeprefix("data: "))["error"]["message"] == error["message"]
     assert "secret" not in "".join(events) and backend.sessions[-1].closed
     with pytest.raises(openai.APIError):
-        list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, stream=True))
+        list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
 
 
 def test_disconnect_mid_stream_closes_the_session(base_url, api_key, backend, app):
