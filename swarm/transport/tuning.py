@@ -237,9 +237,8 @@ async def _combined_write_frame(self: Yamux, data: bytes) -> None:
             return
     writes["sending"] = True
     if len(data) <= GATHER_FRAMES_BELOW:
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        try:  # cancelled meanwhile: nothing of ours is encrypted yet, so give the frame and the lead back
-            await trio.lowlevel.checkpoint_if_cancelled()
+        try:  # one scheduler round; cancelled: nothing of ours is encrypted yet, so give the frame and the lead back
+            await trio.lowlevel.checkpoint()
         except BaseException:
             writes["queue"].remove(pending)
             _hand_on(writes)
