@@ -371,38 +371,3 @@ def test_a_generation_closed_early_stops_counting(tiny_models):
 
     assert asyncio.run(main()) == [1, 1, 1]
     assert rounds._members == 0
-
-
-def test_deltas_are_consumed_while_the_next_step_computes(tiny_models):
-    """Each token's deltas reach the consumer with the next step already on its way (the chunk is
-    built and sent while the swarm computes); none after the last token; a consumer that leaves
-    mid-step cancels that step before the session closes."""
-    path = tiny_models["llama"]
-    head = ModelHead(path)
-    model = ServedModel.load("tiny", path, lambda _: head)
-    backend = LocalBackend(path, "tiny")
-    backend.step_delay = 0.05
-
-    def job(max_tokens: int) -> GenerationJob:
-        return GenerationJob(model=model, prompt_ids=model.tokenizer("Hello there")["input_ids"], n=1,
-                             max_tokens=max_tokens, params=SamplingParams(temperature=0, ignore_eos=True))
-
-    async def consume(generation: Generation, leave_after: int | None = None) -> list[tuple[int, int]]:
-        await generation.open()
-        session, seen = backend.sessions[-1], []
-        try:
-            async with contextlib.aclosing(generation.steps()) as steps:
-                async for deltas in steps:
-                    await asyncio.sleep(0.01)  # the step under way started meanwhile, if there is one
-                    seen.append((len(seen) + 1, session.steps))
-                    if len(seen) == leave_after:
-                        break
-            assert not session.closed
-        finally:
-            await generation.close()
-        return seen
-
-    assert asyncio.run(consume(Generation(job(4), backend))) == [(1, 2), (2, 3), (3, 4), (4, 4)]
-    left = Generation(job(10), backend)
-    assert asyncio.run(consume(left, leave_after=2)) == [(1, 2), (2, 3)]
-    assert backend.sessions[-1].closed

@@ -4,8 +4,7 @@ Choices are the rows of one batch in one swarm session, so they share the prompt
 All head compute (embeddings, LM head, sampling, detokenization) runs on the head's thread, in
 rounds shared by the generations that reach it together (gateway/inference/head_rounds.py: one
 LM head call per round), so the event loop keeps serving other requests and streams. `steps()`
-yields the same per-step deltas to the streaming and the non-streaming path, each once the next
-step is on its way: a chunk is built and sent while the swarm computes, not between steps.
+yields the same per-step deltas to the streaming and the non-streaming path.
 
 Guided rows (a `Guide` on the job) are masked by their grammar in the sampler; each step their
 next masks are filled in a worker thread while the swarm computes the step, off the critical
@@ -184,45 +183,29 @@ class Generation:
         prompt = torch.tensor([self.job.prompt_ids] * self.job.n, dtype=torch.long)
         drafts = self._drafts()
         rounds = head_rounds(self.job.model.head)
-        step: asyncio.Task[torch.Tensor] | None = None
         with rounds.join() as member:  # decoding: a CPU head's rounds may wait for it (head_rounds.py)
-            try:
-                hidden = await rounds.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
-                step = self._start_step(hidden, drafts)
-                while step is not None:
-                    output = await step
-                    self._position += hidden.shape[1]
-                    first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
-                    (per_token, drafts, kept), hidden = await rounds.sample(
-                        output[:, first:first + 1], partial(self._advance, output, drafts), member,
-                        greedy=self._sampler.plain, suppress=self._sampler.suppressed(), embeds=True)
-                    if kept < self._position:  # positions fed rejected drafts
-                        await self._session.truncate(kept)
-                        self._position = kept
-                    self.first_token_at = self.first_token_at or time.monotonic()
-                    step = None if hidden is None else self._start_step(hidden, drafts)
-                    for deltas in per_token:  # sent on while the swarm computes the next step
-                        if deltas:
-                            yield deltas
-            finally:
-                if step is not None and not step.done():  # left mid-step: the session is closed next
-                    step.cancel()
-                    await asyncio.gather(step, return_exceptions=True)
-
-    def _start_step(self, hidden: torch.Tensor, drafts: torch.Tensor) -> asyncio.Task[torch.Tensor]:
-        """The swarm step feeding `hidden` (the last token and `drafts`), as a task: the caller
-        streams the previous step's text meanwhile."""
-        assert self._session is not None
-        session, tail = self._session, drafts.shape[1] + 1  # sampled from: the last fed token's position and the drafts'
-        if self._sampler.matchers is None:
-            return asyncio.ensure_future(session.step(hidden, tail))
-
-        async def guided() -> torch.Tensor:  # the next masks are filled in a thread while the swarm computes
-            masks = asyncio.get_running_loop().run_in_executor(None, self._sampler.prepare)
-            output = await session.step(hidden, tail)
-            await masks
-            return output
-        return asyncio.ensure_future(guided())
+            hidden = await rounds.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
+            guided = self._sampler.matchers is not None
+            while hidden is not None:
+                tail = drafts.shape[1] + 1  # the positions sampled from: the last fed token's and the drafts'
+                if guided:  # the next masks are filled in a thread while the swarm computes
+                    masks = asyncio.get_running_loop().run_in_executor(None, self._sampler.prepare)
+                    output = await self._session.step(hidden, tail)
+                    await masks
+                else:
+                    output = await self._session.step(hidden, tail)
+                self._position += hidden.shape[1]
+                first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
+                (per_token, drafts, kept), hidden = await rounds.sample(
+                    output[:, first:first + 1], partial(self._advance, output, drafts), member,
+                    greedy=self._sampler.plain, suppress=self._sampler.suppressed(), embeds=True)
+                if kept < self._position:  # positions fed rejected drafts
+                    await self._session.truncate(kept)
+                    self._position = kept
+                self.first_token_at = self.first_token_at or time.monotonic()
+                for deltas in per_token:
+                    if deltas:
+                        yield deltas
 
     async def collect(self) -> list[ChoiceResult]:
         """Run to the end and return the whole choices."""
