@@ -70,14 +70,11 @@ class _Output:
     whole: torch.Tensor | None = None  # with names: the whole output, to resend naming fewer blocks
     cached: int | None = None  # a prompt's: how many of its input blocks this server now holds cached
     store: Callable[[], Awaitable[int | None]] | None = None  # a prompt's: caches its new blocks, says `cached`
-    named_copy: tuple[list[bytes], dict[str, Any]] | None = None  # a prompt's: its whole blocks' keys, the rest
 
-    def fields(self, *, pushed: bool = False) -> dict[str, Any]:
-        """The frame's fields; `pushed`, a prompt's copy for the client names all its whole blocks."""
-        names, rest = self.named_copy if pushed and self.named_copy else (self.names, self.hidden)
-        fields: dict[str, Any] = {"rest" if names else "hidden": rest}
-        if names is not None:  # even empty: lets the next server name its outputs
-            fields["prefix"] = names
+    def fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"rest" if self.names else "hidden": self.hidden}
+        if self.names is not None:  # even empty: lets the next server name its outputs
+            fields["prefix"] = self.names
         if self.cached is not None:
             fields["cached"] = self.cached
         return fields
@@ -89,8 +86,13 @@ class UnknownPrefixError(ProtocolError):
 
 class InferenceService:
     def __init__(
-        self, node: SwarmNode, span: BlockSpan, *, checkpoint: str, limits: ServerLimits, caches: SessionCaches,
-        compute: trio.CapacityLimiter, metrics: ServerMetrics, session_adapter: Callable[[dict[str, Any]], SpanLora | None],
+        self, node: SwarmNode, span: BlockSpan, *,
+        checkpoint: str,
+        limits: ServerLimits,
+        caches: SessionCaches,
+        compute: trio.CapacityLimiter,
+        metrics: ServerMetrics,
+        session_adapter: Callable[[dict[str, Any]], SpanLora | None],
         drill: Drill,
     ) -> None:
         self.node = node
@@ -220,10 +222,13 @@ class InferenceService:
 
     # -- PUSH ------------------------------------------------------------------------------------
     async def handle_push(self, stream: Stream) -> None:
-        """Steps pushed by the previous server of a chain, for any of our sessions. The stream may
-        idle as long as a session may (the pusher opens it when its session opens); one idle longer
-        is reset, not closed: the pusher's next write fails, and it tells its client that the step
-        was not pushed, rather than believing it was."""
+        """Steps pushed by the previous server of a chain, for any of our sessions.
+
+        The first step comes soon (the pusher opens the stream when its session opens, or to send
+        it); later ones as fast as the session goes, so the stream may idle as long as a session
+        may. A stream idle longer is reset, not closed: the pusher's next write then fails, and it
+        tells its client that the step was not pushed, rather than believing it was.
+        """
         timeout = self.limits.read_timeout
         try:
             while True:
@@ -330,8 +335,7 @@ class InferenceService:
         if prefix is not None:
             # names go to a next hop that takes them, from a client that does
             may_name = names is not None and bool(route) and route[0].get("names") is True
-            return await self._prompt_output(live, span, message, prefix.joined(output), prefix, may_name, tail,
-                                             names is not None)
+            return await self._prompt_output(live, span, message, prefix.joined(output), prefix, may_name, tail)
         output = output if tail is None else output[:, -tail:]
         if not batched:  # a batch's outputs come on the host, drilled
             output = await self._on_host(output, "prefill" if message["position"] == 0 else "decode")
@@ -374,27 +378,23 @@ class InferenceService:
         return prefix
 
     async def _prompt_output(self, live: _LiveSession, span: BlockSpan, message: dict[str, Any], output: torch.Tensor,
-                             prefix: Prefix, may_name: bool, tail: int | None, client_names: bool) -> _Output:
+                             prefix: Prefix, may_name: bool, tail: int | None) -> _Output:
         """The prompt's output as it goes on (its `store` caches the new blocks): with a next hop,
         the blocks it may hold named by their keys where the step let us name (`may_name`), the
-        rest as bytes, whose keys the new blocks keep, and a copy naming every whole block for a
-        client that takes names; at the chain's end, the tail asked for."""
+        rest as bytes, whose keys the new blocks keep; at the chain's end, the tail asked for."""
         names = prefix.output_keys() if may_name else []
         output_keys: list[bytes] = []
         if tail is not None or not message.get("route"):
             result = _Output(codec.encode(await self._on_host(output if tail is None else output[:, -tail:]), live.codec))
         else:  # only what goes on comes to the host
-            on_host = await self._on_host(output[:, BLOCK * len(names):])
-            wire = codec.encode(on_host, live.codec)
+            wire = codec.encode(await self._on_host(output[:, BLOCK * len(names):]), live.codec)
             new = codec.token_blocks(wire, BLOCK, len(prefix.keys) - len(names))
             output_keys = (await trio.to_thread.run_sync(chain_keys, new, names[-1] if names else b""))
-            copy = (names + output_keys, codec.encode(on_host[:, BLOCK * len(new):], live.codec))
             unnamed = len(prefix.found) - len(names)  # found blocks stored without their outputs' keys
             self.prefixes.name_outputs(self._namespace(live), prefix.keys[len(names):len(prefix.found)],
                                        output_keys[:unnamed])
             output_keys = output_keys[unnamed:]
-            result = _Output(wire, names if may_name else None, output if names else None,
-                             named_copy=copy if client_names else None)
+            result = _Output(wire, names if may_name else None, output if names else None)
         prefixes, cache, namespace = self.prefixes, self.caches.get(live.id).cache, self._namespace(live)
 
         async def store() -> int | None:  # best effort: a failure costs later prompts a recomputation, no more
@@ -427,9 +427,8 @@ class InferenceService:
 
         The reply names the session the push reached (``pushed``); without it the client sends
         the step on itself. A push naming prompt blocks waits for the next server to say how many
-        it holds, and sends the rest as bytes. The client's copy of a prompt pushed on names every
-        whole block: it relays none of them, and a later hop's failure replays the chain from its
-        first hop (swarm/session.py), so an 8B model's 1,024-token prompt sends it 8 MB less."""
+        it holds, and sends the rest as bytes; the client gets the output as it was pushed.
+        """
         position = message["position"]
         route = message.get("route") or []
         reply = {"type": "output", "position": position}
@@ -455,7 +454,7 @@ class InferenceService:
                     await incoming.try_close(stale)
         if output.store is not None:
             output.cached = await output.store()
-        await protocol.write_frame(live.client, {**reply, **output.fields(pushed="pushed" in reply)})
+        await protocol.write_frame(live.client, {**reply, **output.fields()})
 
     async def _resend_unheld(self, stream: Stream, frame: dict[str, Any], output: _Output) -> _Output:
         """After a push naming blocks: the next server says how many it holds; while not all, the

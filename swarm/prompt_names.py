@@ -5,10 +5,9 @@ as they crossed the wire. A client that sent a prompt's first blocks to a server
 names them by those keys when a later prompt starts the same way, and sends only the rest: the
 shared 1,000-token start of an 8B model's prompt is 8 MB of bfloat16 per hop that stays home.
 A server that finds a prompt's start cached does the same towards the next server (which says
-how many of the named blocks it holds, and gets the others' bytes). Its reply to the client names
-every whole block of a prompt it pushed on: the client keeps only their names (it replays a later
-hop's failure from the first hop, whose input it holds whole). A server that no longer holds what
-a client names answers ``unknown_prefix``; the session then replays the step with bytes (swarm/session.py).
+how many of the named blocks it holds, and gets the others' bytes), and replies to the client
+with the outputs it pushed, named blocks left out. A server that no longer holds what a client
+names answers ``unknown_prefix``; the session then replays the step with bytes (swarm/session.py).
 
 A step naming blocks carries the tensor after them as ``rest``, never as ``hidden`` (the whole
 input from the step's position), so a server that does not know names refuses it rather than
@@ -96,7 +95,7 @@ def cut(record: dict[str, Any], tokens: int, max_elements: int) -> dict[str, Any
     names and cuts its rest (speculative decoding's drafts follow a prompt in its step)."""
     if is_named(record):
         named = BLOCK * len(record["prefix"])
-        if tokens < named:
+        if tokens <= named:
             raise ValueError(f"cannot cut a prompt to {tokens} tokens inside its {named} named ones")
         return {"prefix": record["prefix"], "rest": cut(record["rest"], tokens - named, max_elements)}
     return codec.encode(codec.decode(record, max_elements=max_elements)[:, :tokens], "none")

@@ -11,7 +11,7 @@ import torch
 
 from blocks.prefix_cache import BLOCK, PrefixCache, chain_keys, tensor_blocks
 from blocks.span import BlockSpan
-from swarm import codec, prompt_names
+from swarm import codec
 from swarm.prompt_names import PrefixMemory
 
 TOLERANCE = 1e-5
@@ -141,19 +141,6 @@ def test_a_client_remembers_which_blocks_a_place_holds_least_recently_used_forgo
     assert memory.held("server-a", [b"k2", b"k3"]) == 2 and memory.held("server-a", [b"x", b"k1"]) == 0
     memory.remember("server-b", [b"k1", b"k9"])  # 5 keys: server-a's k1 (least recently used) goes
     assert memory.held("server-a", [b"k1", b"k2"]) == 0 and memory.held("server-a", [b"k2"]) == 1
-
-
-def test_a_named_record_is_cut_at_or_after_its_named_blocks_never_inside():
-    """Speculative decoding may reject every draft after a prompt whose whole blocks a server
-    named: the record is cut at the named ones' end, its rest then empty."""
-    hidden = torch.randn(1, 2 * BLOCK + 3, 8)
-    record = {"prefix": [b"k1", b"k2"], "rest": codec.encode(hidden[:, 2 * BLOCK:], "none")}
-    at_end = prompt_names.cut(record, 2 * BLOCK, hidden.numel())
-    assert at_end["prefix"] == [b"k1", b"k2"] and codec.decode(at_end["rest"], max_elements=24).shape == (1, 0, 8)
-    after = prompt_names.cut(record, 2 * BLOCK + 1, hidden.numel())
-    assert torch.equal(codec.decode(after["rest"], max_elements=24), hidden[:, 2 * BLOCK:2 * BLOCK + 1])
-    with pytest.raises(ValueError, match="inside its 32 named"):
-        prompt_names.cut(record, 2 * BLOCK - 1, hidden.numel())
 
 
 def test_a_prompt_longer_than_the_cache_keeps_its_start(llama_path):

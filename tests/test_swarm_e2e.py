@@ -118,8 +118,8 @@ def test_concurrent_sessions_stay_independent(llama_swarm):
 def test_a_step_can_ask_for_only_its_last_positions(llama_swarm):
     """With `tail`, the last hop returns only the last positions, equal to those of a full step
     (a prompt, then a multi-token step as speculative drafts make); the first hop's outputs still
-    come back whole, as the next hop's inputs kept for replay, but for the prompt's whole cache
-    blocks, which its reply names by their keys (computed or, the second time, found cached)."""
+    come back whole, as the next hop's inputs kept for replay (the second time, the prompt's
+    cached start named by its keys)."""
     path, _, bridge = llama_swarm
     head = ModelHead(path)
     prompt, drafts = _prompt(40, head.vocab_size, seed=5), _prompt(4, head.vocab_size, seed=6)
@@ -128,7 +128,7 @@ def test_a_step_can_ask_for_only_its_last_positions(llama_swarm):
         session = await bridge.client.open_session(path.name, head.num_layers, max_length=64, wire_codec="none")
         async with session:
             outputs = [await session.step(head.embed(ids), tail) for ids, tail in zip((prompt, drafts), tails)]
-            record = session._hops[1].inputs[0]  # the prompt's whole blocks named, the rest as bytes
+            record = session._hops[1].inputs[0]  # named where the first server had the prompt's start cached
             named = len(record["prefix"]) * BLOCK if "prefix" in record else 0
             recorded = named + codec.decode(record.get("rest", record), max_elements=1 << 20).shape[1]
             with pytest.raises(ValueError, match="tail"):
@@ -137,7 +137,7 @@ def test_a_step_can_ask_for_only_its_last_positions(llama_swarm):
 
     full, first = bridge.call(run, [None, None])
     tails, again = bridge.call(run, [1, 3])
-    assert [t.shape[1] for t in tails] == [1, 3] and first == again == (40, 2 * BLOCK)
+    assert [t.shape[1] for t in tails] == [1, 3] and first == (40, 0) and again == (40, 2 * BLOCK)
     torch.testing.assert_close(tails[0], full[0][:, -1:], rtol=0, atol=0)
     torch.testing.assert_close(tails[1], full[1][:, -3:], rtol=0, atol=0)
 
