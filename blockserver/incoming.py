@@ -4,6 +4,8 @@ hidden states, and answer or close without caring whether the peer is still ther
 from __future__ import annotations
 
 import math
+from collections.abc import Container
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +39,41 @@ def expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
     if message["type"] != kind:
         raise ProtocolError(f"expected a {kind!r} frame, got {message['type'][:40]!r}")
     return message
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """An INFERENCE ``open``, checked."""
+
+    session: str
+    batch: int
+    max_length: int
+    codec: str
+    cache_salt: str | None
+    push_to: dict[str, Any] | None
+
+
+def open_request(request: dict[str, Any], limits: ServerLimits, span: BlockSpan, checkpoint: str,
+                 in_use: Container[str]) -> OpenRequest:
+    """`request` as an ``open`` this server can take (else ProtocolError); `in_use`: live session ids."""
+    request = expect(request, "open")
+    session_id = require(request, "session", str)
+    batch = require(request, "batch", int)
+    max_length = require(request, "max_length", int)
+    cache_salt, push_to = request.get("cache_salt"), request.get("push_to")
+    if cache_salt is not None and not (isinstance(cache_salt, str) and 1 <= len(cache_salt) <= 256):
+        raise ProtocolError("'cache_salt' must be a string of 1-256 characters")
+    if push_to is not None and not (isinstance(push_to, dict) and isinstance(push_to.get("peer"), str)):
+        raise ProtocolError("'push_to' must be a map naming a 'peer'")
+    if not 8 <= len(session_id) <= 64 or session_id in in_use:
+        raise ProtocolError("session id must be 8-64 characters and not in use")
+    if not 1 <= batch <= limits.max_batch:
+        raise ProtocolError(f"batch must be in [1, {limits.max_batch}]")
+    if not 1 <= max_length <= (max_positions := span.config.max_position_embeddings):
+        raise ProtocolError(f"max_length must be in [1, {max_positions}]")
+    if request.get("checkpoint") not in (None, checkpoint):
+        raise ProtocolError(f"checkpoint mismatch: server has {checkpoint}, client {request['checkpoint']}")
+    return OpenRequest(session_id, batch, max_length, wire_codec(request), cache_salt, push_to)
 
 
 def wire_codec(request: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ route and back to the client, so a token costs one pass along the chain.
 A step at a position the session already holds is a client's replay after a failure upstream, and
 is dropped; every output names the session it was pushed to, so the client can send a step itself
 where a push did not happen. Sessions keep the span they opened on, whatever moves come later,
-until they end or ``drain`` fails them.
+until they end or ``drain`` fails them. Streams outlive their sessions (swarm/transport/stream_pool.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,10 +33,12 @@ from blockserver.batcher import DecodeBatcher
 from blockserver.drill import Drill
 from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
+from blockserver.pushes import Output, SessionPushes
 from swarm import codec, protocol
 from swarm.node import SwarmNode
 from swarm.node_options import fitted
 from swarm.protocol import ProtocolError, Stream, field as require
+from swarm.transport.stream_pool import StreamPool
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,10 @@ class _LiveSession:
     client: Stream
     codec: str
     inbox: trio.MemorySendChannel
-    cancel: trio.CancelScope
-    next_hops: dict[str, Stream] = field(default_factory=dict)  # peer id -> push stream
-    push_locks: defaultdict[str, trio.Lock] = field(default_factory=lambda: defaultdict(trio.Lock))  # per next hop
+    pushes: SessionPushes  # its steps' outputs on to the next servers
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)  # drain and expiry end the session by it
+    closed: bool = False  # the client ended it with a ``close`` frame
+    stepping: bool = False  # a step is under way (a cancellation may cut its push or reply short)
     adapter: SpanLora | None = None  # LoRA applied to every step of the session
     adapter_digest: str | None = None  # its name: part of the prefix cache's namespace
     cache_salt: str | None = None  # the client's: part of the namespace too (only equal salts share prompts)
@@ -60,28 +62,12 @@ class _LiveSession:
     loaded: BlockSpan | None = None  # the server's span then: after a move, drained
 
 
-@dataclass
-class _Output:
-    """A step's output as it goes on: `hidden` on the wire, all of it, or with `names` the rest after
-    the blocks they name (a prompt whose start the next server may hold cached)."""
-
-    hidden: dict[str, Any]
-    names: list[bytes] | None = None
-    whole: torch.Tensor | None = None  # with names: the whole output, to resend naming fewer blocks
-    cached: int | None = None  # a prompt's: how many of its input blocks this server now holds cached
-    store: Callable[[], Awaitable[int | None]] | None = None  # a prompt's: caches its new blocks, says `cached`
-
-    def fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"rest" if self.names else "hidden": self.hidden}
-        if self.names is not None:  # even empty: lets the next server name its outputs
-            fields["prefix"] = self.names
-        if self.cached is not None:
-            fields["cached"] = self.cached
-        return fields
-
-
 class UnknownPrefixError(ProtocolError):
     """A step names prompt blocks that this server does not hold cached (any more)."""
+
+
+_REFUSALS = {SessionLimitError: protocol.BUSY, UnknownAdapterError: protocol.UNKNOWN_ADAPTER,
+             incoming.NotHeldError: protocol.MOVED}  # error codes of the ``open``s refused
 
 
 class InferenceService:
@@ -107,6 +93,9 @@ class InferenceService:
         self._live: dict[str, _LiveSession] = {}
         self.batcher = DecodeBatcher(compute, metrics, max_rows=limits.max_batch_rows, gather=limits.batch_gather,
                                      split=limits.batch_split, finish=functools.partial(drill, kind="decode"))
+        # PUSH streams that sessions ended with cleanly, for later sessions pushing to the same servers
+        self.push_streams = StreamPool(lambda peer, addrs: node.open_stream(peer, protocol.PUSH, addrs),
+                                       per_peer=limits.max_sessions, max_idle=limits.idle_timeout / 2)
         self.prefixes = PrefixCache(limits.prefix_cache_tokens) if limits.prefix_cache_tokens >= BLOCK else None
         metrics.queued_steps.set_function(lambda: self.batcher.queued)
 
@@ -121,6 +110,7 @@ class InferenceService:
     async def expire_forever(self) -> None:
         while True:
             await trio.sleep(1.0)
+            await self.push_streams.expire()
             for session_id in self.caches.expire_idle():
                 logger.info("session %s expired after %.0f s idle", session_id, self.limits.idle_timeout)
                 if (live := self._live.get(session_id)) is not None:
@@ -128,34 +118,17 @@ class InferenceService:
 
     # -- INFERENCE -------------------------------------------------------------------------------
     async def handle_inference(self, stream: Stream) -> None:
+        """A client's sessions, one after another: each ``open``s, steps, and ends with the stream,
+        or with a ``close`` frame, after which the stream waits (up to the idle timeout) for the
+        client's next ``open``: reused, it saves the next session a stream's opening."""
         peer = stream.muxed_conn.peer_id.to_base58()
         try:
-            request = incoming.expect(await incoming.read(stream, self.limits, self.limits.open_timeout), "open")
-            session_id, batch, max_length, wire_codec, cache_salt = self._validate_open(request)
-            push_to = request.get("push_to")
-            if push_to is not None and not (isinstance(push_to, dict) and isinstance(push_to.get("peer"), str)):
-                raise ProtocolError("'push_to' must be a map naming a 'peer'")
-            # the session keeps these, whatever moves come later
-            loaded, span = self.span, incoming.span_part(self.span, request)
-            adapter = self.session_adapter(request)
-            self.caches.open(session_id, batch=batch, max_length=max_length, cache=span.new_cache())
-            try:
-                opened = {"type": "opened", "session": session_id}
-                if batch == 1 and self._caches_prompts(span, self.caches.get(session_id).cache):
-                    opened["prefix_names"] = True  # a prompt's start may be named (swarm/prompt_names.py)
-                await protocol.write_frame(stream, opened)
-                await self._run_session(session_id, stream, wire_codec, adapter, span, loaded,
-                                        request.get("adapter"), cache_salt, push_to)
-            finally:
-                if (closed := self.caches.close(session_id)) is not None:
-                    self.batcher.forget(closed.cache)  # its peers' steps wait for it no more
-        except SessionLimitError as error:
-            logger.info("inference stream from %s refused: %s", peer, error)
-            await incoming.try_send(stream, protocol.error_frame(str(error), protocol.BUSY))
-        except UnknownAdapterError as error:
-            await incoming.try_send(stream, protocol.error_frame(str(error), protocol.UNKNOWN_ADAPTER))
-        except incoming.NotHeldError as error:
-            await incoming.try_send(stream, protocol.error_frame(str(error), protocol.MOVED))
+            request: dict[str, Any] | None = await incoming.read(stream, self.limits, self.limits.open_timeout)
+            while request is not None and await self._serve_session(stream, request):
+                with trio.move_on_after(self.limits.idle_timeout):
+                    request = None
+                    request = await protocol.read_frame(stream, max_bytes=self.limits.max_frame_bytes)
+                    self.metrics.streams_reused.labels("inference").inc()
         except (ProtocolError, ValueError) as error:
             logger.info("inference stream from %s refused: %s", peer, error)
             await incoming.try_send(stream, protocol.error_frame(str(error)))
@@ -166,51 +139,58 @@ class InferenceService:
         finally:
             await incoming.try_close(stream)
 
-    def _validate_open(self, request: dict[str, Any]) -> tuple[str, int, int, str, str | None]:
-        session_id = require(request, "session", str)
-        batch = require(request, "batch", int)
-        max_length = require(request, "max_length", int)
-        wire_codec = incoming.wire_codec(request)
-        checkpoint = request.get("checkpoint")
-        cache_salt = request.get("cache_salt")
-        if cache_salt is not None and not (isinstance(cache_salt, str) and 1 <= len(cache_salt) <= 256):
-            raise ProtocolError("'cache_salt' must be a string of 1-256 characters")
-        if not 8 <= len(session_id) <= 64 or session_id in self._live:
-            raise ProtocolError("session id must be 8-64 characters and not in use")
-        if not 1 <= batch <= self.limits.max_batch:
-            raise ProtocolError(f"batch must be in [1, {self.limits.max_batch}]")
-        max_positions = self.span.config.max_position_embeddings
-        if not 1 <= max_length <= max_positions:
-            raise ProtocolError(f"max_length must be in [1, {max_positions}]")
-        if checkpoint is not None and checkpoint != self.checkpoint:
-            raise ProtocolError(f"checkpoint mismatch: server has {self.checkpoint}, client {checkpoint}")
-        return session_id, batch, max_length, wire_codec, cache_salt
+    async def _serve_session(self, stream: Stream, request: dict[str, Any]) -> bool:
+        """The session `request` opens; True when it ended on the client's ``close`` with nothing
+        half-written to it (the stream may carry the client's next session). A refusal is an
+        error frame, and ends the stream."""
+        try:
+            opening = incoming.open_request(request, self.limits, self.span, self.checkpoint, self._live)
+            # the session keeps these, whatever moves come later
+            loaded, span = self.span, incoming.span_part(self.span, request)
+            adapter = self.session_adapter(request)
+            self.caches.open(opening.session, batch=opening.batch, max_length=opening.max_length, cache=span.new_cache())
+            try:
+                opened = {"type": "opened", "session": opening.session, "reusable": True}
+                if opening.batch == 1 and self._caches_prompts(span, self.caches.get(opening.session).cache):
+                    opened["prefix_names"] = True  # a prompt's start may be named (swarm/prompt_names.py)
+                await protocol.write_frame(stream, opened)
+                inbox_send, inbox = trio.open_memory_channel[dict[str, Any]](64)
+                pushes = SessionPushes(self.push_streams, self.metrics.streams_reused.labels("push").inc)
+                live = _LiveSession(opening.session, stream, opening.codec, inbox_send, pushes, adapter=adapter,
+                                    span=span, loaded=loaded, adapter_digest=request.get("adapter"),
+                                    cache_salt=opening.cache_salt)
+                await self._run_session(live, inbox, opening.push_to)
+                return live.closed and not live.stepping
+            finally:
+                if (closed := self.caches.close(opening.session)) is not None:
+                    self.batcher.forget(closed.cache)  # its peers' steps wait for it no more
+        except (SessionLimitError, UnknownAdapterError, incoming.NotHeldError) as error:
+            logger.info("inference session refused: %s", error)
+            code = next(code for kind, code in _REFUSALS.items() if isinstance(error, kind))
+            await incoming.try_send(stream, protocol.error_frame(str(error), code))
+        return False
 
-    async def _run_session(
-        self, session_id: str, stream: Stream, wire_codec: str, adapter: SpanLora | None, span: BlockSpan,
-        loaded: BlockSpan, adapter_digest: str | None, cache_salt: str | None, push_to: dict[str, Any] | None,
-    ) -> None:
-        inbox_send, inbox = trio.open_memory_channel[dict[str, Any]](64)
-        with trio.CancelScope() as cancel:
-            live = _LiveSession(session_id, stream, wire_codec, inbox_send, cancel, adapter=adapter,
-                                adapter_digest=adapter_digest, cache_salt=cache_salt, span=span, loaded=loaded)
-            self._live[session_id] = live
+    async def _run_session(self, live: _LiveSession, inbox: trio.MemoryReceiveChannel,
+                           push_to: dict[str, Any] | None) -> None:
+        with live.cancel:
+            self._live[live.id] = live
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_client_steps, live, nursery.cancel_scope)
                     nursery.start_soon(self._run_steps, live, inbox)
                     if push_to is not None and push_to["peer"] != self.node.peer_id:
-                        nursery.start_soon(self._open_push_ahead, live, push_to)
+                        nursery.start_soon(live.pushes.open_ahead, push_to["peer"], push_to.get("addrs"),
+                                           self.limits.push_timeout)
             finally:
-                del self._live[session_id]
-                for hop in live.next_hops.values():
-                    await incoming.try_close(hop)
+                del self._live[live.id]
+                await live.pushes.end(clean=not live.stepping)  # kept for later sessions unless a push broke off
 
     async def _read_client_steps(self, live: _LiveSession, scope: trio.CancelScope) -> None:
         try:
             while True:
                 message = await incoming.read(live.client, self.limits)
                 if message["type"] == "close":
+                    live.closed = True
                     break
                 await live.inbox.send(incoming.expect(message, "step"))
         except EOFError:
@@ -222,13 +202,10 @@ class InferenceService:
 
     # -- PUSH ------------------------------------------------------------------------------------
     async def handle_push(self, stream: Stream) -> None:
-        """Steps pushed by the previous server of a chain, for any of our sessions.
-
-        The first step comes soon (the pusher opens the stream when its session opens, or to send
-        it); later ones as fast as the session goes, so the stream may idle as long as a session
-        may. A stream idle longer is reset, not closed: the pusher's next write then fails, and it
-        tells its client that the step was not pushed, rather than believing it was.
-        """
+        """Steps pushed by the previous server of a chain, for any of our sessions (one after
+        another: the pusher keeps the stream for its later sessions). The first comes within the
+        read timeout; then it may idle as long as a session may. Idle longer, it is reset, not
+        closed: the pusher's next write fails, and it tells its client the step was not pushed."""
         timeout = self.limits.read_timeout
         try:
             while True:
@@ -263,25 +240,31 @@ class InferenceService:
     # -- steps -----------------------------------------------------------------------------------
     async def _run_steps(self, live: _LiveSession, inbox: trio.MemoryReceiveChannel) -> None:
         async for message in inbox:
-            try:
-                output = await self._step(live, message)
-            except (UnknownPrefixError, SessionLimitError) as error:  # an evicted prefix; our cache full (blocks/cache.py)
-                code = protocol.UNKNOWN_PREFIX if isinstance(error, UnknownPrefixError) else protocol.BUSY
-                await protocol.write_frame(live.client, protocol.error_frame(str(error), code))
-                continue
-            except (ProtocolError, codec.CodecError, UnknownSessionError, ValueError) as error:
-                self.metrics.errors.labels("bad_step").inc()
-                await protocol.write_frame(live.client, protocol.error_frame(str(error)))
-                continue
-            except Exception as error:  # a compute failure leaves the cache unusable: end the session
-                logger.exception("step failed")
-                self.metrics.errors.labels("compute").inc()
-                await protocol.write_frame(live.client, protocol.error_frame(f"step failed: {error!r}"))
-                raise
-            if output is not None:
-                await self._deliver(live, message, output)
+            live.stepping = True
+            await self._answer(live, message)
+            live.stepping = False
 
-    async def _step(self, live: _LiveSession, message: dict[str, Any]) -> _Output | None:
+    async def _answer(self, live: _LiveSession, message: dict[str, Any]) -> None:
+        """Run a step, push its output on and send it back; or tell the client why not."""
+        try:
+            output = await self._step(live, message)
+        except (UnknownPrefixError, SessionLimitError) as error:  # an evicted prefix; our cache full (blocks/cache.py)
+            code = protocol.UNKNOWN_PREFIX if isinstance(error, UnknownPrefixError) else protocol.BUSY
+            await protocol.write_frame(live.client, protocol.error_frame(str(error), code))
+            return
+        except (ProtocolError, codec.CodecError, UnknownSessionError, ValueError) as error:
+            self.metrics.errors.labels("bad_step").inc()
+            await protocol.write_frame(live.client, protocol.error_frame(str(error)))
+            return
+        except Exception as error:  # a compute failure leaves the cache unusable: end the session
+            logger.exception("step failed")
+            self.metrics.errors.labels("compute").inc()
+            await protocol.write_frame(live.client, protocol.error_frame(f"step failed: {error!r}"))
+            raise
+        if output is not None:
+            await self._deliver(live, message, output)
+
+    async def _step(self, live: _LiveSession, message: dict[str, Any]) -> Output | None:
         """The step's output, or None for a step the session already holds (a replay's duplicate)."""
         session = self.caches.get(live.id)
         span = live.span or self.span
@@ -314,7 +297,7 @@ class InferenceService:
         named = BLOCK * len(names or ())
         tokens = named + hidden.shape[1]
         if tokens == 0:  # nothing to compute (the eager path could not even run it): the output is the input
-            return _Output(codec.encode(hidden, live.codec))
+            return Output(codec.encode(hidden, live.codec))
         prefix = None
         if position == 0 and tokens > BLOCK and session.batch == 1 and self._caches_prompts(span, session.cache):
             prefix = await self._find_prefix(live, message["rest" if names else "hidden"], names or [], tokens)
@@ -339,7 +322,7 @@ class InferenceService:
         output = output if tail is None else output[:, -tail:]
         if not batched:  # a batch's outputs come on the host, drilled
             output = await self._on_host(output, "prefill" if message["position"] == 0 else "decode")
-        return _Output(codec.encode(output, live.codec))
+        return Output(codec.encode(output, live.codec))
 
     async def _on_host(self, output: torch.Tensor, kind: str = "prefill") -> torch.Tensor:
         """`output` copied to the host (waiting for the device: not on the event loop), and drilled."""
@@ -378,14 +361,14 @@ class InferenceService:
         return prefix
 
     async def _prompt_output(self, live: _LiveSession, span: BlockSpan, message: dict[str, Any], output: torch.Tensor,
-                             prefix: Prefix, may_name: bool, tail: int | None) -> _Output:
+                             prefix: Prefix, may_name: bool, tail: int | None) -> Output:
         """The prompt's output as it goes on (its `store` caches the new blocks): with a next hop,
         the blocks it may hold named by their keys where the step let us name (`may_name`), the
         rest as bytes, whose keys the new blocks keep; at the chain's end, the tail asked for."""
         names = prefix.output_keys() if may_name else []
         output_keys: list[bytes] = []
         if tail is not None or not message.get("route"):
-            result = _Output(codec.encode(await self._on_host(output if tail is None else output[:, -tail:]), live.codec))
+            result = Output(codec.encode(await self._on_host(output if tail is None else output[:, -tail:]), live.codec))
         else:  # only what goes on comes to the host
             wire = codec.encode(await self._on_host(output[:, BLOCK * len(names):]), live.codec)
             new = codec.token_blocks(wire, BLOCK, len(prefix.keys) - len(names))
@@ -394,7 +377,7 @@ class InferenceService:
             self.prefixes.name_outputs(self._namespace(live), prefix.keys[len(names):len(prefix.found)],
                                        output_keys[:unnamed])
             output_keys = output_keys[unnamed:]
-            result = _Output(wire, names if may_name else None, output if names else None)
+            result = Output(wire, names if may_name else None, output if names else None)
         prefixes, cache, namespace = self.prefixes, self.caches.get(live.id).cache, self._namespace(live)
 
         async def store() -> int | None:  # best effort: a failure costs later prompts a recomputation, no more
@@ -421,13 +404,12 @@ class InferenceService:
             outputs.append(await trio.to_thread.run_sync(fitted(forward), limiter=self.compute))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: _Output) -> None:
+    async def _deliver(self, live: _LiveSession, message: dict[str, Any], output: Output) -> None:
         """Push to the next server first (it is on the critical path), then cache a prompt's new
         blocks (while the next server computes), then report to the client.
 
         The reply names the session the push reached (``pushed``); without it the client sends
-        the step on itself. A push naming prompt blocks waits for the next server to say how many
-        it holds, and sends the rest as bytes; the client gets the output as it was pushed.
+        the step on itself. The client gets the output as it was pushed (blockserver/pushes.py).
         """
         position = message["position"]
         route = message.get("route") or []
@@ -435,64 +417,22 @@ class InferenceService:
         if route:
             hop = route[0]
             try:
+                if not isinstance(hop, dict):
+                    raise ProtocolError("route entries must be maps")
+                frame = {"type": "step", "session": require(hop, "session", str), "position": position,
+                         "route": route[1:], "truncations": message.get("truncations", 0)}
+                if "tail" in hop:
+                    frame["tail"] = hop["tail"]
                 with protocol.time_limit(self.limits.push_timeout):
-                    stream = await self._next_hop(live, hop)
-                    frame = {"type": "step", "session": hop["session"], "position": position,
-                             "route": route[1:], "truncations": message.get("truncations", 0)}
-                    if "tail" in hop:
-                        frame["tail"] = hop["tail"]
-                    await protocol.write_frame(stream, {**frame, **output.fields()})
-                    if output.names:
-                        output = await self._resend_unheld(stream, frame, output)
+                    output = await live.pushes.push(require(hop, "peer", str), hop.get("addrs"), frame, output)
                 reply["pushed"] = hop["session"]
             except Exception as error:
                 self.metrics.errors.labels("push").inc()
                 logger.info("session %s: could not push step %d on: %r", live.id, position, error)
                 if output.names:  # the client sends it on itself: it needs the bytes
-                    output = await self._named_fewer(output, 0)
-                if isinstance(hop, dict) and (stale := live.next_hops.pop(str(hop.get("peer")), None)) is not None:
-                    await incoming.try_close(stale)
+                    output = await output.naming(0)
+                if isinstance(hop, dict):
+                    await live.pushes.drop(str(hop.get("peer")))
         if output.store is not None:
             output.cached = await output.store()
         await protocol.write_frame(live.client, {**reply, **output.fields()})
-
-    async def _resend_unheld(self, stream: Stream, frame: dict[str, Any], output: _Output) -> _Output:
-        """After a push naming blocks: the next server says how many it holds; while not all, the
-        step again, naming those and sending the rest (each answer names fewer: it ends)."""
-        while output.names:
-            answer = protocol.expect(await protocol.read_frame(stream, max_bytes=4096), "prefix")
-            held = protocol.field(answer, "held", int)
-            if held >= len(output.names):
-                break
-            output = await self._named_fewer(output, max(held, 0))
-            await protocol.write_frame(stream, {**frame, **output.fields()})
-        return output
-
-    async def _named_fewer(self, output: _Output, count: int) -> _Output:
-        """`output` naming only its first `count` blocks, the rest as bytes."""
-        assert output.names is not None and output.whole is not None
-        rest = await trio.to_thread.run_sync(codec.encode, output.whole[:, BLOCK * count:], output.hidden["codec"])
-        return replace(output, hidden=rest, names=output.names[:count])
-
-    async def _next_hop(self, live: _LiveSession, hop: Any) -> Stream:
-        if not isinstance(hop, dict):
-            raise ProtocolError("route entries must be maps")
-        require(hop, "session", str)
-        return await self._push_stream(live, require(hop, "peer", str), hop.get("addrs"))
-
-    async def _push_stream(self, live: _LiveSession, peer: str, addrs: Any) -> Stream:
-        async with live.push_locks[peer]:  # one stream per next hop, even one being opened ahead
-            if peer not in live.next_hops:
-                addrs = [a for a in addrs if isinstance(a, str)][:8] if isinstance(addrs, list) else []
-                live.next_hops[peer] = await self.node.open_stream(peer, protocol.PUSH, addrs)
-            return live.next_hops[peer]
-
-    async def _open_push_ahead(self, live: _LiveSession, push_to: dict[str, Any]) -> None:
-        """Open the push stream to the server the client named at ``open`` while the session waits
-        for its first step: dialling and negotiating it cost round trips that the first step would
-        otherwise wait for, server after server. A failure here only leaves it to the first push."""
-        try:
-            with trio.fail_after(self.limits.push_timeout):
-                await self._push_stream(live, push_to["peer"], push_to.get("addrs"))
-        except Exception as error:
-            logger.info("session %s: could not open the push stream ahead: %r", live.id, error)

@@ -27,6 +27,9 @@ class ServerMetrics:
         self.prefix_named = Counter("swarmgate_server_prefix_named_tokens",
                                     "Prompt tokens whose inputs a step named by cached blocks' keys instead of sending",
                                     registry=registry)
+        self.streams_reused = Counter("swarmgate_server_streams_reused",
+                                      "Sessions begun on a stream an earlier session ended with, by protocol",
+                                      ["protocol"], registry=registry)
         self.errors = Counter("swarmgate_server_errors", "Requests answered with an error or ended by one",
                               ["kind"], registry=registry)
         self.span_start = Gauge("swarmgate_server_span_start", "First block served", registry=registry)

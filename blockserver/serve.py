@@ -1,4 +1,5 @@
-"""The block server process: load a span, join the swarm, serve until stopped (``run(config)``).
+"""The block server process: its configuration (``ServerConfig``, which the CLI fills from flags and
+env twins); load a span, join the swarm, serve until stopped (``run(config)``).
 
 Without ``config.blocks`` the server joins first, takes the weakest blocks of the swarm and keeps
 rebalancing (blockserver/placement.py).
@@ -8,24 +9,47 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import trio
 
 from blockserver import placement
-from blockserver.config import ServerConfig
 from blockserver.drill import Drill
+from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
 from blockserver.server import BlockServer
 from blockserver.throughput import ThroughputCache
 from blocks.checkpoint import checkpoint_hash, default_model_name, load_config, resolve_model
 from blocks.span import BlockSpan
 from blocks.gguf_checkpoint import embedded_model_path
-from swarm.node_options import configure_threads, freeze_imported_objects, keep_freed_memory
+from swarm.node_options import NodeOptions, configure_threads, freeze_imported_objects, keep_freed_memory
 from swarm.node import SwarmNode, start_node
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None  # checkpoint folder or hub id; None: the embedded SmolLM2-135M-Instruct
+    model_name: str | None = None  # name announced to the swarm; None: the folder name
+    blocks: tuple[int, int] | None = None  # fixed span [start, end); None: placed and rebalanced
+    num_blocks: int = 0  # without blocks: span length; 0: as many as fit in free memory
+    rebalance_interval: float = 60.0
+    balance_quality: float = placement.DEFAULT_BALANCE
+    node: NodeOptions = field(default_factory=NodeOptions)
+    announce_addrs: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    dtype: str = "auto"
+    quant: str = "none"
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    announce_interval: float = 5.0
+    throughput: float = 0.0  # tokens/s through the span to announce; 0: measured (and cached) at start
+    torch_threads: int = 0  # 0: torch's default
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    drill_corrupt: float = 0.0  # a drill: corrupt this fraction of outputs on purpose (blockserver/drill.py)
+    drill_only: str | None = None  # ... of this kind of output only (blockserver.drill.KINDS)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

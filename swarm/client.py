@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import torch
+import trio
 
 from blocks.lora_weights import LoraWeights
 from swarm import codec, protocol
@@ -30,10 +31,13 @@ from swarm.trust.bans import BanList
 from swarm.trust.verification import VerificationStats, judge
 from swarm.hops import Hop, RetriesExhausted, SessionConfig, SessionRequest
 from swarm.session import InferenceSession
+from swarm.transport.stream_pool import StreamPool
 from swarm.uploads import AdapterUploads
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
+IDLE_STREAMS_PER_SERVER = 64  # INFERENCE streams kept open per server between sessions (a server's sessions, by default)
+STREAM_MAX_IDLE = 60.0  # seconds one may idle there: within a server's idle timeout (120 s by default)
 SHADOW_ATTEMPTS = 3  # shadows tried per spot check before it is skipped (a failed one is not drawn again)
 _draw = random.SystemRandom()  # which spans are checked: servers must not be able to predict it
 
@@ -74,6 +78,9 @@ class SwarmClient:
         self.push = push  # sessions' servers push along the chain (else this client relays each hop)
         self.uploads = AdapterUploads(node, timeout=step_timeout)
         self.prefixes = PrefixMemory()  # which prompt blocks servers hold: sessions name them (swarm/prompt_names.py)
+        # INFERENCE streams that ended sessions cleanly, for later sessions on the same servers
+        self.inference_streams = StreamPool(lambda peer, addrs: node.open_stream(peer, protocol.INFERENCE, addrs),
+                                            per_peer=IDLE_STREAMS_PER_SERVER, max_idle=STREAM_MAX_IDLE)
         self._load: Counter[str] = Counter()  # this client's open sessions per server
         self.replays = 0  # failed hops replaced and replayed in any session (for metrics)
 
@@ -169,7 +176,6 @@ class SwarmClient:
     async def _open_hop(self, record: ServerRecord, request: SessionRequest, adapter: str | None,
                         push_to: ServerRecord | None) -> Hop:
         session = secrets.token_hex(16)
-        stream = await self.node.open_stream(record.peer_id, protocol.INFERENCE, record.addrs)
         message = {"type": "open", "session": session, "batch": request.batch, "max_length": request.max_length,
                    "codec": request.wire_codec, "blocks": [record.start, record.end]}
         if push_to is not None:
@@ -180,10 +186,36 @@ class SwarmClient:
             message["cache_salt"] = request.cache_salt
         if adapter is not None:
             message["adapter"] = adapter
+        stream, reused = await self.inference_streams.take(record.peer_id, record.addrs)
         started = time.perf_counter()
-        opened = await protocol.request(stream, message, "opened", timeout=self.step_timeout, keep_open=True)
+        try:
+            opened = await protocol.request(stream, message, "opened", timeout=self.step_timeout, keep_open=True)
+        except (protocol.RemoteError, trio.TooSlowError):
+            raise  # the server's answer, or its silence: not a stale stream's
+        except Exception:
+            if not reused:
+                raise
+            # a stream idle in the pool that its server ended meanwhile: a fresh one, once
+            stream, _ = await self.inference_streams.take(record.peer_id, record.addrs, fresh=True)
+            started = time.perf_counter()
+            opened = await protocol.request(stream, message, "opened", timeout=self.step_timeout, keep_open=True)
         self.node.observe_rtt(record.peer_id, time.perf_counter() - started)  # one round trip, no compute
-        return Hop(record, session, stream, names=opened.get("prefix_names") is True)
+        return Hop(record, session, stream, names=opened.get("prefix_names") is True,
+                   reusable=opened.get("reusable") is True)
+
+    async def end_hop(self, hop: Hop, *, clean: bool) -> None:
+        """End `hop`'s session on its server. A `clean` hop (every step sent to it answered) of a
+        server that reuses streams is ended by a ``close`` frame, and its stream kept for a next
+        session there; any other is closed, which ends the session as well."""
+        if clean and hop.reusable:
+            with trio.CancelScope(shield=True), trio.move_on_after(protocol.CLOSE_TIMEOUT):  # as close_quietly
+                try:
+                    await protocol.write_frame(hop.stream, {"type": "close"})
+                except Exception:
+                    pass
+                else:
+                    return await self.inference_streams.give_back(hop.record.peer_id, hop.stream)
+        await protocol.close_quietly(hop.stream)
 
     # -- span by span ----------------------------------------------------------------------------
     async def along_chain(

@@ -53,6 +53,7 @@ class Hop:
     done: int = 0  # steps whose output came back
     reader: trio.CancelScope | None = None
     names: bool = False  # its server keeps prompt blocks, and takes steps naming them (swarm/prompt_names.py)
+    reusable: bool = False  # its server ends a session on a ``close`` frame and takes the next ``open`` on the stream
 
     def route_entry(self, tail: int | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}
@@ -85,6 +86,10 @@ class ChainProvider(Chains, Protocol):
     async def open_hop(self, record: ServerRecord, request: SessionRequest, push_to: ServerRecord | None = None) -> Hop:
         """Open `request`'s session on `record`'s server, for `record`'s blocks; `push_to`: the
         server its outputs will be pushed to (a hint, so it can connect ahead)."""
+        ...
+
+    async def end_hop(self, hop: Hop, *, clean: bool) -> None:
+        """End `hop`'s session; `clean`: every step sent to it was answered (its stream may be reused)."""
         ...
 
 

@@ -6,13 +6,16 @@ nothing on the wire is ever unpickled or executed.
 
 Protocols (one libp2p stream each):
 - ``INFERENCE``: a client's long-lived stream for one session on one server:
-  ``open`` -> ``opened``; then ``step`` -> ``output`` (many); closing the stream ends the session.
+  ``open`` -> ``opened``; then ``step`` -> ``output`` (many); closing the stream ends the session,
+  and so does a ``close`` frame, after which a server whose ``opened`` said ``reusable`` takes the
+  client's next ``open`` on the same stream (swarm/transport/stream_pool.py).
   ``open`` (and ``forward``) may name ``blocks`` [start, end], any part of the server's span;
   ``open`` may name ``push_to`` {peer, addrs}, the next server, whose push stream is opened ahead, and
   a ``cache_salt`` (1-256 characters): the prefix cache serves the session only prompts of equal salts; each
   ``output`` names the session it was ``pushed`` to; a step at a position already held is dropped
   (a replay's duplicate), so resending a step is always safe.
-- ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain.
+- ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain; each
+  step names its session there, so the stream serves the pusher's later sessions too.
 - ``FORWARD``: one cache-less ``forward`` -> ``output`` over a full sequence.
 - ``RECORDS``: ask a peer for every server record it knows (fast start for a new node).
 - ``TRAIN``: LoRA on a span (blocks/training.py): ``upload`` -> ``stored``, ``forward`` ->

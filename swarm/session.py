@@ -33,6 +33,7 @@ and a ``SessionConfig``; a ``SessionRequest`` says what the session asks of ever
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Callable, Sequence
@@ -403,7 +404,7 @@ class InferenceSession:
         self._chains.release(*(record.peer_id for record, hop in zip(chain, hops) if hop is None))
         for hop in hops:
             if hop is not None:
-                await self._drop(hop)
+                await self._drop(hop, clean=True)  # opened, and sent nothing since
 
     async def _open_all(self, chain: list[ServerRecord], hops: list[Hop | None],
                         errors: list[tuple[str, Exception]]) -> None:
@@ -425,14 +426,18 @@ class InferenceSession:
             for index, record in enumerate(chain):
                 nursery.start_soon(open_hop, index, record)
 
-    async def _drop(self, hop: Hop, *, background: bool = True) -> None:
-        """Stop reading a hop and close its stream (and its shadow's), so its server frees the
-        cache (in the background during a step: a dead server must not hold up the recovery)."""
+    async def _drop(self, hop: Hop, *, background: bool = True, clean: bool = False) -> None:
+        """Stop reading a hop and end its session (and its shadow's), so its server frees the
+        cache (in the background during a step: a dead server must not hold up the recovery);
+        `clean`: every step sent to it was answered, so its stream may serve another session."""
         if hop.reader is not None:
             hop.reader.cancel()
         self._chains.release(hop.record.peer_id)
         await self._checks.drop(hop, background=background)
-        await self._close([hop.stream], background=background)
+        if background and self._nursery is not None:
+            self._nursery.start_soon(functools.partial(self._chains.end_hop, hop, clean=clean))
+        else:
+            await self._chains.end_hop(hop, clean=clean)
 
     async def _close(self, streams: list[protocol.Stream], *, background: bool = True) -> None:
         for stream in streams:
@@ -454,14 +459,16 @@ class InferenceSession:
         return True
 
     async def close(self) -> None:
-        """Closing the streams frees every server's cache for this session.
+        """Ending the hops' sessions frees every server's cache for this session.
 
-        Closed here, not in a step's nursery: ``close`` may run while a cancelled step's nursery
+        Ended here, not in a step's nursery: ``close`` may run while a cancelled step's nursery
         is still winding down (a client that disconnects mid-step), which takes no new tasks.
+        After a failed or cancelled step the hops' streams are closed, not reused: a reply may
+        still be on its way.
         """
         hops, self._hops = self._hops, []
         for hop in hops:
-            await self._drop(hop, background=False)
+            await self._drop(hop, background=False, clean=self._error is None and hop.done == len(self._offsets))
 
     async def __aenter__(self) -> "InferenceSession":
         return self

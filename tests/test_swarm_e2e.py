@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import trio
@@ -14,9 +16,11 @@ import trio
 from blocks.head import ModelHead
 from blocks.prefix_cache import BLOCK, KEY_BYTES
 from swarm import codec, protocol
+from swarm.bridge import SwarmBridge
 from swarm.protocol import RemoteError
-from tests.support import wait_until
-from tests.swarm_harness import reference_model, running_swarm, swarm_greedy
+from swarmgate.launcher import start_swarm, stop_all
+from tests.support import free_port, wait_until
+from tests.swarm_harness import FAST_ANNOUNCE, reference_model, running_swarm, swarm_greedy, wait_for_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -357,3 +361,52 @@ def test_client_that_disappears_frees_its_session(llama_swarm, tmp_path):
 def _wait_for_free_tokens(bridge, model: str, condition, timeout: float = 20.0) -> None:
     wait_until(lambda: all(condition(r.free_tokens) for r in bridge.servers(model)), timeout,
                message=lambda: [r.free_tokens for r in bridge.servers(model)])
+
+
+def _metric(port: int, name: str, label: str = "") -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and label in line)
+
+
+def test_sessions_reuse_streams_and_survive_peers_that_ended_them(tiny_models, tmp_path):
+    """A session ends by a ``close`` frame and gives its streams back (swarm/transport/stream_pool.py):
+    the next session reuses the client's INFERENCE streams and the first server's PUSH stream. The
+    second server's idle timeout (1 s) is far below the first's and the client's keeping time, so
+    after a pause it has ended both streams it held: the next session finds them dead, opens fresh
+    ones, and runs as if nothing happened (no push lost, no server counted as failed). Greedy
+    tokens equal transformers' every time."""
+    path = tiny_models["llama"]
+    ports = [free_port(), free_port()]
+    servers = start_swarm(path, ["0:2"], log_dir=tmp_path, log_prefix="first",
+                          extra_args=[*FAST_ANNOUNCE, "--metrics-port", str(ports[0])])
+    bridge = SwarmBridge(initial_peers=servers[0].addrs, step_timeout=30.0, rtt_probe_interval=None)
+    try:
+        servers += start_swarm(path, ["2:4"], log_dir=tmp_path, log_prefix="second", initial_peers=servers[0].addrs,
+                               extra_args=[*FAST_ANNOUNCE, "--metrics-port", str(ports[1]),
+                                           "--session-idle-timeout", "1"])
+        bridge.start()
+        wait_for_servers(bridge, path.name, 2)
+        head, model, prompt = ModelHead(path), reference_model(path), _prompt(12, 500, seed=3)
+        expected = model.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5)[0, 12:].tolist()
+        pool = bridge.client.inference_streams
+
+        def greedy() -> None:
+            assert swarm_greedy(bridge, head, path.name, prompt, 5, wire_codec="none")[0] == [expected]
+
+        greedy()
+        assert pool.reused == 0 and [pool.idle(r.peer_id) for r in bridge.servers(path.name)] == [1, 1]
+        greedy()
+        assert pool.reused == 2
+        assert _metric(ports[0], "swarmgate_server_streams_reused_total", 'protocol="push"') == 1
+        assert [_metric(port, "swarmgate_server_streams_reused_total", 'protocol="inference"') for port in ports] == [1, 1]
+        time.sleep(2.5)  # the second server ends its idle INFERENCE stream and resets the idle PUSH stream
+        greedy()
+        assert pool.reused == 4  # both taken: the second server's found ended, and replaced
+        assert _metric(ports[0], "swarmgate_server_streams_reused_total", 'protocol="push"') == 2
+        assert _metric(ports[1], "swarmgate_server_errors_total", 'kind="read_timeout"') == 1  # it did reset it
+        assert _metric(ports[0], "swarmgate_server_errors_total", 'kind="push"') == 0  # yet the push went through
+        assert [_metric(port, "swarmgate_server_streams_reused_total", 'protocol="inference"') for port in ports] == [2, 1]
+        assert bridge.replays() == 0 and bridge.banned() == []
+    finally:
+        bridge.stop()
+        stop_all(servers)

@@ -491,3 +491,50 @@ def test_a_big_frame_crosses_in_whole_noise_messages(monkeypatch):
     big = [size for size in sizes if size > 1024]
     assert sum(big) >= len(payload) and max(big) <= MAX_PLAINTEXT_LENGTH
     assert len(sizes) <= len(payload) // (MAX_PLAINTEXT_LENGTH - 12) + 8, sorted(sizes)[:20]
+
+
+# -- streams kept between sessions (swarm/transport/stream_pool.py) ------------------------------------
+
+class FakeStream:
+    def __init__(self, name: str) -> None:
+        self.name, self.closed = name, False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_a_stream_pool_reuses_what_it_was_given_back_and_closes_what_it_cannot_keep():
+    from swarm.transport.stream_pool import StreamPool
+
+    now, opened = [0.0], []
+
+    async def open_stream(peer, addrs):
+        opened.append(FakeStream(f"{peer}-{len(opened)}"))
+        return opened[-1]
+
+    async def main() -> None:
+        pool = StreamPool(open_stream, per_peer=2, max_idle=10.0, clock=lambda: now[0])
+        a, reused = await pool.take("p")
+        assert not reused and a is opened[0]
+        await pool.give_back("p", a)
+        assert await pool.take("p") == (a, True)  # the same stream, not a new one
+        assert (await pool.take("q"))[1] is False  # per peer
+        b, c, d = (await pool.take("p"))[0], (await pool.take("p"))[0], (await pool.take("p"))[0]
+        for stream in (a, b, c):
+            await pool.give_back("p", stream)
+        assert a.closed and not b.closed and pool.idle("p") == 2  # no room: the oldest goes
+        fresh, reused = await pool.take("p", fresh=True)
+        assert not reused and fresh is opened[-1] and pool.idle("p") == 2
+        assert await pool.take("p") == (c, True)  # the newest first
+        now[0] = 11.0  # b idled too long: closed, and a fresh one opened instead
+        taken, reused = await pool.take("p")
+        assert b.closed and not reused and taken is opened[-1]
+        await pool.give_back("p", d)
+        now[0] = 30.0
+        await pool.expire()
+        assert d.closed and pool.idle("p") == 0
+        await pool.give_back("p", taken)
+        await pool.close()
+        assert taken.closed and pool.idle("p") == 0 and pool.reused == 2
+
+    trio.run(main)

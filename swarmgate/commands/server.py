@@ -8,7 +8,7 @@ from pathlib import Path
 from blocks.gguf_checkpoint import PACKAGED
 from blocks.quant import QUANT_MODES, check_quant
 from blockserver import serve
-from blockserver.config import ServerConfig
+from blockserver.serve import ServerConfig
 from blockserver.drill import KINDS
 from blockserver.limits import ServerLimits
 from gateway.settings import resolve_device
