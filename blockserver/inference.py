@@ -125,10 +125,7 @@ class InferenceService:
         try:
             request: dict[str, Any] | None = await incoming.read(stream, self.limits, self.limits.open_timeout)
             while request is not None and await self._serve_session(stream, request):
-                with trio.move_on_after(self.limits.idle_timeout):
-                    request = None
-                    request = await protocol.read_frame(stream, max_bytes=self.limits.max_frame_bytes)
-                    self.metrics.streams_reused.labels("inference").inc()
+                request = await self._next_open(stream)
         except (ProtocolError, ValueError) as error:
             logger.info("inference stream from %s refused: %s", peer, error)
             await incoming.try_send(stream, protocol.error_frame(str(error)))
@@ -138,6 +135,18 @@ class InferenceService:
             logger.info("inference stream from %s ended: %r", peer, error)
         finally:
             await incoming.try_close(stream)
+
+    async def _next_open(self, stream: Stream) -> dict[str, Any] | None:
+        """The client's next frame on a stream whose session ended cleanly; None when it ends the
+        stream instead, or sends nothing within the idle timeout."""
+        with trio.move_on_after(self.limits.idle_timeout):
+            try:
+                request = await protocol.read_frame(stream, max_bytes=self.limits.max_frame_bytes)
+            except EOFError:
+                return None
+            self.metrics.streams_reused.labels("inference").inc()
+            return request
+        return None
 
     async def _serve_session(self, stream: Stream, request: dict[str, Any]) -> bool:
         """The session `request` opens; True when it ended on the client's ``close`` with nothing
@@ -150,7 +159,7 @@ class InferenceService:
             adapter = self.session_adapter(request)
             self.caches.open(opening.session, batch=opening.batch, max_length=opening.max_length, cache=span.new_cache())
             try:
-                opened = {"type": "opened", "session": opening.session, "reusable": True}
+                opened = {"type": "opened", "session": opening.session, "reuse_within": self.limits.idle_timeout}
                 if opening.batch == 1 and self._caches_prompts(span, self.caches.get(opening.session).cache):
                     opened["prefix_names"] = True  # a prompt's start may be named (swarm/prompt_names.py)
                 await protocol.write_frame(stream, opened)
@@ -204,8 +213,8 @@ class InferenceService:
     async def handle_push(self, stream: Stream) -> None:
         """Steps pushed by the previous server of a chain, for any of our sessions (one after
         another: the pusher keeps the stream for its later sessions). The first comes within the
-        read timeout; then it may idle as long as a session may. Idle longer, it is reset, not
-        closed: the pusher's next write fails, and it tells its client the step was not pushed."""
+        read timeout; then it may idle as long as a session may. Idle longer, or broken, it is reset,
+        not closed: the pusher's next write fails, and it tells its client the step was not pushed."""
         timeout = self.limits.read_timeout
         try:
             while True:
@@ -226,16 +235,15 @@ class InferenceService:
                     await live.inbox.send(message)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     logger.info("push for a closed or unknown session dropped")
-        except EOFError:
-            pass
+        except EOFError:  # the pusher ended it
+            await incoming.try_close(stream)
+            return
         except incoming.ReadTimeout as error:
             self.metrics.errors.labels("read_timeout").inc()
             logger.info("push stream reset: %s", error)
-            await incoming.try_reset(stream)
         except Exception as error:
             logger.info("push stream ended: %r", error)
-        finally:
-            await incoming.try_close(stream)
+        await incoming.try_reset(stream)  # not closed: the pusher's writes would still succeed, into nothing
 
     # -- steps -----------------------------------------------------------------------------------
     async def _run_steps(self, live: _LiveSession, inbox: trio.MemoryReceiveChannel) -> None:

@@ -34,7 +34,7 @@ class ServerLimits:
     read_timeout: float = 120.0
     # Per peer. A gateway is one peer carrying many users' sessions, so the defaults never throttle an
     # honest one: its sessions are capped by max_sessions anyway, its other streams are few.
-    max_peer_sessions: int = 0  # open INFERENCE streams (sessions) of one peer; 0: max_sessions
+    max_peer_sessions: int = 0  # open INFERENCE streams of one peer (its sessions', and those kept for its next); 0: max_sessions
     max_peer_streams: int = 256  # open FORWARD, TRAIN or PUSH streams of one peer, per protocol
     peer_stream_rate: float = 500.0  # new streams per second of one peer, all protocols (a token bucket that
     peer_stream_burst: int = 1000  # holds this many): only floods reach either

@@ -20,10 +20,9 @@ import torch
 import trio
 
 from blocks.prefix_cache import BLOCK
-from blockserver import incoming
 from swarm import codec, protocol
 from swarm.protocol import Stream
-from swarm.transport.stream_pool import StreamPool
+from swarm.transport.stream_pool import StreamPool, usable
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +62,13 @@ class SessionPushes:
         self._streams: dict[str, Stream] = {}  # peer id -> push stream
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)  # per next server
         self._unproven: set[str] = set()  # next servers whose stream an earlier session left, not pushed on since
+        self._used: dict[str, float] = {}  # when each stream was opened or last written to (its server's idle clock starts)
 
     async def push(self, peer: str, addrs: Any, frame: dict[str, Any], output: Output) -> Output:
         """`output` pushed to `peer` as `frame`, as it went; a stream an earlier session left that fails
         its first push (its server may have ended it while it idled) is replaced by a fresh one, once."""
         stream = await self._stream(peer, addrs)
+        self._used[peer] = trio.current_time()
         try:
             return await _push_on(stream, frame, output)
         except Exception:
@@ -88,24 +89,32 @@ class SessionPushes:
             logger.info("could not open the push stream to %s ahead: %r", peer, error)
 
     async def drop(self, peer: str) -> None:
-        """Close the stream to `peer` (a push on it failed: the next push opens a fresh one)."""
+        """Close the stream to `peer` (a push on it failed, or its server ended it: the next push opens a fresh one)."""
+        self._used.pop(peer, None)
         if (stream := self._streams.pop(peer, None)) is not None:
-            await incoming.try_close(stream)
+            await protocol.close_quietly(stream)
 
     async def end(self, *, clean: bool) -> None:
         """The session ended: its streams go back to the pool if `clean` (no push was cut short), else closed."""
         streams, self._streams = self._streams, {}
         for peer, stream in streams.items():
-            await (self._pool.give_back(peer, stream) if clean else incoming.try_close(stream))
+            if clean and peer in self._used:  # (one taken from the pool and not written to: its idle clock is unknown)
+                await self._pool.give_back(peer, stream, idle_since=self._used[peer])
+            else:
+                await protocol.close_quietly(stream)
 
     async def _stream(self, peer: str, addrs: Any, *, fresh: bool = False) -> Stream:
         async with self._locks[peer]:  # one stream per next server, even one being opened ahead
+            if peer in self._streams and not usable(self._streams[peer]):
+                await self.drop(peer)  # its server closed or reset it (it takes no more pushes on it)
             if peer not in self._streams:
                 addrs = [a for a in addrs if isinstance(a, str)][:8] if isinstance(addrs, list) else []
                 self._streams[peer], reused = await self._pool.take(peer, addrs, fresh=fresh)
                 if reused:
                     self._unproven.add(peer)
                     self._reused()
+                else:
+                    self._used[peer] = trio.current_time()  # the receiver's read timeout starts
             return self._streams[peer]
 
 

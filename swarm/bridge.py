@@ -89,6 +89,7 @@ class SwarmBridge:
                 self._nursery = nursery
                 if self._rtt_probe_interval is not None:
                     nursery.start_soon(node.probe_rtts, self._rtt_probe_interval)
+                nursery.start_soon(self.client.inference_streams.expire_forever)
                 self._token = trio.lowlevel.current_trio_token()
                 self._started.set()
                 await self._stop.wait()

@@ -23,7 +23,7 @@ import trio
 
 from blocks.lora_weights import LoraWeights
 from swarm import codec, protocol
-from swarm.node import SwarmNode
+from swarm.node import CONNECT_TIMEOUT, SwarmNode
 from swarm.prompt_names import PrefixMemory
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError, PeerBackoff, choose_chain
@@ -37,7 +37,7 @@ from swarm.uploads import AdapterUploads
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 IDLE_STREAMS_PER_SERVER = 64  # INFERENCE streams kept open per server between sessions (a server's sessions, by default)
-STREAM_MAX_IDLE = 60.0  # seconds one may idle there: within a server's idle timeout (120 s by default)
+STREAM_MAX_IDLE = 60.0  # seconds one may idle there (and at most half the time its server waits for a next session)
 SHADOW_ATTEMPTS = 3  # shadows tried per spot check before it is skipped (a failed one is not drawn again)
 _draw = random.SystemRandom()  # which spans are checked: servers must not be able to predict it
 
@@ -175,8 +175,7 @@ class SwarmClient:
 
     async def _open_hop(self, record: ServerRecord, request: SessionRequest, adapter: str | None,
                         push_to: ServerRecord | None) -> Hop:
-        session = secrets.token_hex(16)
-        message = {"type": "open", "session": session, "batch": request.batch, "max_length": request.max_length,
+        message = {"type": "open", "batch": request.batch, "max_length": request.max_length,
                    "codec": request.wire_codec, "blocks": [record.start, record.end]}
         if push_to is not None:
             message["push_to"] = {"peer": push_to.peer_id, "addrs": list(push_to.addrs)}
@@ -186,35 +185,39 @@ class SwarmClient:
             message["cache_salt"] = request.cache_salt
         if adapter is not None:
             message["adapter"] = adapter
-        stream, reused = await self.inference_streams.take(record.peer_id, record.addrs)
-        started = time.perf_counter()
-        try:
-            opened = await protocol.request(stream, message, "opened", timeout=self.step_timeout, keep_open=True)
-        except (protocol.RemoteError, trio.TooSlowError):
-            raise  # the server's answer, or its silence: not a stale stream's
-        except Exception:
-            if not reused:
-                raise
-            # a stream idle in the pool that its server ended meanwhile: a fresh one, once
-            stream, _ = await self.inference_streams.take(record.peer_id, record.addrs, fresh=True)
-            started = time.perf_counter()
-            opened = await protocol.request(stream, message, "opened", timeout=self.step_timeout, keep_open=True)
+        for fresh in (False, True):
+            stream, reused = await self.inference_streams.take(record.peer_id, record.addrs, fresh=fresh)
+            session, started = secrets.token_hex(16), time.perf_counter()
+            try:  # a reused stream skips the negotiation whose timeout caught a hung server: as short a one
+                opened = await protocol.request(stream, {**message, "session": session}, "opened", keep_open=True,
+                                                timeout=CONNECT_TIMEOUT if reused else self.step_timeout)
+                break
+            except (protocol.RemoteError, trio.TooSlowError):
+                raise  # the server's answer, or its silence: not a stale stream's
+            except Exception:
+                if not reused:
+                    raise  # else a stream its server ended as it was taken: a fresh one, once
         self.node.observe_rtt(record.peer_id, time.perf_counter() - started)  # one round trip, no compute
+        reuse_within = opened.get("reuse_within")
         return Hop(record, session, stream, names=opened.get("prefix_names") is True,
-                   reusable=opened.get("reusable") is True)
+                   reuse_within=float(reuse_within) if type(reuse_within) in (int, float) and reuse_within > 0 else 0.0)
 
     async def end_hop(self, hop: Hop, *, clean: bool) -> None:
         """End `hop`'s session on its server. A `clean` hop (every step sent to it answered) of a
         server that reuses streams is ended by a ``close`` frame, and its stream kept for a next
-        session there; any other is closed, which ends the session as well."""
-        if clean and hop.reusable:
+        session there (for half the time that server waits); any other is closed, which ends the
+        session as well."""
+        if clean and hop.reuse_within:
+            closed = False
             with trio.CancelScope(shield=True), trio.move_on_after(protocol.CLOSE_TIMEOUT):  # as close_quietly
                 try:
                     await protocol.write_frame(hop.stream, {"type": "close"})
+                    closed = True
                 except Exception:
                     pass
-                else:
-                    return await self.inference_streams.give_back(hop.record.peer_id, hop.stream)
+            if closed:
+                return await self.inference_streams.give_back(hop.record.peer_id, hop.stream,
+                                                               max_idle=hop.reuse_within / 2)
         await protocol.close_quietly(hop.stream)
 
     # -- span by span ----------------------------------------------------------------------------

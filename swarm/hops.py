@@ -53,7 +53,7 @@ class Hop:
     done: int = 0  # steps whose output came back
     reader: trio.CancelScope | None = None
     names: bool = False  # its server keeps prompt blocks, and takes steps naming them (swarm/prompt_names.py)
-    reusable: bool = False  # its server ends a session on a ``close`` frame and takes the next ``open`` on the stream
+    reuse_within: float = 0.0  # seconds its server waits for a next ``open`` on the stream after a ``close`` (0: none)
 
     def route_entry(self, tail: int | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"peer": self.record.peer_id, "session": self.session, "addrs": list(self.record.addrs)}

@@ -5,10 +5,10 @@ is checked against a limit before the payload is read, and the payload must deco
 nothing on the wire is ever unpickled or executed.
 
 Protocols (one libp2p stream each):
-- ``INFERENCE``: a client's long-lived stream for one session on one server:
+- ``INFERENCE``: a client's long-lived stream for its sessions on one server, one at a time:
   ``open`` -> ``opened``; then ``step`` -> ``output`` (many); closing the stream ends the session,
-  and so does a ``close`` frame, after which a server whose ``opened`` said ``reusable`` takes the
-  client's next ``open`` on the same stream (swarm/transport/stream_pool.py).
+  and so does a ``close`` frame, after which a server whose ``opened`` named ``reuse_within`` takes
+  the client's next ``open`` on the same stream within that many seconds (swarm/transport/stream_pool.py).
   ``open`` (and ``forward``) may name ``blocks`` [start, end], any part of the server's span;
   ``open`` may name ``push_to`` {peer, addrs}, the next server, whose push stream is opened ahead, and
   a ``cache_salt`` (1-256 characters): the prefix cache serves the session only prompts of equal salts; each
@@ -91,6 +91,11 @@ async def _read_exactly(stream: Stream, size: int, held: bytes) -> bytes:
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
+
+
+def unread(stream: Stream) -> int:
+    """Bytes `read_frame` read past the stream's last frame and keeps for its next."""
+    return len(_pending.get(stream, b""))
 
 
 def pack_frame(message: dict[str, Any]) -> bytes:
