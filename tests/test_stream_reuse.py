@@ -252,3 +252,40 @@ def test_a_push_on_a_stream_its_server_ended_as_it_was_taken_goes_on_a_fresh_one
             await pushes.push("next", [], {"type": "step", "session": "s", "position": 1}, output)
 
     trio.run(main)
+
+
+class SlowClosingStream(FakeStream):
+    async def close(self) -> None:
+        await trio.sleep(0.01)  # a yamux close writes a FIN: it yields
+        self.closed = True
+
+
+@pytest.mark.parametrize("meanwhile", ["take", "give_back"])
+def test_a_pool_expiring_while_sessions_take_and_give_back_keeps_its_lists_whole(meanwhile):
+    """`expire` closes stale streams (each close yields) while a session takes a stream of the same
+    peer or gives one back past `per_peer`: no entry is closed twice or lost, nothing raises."""
+    now = [0.0]
+
+    async def open_stream(peer, addrs):
+        return SlowClosingStream("fresh")
+
+    async def main() -> None:
+        pool = StreamPool(open_stream, per_peer=2, max_idle=10.0, clock=lambda: now[0])
+        old = [SlowClosingStream("a"), SlowClosingStream("b")]
+        for stream in old:
+            await pool.give_back("p", stream)
+        now[0] = 100.0  # both past their deadline
+        newer = [SlowClosingStream("c"), SlowClosingStream("d"), SlowClosingStream("e")]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.expire)
+            await trio.sleep(0.001)  # expire is closing "a"
+            if meanwhile == "take":
+                nursery.start_soon(pool.take, "p")
+            else:
+                for stream in newer:
+                    nursery.start_soon(pool.give_back, "p", stream)
+        assert all(stream.closed for stream in old)
+        if meanwhile == "give_back":
+            assert pool.idle("p") == 2 and sum(stream.closed for stream in newer) == 1
+
+    trio.run(main)

@@ -67,18 +67,21 @@ class StreamPool:
         keep = self.max_idle if max_idle is None else min(max_idle, self.max_idle)
         idle = self._idle[peer]
         idle.append(((self._clock() if idle_since is None else idle_since) + keep, stream))
-        while len(idle) > self.per_peer:
-            await protocol.close_quietly(idle.pop(0)[1])
+        extra = idle[:max(len(idle) - self.per_peer, 0)]
+        del idle[:len(extra)]  # before any await: `take` and `expire` may run meanwhile
+        for _, old in extra:
+            await protocol.close_quietly(old)
 
     async def expire(self) -> None:
         """Close the streams past their deadline or ended by their peer."""
-        now = self._clock()
-        for peer, idle in list(self._idle.items()):
-            for entry in [entry for entry in idle if entry[0] < now or not usable(entry[1])]:
-                idle.remove(entry)
-                await protocol.close_quietly(entry[1])
-            if not idle and self._idle.get(peer) is idle:
+        now, stale = self._clock(), []
+        for peer, idle in list(self._idle.items()):  # all taken out before any await, as in give_back
+            stale += [entry for entry in idle if entry[0] < now or not usable(entry[1])]
+            idle[:] = [entry for entry in idle if entry[0] >= now and usable(entry[1])]
+            if not idle:
                 del self._idle[peer]
+        for _, stream in stale:
+            await protocol.close_quietly(stream)
 
     async def expire_forever(self, interval: float = 1.0) -> None:
         while True:
