@@ -216,8 +216,8 @@ class SwarmClient:
                 except Exception:
                     pass
             if closed:
-                return await self.inference_streams.give_back(hop.record.peer_id, hop.stream,
-                                                               max_idle=hop.reuse_within / 2)
+                await self.inference_streams.give_back(hop.record.peer_id, hop.stream, max_idle=hop.reuse_within / 2)
+                return
         await protocol.close_quietly(hop.stream)
 
     # -- span by span ----------------------------------------------------------------------------
