@@ -3,8 +3,9 @@
 Server-wide limits (sessions, cache tokens, compute one request at a time) keep a server alive,
 but one peer could still take all of them: open every session, or park hundreds of streams that
 send nothing. ``PeerGate`` wraps each protocol handler and refuses a stream, with a ``busy``
-error frame and a metric, when its peer already holds ``ServerLimits.peer_cap`` streams of that
-protocol or has spent its token bucket of new streams. A gateway is one peer carrying many users'
+error frame (a PUSH stream with a reset: its pusher reads nothing back) and a metric, when its
+peer already holds ``ServerLimits.peer_cap`` streams of that protocol or has spent its token
+bucket of new streams. A gateway is one peer carrying many users'
 sessions, so the defaults are far above what an honest client opens (ServerLimits says how far).
 Peer ids come from the connection's authenticated handshake, so a peer cannot claim another's.
 """
@@ -45,6 +46,9 @@ class PeerGate:
             if refusal is not None:
                 self.metrics.refused.labels(kind, refusal).inc()
                 logger.info("%s stream from %s refused: %s", kind, peer, refusal)
+                if kind == "push":  # a pusher reads nothing back: reset, so its writes fail rather than vanish
+                    await incoming.try_reset(stream)
+                    return
                 await incoming.try_send(stream, protocol.error_frame(
                     f"too many {kind} streams from this peer ({refusal}); retry later", protocol.BUSY))
                 await incoming.try_close(stream)

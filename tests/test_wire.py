@@ -278,6 +278,36 @@ def test_peer_gate_rate_limits_new_streams():
     assert [gate.admit("a", "train") for _ in range(3)] == [None, None, "rate"]
 
 
+@pytest.mark.parametrize("kind, proto", [("push", protocol.PUSH), ("inference", protocol.INFERENCE)])
+def test_a_refused_push_stream_is_reset_so_the_pushers_writes_fail(kind, proto):
+    """A pusher reads nothing back, and writes to a yamux stream its peer only closed succeed into
+    nothing: a refused PUSH stream is reset. Other refusals still answer ``busy`` and close."""
+    from swarm.transport.stream_pool import usable
+
+    gate = _gate(lambda: 0.0, max_sessions=1, max_peer_sessions=1, max_peer_streams=1)
+
+    async def handle(stream) -> None:
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        async with start_node() as server, start_node() as pusher:
+            server.host.set_stream_handler(proto, gate.guard(kind, handle))
+            await pusher.connect(server.multiaddrs()[0])
+            kept = await pusher.open_stream(server.peer_id, proto)  # takes the one stream allowed
+            refused = await pusher.open_stream(server.peer_id, proto)
+            with trio.fail_after(5):
+                while usable(refused):
+                    await trio.sleep(0.01)
+            if kind == "push":
+                with pytest.raises(Exception):
+                    await refused.write(b"a step")
+            else:
+                assert (await protocol.read_frame(refused))["code"] == protocol.BUSY
+            await kept.close()
+
+    trio.run(main)
+
+
 def test_peer_gate_forgets_idle_peers():
     now = [0.0]
     gate = _gate(lambda: now[0], peer_stream_rate=100.0, peer_stream_burst=10)
