@@ -139,14 +139,12 @@ class InferenceService:
     async def _next_open(self, stream: Stream) -> dict[str, Any] | None:
         """The client's next frame on a stream whose session ended cleanly; None when it ends the
         stream instead, or sends nothing within the idle timeout."""
-        with trio.move_on_after(self.limits.idle_timeout):
-            try:
-                request = await protocol.read_frame(stream, max_bytes=self.limits.max_frame_bytes)
-            except EOFError:
-                return None
-            self.metrics.streams_reused.labels("inference").inc()
-            return request
-        return None
+        try:
+            request = await incoming.read(stream, self.limits, self.limits.idle_timeout)
+        except (EOFError, incoming.ReadTimeout):
+            return None
+        self.metrics.streams_reused.labels("inference").inc()
+        return request
 
     async def _serve_session(self, stream: Stream, request: dict[str, Any]) -> bool:
         """The session `request` opens; True when it ended on the client's ``close`` with nothing

@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from gateway.storage.tenants import KeyStore
@@ -70,6 +71,27 @@ def _batched_forwards(port: int) -> dict[str, float]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     return {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line.startswith("swarmgate_server_batch_rows_bucket")}
+
+
+def _streams_reused(port: int) -> dict[str, float]:
+    """swarmgate_server_streams_reused_total by protocol."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "swarmgate_server_streams_reused")
+    return {s.labels["protocol"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+def test_requests_through_the_gateway_reuse_the_streams_of_earlier_ones(stack):
+    """Sessions end with a ``close`` and leave their streams to the next (swarm/transport/stream_pool.py):
+    through the gateway, each new request's session is served on streams an earlier one used, on
+    both servers, and the first server pushes on a stream an earlier session left; answers unchanged."""
+    client = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key=stack["key"], max_retries=0)
+    before = [_streams_reused(port) for port in stack["metrics"]]
+    texts = [client.completions.create(model=stack["model"], prompt="Hello there", max_tokens=6,
+                                       temperature=0).choices[0].text for _ in range(3)]
+    after = [_streams_reused(port) for port in stack["metrics"]]
+    assert texts[0] == texts[1] == texts[2]
+    assert all(a.get("inference", 0) - b.get("inference", 0) >= 2 for a, b in zip(after, before))
+    assert after[0].get("push", 0) - before[0].get("push", 0) >= 2
 
 
 def test_concurrent_streams_equal_their_solo_runs_and_were_batched(stack):
