@@ -1,4 +1,5 @@
-"""CUDA graphs of a span's steps: capturing one, replaying it, and keeping the captured ones.
+"""CUDA graphs of a span's steps: capturing one, replaying it, keeping the captured ones, and the
+fused layer math a one-token step captures (`FusedDecode`).
 
 A captured step reads fixed addresses: its inputs are static tensors that each replay fills
 first, and its output tensor is overwritten by the next replay. What varies between replays
@@ -7,6 +8,8 @@ first, and its output tensor is overwritten by the next replay. What varies betw
 
 from __future__ import annotations
 
+import copy
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -14,8 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 SEEN_KEYS = 256  # keys a GraphCache remembers having been asked about (`first_use`)
+
+
+def switched_on(variable: str) -> bool:
+    """A GPU fast path's switch (``SWARMGATE_CUDA_GRAPHS``, ``SWARMGATE_FUSED_DECODE``): on
+    unless the environment sets it to 0, false, no or off."""
+    return os.environ.get(variable, "1").lower() not in ("0", "false", "no", "off")
 
 
 @dataclass
@@ -108,3 +120,95 @@ class GpuState:
         torch.cuda.current_stream(device).wait_stream(stream)
         self.captures += 1
         return result, CapturedStep(graph, inputs, output, adapter)
+
+
+# -- the fused one-token step ----------------------------------------------------------------
+FUSED_FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # Llama's layer, Qwen2's biases, Qwen3's q/k norms
+
+
+def fused_decode_supported(layers: nn.ModuleList, model_type: str) -> bool:
+    """Whether every layer is the Llama layout with plain linear projections and a SiLU MLP."""
+    if model_type not in FUSED_FAMILY_TYPES:
+        return False
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    return all(
+        all(type(layer.get_submodule(n)) is nn.Linear for n in names)
+        and type(layer.mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
+        for layer in layers
+    )
+
+
+def _concatenate(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of one input; theirs become views of it."""
+    weight = torch.cat([linear.weight for linear in linears])
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
+    start = 0
+    for linear in linears:
+        end = start + linear.out_features
+        linear.weight = nn.Parameter(weight[start:end], requires_grad=False)
+        if has_bias:
+            linear.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return weight, bias
+
+
+class FusedDecode:
+    """One-token steps of a span's Llama-layout layers in fewer, larger kernels; built once per
+    span (`supported` first), used by its one-token graphs without an adapter.
+
+    Inside a CUDA graph a step costs what its kernels cost, and transformers' decoder layer
+    launches ~45 per token, most of them tiny (norm pieces, rotary halves, mask conversions). This
+    runs the same math with q/k/v and gate/up each as one matmul over weights concatenated once
+    (the modules' own weights become views of them: no memory added), rotary over queries and
+    keys at once, and grouped-query attention over the key/value heads (a group's query heads as
+    its rows, as transformers' `pack_gqa`: no repeated keys); norms and the output projections
+    are the layers' own modules. LoRA sessions keep transformers' layers: their hooks live on
+    the projections' modules.
+    """
+
+    def __init__(self, layers: nn.ModuleList, start: int) -> None:
+        self.layers, self.start = layers, start
+        attention = layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.groups = attention.num_key_value_groups
+        self.q_width = attention.q_proj.out_features
+        self.kv_width = attention.k_proj.out_features
+        self.qkv = [_concatenate([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in layers]
+        self.gate_up = [_concatenate([l.mlp.gate_proj, l.mlp.up_proj]) for l in layers]
+
+    def part(self, local: slice, start: int) -> "FusedDecode":
+        """Layers `local` of these, from global index `start` (a span's view), sharing their weights."""
+        part = copy.copy(self)
+        part.layers, part.start = self.layers[local], start
+        part.qkv, part.gate_up = self.qkv[local], self.gate_up[local]
+        return part
+
+    def run(self, hidden: torch.Tensor, cache: Any, masks: dict, position_embeddings: dict,
+            kinds: list[str]) -> torch.Tensor:
+        """`hidden` [rows, 1, hidden] through the layers; `cache` as HF attention sees it
+        (`update` writes and returns the attended keys/values), masks [rows, 1, 1, length]."""
+        rows, d = hidden.shape[0], self.head_dim
+        q_heads, kv_heads = self.q_width // d, self.kv_width // d
+        for i, (layer, kind) in enumerate(zip(self.layers, kinds)):
+            attention, mlp = layer.self_attn, layer.mlp
+            cos, sin = (t.unsqueeze(2) for t in position_embeddings[kind])  # [rows, 1, 1, d]
+            qkv = F.linear(layer.input_layernorm(hidden), *self.qkv[i]).view(rows, 1, q_heads + 2 * kv_heads, d)
+            query, key, value = qkv.split([q_heads, kv_heads, kv_heads], dim=2)  # [rows, 1, heads, d]
+            if hasattr(attention, "q_norm"):  # Qwen3
+                query, key = attention.q_norm(query), attention.k_norm(key)
+                query_key = torch.cat([query, key], dim=2)
+            else:
+                query_key = qkv[:, :, : q_heads + kv_heads]
+            query_key = query_key * cos + rotate_half(query_key) * sin
+            query, key = query_key.split([q_heads, kv_heads], dim=2)
+            keys, values = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.start + i)
+            attended = F.scaled_dot_product_attention(
+                query.reshape(rows, kv_heads, self.groups, d), keys, values, attn_mask=masks[kind],
+                scale=attention.scaling,
+            )  # query head h is row h % groups of key/value head h // groups, as repeat_kv pairs them
+            hidden = hidden + attention.o_proj(attended.view(rows, 1, q_heads * d))
+            gate, up = F.linear(layer.post_attention_layernorm(hidden), *self.gate_up[i]).chunk(2, dim=-1)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        return hidden

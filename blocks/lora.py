@@ -121,3 +121,8 @@ def applied(lora: SpanLora | None) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active() -> bool:
+    """Whether an adapter applies in this context (code that bypasses the hooked modules asks)."""
+    return _ACTIVE.get() is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -14,15 +13,10 @@ from transformers.cache_utils import Cache
 
 from blocks import batching, family, lora, packed_linears, slots
 from blocks.cache import StaticKV
-from blocks.graphs import GpuState
+from blocks.graphs import FusedDecode, GpuState, fused_decode_supported, switched_on
 from blocks.slots import ChunkRows, SlotPool, SlotRows
 from blocks.checkpoint import load_config
 from blocks.quant import check_quant, quantize_linears, weight_bytes
-
-
-def graphs_enabled() -> bool:
-    """CUDA graphs for one-token decode steps; ``SWARMGATE_CUDA_GRAPHS=0`` turns them off."""
-    return os.environ.get("SWARMGATE_CUDA_GRAPHS", "1").lower() not in ("0", "false", "no", "off")
 
 
 SHORT_STEP_TOKENS = 256  # steps of 2..this many tokens replay a captured graph (`BlockSpan._short_step`)
@@ -98,8 +92,11 @@ class BlockSpan:
         # ALiBi families keep DynamicCache and eager compute on a GPU too (family.static_cache).
         self.static_cache = self.device.type == "cuda" and self.family.static_cache
         self.use_graphs = (  # bitsandbytes: eager
-            self.static_cache and quant == "none" and graphs_enabled() and self.family.use_graphs(self.config)
+            self.static_cache and quant == "none" and switched_on("SWARMGATE_CUDA_GRAPHS")
+            and self.family.use_graphs(self.config)
         )
+        self.fused = (FusedDecode(self.layers, start) if self.use_graphs and switched_on("SWARMGATE_FUSED_DECODE")
+                      and fused_decode_supported(self.layers, self.config.model_type) else None)
         self._gpu = GpuState()
         self.slot_pools: list[SlotPool] = []  # shortest rows first; shared by views: they index them by global layer
         # one row, shared by views: short steps of sessions with buffers of their own
@@ -136,6 +133,7 @@ class BlockSpan:
         part.layers = nn.ModuleList(self.layers[local])
         part.layer_types = self.layer_types[local]
         part._mask_layer = _mask_layers(start, part.layer_types)
+        part.fused = self.fused.part(local, start) if self.fused is not None else None
         return part
 
     def new_cache(self) -> Cache | StaticKV:
@@ -257,6 +255,8 @@ class BlockSpan:
         return self._run_layers(hidden, cache, masks, position_embeddings, position_ids)
 
     def _run_layers(self, hidden, cache, masks, position_embeddings, position_ids) -> torch.Tensor:
+        if self.fused is not None and hidden.shape[1] == 1 and not lora.active():  # a one-token graph step
+            return self.fused.run(hidden, cache, masks, position_embeddings, self.layer_types)
         for layer, kind in zip(self.layers, self.layer_types):
             hidden = layer(
                 hidden,

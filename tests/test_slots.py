@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from blocks.cache import SessionCaches, StaticKV
-from blocks.graphs import CapturedStep
+from blocks.graphs import CapturedStep, FusedDecode, fused_decode_supported
 from blocks.slots import SlotPool, bucket
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import build_checkpoint
@@ -41,10 +41,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: build_checkpoint(root / name, **kwargs) for name, kwargs in FAMILIES.items()}
 
 
-def pooled_span(path: Path, start: int, end: int, rows: int = 8, length: int = 256) -> BlockSpan:
+def pooled_span(path: Path, start: int, end: int, rows: int = 8, length: int = 256, fused: bool = False) -> BlockSpan:
     span = BlockSpan(path, start, end)
     span.static_cache = True  # the GPU's cache path, eagerly on the CPU
     span.enable_slots(rows, length)
+    if fused:  # the GPU's one-token layers (FusedDecode), on the CPU
+        assert fused_decode_supported(span.layers, span.config.model_type)
+        span.fused = FusedDecode(span.layers, span.start)
     return span
 
 
@@ -61,9 +64,10 @@ def prefilled(span: BlockSpan, shapes: list[tuple[int, int]], seed: int = 0, max
     return sessions
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_batched_pool_steps_equal_each_sessions_own(name, checkpoints):
-    span, reference = pooled_span(checkpoints[name], 1, 4), BlockSpan(checkpoints[name], 1, 4)
+@pytest.mark.parametrize("name, fused", [(name, False) for name in FAMILIES]
+                         + [(name, True) for name in ("llama", "qwen3", "mistral_sliding")])
+def test_batched_pool_steps_equal_each_sessions_own(name, fused, checkpoints):
+    span, reference = pooled_span(checkpoints[name], 1, 4, fused=fused), BlockSpan(checkpoints[name], 1, 4)
     shapes = [(1, 5), (2, 11), (1, 3), (1, 23)]  # rows, prompt length: n > 1, ragged, past the window
     pooled, alone = prefilled(span, shapes), prefilled(reference, shapes)
     assert [cache.row for cache, _ in pooled] == [0, 1, 3, 4] and all(span.batches(c) for c, _ in pooled)
@@ -217,8 +221,10 @@ def test_each_pool_of_rows_captures_its_buckets_and_batches_its_own_sessions(che
         span.forward_batch([(torch.randn(1, 1, span.hidden_size), *pooled[0]), (torch.randn(1, 1, span.hidden_size), *pooled[1])])
 
 
-def test_batched_pool_steps_apply_the_shared_adapter(checkpoints):
-    span, reference = pooled_span(checkpoints["llama"], 0, 4), BlockSpan(checkpoints["llama"], 0, 4)
+@pytest.mark.parametrize("fused", [False, True])
+def test_batched_pool_steps_apply_the_shared_adapter(fused, checkpoints):
+    """With the fused layers too: an adapter's steps keep transformers' layers, where its hooks are."""
+    span, reference = pooled_span(checkpoints["llama"], 0, 4, fused=fused), BlockSpan(checkpoints["llama"], 0, 4)
     generator = torch.Generator().manual_seed(2)
     adapter = random_span_lora(span, generator)
     pooled, alone = prefilled(span, [(1, 4), (1, 9)]), prefilled(reference, [(1, 4), (1, 9)])
@@ -338,3 +344,40 @@ def test_a_servers_pools_are_three_quarters_of_its_cache_and_placement_counts_th
     assert limits.cache_memory_tokens("cuda") == 65536 + 64 * 512 + 8 * 2048 + 4096
     assert limits.cache_memory_tokens("cpu") == 65536
     assert ServerLimits(max_sessions=8, max_tokens=10_000).decode_slots() == (8, 576, 4096, (1, 2304))  # rounded down to 64
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_fused_one_token_layers_compute_what_transformers_layers_do(family, tmp_path):
+    """FusedDecode (q/k/v and gate/up concatenated, rotary at once, grouped attention without
+    repeated keys) against transformers' layers of the same checkpoint, also for a view of the
+    span (a server's part of it): float32 on the CPU, outputs and the keys and values written
+    within 1e-6 (Qwen2's q/k/v biases, Qwen3's q/k norms included)."""
+    path = build_checkpoint(tmp_path / family, family=family, num_layers=3, num_kv_heads=2)
+    span, plain = BlockSpan(path, 1, 3), BlockSpan(path, 1, 3)
+    assert fused_decode_supported(span.layers, span.config.model_type)
+    span.fused = FusedDecode(span.layers, span.start)  # as on a GPU; its weights are now views
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randn(3, 10, span.hidden_size, generator=generator)
+    hidden = torch.randn(3, 1, span.hidden_size, generator=generator)
+    static = [StaticKV(start=1, num_layers=2, kv_heads=span.family.kv_heads(span.config), dtype=torch.float32,
+                       head_dim=span.family.head_dim(span.config), device=torch.device("cpu")) for _ in range(2)]
+    for cache in static:
+        cache.reserve(3, 64)
+        plain.forward(prompt, cache=cache, position=0)
+        cache.write_at, cache.view_length = 10, cache.capacity
+    masks = {kind: (torch.arange(static[0].capacity) <= 10).view(1, 1, 1, -1) for kind in span._mask_layer}
+    positions = torch.full((3, 1), 10)
+    embeddings = span.family.position_embeddings(span.rotary_emb, hidden, positions, list(masks))
+    with torch.inference_mode():
+        for ours, theirs in ((span, plain), (span.view(2, 3), plain.view(2, 3))):
+            fused = ours._run_layers(hidden, static[1], masks, embeddings, positions)
+            expected = theirs._run_layers(hidden, static[0], masks, embeddings, positions)
+            torch.testing.assert_close(fused, expected, atol=1e-6, rtol=0)
+            for mine, reference in zip(static[1].keys + static[1].values, static[0].keys + static[0].values):
+                torch.testing.assert_close(mine, reference, atol=1e-6, rtol=0)
+
+
+def test_families_outside_the_llama_layer_keep_transformers_layers(checkpoints):
+    for name in ("gemma3", "mixtral", "phi3"):
+        span = BlockSpan(checkpoints[name], 0, 2)
+        assert not fused_decode_supported(span.layers, span.config.model_type), name
