@@ -127,13 +127,15 @@ FUSED_FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # Llama's layer, Qw
 
 
 def fused_decode_supported(layers: nn.ModuleList, model_type: str) -> bool:
-    """Whether every layer is the Llama layout with plain linear projections and a SiLU MLP."""
+    """Whether every layer is the Llama layout with plain linear projections (biases on all or
+    none of those concatenated together) and a SiLU MLP."""
     if model_type not in FUSED_FAMILY_TYPES:
         return False
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
     return all(
-        all(type(layer.get_submodule(n)) is nn.Linear for n in names)
+        all(type(layer.get_submodule(n)) is nn.Linear for group in groups for n in group)
+        and all(len({layer.get_submodule(n).bias is None for n in group}) == 1 for group in groups)
         and type(layer.mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
         for layer in layers
     )
@@ -166,7 +168,8 @@ class FusedDecode:
     memory added), rotary over queries and keys at once, and attention over the key/value heads
     (a group's query heads as its rows, as transformers' `pack_gqa`: no repeated keys); norms and
     the output projections are the layers' own modules. LoRA sessions keep transformers' layers:
-    their hooks live on the projections' modules.
+    their hooks live on the projections' modules. The concatenated tensors are the weights: a
+    span never moves its layers after building this (`.to()` would leave these behind).
     """
 
     def __init__(self, layers: nn.ModuleList, start: int) -> None:
@@ -209,7 +212,8 @@ class FusedDecode:
                 query.reshape(rows, kv_heads, self.groups, d), keys, values, attn_mask=masks[kind],
                 scale=attention.scaling,
             )  # query head h is row h % groups of key/value head h // groups, as repeat_kv pairs them
-            hidden = hidden + attention.o_proj(attended.view(rows, 1, q_heads * d))
+            # reshape: some SDPA kernels (memory-efficient attention) return a transposed layout
+            hidden = hidden + attention.o_proj(attended.reshape(rows, 1, q_heads * d))
             gate, up = F.linear(layer.post_attention_layernorm(hidden), *self.gate_up[i]).chunk(2, dim=-1)
             hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
         return hidden

@@ -69,6 +69,7 @@ class BlockSpan:
         self.layers.load_state_dict(
             {f"{index - start}.{key}": tensor for (index, key), tensor in tensors.items()}, strict=True, assign=True
         )
+        del tensors  # the layers hold them now; FusedDecode below replaces some (a copy while these lived)
         _materialize_buffers(self.layers, self.device)
         if quant != "none":
             quantize_linears(self.layers, quant, dtype)
@@ -255,7 +256,7 @@ class BlockSpan:
         return self._run_layers(hidden, cache, masks, position_embeddings, position_ids)
 
     def _run_layers(self, hidden, cache, masks, position_embeddings, position_ids) -> torch.Tensor:
-        if self.fused is not None and hidden.shape[1] == 1 and not lora.active():  # a one-token graph step
+        if self.fused is not None and hidden.shape[1] == 1 and not lora.active():  # one token, no adapter
             return self.fused.run(hidden, cache, masks, position_embeddings, self.layer_types)
         for layer, kind in zip(self.layers, self.layer_types):
             hidden = layer(

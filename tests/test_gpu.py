@@ -85,6 +85,30 @@ def test_static_cache_and_graphs_match_hf_layers(which, request):
         assert relative(b, ref) < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, DTYPE])
+def test_fused_one_token_graphs_match_transformers_layers(gpu_model, dtype, monkeypatch):
+    """A Llama span's one-token graphs capture the fused layers (blocks/graphs.py FusedDecode) and
+    agree with graphs of transformers' layers: float32 to 1e-4 (SDPA then takes its
+    memory-efficient kernel, whose output is not contiguous), bf16 to 2e-2. LoRA-free steps only;
+    `SWARMGATE_FUSED_DECODE=0` keeps transformers' layers."""
+    monkeypatch.setenv("SWARMGATE_FUSED_DECODE", "0")
+    plain = BlockSpan(gpu_model, 1, 6, dtype=dtype, device="cuda")
+    monkeypatch.delenv("SWARMGATE_FUSED_DECODE")
+    span = BlockSpan(gpu_model, 1, 6, dtype=dtype, device="cuda")
+    assert plain.fused is None and span.fused is not None
+    runs, run = [], span.fused.run
+    span.fused.run = lambda hidden, *args: runs.append(hidden.shape[0]) or run(hidden, *args)
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    prompt = torch.randn(2, 9, span.hidden_size, device="cuda", dtype=dtype, generator=generator)
+    steps = [torch.randn(2, 1, span.hidden_size, device="cuda", dtype=dtype, generator=generator) for _ in range(6)]
+    expected = decode(plain, plain.new_cache(), prompt, steps)
+    cache = span.new_cache()
+    fused = decode(span, cache, prompt, steps)
+    assert runs and cache.graphs  # captured (the capture's runs), then replayed
+    for a, b in zip(fused, expected):
+        assert relative(a, b) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
 def test_cache_grows_past_its_capacity_and_keeps_its_contents(gpu_model):
     span = BlockSpan(gpu_model, 0, 2, dtype=DTYPE, device="cuda")
     cache = span.new_cache()

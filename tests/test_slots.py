@@ -51,6 +51,19 @@ def pooled_span(path: Path, start: int, end: int, rows: int = 8, length: int = 2
     return span
 
 
+def counted(fused: FusedDecode) -> list[int]:
+    """The rows of each `fused.run` call from now on (tests assert the fused path ran, or not)."""
+    calls: list[int] = []
+    run = fused.run
+
+    def counting(hidden: torch.Tensor, *args):
+        calls.append(hidden.shape[0])
+        return run(hidden, *args)
+
+    fused.run = counting
+    return calls
+
+
 def prefilled(span: BlockSpan, shapes: list[tuple[int, int]], seed: int = 0, max_length: int = 64):
     """Sessions (rows, prompt length) with their caches prefilled: [(cache, position)]."""
     generator = torch.Generator().manual_seed(seed)
@@ -68,6 +81,7 @@ def prefilled(span: BlockSpan, shapes: list[tuple[int, int]], seed: int = 0, max
                          + [(name, True) for name in ("llama", "qwen3", "mistral_sliding")])
 def test_batched_pool_steps_equal_each_sessions_own(name, fused, checkpoints):
     span, reference = pooled_span(checkpoints[name], 1, 4, fused=fused), BlockSpan(checkpoints[name], 1, 4)
+    runs = counted(span.fused) if fused else []
     shapes = [(1, 5), (2, 11), (1, 3), (1, 23)]  # rows, prompt length: n > 1, ragged, past the window
     pooled, alone = prefilled(span, shapes), prefilled(reference, shapes)
     assert [cache.row for cache, _ in pooled] == [0, 1, 3, 4] and all(span.batches(c) for c, _ in pooled)
@@ -84,6 +98,7 @@ def test_batched_pool_steps_equal_each_sessions_own(name, fused, checkpoints):
     torch.testing.assert_close(span.forward(bystander, cache=pooled[2][0], position=3),
                                reference.forward(bystander, cache=alone[2][0], position=3), atol=TOLERANCE, rtol=0)
     assert [cache.length for cache, _ in pooled] == [8, 14, 4, 26]
+    assert len(runs) == (4 if fused else 0)  # the three batches and the bystander's step took the fused layers
 
 
 class _Rerun:
@@ -225,6 +240,7 @@ def test_each_pool_of_rows_captures_its_buckets_and_batches_its_own_sessions(che
 def test_batched_pool_steps_apply_the_shared_adapter(fused, checkpoints):
     """With the fused layers too: an adapter's steps keep transformers' layers, where its hooks are."""
     span, reference = pooled_span(checkpoints["llama"], 0, 4, fused=fused), BlockSpan(checkpoints["llama"], 0, 4)
+    runs = counted(span.fused) if fused else []
     generator = torch.Generator().manual_seed(2)
     adapter = random_span_lora(span, generator)
     pooled, alone = prefilled(span, [(1, 4), (1, 9)]), prefilled(reference, [(1, 4), (1, 9)])
@@ -233,6 +249,7 @@ def test_batched_pool_steps_apply_the_shared_adapter(fused, checkpoints):
     for h, out, (cache, position) in zip(hidden, together, alone):
         torch.testing.assert_close(out, reference.forward(h, cache=cache, position=position, adapter=adapter),
                                    atol=TOLERANCE, rtol=0)
+    assert runs == []
 
 
 def test_sessions_take_consecutive_rows_and_fall_back_to_their_own_buffers(checkpoints):
@@ -368,13 +385,16 @@ def test_fused_one_token_layers_compute_what_transformers_layers_do(family, tmp_
     masks = {kind: (torch.arange(static[0].capacity) <= 10).view(1, 1, 1, -1) for kind in span._mask_layer}
     positions = torch.full((3, 1), 10)
     embeddings = span.family.position_embeddings(span.rotary_emb, hidden, positions, list(masks))
+    view = span.view(2, 3)
+    runs = [counted(span.fused), counted(view.fused)]
     with torch.inference_mode():
-        for ours, theirs in ((span, plain), (span.view(2, 3), plain.view(2, 3))):
+        for ours, theirs in ((span, plain), (view, plain.view(2, 3))):
             fused = ours._run_layers(hidden, static[1], masks, embeddings, positions)
             expected = theirs._run_layers(hidden, static[0], masks, embeddings, positions)
             torch.testing.assert_close(fused, expected, atol=1e-6, rtol=0)
             for mine, reference in zip(static[1].keys + static[1].values, static[0].keys + static[0].values):
                 torch.testing.assert_close(mine, reference, atol=1e-6, rtol=0)
+    assert runs == [[3], [3]]
 
 
 def test_families_outside_the_llama_layer_keep_transformers_layers(checkpoints):
