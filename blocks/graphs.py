@@ -161,9 +161,9 @@ class FusedDecode:
     span (`fused_decode_supported` first), used by its one-token graphs without an adapter.
 
     Inside a CUDA graph a step costs what its kernels cost: transformers' decoder layer launched
-    ~51 per token on a GPU (5.17; ~39 here), and repeated each KV head's keys and values for its
-    query heads, a copy of the attended cache per layer (a 32-row step of 16 8B-shaped layers took
-    10.9 ms, 4.8 ms this way, on an H100). This runs the same math with q/k/v and gate/up each as
+    ~51 per token on a GPU (transformers 5.17; this, ~39), and repeated each KV head's keys and
+    values for its query heads, a copy of the attended cache per layer (a 32-row step of 16
+    8B-shaped layers took 10.9 ms, 4.8 ms this way, on an H100). This runs the same math with q/k/v and gate/up each as
     one matmul over weights concatenated once (the modules' own weights become views of them: no
     memory added), rotary over queries and keys at once, and attention over the key/value heads
     (a group's query heads as its rows, as transformers' `pack_gqa`: no repeated keys); norms and
