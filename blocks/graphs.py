@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
+from blocks.family import LLAMA_FAMILY
+
 SEEN_KEYS = 256  # keys a GraphCache remembers having been asked about (`first_use`)
 
 
@@ -123,13 +125,11 @@ class GpuState:
 
 
 # -- the fused one-token step ----------------------------------------------------------------
-FUSED_FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # Llama's layer, Qwen2's biases, Qwen3's q/k norms
-
-
 def fused_decode_supported(layers: nn.ModuleList, model_type: str) -> bool:
-    """Whether every layer is the Llama layout with plain linear projections (biases on all or
-    none of those concatenated together) and a SiLU MLP."""
-    if model_type not in FUSED_FAMILY_TYPES:
+    """Whether every layer is the Llama layer (Llama, Mistral, Qwen2's biases, Qwen3's q/k norms)
+    with plain linear projections (biases on all or none of those concatenated together) and a
+    SiLU MLP."""
+    if model_type not in LLAMA_FAMILY:
         return False
     groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
               ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -176,9 +176,8 @@ class FusedDecode:
         self.layers, self.start = layers, start
         attention = layers[0].self_attn
         self.head_dim = attention.head_dim
-        self.groups = attention.num_key_value_groups
-        self.q_width = attention.q_proj.out_features
-        self.kv_width = attention.k_proj.out_features
+        self.q_heads = attention.q_proj.out_features // self.head_dim
+        self.kv_heads = attention.k_proj.out_features // self.head_dim
         self.qkv = [_concatenate([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in layers]
         self.gate_up = [_concatenate([l.mlp.gate_proj, l.mlp.up_proj]) for l in layers]
 
@@ -193,8 +192,7 @@ class FusedDecode:
             kinds: list[str]) -> torch.Tensor:
         """`hidden` [rows, 1, hidden] through the layers; `cache` as HF attention sees it
         (`update` writes and returns the attended keys/values), masks [rows, 1, 1, length]."""
-        rows, d = hidden.shape[0], self.head_dim
-        q_heads, kv_heads = self.q_width // d, self.kv_width // d
+        rows, d, q_heads, kv_heads = hidden.shape[0], self.head_dim, self.q_heads, self.kv_heads
         for i, (layer, kind) in enumerate(zip(self.layers, kinds)):
             attention, mlp = layer.self_attn, layer.mlp
             cos, sin = (t.unsqueeze(2) for t in position_embeddings[kind])  # [rows, 1, 1, d]
@@ -209,7 +207,7 @@ class FusedDecode:
             query, key = query_key.split([q_heads, kv_heads], dim=2)
             keys, values = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.start + i)
             attended = F.scaled_dot_product_attention(
-                query.reshape(rows, kv_heads, self.groups, d), keys, values, attn_mask=masks[kind],
+                query.reshape(rows, kv_heads, q_heads // kv_heads, d), keys, values, attn_mask=masks[kind],
                 scale=attention.scaling,
             )  # query head h is row h % groups of key/value head h // groups, as repeat_kv pairs them
             # reshape: some SDPA kernels (memory-efficient attention) return a transposed layout

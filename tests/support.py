@@ -49,6 +49,20 @@ def random_span_lora(span: BlockSpan, generator: torch.Generator, rank: int = 4)
     return SpanLora(pairs, scaling=2.0)
 
 
+def counted_runs(fused: Any) -> list[int]:
+    """The rows of each `fused.run` call from now on (a span's `FusedDecode`: tests assert the fused
+    layers ran, or not)."""
+    calls: list[int] = []
+    run = fused.run
+
+    def counting(hidden: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append(hidden.shape[0])
+        return run(hidden, *args)
+
+    fused.run = counting
+    return calls
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

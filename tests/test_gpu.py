@@ -17,6 +17,7 @@ from blocks.prefix_cache import BLOCK, PrefixCache
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import build_checkpoint
 from gateway.inference.sampling import Sampler, SamplingParams
+from tests.support import counted_runs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -96,8 +97,7 @@ def test_fused_one_token_graphs_match_transformers_layers(gpu_model, dtype, monk
     monkeypatch.delenv("SWARMGATE_FUSED_DECODE")
     span = BlockSpan(gpu_model, 1, 6, dtype=dtype, device="cuda")
     assert plain.fused is None and span.fused is not None
-    runs, run = [], span.fused.run
-    span.fused.run = lambda hidden, *args: runs.append(hidden.shape[0]) or run(hidden, *args)
+    runs = counted_runs(span.fused)
     generator = torch.Generator(device="cuda").manual_seed(5)
     prompt = torch.randn(2, 9, span.hidden_size, device="cuda", dtype=dtype, generator=generator)
     steps = [torch.randn(2, 1, span.hidden_size, device="cuda", dtype=dtype, generator=generator) for _ in range(6)]

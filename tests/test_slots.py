@@ -22,7 +22,7 @@ from blocks.slots import SlotPool, bucket
 from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import build_checkpoint
 from blockserver.limits import ServerLimits
-from tests.support import random_span_lora
+from tests.support import counted_runs, random_span_lora
 
 TOLERANCE = 1e-5
 FAMILIES = {
@@ -51,19 +51,6 @@ def pooled_span(path: Path, start: int, end: int, rows: int = 8, length: int = 2
     return span
 
 
-def counted(fused: FusedDecode) -> list[int]:
-    """The rows of each `fused.run` call from now on (tests assert the fused path ran, or not)."""
-    calls: list[int] = []
-    run = fused.run
-
-    def counting(hidden: torch.Tensor, *args):
-        calls.append(hidden.shape[0])
-        return run(hidden, *args)
-
-    fused.run = counting
-    return calls
-
-
 def prefilled(span: BlockSpan, shapes: list[tuple[int, int]], seed: int = 0, max_length: int = 64):
     """Sessions (rows, prompt length) with their caches prefilled: [(cache, position)]."""
     generator = torch.Generator().manual_seed(seed)
@@ -81,7 +68,7 @@ def prefilled(span: BlockSpan, shapes: list[tuple[int, int]], seed: int = 0, max
                          + [(name, True) for name in ("llama", "qwen3", "mistral_sliding")])
 def test_batched_pool_steps_equal_each_sessions_own(name, fused, checkpoints):
     span, reference = pooled_span(checkpoints[name], 1, 4, fused=fused), BlockSpan(checkpoints[name], 1, 4)
-    runs = counted(span.fused) if fused else []
+    runs = counted_runs(span.fused) if fused else []
     shapes = [(1, 5), (2, 11), (1, 3), (1, 23)]  # rows, prompt length: n > 1, ragged, past the window
     pooled, alone = prefilled(span, shapes), prefilled(reference, shapes)
     assert [cache.row for cache, _ in pooled] == [0, 1, 3, 4] and all(span.batches(c) for c, _ in pooled)
@@ -240,7 +227,7 @@ def test_each_pool_of_rows_captures_its_buckets_and_batches_its_own_sessions(che
 def test_batched_pool_steps_apply_the_shared_adapter(fused, checkpoints):
     """With the fused layers too: an adapter's steps keep transformers' layers, where its hooks are."""
     span, reference = pooled_span(checkpoints["llama"], 0, 4, fused=fused), BlockSpan(checkpoints["llama"], 0, 4)
-    runs = counted(span.fused) if fused else []
+    runs = counted_runs(span.fused) if fused else []
     generator = torch.Generator().manual_seed(2)
     adapter = random_span_lora(span, generator)
     pooled, alone = prefilled(span, [(1, 4), (1, 9)]), prefilled(reference, [(1, 4), (1, 9)])
@@ -386,7 +373,7 @@ def test_fused_one_token_layers_compute_what_transformers_layers_do(family, tmp_
     positions = torch.full((3, 1), 10)
     embeddings = span.family.position_embeddings(span.rotary_emb, hidden, positions, list(masks))
     view = span.view(2, 3)
-    runs = [counted(span.fused), counted(view.fused)]
+    runs = [counted_runs(span.fused), counted_runs(view.fused)]
     with torch.inference_mode():
         for ours, theirs in ((span, plain), (view, plain.view(2, 3))):
             fused = ours._run_layers(hidden, static[1], masks, embeddings, positions)
