@@ -3,8 +3,9 @@ run as one forward of the span (blocks/batching.py) when they get it.
 
 Steps that arrive while a computation runs queue up, and whichever of them gets the slot next
 takes every queued step it can batch with (same span weights, same adapter) up to `max_rows`
-rows, in arrival order; the others find their result ready when their turn for the slot comes
-and give it straight back. Under load, sessions join and leave the batch step by step.
+rows, in arrival order; the others stop waiting for the slot and all resume together when the
+batch is done, so their outputs go out as one write per connection. Under load, sessions join
+and leave the batch step by step.
 
 A step may wait up to `gather` seconds from its arrival for the sessions that stepped about when
 its own previous step did (half a round either way) and not since: they decode in step with it
@@ -54,6 +55,7 @@ class _Step:
     done: trio.Event = field(default_factory=trio.Event)
     output: torch.Tensor | None = None
     error: BaseException | None = None
+    waiting: trio.CancelScope = field(default_factory=trio.CancelScope)  # its wait for the slot, if any
     # Steps of one group may run as one batch: the same span weights, adapter and (on a GPU) pool
     # of KV rows (blocks/slots.py), read once as the step is queued.
     group: tuple[int, int, int] = field(init=False)
@@ -142,15 +144,19 @@ class DecodeBatcher:
                 self._forget_stopped(previous)
                 company = self._company(mine, previous)
             gathering = company is not None and not self.compute.borrowed_tokens
-            while not mine.done.is_set():
+            while mine in self._queue:  # until a batch takes it: this one's or another's
                 if gathering:
                     await self._gather(mine, company)
-                async with self.compute:
-                    if mine.done.is_set():  # taken along by a batch before
+                if mine not in self._queue or not await self._slot_unless_taken(mine):
+                    break
+                try:
+                    if mine not in self._queue:  # taken along by a batch before
                         break
                     if company is None or company.ready(mine, self._queue, self._last_step):
                         await self._run(self._take(mine, company.rows if company else self._rows_for(mine)))
                         break
+                finally:
+                    self.compute.release()
                 gathering = True  # the slot came before the sessions of our round: others use it while we wait
         finally:
             if mine in self._queue:  # cancelled while waiting: nobody computes it
@@ -160,6 +166,16 @@ class DecodeBatcher:
             raise mine.error
         assert mine.output is not None
         return mine.output
+
+    async def _slot_unless_taken(self, mine: _Step) -> bool:
+        """The compute slot (True), or False once a batch takes `mine` along: its output then comes
+        without the slot. (Waiting in the slot's queue anyway, a batch's sessions resumed one
+        hand-over of the slot after another, so their pushes and replies went out one by one
+        instead of as one write per connection.)"""
+        with trio.CancelScope() as mine.waiting:
+            await self.compute.acquire()
+            return True
+        return False
 
     def forget(self, cache: Any) -> None:
         """The session of `cache` closed: no step waits for it any more."""
@@ -211,6 +227,8 @@ class DecodeBatcher:
                 batch.append(step)
                 rows += step.hidden.shape[0]
         self._queue.remove(batch)
+        for step in batch[1:]:
+            step.waiting.cancel()  # waiting for the slot, it need not any more
         self._wake()
         return batch
 

@@ -25,6 +25,35 @@ from swarm.session import InferenceSession
 T = TypeVar("T")
 
 
+class _Mailbox:
+    """Calls for another thread's event loop, delivered in batches: calls made while a delivery
+    is pending ride along with it, so a burst (a head round's generations each stepping, a
+    batch's replies settling) wakes that loop once, not once per call — each wakeup is a
+    syscall and a thread switch on both sides."""
+
+    def __init__(self, post: Callable[[Callable[[], None]], object]) -> None:
+        self._post = post  # schedules a callable on the other loop: run_sync_soon, call_soon_threadsafe
+        self._calls: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def send(self, call: Callable[[], None]) -> None:
+        """Run `call` on the other loop soon; raises what posting raises (that loop has ended)."""
+        with self._lock:  # posting under the lock: no call joins a delivery whose posting failed
+            self._calls.append(call)
+            if len(self._calls) == 1:
+                try:
+                    self._post(self._deliver)
+                except BaseException:
+                    self._calls.clear()
+                    raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for call in calls:
+            call()
+
+
 class SwarmBridge:
     def __init__(
         self,
@@ -50,6 +79,8 @@ class SwarmBridge:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
+        self._to_trio: _Mailbox | None = None
+        self._to_asyncio: tuple[asyncio.AbstractEventLoop, _Mailbox] | None = None  # the loop awaiting last
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self.client: SwarmClient | None = None
@@ -91,6 +122,7 @@ class SwarmBridge:
                     nursery.start_soon(node.probe_rtts, self._rtt_probe_interval)
                 nursery.start_soon(self.client.inference_streams.expire_forever)
                 self._token = trio.lowlevel.current_trio_token()
+                self._to_trio = _Mailbox(self._token.run_sync_soon)
                 self._started.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
@@ -109,6 +141,9 @@ class SwarmBridge:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         scope = trio.CancelScope()
+        if self._to_asyncio is None or self._to_asyncio[0] is not loop:
+            self._to_asyncio = loop, _Mailbox(loop.call_soon_threadsafe)
+        replies = self._to_asyncio[1]
 
         def settle(result: Any = None, error: BaseException | None = None) -> None:
             if not future.done():
@@ -124,12 +159,13 @@ class SwarmBridge:
                 error = failure
             finally:
                 try:
-                    loop.call_soon_threadsafe(settle, result, error)
+                    replies.send(lambda: settle(result, error))
                 except RuntimeError:
                     pass  # the asyncio loop is closed: nobody awaits this any more
 
-        assert self._token is not None and self._nursery is not None, "bridge not started"
-        self._token.run_sync_soon(self._nursery.start_soon, task)
+        assert self._to_trio is not None and self._nursery is not None, "bridge not started"
+        nursery = self._nursery
+        self._to_trio.send(lambda: nursery.start_soon(task))
         try:
             return await future
         except asyncio.CancelledError:

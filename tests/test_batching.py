@@ -246,6 +246,42 @@ def test_a_step_that_gets_the_slot_before_its_round_waits_for_it():
     assert trio.run(main) == [3]
 
 
+def test_a_step_taken_along_by_a_batch_returns_with_it():
+    """A and B wait for the slot behind a computation, with a long one queued between them. When
+    the slot frees, A's batch takes B along: B returns as the batch ends, not after the long
+    computation has had the slot (waiting for the slot anyway, the sessions of a batch also
+    resumed one hand-over after another, and their outputs went out one write each)."""
+    span = _CountingSpan()
+
+    async def main():
+        compute = trio.CapacityLimiter(1)
+        batcher = DecodeBatcher(compute, ServerMetrics(), max_rows=64)
+        returned: dict[str, float] = {}
+
+        async def computation(seconds: float) -> None:
+            async with compute:
+                await trio.sleep(seconds)
+
+        async def step(name: str) -> None:
+            await batcher.step(span, torch.zeros(1, 1, 4), object(), 0, None)
+            returned[name] = trio.current_time() - started
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(computation, 0.05)
+            await trio.sleep(0.01)
+            nursery.start_soon(step, "A")
+            await trio.sleep(0.01)
+            nursery.start_soon(computation, 0.5)
+            await trio.sleep(0.01)
+            nursery.start_soon(step, "B")
+        return returned
+
+    returned = trio.run(main)
+    assert span.batches == [2]
+    assert returned["B"] < 0.3, returned  # not after the 0.5 s computation
+
+
 def test_a_closed_session_is_not_waited_for():
     """X and Y step together; then Y's session closes and X steps again. X's company was Y, but a
     closed session never steps again: X runs at once instead of waiting out its gather."""
