@@ -16,6 +16,7 @@ import torch
 import trio
 from libp2p.crypto.keys import KeyPair
 
+from common.mailbox import Mailbox
 from swarm.client import SwarmClient
 from swarm.node import RTT_PROBE_INTERVAL, start_node
 from swarm.records import ServerRecord
@@ -23,35 +24,6 @@ from swarm.hops import SessionConfig, SessionRequest
 from swarm.session import InferenceSession
 
 T = TypeVar("T")
-
-
-class _Mailbox:
-    """Calls for another thread's event loop, delivered in batches: calls made while a delivery
-    is pending ride along with it, so a burst (a head round's generations each stepping, a
-    batch's replies settling) wakes that loop once, not once per call — each wakeup is a
-    syscall and a thread switch on both sides."""
-
-    def __init__(self, post: Callable[[Callable[[], None]], object]) -> None:
-        self._post = post  # schedules a callable on the other loop: run_sync_soon, call_soon_threadsafe
-        self._calls: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-
-    def send(self, call: Callable[[], None]) -> None:
-        """Run `call` on the other loop soon; raises what posting raises (that loop has ended)."""
-        with self._lock:  # posting under the lock: no call joins a delivery whose posting failed
-            self._calls.append(call)
-            if len(self._calls) == 1:
-                try:
-                    self._post(self._deliver)
-                except BaseException:
-                    self._calls.clear()
-                    raise
-
-    def _deliver(self) -> None:
-        with self._lock:
-            calls, self._calls = self._calls, []
-        for call in calls:
-            call()
 
 
 class SwarmBridge:
@@ -79,8 +51,8 @@ class SwarmBridge:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        self._to_trio: _Mailbox | None = None
-        self._to_asyncio: tuple[asyncio.AbstractEventLoop, _Mailbox] | None = None  # the loop awaiting last
+        self._to_trio: Mailbox | None = None
+        self._to_asyncio: tuple[asyncio.AbstractEventLoop, Mailbox] | None = None  # the loop awaiting last
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self.client: SwarmClient | None = None
@@ -122,7 +94,7 @@ class SwarmBridge:
                     nursery.start_soon(node.probe_rtts, self._rtt_probe_interval)
                 nursery.start_soon(self.client.inference_streams.expire_forever)
                 self._token = trio.lowlevel.current_trio_token()
-                self._to_trio = _Mailbox(self._token.run_sync_soon)
+                self._to_trio = Mailbox(self._token.run_sync_soon)
                 self._started.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
@@ -142,7 +114,7 @@ class SwarmBridge:
         future: asyncio.Future[T] = loop.create_future()
         scope = trio.CancelScope()
         if self._to_asyncio is None or self._to_asyncio[0] is not loop:
-            self._to_asyncio = loop, _Mailbox(loop.call_soon_threadsafe)
+            self._to_asyncio = loop, Mailbox(loop.call_soon_threadsafe)
         replies = self._to_asyncio[1]
 
         def settle(result: Any = None, error: BaseException | None = None) -> None:

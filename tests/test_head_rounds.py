@@ -54,6 +54,23 @@ def test_concurrent_generations_get_their_own_logits_in_fewer_calls_on_one_threa
     assert len(threads) == 1 and threading.get_ident() not in threads
 
 
+def test_a_rounds_answers_wake_the_event_loop_once_not_once_per_generation():
+    rounds = HeadRounds(slow_head)
+    inputs = [torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(i)) for i in range(24)]
+    wakeups = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        post = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args, **kwargs: (wakeups.append(1), post(*args, **kwargs))[1]
+        return await asyncio.gather(*(rounds.sample(hidden, lambda logits: logits) for hidden in inputs))
+
+    outputs = asyncio.run(main())
+    for hidden, logits in zip(inputs, outputs):
+        torch.testing.assert_close(logits, hidden @ WEIGHT.T, atol=1e-5, rtol=0)
+    assert rounds.calls == len(inputs) and len(wakeups) < len(inputs)  # a round's answers ride along together
+
+
 def test_inputs_of_other_shapes_get_their_own_head_calls():
     rounds = HeadRounds(slow_head)
     inputs = [torch.randn(1, 1 + i % 2, 8) for i in range(8)]

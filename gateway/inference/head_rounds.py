@@ -43,6 +43,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from blocks import packed_linears
+from common.mailbox import Mailbox
 from swarm.node_options import fit_threads
 
 __all__ = ["HeadRounds", "Member", "head_rounds", "head_load"]
@@ -87,6 +88,7 @@ class HeadRounds:
         self._members = 0  # generations decoding (`join`, then a first `sample`)
         self._running = False
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
+        self._answers: tuple[asyncio.AbstractEventLoop, Mailbox] | None = None  # to the loop awaiting last
         self.rounds = 0  # LM head calls (tests, metrics)
         self.calls = 0  # generations' logits those calls served: calls / rounds is the mean sharing
 
@@ -134,12 +136,22 @@ class HeadRounds:
             except BaseException:  # e.g. the interpreter is shutting down
                 self._fail_waiting(RuntimeError("the gateway's head thread is gone"))
                 raise
+        waiter = asyncio.get_running_loop().create_future()
+        answers = self._answers_to(asyncio.get_running_loop())
+        work.future.add_done_callback(lambda done: answers.send(lambda: _settle(waiter, done)))
         try:
-            return await asyncio.wrap_future(work.future)  # cancelling the await cancels work not yet begun
+            return await waiter
         except asyncio.CancelledError:
+            work.future.cancel()  # work not yet begun is cancelled
             if not work.future.cancelled():  # begun: as a worker thread's call, it ends before the caller goes on
                 await _outlive(work.future)
             raise
+
+    def _answers_to(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        """The mailbox to `loop`: a round's answers wake it once, not once per generation."""
+        if self._answers is None or self._answers[0] is not loop:
+            self._answers = loop, Mailbox(loop.call_soon_threadsafe)
+        return self._answers[1]
 
     def _run_rounds(self) -> None:
         works: list[_Work[Any]] = []
@@ -276,6 +288,18 @@ class HeadRounds:
             except Exception:  # only a shortcut: its failure is the embedding call's, later, for its works alone
                 embedded = None
         return argmax.tolist(), embedded
+
+
+def _settle(waiter: asyncio.Future[Any], done: Future[Any]) -> None:
+    """`done`'s outcome onto `waiter` (in the waiter's loop), unless its caller left."""
+    if waiter.done():
+        return
+    if done.cancelled():
+        waiter.cancel()
+    elif (error := done.exception()) is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(done.result())
 
 
 async def _outlive(future: Future[Any]) -> None:

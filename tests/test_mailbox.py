@@ -1,16 +1,16 @@
-"""The asyncio <-> trio bridge's batched wakeups (swarm/bridge.py); the bridge itself carries
-every end-to-end test's generations."""
+"""Batched wakeups between the gateway's threads (common/mailbox.py, used by swarm/bridge.py and
+gateway/inference/head_rounds.py); the threads themselves carry every end-to-end test's generations."""
 
 from __future__ import annotations
 
 import pytest
 
-from swarm.bridge import _Mailbox
+from common.mailbox import Mailbox
 
 
 def test_calls_made_while_a_delivery_is_pending_ride_along_with_it():
     posted: list = []
-    mailbox = _Mailbox(posted.append)
+    mailbox = Mailbox(posted.append)
     ran: list[int] = []
     for index in range(3):
         mailbox.send(lambda index=index: ran.append(index))
@@ -32,7 +32,7 @@ def test_a_call_whose_posting_failed_is_not_run_by_a_later_delivery():
             raise RuntimeError("the loop is closed")
 
     ran: list[str] = []
-    mailbox = _Mailbox(post)
+    mailbox = Mailbox(post)
     with pytest.raises(RuntimeError):
         mailbox.send(lambda: ran.append("failed"))
     mailbox.send(lambda: ran.append("next"))  # posts again: nothing pending
