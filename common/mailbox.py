@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
 
 
 class Mailbox:
@@ -32,4 +35,7 @@ class Mailbox:
         with self._lock:
             calls, self._calls = self._calls, []
         for call in calls:
-            call()
+            try:
+                call()
+            except Exception:  # one call's failure is its own, as with a wakeup per call
+                logger.exception("a call handed to another thread's event loop failed")

@@ -113,9 +113,9 @@ class SwarmBridge:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         scope = trio.CancelScope()
-        if self._to_asyncio is None or self._to_asyncio[0] is not loop:
-            self._to_asyncio = loop, Mailbox(loop.call_soon_threadsafe)
-        replies = self._to_asyncio[1]
+        if (entry := self._to_asyncio) is None or entry[0] is not loop:  # read once: loops in other threads may swap it
+            entry = self._to_asyncio = loop, Mailbox(loop.call_soon_threadsafe)
+        replies = entry[1]
 
         def settle(result: Any = None, error: BaseException | None = None) -> None:
             if not future.done():

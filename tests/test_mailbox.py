@@ -39,3 +39,17 @@ def test_a_call_whose_posting_failed_is_not_run_by_a_later_delivery():
     assert len(posted) == 2
     posted[-1]()
     assert ran == ["next"]
+
+
+def test_a_failing_call_leaves_the_others_of_its_delivery_to_run():
+    posted: list = []
+    mailbox = Mailbox(posted.append)
+    ran: list[str] = []
+
+    def fails() -> None:
+        raise ValueError("its own failure")
+
+    mailbox.send(fails)
+    mailbox.send(lambda: ran.append("after"))
+    posted.pop()()
+    assert ran == ["after"]

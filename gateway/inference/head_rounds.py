@@ -149,9 +149,9 @@ class HeadRounds:
 
     def _answers_to(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
         """The mailbox to `loop`: a round's answers wake it once, not once per generation."""
-        if self._answers is None or self._answers[0] is not loop:
-            self._answers = loop, Mailbox(loop.call_soon_threadsafe)
-        return self._answers[1]
+        if (entry := self._answers) is None or entry[0] is not loop:  # read once: loops in other threads may swap it
+            entry = self._answers = loop, Mailbox(loop.call_soon_threadsafe)
+        return entry[1]
 
     def _run_rounds(self) -> None:
         works: list[_Work[Any]] = []
