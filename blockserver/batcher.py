@@ -4,7 +4,7 @@ run as one forward of the span (blocks/batching.py) when they get it.
 Steps that arrive while a computation runs queue up, and whichever of them gets the slot next
 takes every queued step it can batch with (same span weights, same adapter) up to `max_rows`
 rows, in arrival order; the others stop waiting for the slot and all resume together when the
-batch is done, so their outputs go out as one write per connection. Under load, sessions join
+batch is done, so their outputs leave together, mostly in one write per connection. Under load, sessions join
 and leave the batch step by step.
 
 A step may wait up to `gather` seconds from its arrival for the sessions that stepped about when
@@ -55,7 +55,7 @@ class _Step:
     done: trio.Event = field(default_factory=trio.Event)
     output: torch.Tensor | None = None
     error: BaseException | None = None
-    waiting: trio.CancelScope = field(default_factory=trio.CancelScope)  # its wait for the slot, if any
+    waiting: trio.CancelScope | None = None  # its wait for the slot, once it waited
     # Steps of one group may run as one batch: the same span weights, adapter and (on a GPU) pool
     # of KV rows (blocks/slots.py), read once as the step is queued.
     group: tuple[int, int, int] = field(init=False)
@@ -170,8 +170,8 @@ class DecodeBatcher:
     async def _slot_unless_taken(self, mine: _Step) -> bool:
         """The compute slot (True), or False once a batch takes `mine` along: its output then comes
         without the slot. (Waiting in the slot's queue anyway, a batch's sessions resumed one
-        hand-over of the slot after another, so their pushes and replies went out one by one
-        instead of as one write per connection.)"""
+        hand-over of the slot after another, so their pushes and replies went out nearly one
+        send each instead of together.)"""
         with trio.CancelScope() as mine.waiting:
             await self.compute.acquire()
             return True
@@ -228,7 +228,8 @@ class DecodeBatcher:
                 rows += step.hidden.shape[0]
         self._queue.remove(batch)
         for step in batch[1:]:
-            step.waiting.cancel()  # waiting for the slot, it need not any more
+            if step.waiting is not None:
+                step.waiting.cancel()  # waiting for the slot, it need not any more
         self._wake()
         return batch
 

@@ -16,7 +16,7 @@ import torch
 import trio
 from libp2p.crypto.keys import KeyPair
 
-from common.mailbox import Mailbox
+from common.mailbox import LoopMailbox, Mailbox
 from swarm.client import SwarmClient
 from swarm.node import RTT_PROBE_INTERVAL, start_node
 from swarm.records import ServerRecord
@@ -52,7 +52,7 @@ class SwarmBridge:
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._to_trio: Mailbox | None = None
-        self._to_asyncio: tuple[asyncio.AbstractEventLoop, Mailbox] | None = None  # the loop awaiting last
+        self._to_asyncio = LoopMailbox()
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self.client: SwarmClient | None = None
@@ -113,9 +113,7 @@ class SwarmBridge:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         scope = trio.CancelScope()
-        if (entry := self._to_asyncio) is None or entry[0] is not loop:  # read once: loops in other threads may swap it
-            entry = self._to_asyncio = loop, Mailbox(loop.call_soon_threadsafe)
-        replies = entry[1]
+        replies = self._to_asyncio.to(loop)
 
         def settle(result: Any = None, error: BaseException | None = None) -> None:
             if not future.done():
@@ -135,7 +133,7 @@ class SwarmBridge:
                 except RuntimeError:
                     pass  # the asyncio loop is closed: nobody awaits this any more
 
-        assert self._to_trio is not None and self._nursery is not None, "bridge not started"
+        assert self._token is not None and self._to_trio is not None and self._nursery is not None, "bridge not started"
         nursery = self._nursery
         self._to_trio.send(lambda: nursery.start_soon(task))
         try:

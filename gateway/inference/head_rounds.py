@@ -11,8 +11,9 @@ waits for company. The LM head's weight (vocabulary x hidden) is thus read once 
 of once per generation, a GPU head synchronises with the host once per greedy round (twice where
 some generation samples, or feeds drafts) instead of twice per generation, and all head work
 shares one thread: no thread hop per generation, and no dozens of worker threads contending for
-the GIL with the event loop and the swarm's trio thread. On one GPU shared with servers each
-synchronisation may wait out another process's kernels (README, "Where a token's time goes at 32
+the GIL with the event loop and the swarm's trio thread. A round's answers settled while a wakeup
+of the event loop is pending ride along with it (common/mailbox.py). On one GPU shared with
+servers each synchronisation may wait out another process's kernels (README, "Where a token's time goes at 32
 GPU streams").
 
 The last server returns a batch's sessions one after another, so a round that starts at the
@@ -29,6 +30,7 @@ same device, up to `GPU_GATHER` for every decoding generation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 import threading
@@ -43,7 +45,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from blocks import packed_linears
-from common.mailbox import Mailbox
+from common.mailbox import LoopMailbox, Mailbox
 from swarm.node_options import fit_threads
 
 __all__ = ["HeadRounds", "Member", "head_rounds", "head_load"]
@@ -88,7 +90,7 @@ class HeadRounds:
         self._members = 0  # generations decoding (`join`, then a first `sample`)
         self._running = False
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
-        self._answers: tuple[asyncio.AbstractEventLoop, Mailbox] | None = None  # to the loop awaiting last
+        self._answers = LoopMailbox()  # answers settled while a wakeup of the loop is pending ride along
         self.rounds = 0  # LM head calls (tests, metrics)
         self.calls = 0  # generations' logits those calls served: calls / rounds is the mean sharing
 
@@ -136,9 +138,9 @@ class HeadRounds:
             except BaseException:  # e.g. the interpreter is shutting down
                 self._fail_waiting(RuntimeError("the gateway's head thread is gone"))
                 raise
-        waiter = asyncio.get_running_loop().create_future()
-        answers = self._answers_to(asyncio.get_running_loop())
-        work.future.add_done_callback(lambda done: answers.send(lambda: _settle(waiter, done)))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+        work.future.add_done_callback(functools.partial(_answer, self._answers.to(loop), waiter))
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -146,12 +148,6 @@ class HeadRounds:
             if not work.future.cancelled():  # begun: as a worker thread's call, it ends before the caller goes on
                 await _outlive(work.future)
             raise
-
-    def _answers_to(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
-        """The mailbox to `loop`: a round's answers wake it once, not once per generation."""
-        if (entry := self._answers) is None or entry[0] is not loop:  # read once: loops in other threads may swap it
-            entry = self._answers = loop, Mailbox(loop.call_soon_threadsafe)
-        return entry[1]
 
     def _run_rounds(self) -> None:
         works: list[_Work[Any]] = []
@@ -288,6 +284,14 @@ class HeadRounds:
             except Exception:  # only a shortcut: its failure is the embedding call's, later, for its works alone
                 embedded = None
         return argmax.tolist(), embedded
+
+
+def _answer(answers: Mailbox, waiter: asyncio.Future[Any], done: Future[Any]) -> None:
+    """(The head thread.) `done`'s outcome handed to the waiter's loop."""
+    try:
+        answers.send(functools.partial(_settle, waiter, done))
+    except RuntimeError:
+        pass  # the loop is closed: nobody awaits this any more
 
 
 def _settle(waiter: asyncio.Future[Any], done: Future[Any]) -> None:
