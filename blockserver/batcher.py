@@ -4,8 +4,8 @@ run as one forward of the span (blocks/batching.py) when they get it.
 Steps that arrive while a computation runs queue up, and whichever of them gets the slot next
 takes every queued step it can batch with (same span weights, same adapter) up to `max_rows`
 rows, in arrival order; the others stop waiting for the slot and all resume together when the
-batch is done, so their outputs leave together, mostly in one write per connection. Under load, sessions join
-and leave the batch step by step.
+batch is done, so their outputs leave together, mostly in one write per connection. Under load,
+sessions join and leave the batch step by step.
 
 A step may wait up to `gather` seconds from its arrival for the sessions that stepped about when
 its own previous step did (half a round either way) and not since: they decode in step with it

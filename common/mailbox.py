@@ -23,7 +23,8 @@ class Mailbox:
 
     def send(self, call: Callable[[], None]) -> None:
         """Run `call` on the other loop soon. The first call of a burst posts the delivery and
-        raises what posting raises (that loop has ended); one joining a pending delivery never raises."""
+        raises what posting raises (that loop has ended); one joining a pending delivery never
+        raises."""
         with self._lock:  # posting under the lock: no call joins a delivery whose posting failed
             self._calls.append(call)
             if len(self._calls) == 1:

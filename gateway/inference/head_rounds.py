@@ -13,8 +13,8 @@ some generation samples, or feeds drafts) instead of twice per generation, and a
 shares one thread: no thread hop per generation, and no dozens of worker threads contending for
 the GIL with the event loop and the swarm's trio thread. A round's answers settled while a wakeup
 of the event loop is pending ride along with it (common/mailbox.py). On one GPU shared with
-servers each synchronisation may wait out another process's kernels (README, "Where a token's time goes at 32
-GPU streams").
+servers each synchronisation may wait out another process's kernels (README, "Where a token's
+time goes at 32 GPU streams").
 
 The last server returns a batch's sessions one after another, so a round that starts at the
 first of them leaves the rest to rounds of their own. While at least `ROUND_ROWS` generations are
