@@ -74,9 +74,16 @@ class Prefix:
     def reused(self) -> int:
         return len(self.found) * BLOCK
 
-    def joined(self, computed: torch.Tensor) -> torch.Tensor:
-        """The whole prompt's output: the cached blocks' outputs, then `computed` for the rest."""
-        return torch.cat([*(block.output for block in self.found), computed], dim=1) if self.found else computed
+    def output_from(self, computed: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The prompt's output from position `start` on: the cached blocks' outputs, then `computed`
+        for the rest. Only the blocks from `start` are joined: a hop sends on what follows the
+        blocks it names, and the chain's end only its tail (the whole is 8 MB a hop for 1,000
+        tokens of 8B shapes in bf16, a 3 ms copy on a CPU)."""
+        if start >= self.reused:
+            return computed[:, start - self.reused:]
+        first = start // BLOCK
+        joined = torch.cat([*(block.output for block in self.found[first:]), computed], dim=1)
+        return joined[:, start - first * BLOCK:]
 
     def output_keys(self) -> list[bytes]:
         """The next span's keys of the found blocks' outputs, as far as they are known."""
@@ -138,17 +145,19 @@ class PrefixCache:
                 if (block := self._blocks.get((namespace, key))) is not None and block.output_key is None:
                     self._blocks[(namespace, key)] = replace(block, output_key=output_key)
 
-    def store(self, span, cache, namespace: str, output: torch.Tensor, prefix: Prefix,
+    def store(self, span, cache, namespace: str, computed: torch.Tensor, prefix: Prefix,
               output_keys: Sequence[bytes] = ()) -> None:
-        """Cache the prompt's whole blocks that `find` did not (`output` is the whole prompt's;
-        `output_keys` the next span's keys of those blocks' outputs, when there is a next span)."""
+        """Cache the prompt's whole blocks that `find` did not (`computed` is the prompt's output
+        after the found blocks; `output_keys` the next span's keys of those blocks' outputs, when
+        there is a next span)."""
         first = len(prefix.found)
         new = {}
         for index, key in enumerate(prefix.keys[first:], start=first):
             window = slice(index * BLOCK, (index + 1) * BLOCK)
             kv = torch.stack([torch.stack(_held(cache, layer, window)) for layer in range(span.start, span.end)])
             output_key = output_keys[index - first] if index - first < len(output_keys) else None
-            new[(namespace, key)] = CachedBlock(kv, output[:, window].clone(), output_key)
+            output = computed[:, (index - first) * BLOCK:(index - first + 1) * BLOCK].clone()
+            new[(namespace, key)] = CachedBlock(kv, output, output_key)
         with self._lock:
             self._blocks.update(new)
             self._touch(namespace, [key for key in prefix.keys if (namespace, key) in self._blocks])
@@ -163,9 +172,8 @@ class PrefixCache:
         prefix = self.find(namespace, chain_keys(tensor_blocks(hidden, (hidden.shape[1] - 1) // BLOCK)))
         self.restore(span, cache, prefix)
         computed = span.forward(hidden[:, prefix.reused:], cache=cache, position=prefix.reused, adapter=adapter)
-        output = prefix.joined(computed)
-        self.store(span, cache, namespace, output, prefix)
-        return output, prefix.reused
+        self.store(span, cache, namespace, computed, prefix)
+        return prefix.output_from(computed), prefix.reused
 
     @property
     def tokens(self) -> int:

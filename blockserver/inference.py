@@ -324,7 +324,7 @@ class InferenceService:
         if prefix is not None:
             # names go to a next hop that takes them, from a client that does
             may_name = names is not None and bool(route) and route[0].get("names") is True
-            return await self._prompt_output(live, span, message, prefix.joined(output), prefix, may_name, tail)
+            return await self._prompt_output(live, span, message, output, prefix, may_name, tail)
         output = output if tail is None else output[:, -tail:]
         if not batched:  # a batch's outputs come on the host, drilled
             output = await self._on_host(output, "prefill" if message["position"] == 0 else "decode")
@@ -366,29 +366,32 @@ class InferenceService:
         self.metrics.prefix_named.inc(BLOCK * len(names))
         return prefix
 
-    async def _prompt_output(self, live: _LiveSession, span: BlockSpan, message: dict[str, Any], output: torch.Tensor,
+    async def _prompt_output(self, live: _LiveSession, span: BlockSpan, message: dict[str, Any], computed: torch.Tensor,
                              prefix: Prefix, may_name: bool, tail: int | None) -> Output:
-        """The prompt's output as it goes on (its `store` caches the new blocks): with a next hop,
-        the blocks it may hold named by their keys where the step let us name (`may_name`), the
-        rest as bytes, whose keys the new blocks keep; at the chain's end, the tail asked for."""
+        """The prompt's output as it goes on (its `store` caches the new blocks; `computed` follows
+        the cached ones): with a next hop, the blocks it may hold named by their keys where the step
+        let us name (`may_name`), the rest as bytes, whose keys the new blocks keep; at the chain's
+        end, the tail asked for."""
         names = prefix.output_keys() if may_name else []
         output_keys: list[bytes] = []
         if tail is not None or not message.get("route"):
-            result = Output(codec.encode(await self._on_host(output if tail is None else output[:, -tail:]), live.codec))
+            start = 0 if tail is None else max(prefix.reused + computed.shape[1] - tail, 0)
+            result = Output(codec.encode(await self._on_host(prefix.output_from(computed, start)), live.codec))
         else:  # only what goes on comes to the host
-            wire = codec.encode(await self._on_host(output[:, BLOCK * len(names):]), live.codec)
+            wire = codec.encode(await self._on_host(prefix.output_from(computed, BLOCK * len(names))), live.codec)
             new = codec.token_blocks(wire, BLOCK, len(prefix.keys) - len(names))
             output_keys = (await trio.to_thread.run_sync(chain_keys, new, names[-1] if names else b""))
             unnamed = len(prefix.found) - len(names)  # found blocks stored without their outputs' keys
             self.prefixes.name_outputs(self._namespace(live), prefix.keys[len(names):len(prefix.found)],
                                        output_keys[:unnamed])
             output_keys = output_keys[unnamed:]
-            result = Output(wire, names if may_name else None, output if names else None)
+            output_from = functools.partial(prefix.output_from, computed) if names else None
+            result = Output(wire, names if may_name else None, output_from)
         prefixes, cache, namespace = self.prefixes, self.caches.get(live.id).cache, self._namespace(live)
 
         async def store() -> int | None:  # best effort: a failure costs later prompts a recomputation, no more
             try:
-                await trio.to_thread.run_sync(prefixes.store, span, cache, namespace, output, prefix, output_keys,
+                await trio.to_thread.run_sync(prefixes.store, span, cache, namespace, computed, prefix, output_keys,
                                               limiter=self.compute)
             except Exception:
                 logger.exception("caching a prompt's blocks failed")

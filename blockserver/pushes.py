@@ -34,7 +34,7 @@ class Output:
 
     hidden: dict[str, Any]
     names: list[bytes] | None = None
-    whole: torch.Tensor | None = None  # with names: the whole output, to resend naming fewer blocks
+    output_from: Callable[[int], torch.Tensor] | None = None  # with names: the output from a position on, to name fewer
     cached: int | None = None  # a prompt's: how many of its input blocks this server now holds cached
     store: Callable[[], Awaitable[int | None]] | None = None  # a prompt's: caches its new blocks, says `cached`
 
@@ -48,8 +48,9 @@ class Output:
 
     async def naming(self, count: int) -> Output:
         """This output naming only its first `count` blocks, the rest as bytes."""
-        assert self.names is not None and self.whole is not None
-        rest = await trio.to_thread.run_sync(codec.encode, self.whole[:, BLOCK * count:], self.hidden["codec"])
+        assert self.names is not None and self.output_from is not None
+        output_from, wire_codec = self.output_from, self.hidden["codec"]
+        rest = await trio.to_thread.run_sync(lambda: codec.encode(output_from(BLOCK * count), wire_codec))
         return replace(self, hidden=rest, names=self.names[:count])
 
 

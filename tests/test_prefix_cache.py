@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocks.prefix_cache import BLOCK, PrefixCache, chain_keys, tensor_blocks
+from blocks.prefix_cache import BLOCK, CachedBlock, Prefix, PrefixCache, chain_keys, tensor_blocks
 from blocks.span import BlockSpan
 from swarm import codec
 from swarm.prompt_names import PrefixMemory
@@ -37,6 +37,18 @@ def _cached(span: BlockSpan, prefixes: PrefixCache, prompt: torch.Tensor, steps:
     for index, step in enumerate(steps):
         outputs.append(span.forward(step, cache=cache, position=prompt.shape[1] + index))
     return outputs, reused
+
+
+def test_a_prompts_output_from_any_position_joins_only_the_blocks_from_there():
+    """What a hop sends on after the blocks it names, or a chain's end its tail: the cached blocks'
+    outputs then the computed rest, from any position, equal to slicing the whole output."""
+    blocks = [_prompt(BLOCK, seed, 8) for seed in range(3)]
+    prefix = Prefix([b"k%d" % i for i in range(4)], [CachedBlock(torch.empty(0), block, None) for block in blocks])
+    computed = _prompt(7, 9, 8)
+    whole = torch.cat([*blocks, computed], dim=1)
+    for start in (0, 5, BLOCK, BLOCK + 1, 3 * BLOCK - 1, 3 * BLOCK, 3 * BLOCK + 4, whole.shape[1] - 1):
+        assert torch.equal(prefix.output_from(computed, start), whole[:, start:]), start
+    assert prefix.output_from(computed, 3 * BLOCK + 4).data_ptr() == computed[:, 4:].data_ptr()  # past them: no copy
 
 
 def test_a_shared_start_is_reused_and_what_follows_is_exact(llama_path):
