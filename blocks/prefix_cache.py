@@ -77,8 +77,8 @@ class Prefix:
     def output_from(self, computed: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The prompt's output from position `start` on: the cached blocks' outputs, then `computed`
         for the rest. Only the blocks from `start` are joined: a hop sends on what follows the
-        blocks it names, and the chain's end only its tail (the whole is 8 MB a hop for 1,000
-        tokens of 8B shapes in bf16, a 3 ms copy on a CPU)."""
+        blocks it names, and the chain's end only its tail (a whole 1,000-token output 4,096 wide
+        is 16 MB in float32, a 3 ms copy on a 2-core CPU)."""
         if start >= self.reused:
             return computed[:, start - self.reused:]
         first = start // BLOCK
