@@ -250,7 +250,9 @@ class DecodeBatcher:
             return list(torch.cat(outputs).cpu().split([output.shape[0] for output in outputs]))
 
         try:
-            outputs = await trio.to_thread.run_sync(fitted(compute))
+            # shielded: the leader's cancellation (its client gone) must not fail the rows it took
+            with trio.CancelScope(shield=True):
+                outputs = await trio.to_thread.run_sync(fitted(compute))
         except BaseException as error:
             for step in batch:
                 step.error = error if isinstance(error, Exception) else RuntimeError(f"batch cancelled: {error!r}")

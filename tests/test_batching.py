@@ -299,3 +299,40 @@ def test_a_closed_session_is_not_waited_for():
         return trio.current_time() - started
 
     assert trio.run(main) < 1.0  # waited for Y until it closed, not the 5 s gather
+
+
+def test_a_leader_cancelled_as_it_gets_the_slot_still_computes_the_rows_it_took():
+    """L and F wait for the slot, L first. The slot frees and L's session is cancelled at once
+    (its client went away) before L runs: L takes F along all the same, and F gets its output.
+    (The batch's computation began with a check for cancellation, so it failed every row it held:
+    one session closing ended the others' sessions on this server.)"""
+    span = _CountingSpan()
+
+    async def main():
+        compute = trio.CapacityLimiter(1)
+        batcher = DecodeBatcher(compute, ServerMetrics(), max_rows=64)
+        outcome: dict[str, object] = {}
+        leader_scope = trio.CancelScope()
+
+        async def step(name: str, scope: trio.CancelScope) -> None:
+            with scope:
+                try:
+                    outcome[name] = await batcher.step(span, torch.zeros(1, 1, 4), object(), 0, None)
+                except Exception as error:
+                    outcome[name] = error
+            if scope.cancelled_caught:
+                outcome[name] = "cancelled"
+
+        async with trio.open_nursery() as nursery:
+            await compute.acquire()
+            nursery.start_soon(step, "L", leader_scope)
+            await trio.sleep(0.01)
+            nursery.start_soon(step, "F", trio.CancelScope())
+            await trio.sleep(0.01)
+            compute.release()  # L is handed the slot ...
+            leader_scope.cancel()  # ... and cancelled before it runs
+        return outcome
+
+    outcome = trio.run(main)
+    assert isinstance(outcome["F"], torch.Tensor), outcome
+    assert outcome["L"] == "cancelled" and span.batches == [2]
