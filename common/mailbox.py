@@ -29,12 +29,14 @@ class Mailbox:
             self._calls.append(call)
             if len(self._calls) == 1:
                 try:
-                    self._post(self._deliver)
+                    self._post(self.deliver)
                 except BaseException:
                     self._calls.clear()
                     raise
 
-    def _deliver(self) -> None:
+    def deliver(self) -> None:
+        """Run the pending calls now, in this thread: the other loop's posted delivery does it, and
+        its owner does after that loop has ended (a posted delivery then never runs)."""
         with self._lock:
             calls, self._calls = self._calls, []
         for call in calls:

@@ -83,6 +83,8 @@ class SwarmBridge:
             self._error = error
         finally:
             self._started.set()
+            if self._to_trio is not None:  # calls that came as the loop ended run here: each finds it stopped
+                self._to_trio.deliver()
 
     async def _main(self) -> None:
         async with start_node(**self._node_args) as node:
@@ -119,6 +121,12 @@ class SwarmBridge:
             if not future.done():
                 future.set_exception(error) if error is not None else future.set_result(result)
 
+        def reply(result: Any, error: BaseException | None) -> None:  # from the trio thread
+            try:
+                replies.send(lambda: settle(result, error))
+            except RuntimeError:
+                pass  # the asyncio loop is closed: nobody awaits this any more
+
         async def task() -> None:
             # Unless fn finishes: cancelled by asyncio (harmless) or the bridge is stopping.
             result, error = None, ConnectionError("swarm client stopped")
@@ -128,18 +136,27 @@ class SwarmBridge:
             except Exception as failure:
                 error = failure
             finally:
-                try:
-                    replies.send(lambda: settle(result, error))
-                except RuntimeError:
-                    pass  # the asyncio loop is closed: nobody awaits this any more
+                reply(result, error)
+
+        def start() -> None:
+            try:
+                nursery.start_soon(task)
+            except RuntimeError:  # the bridge is stopping: its nursery takes no new tasks
+                reply(None, ConnectionError("swarm client stopped"))
 
         assert self._token is not None and self._to_trio is not None and self._nursery is not None, "bridge not started"
         nursery = self._nursery
-        self._to_trio.send(lambda: nursery.start_soon(task))
+        try:
+            self._to_trio.send(start)
+        except trio.RunFinishedError:
+            raise ConnectionError("swarm client stopped") from None
         try:
             return await future
         except asyncio.CancelledError:
-            self._token.run_sync_soon(scope.cancel)
+            try:
+                self._token.run_sync_soon(scope.cancel)
+            except trio.RunFinishedError:
+                pass  # stopped: nothing runs there to cancel
             raise
 
     # -- the swarm, for asyncio callers ------------------------------------------------------------
