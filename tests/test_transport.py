@@ -15,6 +15,7 @@ from libp2p.stream_muxer.yamux import yamux
 
 from swarm import protocol
 from swarm.node import start_node
+from swarm.transport import tuning
 from swarm.transport.tuning import (
     GATHER_FRAMES_BELOW, _combined_write_frame, _FreeFirstLock, _lean_read_stream, _lean_stream_write, _read_data_body,
 )
@@ -194,11 +195,32 @@ def test_a_queued_writer_that_is_cancelled_takes_its_frame_back():
     assert outcome == {b"a": "written", b"b": "written", b"x": "cancelled", b"c": "written"}
 
 
-def test_a_sender_cancelled_mid_write_hands_the_queue_on():
+def test_a_sender_cancelled_mid_write_finishes_it_then_hands_the_queue_on():
+    """Cut short, the send would leave part of a sealed noise message on the wire (and every
+    stream of the connection hung): the frame goes out whole, then its writer sees the cancel."""
     connection = SlowConnection()
     outcome = _writers(connection, [b"a", b"b", b"c"], cancel=(b"a",))
-    assert connection.writes == [b"bc"]
+    assert connection.writes == [b"a", b"bc"]
     assert outcome == {b"a": "cancelled", b"b": "written", b"c": "written"}
+
+
+def test_a_write_the_peer_does_not_take_closes_the_connection(monkeypatch):
+    """A peer that takes nothing for SEND_DEADLINE: the connection is closed and every frame in
+    the write fails at once (its streams would otherwise wait on a connection that cannot go on)."""
+    monkeypatch.setattr(tuning, "SEND_DEADLINE", 0.05)
+
+    class StalledConnection(SlowConnection):
+        closed = False
+
+        async def write(self, data: bytes) -> None:
+            await trio.sleep_forever()
+
+        async def close(self) -> None:
+            self.closed = True
+
+    connection = StalledConnection()
+    outcome = _writers(connection, [b"a", b"b"])
+    assert connection.closed and all(isinstance(result, ConnectionClosedError) for result in outcome.values())
 
 
 def test_a_writer_cancelled_as_the_lead_reaches_it_hands_it_on():
@@ -492,3 +514,63 @@ def test_a_big_frame_crosses_in_whole_noise_messages(monkeypatch):
     assert sum(big) >= len(payload) and max(big) <= MAX_PLAINTEXT_LENGTH
     assert len(sizes) <= len(payload) // (MAX_PLAINTEXT_LENGTH - 12) + 8, sorted(sizes)[:20]
 
+
+
+def test_a_writer_cancelled_while_the_peer_is_slow_to_read_leaves_the_connection_working():
+    """Two real nodes, one connection. The receiver stops reading and the socket buffers are small,
+    so an 8 MB frame's send blocks; its writer is cancelled there (its session's client went
+    away). Another stream on the connection still works once the receiver reads again (cut short
+    mid-send, the connection carried half a noise message, and every stream on it hung)."""
+    import socket
+
+    def tcp_of(node, peer_id):
+        from libp2p.peer.id import ID
+        connections = node.host.get_network().connections[ID.from_base58(peer_id)]
+        layer = (connections[0] if isinstance(connections, list) else connections).muxed_conn.secured_conn
+        for attribute in ("conn", "read_writer", "read_write_closer", "stream"):
+            layer = getattr(layer, attribute)
+            if type(layer).__name__ == "TrioTCPStream":
+                return layer
+        raise AssertionError(f"no TCP stream under {type(layer)}")
+
+    async def sink(stream) -> None:
+        while True:
+            await protocol.read_frame(stream, max_bytes=1 << 26)
+
+    async def main() -> tuple[bool, dict]:
+        async with start_node() as node, start_node() as other:
+            other.host.set_stream_handler("/test/sink/1", sink)
+            other.host.set_stream_handler("/test/echo/1", echo_frames)
+            await node.connect(other.multiaddrs()[0])
+            bulk = await node.open_stream(other.peer_id, "/test/sink/1")
+            small = await node.open_stream(other.peer_id, "/test/echo/1")
+            sender, receiver = tcp_of(node, other.peer_id), tcp_of(other, node.peer_id)
+            sender.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            receiver.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            resume, read = trio.Event(), type(receiver).read
+
+            async def paused_read(n=None):
+                await resume.wait()
+                return await read(receiver, n)
+
+            receiver.read = paused_read
+            async with trio.open_nursery() as nursery:
+                writing = trio.CancelScope()
+
+                async def write() -> None:
+                    with writing:
+                        await protocol.write_frame(bulk, {"type": "prompt", "data": bytes(8 << 20)})
+
+                nursery.start_soon(write)
+                await trio.sleep(0.3)  # blocked on the full buffers by now
+                writing.cancel()
+                await trio.sleep(0.1)
+                del receiver.read
+                resume.set()
+            with trio.fail_after(10):
+                await protocol.write_frame(small, {"type": "ping", "n": 1})
+                echoed = await protocol.read_frame(small)
+            return writing.cancelled_caught, echoed
+
+    cancelled, echoed = trio.run(main)
+    assert cancelled and echoed["n"] == 1

@@ -189,6 +189,7 @@ def _free_first_locks(cls: type, *paths: str) -> None:
 # small: a batch's sessions, woken together, each write a push and a reply, and go out as one send
 # per connection instead of one each. 32 streams through `up` on an H100 (8B shapes): +11% tokens/s.
 GATHER_FRAMES_BELOW = 64 * 1024
+SEND_DEADLINE = 30.0  # seconds a connection's write may take once its frames are taken (`_send_whole`)
 
 
 class _Pending:
@@ -213,8 +214,7 @@ async def _combined_write_frame(self: Yamux, data: bytes) -> None:
     frame queued since, so no writer sends for others for long. A writer that is cancelled
     before its frame is taken writes nothing (as with py-libp2p's lock) and hands on the lead
     if it had it: a frame encrypted and not sent would break the connection (noise numbers its
-    messages). A send blocked on a peer that stops reading stays cancellable, as before; the
-    frames of other writers in it then fail with ConnectionClosedError.
+    messages). Once taken, the frames go out whole (`_send_whole`).
     """
     await trio.lowlevel.checkpoint_if_cancelled()
     writes = self.__dict__.setdefault("_swarm_writes", {"sending": False, "queue": []})
@@ -246,7 +246,7 @@ async def _combined_write_frame(self: Yamux, data: bytes) -> None:
     batch, writes["queue"] = writes["queue"], []
     try:
         try:
-            await self.secured_conn.write(batch[0].data if len(batch) == 1 else b"".join(p.data for p in batch))
+            await _send_whole(self, batch[0].data if len(batch) == 1 else b"".join(p.data for p in batch))
         except BaseException as error:
             for other in batch:
                 if other is not pending:
@@ -260,6 +260,26 @@ async def _combined_write_frame(self: Yamux, data: bytes) -> None:
     finally:
         _hand_on(writes)
     await trio.lowlevel.checkpoint()  # as py-libp2p's own: a writer in a loop lets others run
+
+
+async def _send_whole(self: Yamux, data: bytes) -> None:
+    """The connection's write, shielded from its writer's cancellation: noise seals a message
+    before the socket takes it, so a write cut short (a session's client gone, a step's time limit,
+    while a prompt's megabytes wait on a slow link) left part of a numbered message on the wire,
+    and every stream on the connection hung. A peer that takes none of it for `SEND_DEADLINE`
+    seconds gets the connection closed instead: its streams fail at once. The writer's own
+    cancellation comes at its next checkpoint."""
+    with trio.CancelScope(shield=True) as sending:
+        sending.deadline = trio.current_time() + SEND_DEADLINE
+        await self.secured_conn.write(data)
+    if sending.cancelled_caught:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.secured_conn.close()
+            except Exception:
+                logger.debug("closing a stalled connection failed", exc_info=True)
+        raise ConnectionClosedError(f"a write to the peer took over {SEND_DEADLINE:g} s: connection closed",
+                                    transport="tcp")
 
 
 def _hand_on(writes: dict[str, Any]) -> None:
