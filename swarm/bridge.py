@@ -9,6 +9,7 @@ trio work too. Blocking callers (tests, scripts) use ``call``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any, Awaitable, Callable, Collection, Sequence, TypeVar
 
@@ -24,6 +25,7 @@ from swarm.hops import SessionConfig, SessionRequest
 from swarm.session import InferenceSession
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class SwarmBridge:
@@ -110,8 +112,11 @@ class SwarmBridge:
         """Run a plain function on the trio thread (reads of swarm state without races)."""
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
-    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Await a trio coroutine function from asyncio; asyncio cancellation reaches trio."""
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any,
+                  discard: Callable[[T], Awaitable[object]] | None = None) -> T:
+        """Await a trio coroutine function from asyncio; asyncio cancellation reaches trio. A
+        result that comes after its caller was cancelled goes to `discard` (in trio), e.g. a
+        session opened as its request went away, which nobody else would close."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         scope = trio.CancelScope()
@@ -120,6 +125,8 @@ class SwarmBridge:
         def settle(result: Any = None, error: BaseException | None = None) -> None:
             if not future.done():
                 future.set_exception(error) if error is not None else future.set_result(result)
+            elif error is None and discard is not None:
+                self._discard(discard, result)
 
         def reply(result: Any, error: BaseException | None) -> None:  # from the trio thread
             try:
@@ -159,12 +166,34 @@ class SwarmBridge:
                 pass  # stopped: nothing runs there to cancel
             raise
 
+    def _discard(self, discard: Callable[[Any], Awaitable[object]], result: Any) -> None:
+        """`discard(result)` in trio, soon; its failure is logged (the bridge is stopping: skipped)."""
+        async def quietly() -> None:
+            try:
+                await discard(result)
+            except Exception:
+                logger.warning("discarding an abandoned result failed", exc_info=True)
+
+        def start() -> None:
+            try:
+                nursery.start_soon(quietly)
+            except RuntimeError:
+                pass  # stopping: its resources go with the node
+
+        nursery = self._nursery
+        try:
+            if self._to_trio is not None and nursery is not None:
+                self._to_trio.send(start)
+        except trio.RunFinishedError:
+            pass
+
     # -- the swarm, for asyncio callers ------------------------------------------------------------
     async def open_session(self, request: SessionRequest) -> "BridgedSession":
-        """``SwarmClient.start``, awaited from asyncio."""
+        """``SwarmClient.start``, awaited from asyncio (a session opened as its caller is cancelled is closed)."""
         client = self.client
         assert client is not None
-        return BridgedSession(self, await self.run(lambda: client.start(request)))
+        opened = await self.run(lambda: client.start(request), discard=lambda session: session.close())
+        return BridgedSession(self, opened)
 
     def servers(self, model: str | None = None) -> list[ServerRecord]:
         assert self.client is not None

@@ -1,10 +1,12 @@
-"""The asyncio facade over the swarm's trio thread (swarm/bridge.py) as it stops: calls made while
-it stops, or after, fail with a clear error and never hang. (Calls through a running bridge carry
-every end-to-end test.)"""
+"""The asyncio facade over the swarm's trio thread (swarm/bridge.py) at its edges: a result that
+comes after its caller gave up is discarded (a session opened as its request went away is closed),
+and calls made while the bridge stops, or after, fail with a clear error and never hang. (Calls
+through a running bridge carry every end-to-end test.)"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import trio
@@ -37,3 +39,35 @@ def test_calls_into_a_stopping_or_stopped_bridge_fail_rather_than_hang():
 
     during, after = asyncio.run(main())
     assert set(during) <= {"ran", "stopped"} and after == ["stopped"] * 3
+
+
+def test_a_result_that_comes_after_its_caller_was_cancelled_goes_to_discard():
+    """The asyncio caller is cancelled while trio finishes the call (a session opening as its HTTP
+    client leaves): the result goes to `discard` in trio, else nobody would ever close it."""
+    bridge = SwarmBridge(initial_peers=[], rtt_probe_interval=None).start()
+    discarded: list[str] = []
+
+    async def main() -> None:
+        loop, caller = asyncio.get_running_loop(), {}
+
+        async def opens() -> str:  # in trio: done before the cancellation reaches it
+            loop.call_soon_threadsafe(caller["task"].cancel)
+            time.sleep(0.2)  # the swarm thread busy meanwhile
+            return "session"
+
+        async def discard(result: str) -> None:
+            discarded.append(result)
+
+        caller["task"] = asyncio.ensure_future(bridge.run(opens, discard=discard))
+        with pytest.raises(asyncio.CancelledError):
+            await caller["task"]
+        for _ in range(200):
+            if discarded:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+    finally:
+        bridge.stop()
+    assert discarded == ["session"]
