@@ -441,6 +441,19 @@ def test_tenant_limit_and_swarm_capacity_are_429(client, base_url, http, backend
     assert limiter.active("acme") == 0
 
 
+def test_a_generation_that_fails_to_start_gives_the_tenants_slot_back(client, app, monkeypatch):
+    """A request whose generation cannot even be set up (a bug, a guide that fails to build) is a
+    500; the tenant's slot taken for it comes back (else two such requests locked the tenant out)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("the sampler could not be built")
+
+    monkeypatch.setattr("gateway.inference.serving.Generation", broken)
+    for _ in range(3):  # more than the tenant's limit of 2
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert app.state.gateway.limiter.active("acme") == 0
+
+
 def test_internal_errors_do_not_leak(client, http, backend):
     backend.fail_at_step = 2  # the first decode step: every request gets there (greedy, EOS ignored)
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "ignore_eos": True}

@@ -59,8 +59,12 @@ async def start_generation(gateway: Gateway, job: GenerationJob, tenant: str) ->
                                                generation.usage().completion_tokens)
             gateway.metrics.observe_speculation(job.model.swarm_id, generation.drafted, generation.accepted)
 
-    generation = Generation(job, gateway.backend, on_close=finished,
-                            speculative_tokens=gateway.settings.speculative_tokens)
+    try:
+        generation = Generation(job, gateway.backend, on_close=finished,
+                                speculative_tokens=gateway.settings.speculative_tokens)
+    except BaseException:
+        lease.release()  # no generation to close: the tenant's slot is given back here
+        raise
     try:
         await generation.open()
     except BaseException:
