@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any
 
 from anyio.to_thread import run_sync
@@ -256,17 +257,18 @@ async def _events(turn: _Turn, generation: Generation, save: Any) -> AsyncIterat
                                "output_index": entry["output_index"], "delta": fragment})
         return events
 
-    async for deltas in generation.steps():
-        for delta in deltas:
-            if delta.text:
-                pushed = turn.output.push(0, delta.text)
-                for event in on_delta(pushed.content, pushed.tool_calls):
-                    yield event
-            if delta.finish_reason:
-                rest, _ = turn.output.finish(0, delta.finish_reason)
-                for event in on_delta(rest.content, rest.tool_calls) + close_text() + close_call():
-                    yield event
-                turn.finish_reason = delta.finish_reason
+    async with aclosing(generation.steps()) as steps:  # left early: its end runs now, as in chat's stream
+        async for deltas in steps:
+            for delta in deltas:
+                if delta.text:
+                    pushed = turn.output.push(0, delta.text)
+                    for event in on_delta(pushed.content, pushed.tool_calls):
+                        yield event
+                if delta.finish_reason:
+                    rest, _ = turn.output.finish(0, delta.finish_reason)
+                    for event in on_delta(rest.content, rest.tool_calls) + close_text() + close_call():
+                        yield event
+                    turn.finish_reason = delta.finish_reason
     await generation.close()  # the slot is free before the client sees the end
     await run_sync(save)
     yield {"type": "response.completed", "response": turn.response(usage=generation.usage())}
