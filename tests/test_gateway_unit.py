@@ -441,6 +441,15 @@ def test_tenant_limit_and_swarm_capacity_are_429(client, base_url, http, backend
     assert limiter.active("acme") == 0
 
 
+def test_stop_strings_are_bounded(client):
+    """Every token's text is checked against them on the head's thread all tenants share."""
+    for stop in (["x"] * 17, ["x" * 1001]):
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, stop=stop)
+        assert "at most 16 stop strings" in raised.value.message
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, stop=["x" * 1000] * 16).choices
+
+
 def test_a_generation_that_fails_to_start_gives_the_tenants_slot_back(client, app, monkeypatch):
     """A request whose generation cannot even be set up (a bug, a guide that fails to build) is a
     500; the tenant's slot taken for it comes back (else two such requests locked the tenant out)."""

@@ -76,12 +76,20 @@ class TextStream:
         return min(found) if found else None
 
     def _held_back(self) -> int:
-        """Length of the longest text suffix that a later token could complete into a stop string."""
-        text = self._text
-        return max(
-            (k for s in self._stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-            default=0,
-        )
+        """Length of the longest text suffix that a later token could complete into a stop string
+        (a proper prefix of one). Per stop, the candidates are where its first character occurs in
+        the text's last len(s) - 1 characters, earliest (longest) first, found and compared at C
+        speed (a slice and a comparison per length cost a long stop string quadratic time per token)."""
+        held = 0
+        for stop in self._stops:
+            tail = self._text[max(0, len(self._text) - len(stop) + 1):] if len(stop) > 1 else ""
+            start = tail.find(stop[0])
+            while start >= 0 and len(tail) - start > held:
+                if stop.startswith(tail[start:]):
+                    held = len(tail) - start
+                    break
+                start = tail.find(stop[0], start + 1)
+        return held
 
     def _emit_until(self, end: int) -> str:
         end = max(end, self._emitted)

@@ -22,6 +22,7 @@ _CALLS = {"required": ["role", "tool_calls"],
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
 
 FinishReason = Literal["stop", "length", "tool_calls"]
+MAX_STOPS, MAX_STOP_LENGTH = 16, 1000  # stop strings per request, characters per stop string
 
 
 # --- requests -------------------------------------------------------------------------------------
@@ -163,7 +164,9 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = Field(None, json_schema_extra={"anyOf": [
-        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1}}, {"type": "null"},
+        {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH},
+        {"type": "array", "maxItems": MAX_STOPS, "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH}},
+        {"type": "null"},
     ]})
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -195,9 +198,14 @@ class SamplingFields(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stops_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
+    def _stops_bounded(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """Bounded: every token's text is checked against them on the head's thread, which all
+        tenants share (OpenAI takes up to 4)."""
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_LENGTH} characters each")
         return stop
 
     @model_validator(mode="after")
