@@ -20,7 +20,7 @@ import torch
 from transformers import PretrainedConfig
 
 from blocks import family
-from blocks.lora_weights import ALL_MODULES, LoraWeights, digest, module_prefix, parse_name
+from blocks.lora_weights import ALL_MODULES, MAX_RANK, LoraWeights, digest, module_prefix, parse_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -127,8 +127,8 @@ def check_config(config: Mapping[str, Any], base_name: str | None = None) -> Non
     if unsupported := sorted(k for k, v in config.items() if k not in _FREE and v):
         raise AdapterError(f"unsupported LoRA options: {', '.join(unsupported)}")
     r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
-        raise AdapterError("r must be a positive integer and lora_alpha a number")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK or not isinstance(alpha, (int, float)):
+        raise AdapterError(f"r must be an integer in [1, {MAX_RANK}] and lora_alpha a number")
     if not isinstance(targets, list) or not targets or not set(targets) <= set(ALL_MODULES):
         raise AdapterError(f"target_modules must be a list of {', '.join(ALL_MODULES)}; got {targets!r}")
     named = config.get("base_model_name_or_path")

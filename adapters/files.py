@@ -66,21 +66,23 @@ def export_archive(folder: str | Path, name: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def import_adapter(source: bytes | str | Path, base: PretrainedConfig, base_name: str | None = None) -> LoraAdapter:
+def import_adapter(source: bytes | str | Path, base: PretrainedConfig, base_name: str | None = None, *,
+                   max_bytes: int = MAX_IMPORT_BYTES) -> LoraAdapter:
     """A PEFT LoRA adapter from a folder, or a .tar.gz / .zip of one, checked against `base`.
 
-    Tensors become float32, as ``peft`` loads half-precision adapters.
+    Tensors become float32, as ``peft`` loads half-precision adapters. An archive's two files may
+    unpack to `max_bytes` (at most MAX_IMPORT_BYTES): a small archive of zeros must not fill a disk.
     """
     if isinstance(source, bytes):
-        files = _read_archive(source)
+        files = _read_archive(source, max_bytes)
     else:
         source = Path(source)
-        files = _read_folder(source) if source.is_dir() else _read_archive(source.read_bytes())
+        files = _read_folder(source) if source.is_dir() else _read_archive(source.read_bytes(), max_bytes)
     try:
         config = json.loads(files[CONFIG_FILE])
         tensors = load_safetensors(files[WEIGHTS_FILE])
-    except (ValueError, SafetensorError) as error:
-        raise AdapterError(f"unreadable adapter files: {error}") from None
+    except (ValueError, SafetensorError, RecursionError) as error:  # RecursionError: JSON nested too deeply
+        raise AdapterError(f"unreadable adapter files: {error!r}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
     adapter = LoraAdapter(config, {n: t.float() if t.is_floating_point() else t for n, t in tensors.items()})
@@ -100,10 +102,10 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
     return files
 
 
-def _read_archive(data: bytes) -> dict[str, bytes]:
+def _read_archive(data: bytes, max_bytes: int) -> dict[str, bytes]:
     """The two adapter files of a tar(.gz) or zip archive, found by name at any depth, exactly once each."""
     found: dict[str, bytes] = {}
-    budget = MAX_IMPORT_BYTES
+    budget = limit = min(max_bytes, MAX_IMPORT_BYTES)
 
     def take(path: str, size: int, read) -> None:
         nonlocal budget
@@ -113,7 +115,7 @@ def _read_archive(data: bytes) -> dict[str, bytes]:
         if name in found:
             raise AdapterError(f"the archive holds more than one {name}")
         if size > budget:
-            raise AdapterError(f"the archive's adapter files exceed {MAX_IMPORT_BYTES} bytes")
+            raise AdapterError(f"the archive's adapter files exceed {limit} bytes unpacked")
         budget -= size
         found[name] = read()  # both readers stop at the size their index declares
 

@@ -22,6 +22,7 @@ import torch
 
 # Llama-layout names (the defaults of fine-tuning requests); other families' are in blocks/family.py.
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MAX_RANK = 256  # the LoRA ranks this swarm trains or imports (bounds an adapter's size: its uploads, its memory)
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 PARENT = {**dict.fromkeys(ATTENTION_MODULES, "self_attn"), **dict.fromkeys(MLP_MODULES, "mlp")}
 # Every family's: Phi-3's fused qkv_proj/gate_up_proj, BLOOM's and Falcon's query_key_value/dense/...

@@ -165,6 +165,7 @@ def test_file_upload_list_retrieve_content_delete(client):
         (b'{"messages": [{"role": "user", "content": "hi", "tool_calls": []}, {"role": "assistant", "content": "x"}]}',
          "line 1: messages[0].tool_calls: unsupported field"),
         (b"\xff\xfe\n", "line 1: not valid UTF-8"),
+        (b"[" * 50_000, "line 1: JSON nested too deeply"),
     ],
 )
 def test_bad_training_files_are_400s_naming_the_line(client, content, expected):

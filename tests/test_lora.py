@@ -536,12 +536,23 @@ def _archive(config: dict, tensors: dict) -> bytes:
     (lambda c, t: (c, {n.replace("layers.3.", "layers.9."): v for n, v in t.items()}), "no layer 9"),
     (lambda c, t: (c, {n: v[:, :2].contiguous() if "lora_B" in n else v for n, v in t.items()}), "expected a float tensor"),
     (lambda c, t: (c, {n: v for n, v in t.items() if "lora_B" not in n}), "needs both"),
+    (lambda c, t: ({**c, "r": 257}, t), r"r must be an integer in \[1, 256\]"),
 ])
 def test_import_refuses_what_the_swarm_cannot_serve(change, message, llama_path):
     adapter = create_adapter(llama_path, base_name="llama", r=4, alpha=8, target_modules=ATTENTION_MODULES)
     config, tensors = change(dict(adapter.config), dict(adapter.tensors))
     with pytest.raises(AdapterError, match=message):
         import_adapter(_archive(config, tensors), load_config(llama_path), "llama")
+
+
+def test_an_archive_unpacking_past_its_limit_is_refused(llama_path):
+    """A small archive may unpack to gigabytes (zeros compress): refused past `max_bytes`."""
+    adapter = create_adapter(llama_path, base_name="llama", r=4, alpha=8, target_modules=ATTENTION_MODULES)
+    archive = _archive(dict(adapter.config), dict(adapter.tensors))
+    unpacked = sum(t.numel() * t.element_size() for t in adapter.tensors.values())
+    with pytest.raises(AdapterError, match="exceed .* bytes unpacked"):
+        import_adapter(archive, load_config(llama_path), "llama", max_bytes=unpacked // 2)
+    assert import_adapter(archive, load_config(llama_path), "llama", max_bytes=2 * unpacked).digest == adapter.digest
 
 
 def test_import_refuses_broken_archives(llama_path):

@@ -57,7 +57,7 @@ async def create_job(
 ) -> FineTuningJob:
     """Checks what can be checked at once; the files' contents are validated by the trainer."""
     try:
-        base = gateway.models.get(body.model)
+        base = await run_sync(gateway.models.get, body.model)  # may load it: not on the event loop
     except ModelNotFound:
         if fine_tuning.fine_tuned.find(body.model, tenant) is not None:
             raise InvalidRequest(
@@ -158,6 +158,9 @@ async def export_adapter(model: str, fine_tuning: FineTuningDep, tenant: TenantD
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
+IMPORT_EXPANSION = 4  # an imported adapter's archive may unpack to this many times the upload limit
+
+
 @router.post("/v1/fine_tuning/models/import")
 async def import_model(
     file: Annotated[UploadFile, File(description="A PEFT LoRA adapter folder as .tar.gz or .zip.")],
@@ -169,11 +172,13 @@ async def import_model(
     suffix: Annotated[str | None, Form(min_length=1, max_length=MAX_SUFFIX, pattern=SUFFIX_PATTERN)] = None,
 ) -> Model:
     """swarmgate extension: serve an existing PEFT LoRA adapter as a new model of this tenant."""
-    base = gateway.models.get(model)
+    base = await run_sync(gateway.models.get, model)  # may load it: not on the event loop
     data = await read_upload(file, gateway.settings.max_upload_bytes)
     config = await run_sync(load_config, gateway.settings.models[base.id])
     try:
-        adapter = await run_sync(import_adapter, data, config, base.id)
+        # unpacked, at most a few times the upload (adapters' float weights hardly compress)
+        adapter = await run_sync(lambda: import_adapter(data, config, base.id,
+                                                        max_bytes=IMPORT_EXPANSION * gateway.settings.max_upload_bytes))
     except AdapterError as error:
         raise InvalidRequest(f"Not an adapter this swarm can serve: {error}", param="file",
                              code="invalid_adapter") from None

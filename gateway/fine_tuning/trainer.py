@@ -190,7 +190,7 @@ class Trainer:
 
     async def _train(self, job: FineTuningJob) -> None:
         data = await run_sync(self._load, job)  # also checks the model is still served
-        tenant, model = job.organization_id, self.models.get(job.model)
+        tenant, model = job.organization_id, await run_sync(self.models.get, job.model)  # evicted meanwhile: loads
         hp = job.hyperparameters  # resolved at validation
         assert hp.n_epochs != "auto" and hp.batch_size != "auto" and hp.learning_rate_multiplier != "auto"
         per_epoch = steps_per_epoch(len(data.train), hp.batch_size)

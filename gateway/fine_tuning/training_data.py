@@ -85,6 +85,8 @@ def _parse_line(raw: bytes) -> ChatExample:
         raise ValueError("not valid UTF-8") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"invalid JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError('expected a JSON object {"messages": [...]}')
     try:

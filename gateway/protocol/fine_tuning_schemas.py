@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from blocks.lora_weights import ALL_MODULES, ATTENTION_MODULES
+from blocks.lora_weights import ALL_MODULES, ATTENTION_MODULES, MAX_RANK
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 SUFFIX_PATTERN = r"^[A-Za-z0-9_.-]+$"  # no ':' (it separates the parts of a model id)
@@ -83,7 +83,7 @@ class LoraOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    r: int = Field(8, ge=1, le=256, description="LoRA rank.")
+    r: int = Field(8, ge=1, le=MAX_RANK, description="LoRA rank.")
     alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(ATTENTION_MODULES),
