@@ -27,6 +27,10 @@ class Settings(BaseModel):
         True, description="Without a static key: True checks per-tenant keys; False lets anyone in as 'default'."
     )
     max_concurrent_requests: int = Field(16, ge=1, description="Per tenant; more get 429.")
+    max_active_fine_tuning_jobs: int = Field(
+        4, ge=1, description="Per tenant: jobs validating, queued or running at once; more get 429 (they share the "
+        "gateway's worker threads and the trainer's queue with every tenant)."
+    )
     max_n: int = Field(16, ge=1, description="Most choices (`n`) per request; each is a batch row in the swarm.")
     max_upload_bytes: int = Field(
         64 * 2**20, ge=1, description="Largest file (or adapter archive) a tenant may upload."

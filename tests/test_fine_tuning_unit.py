@@ -404,6 +404,29 @@ def test_listing_pagination(client, stack):
     assert files.has_more is False and [f.id for f in files.data] == [file_id]
 
 
+def test_a_tenants_active_jobs_are_bounded(stack, backend):
+    """Each job's validation and training take the gateway's shared worker threads and the one
+    trainer: past `max_active_fine_tuning_jobs` (4) validating, queued or running, a tenant gets 429."""
+    backend.train_delay = 0.05
+    tenant = openai.OpenAI(base_url=stack["base"] + "/v1", api_key=KeyStore(stack["data_dir"]).create_key("initech"),
+                           max_retries=0, timeout=60)
+    other = sdk(stack, "globex")
+    file_id = upload(tenant, jsonl(EXAMPLES))
+    long = {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}
+    jobs = [tenant.fine_tuning.jobs.create(model=MODEL, training_file=file_id, **long) for _ in range(4)]
+    try:
+        with pytest.raises(openai.RateLimitError) as refused:
+            tenant.fine_tuning.jobs.create(model=MODEL, training_file=file_id, **long)
+        assert "limit 4" in refused.value.body["message"]
+        theirs = other.fine_tuning.jobs.create(model=MODEL, training_file=upload(other, jsonl(EXAMPLES)), **long)
+        other.fine_tuning.jobs.cancel(theirs.id)  # another tenant's limit is its own
+        tenant.fine_tuning.jobs.cancel(jobs.pop().id)
+        jobs.append(tenant.fine_tuning.jobs.create(model=MODEL, training_file=file_id, **long))
+    finally:
+        for job in jobs:
+            tenant.fine_tuning.jobs.cancel(job.id)
+
+
 def test_cancel_stops_a_running_job(client, backend):
     backend.train_delay = 0.05
     job = client.fine_tuning.jobs.create(model=MODEL, training_file=upload(client, jsonl(EXAMPLES)),

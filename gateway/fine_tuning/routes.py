@@ -19,7 +19,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from adapters import AdapterError, import_adapter
 from blocks.checkpoint import load_config
-from gateway.protocol.errors import InvalidRequest, ModelNotFound, NotFound
+from gateway.protocol.errors import InvalidRequest, ModelNotFound, NotFound, RateLimited
 from gateway.fine_tuning.files import file_not_found
 from gateway.storage.fine_tuned import model_id
 from gateway.protocol.fine_tuning_schemas import (
@@ -73,6 +73,9 @@ async def create_job(
             raise file_not_found(file_id, param)
         if file.purpose != "fine-tune":
             raise InvalidRequest(f"File {file_id} has purpose '{file.purpose}', not 'fine-tune'.", param=param)
+    if (active := fine_tuning.jobs.active(tenant)) >= (limit := gateway.settings.max_active_fine_tuning_jobs):
+        raise RateLimited(f"This organization has {active} fine-tuning jobs validating, queued or running (limit "
+                          f"{limit}); create more when one finishes or is cancelled.")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     job = fine_tuning.jobs.create(tenant, body, seed)
     fine_tuning.trainer.submit(job)

@@ -103,6 +103,12 @@ class JobStore:
         rows, has_more = self.db.page("fine_tuning_jobs", {"tenant": tenant}, owner="tenant", limit=limit, after=after)
         return [_job(row) for row in rows], has_more
 
+    def active(self, tenant: str) -> int:
+        """How many of the tenant's jobs are validating, queued or running."""
+        row = self.db.one("SELECT COUNT(*) AS active FROM fine_tuning_jobs WHERE tenant = ? AND status IN "
+                          "('validating_files', 'queued', 'running')", (tenant,))
+        return row["active"] if row else 0
+
     def with_status(self, *statuses: JobStatus) -> list[FineTuningJob]:
         """Every tenant's jobs in these states, oldest first."""
         marks = ", ".join("?" for _ in statuses)
