@@ -71,7 +71,7 @@ def import_adapter(source: bytes | str | Path, base: PretrainedConfig, base_name
     """A PEFT LoRA adapter from a folder, or a .tar.gz / .zip of one, checked against `base`.
 
     Tensors become float32, as ``peft`` loads half-precision adapters. An archive's two files may
-    unpack to `max_bytes` (at most MAX_IMPORT_BYTES): a small archive of zeros must not fill a disk.
+    unpack to `max_bytes` (at most MAX_IMPORT_BYTES): a small archive of zeros must not fill memory.
     """
     if isinstance(source, bytes):
         files = _read_archive(source, max_bytes)
@@ -82,7 +82,7 @@ def import_adapter(source: bytes | str | Path, base: PretrainedConfig, base_name
         config = json.loads(files[CONFIG_FILE])
         tensors = load_safetensors(files[WEIGHTS_FILE])
     except (ValueError, SafetensorError, RecursionError) as error:  # RecursionError: JSON nested too deeply
-        raise AdapterError(f"unreadable adapter files: {error!r}") from None
+        raise AdapterError(f"unreadable adapter files: {error}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
     adapter = LoraAdapter(config, {n: t.float() if t.is_floating_point() else t for n, t in tensors.items()})

@@ -22,7 +22,6 @@ import torch
 
 # Llama-layout names (the defaults of fine-tuning requests); other families' are in blocks/family.py.
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MAX_RANK = 256  # the LoRA ranks this swarm trains or imports (bounds an adapter's size: its uploads, its memory)
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 PARENT = {**dict.fromkeys(ATTENTION_MODULES, "self_attn"), **dict.fromkeys(MLP_MODULES, "mlp")}
 # Every family's: Phi-3's fused qkv_proj/gate_up_proj, BLOOM's and Falcon's query_key_value/dense/...
@@ -31,6 +30,7 @@ FUSED_MODULES = ("qkv_proj", "gate_up_proj", "query_key_value", "dense", "dense_
 ALL_MODULES = SUPPORTED_MODULES + FUSED_MODULES  # any family's; a base's own: blocks.family.Family.lora_modules
 _PARENTS = {**PARENT, "qkv_proj": "self_attn", "gate_up_proj": "mlp", "query_key_value": "self_attention",
             "dense": "self_attention", "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
+MAX_RANK = 256  # the LoRA ranks this swarm trains or imports (bounds an adapter's size: its uploads, its memory)
 
 # PEFT wraps the transformers model twice (PeftModel.base_model = LoraModel, .model = the HF model).
 _WRAP = "base_model.model."

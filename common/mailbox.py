@@ -29,14 +29,12 @@ class Mailbox:
             self._calls.append(call)
             if len(self._calls) == 1:
                 try:
-                    self._post(self.deliver)
+                    self._post(self._deliver)
                 except BaseException:
                     self._calls.clear()
                     raise
 
-    def deliver(self) -> None:
-        """Run the pending calls now, in this thread: the other loop's posted delivery does it, and
-        its owner does after that loop has ended (a posted delivery then never runs)."""
+    def _deliver(self) -> None:
         with self._lock:
             calls, self._calls = self._calls, []
         for call in calls:

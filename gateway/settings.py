@@ -27,7 +27,7 @@ class Settings(BaseModel):
         True, description="Without a static key: True checks per-tenant keys; False lets anyone in as 'default'."
     )
     max_concurrent_requests: int = Field(16, ge=1, description="Per tenant; more get 429.")
-    max_active_fine_tuning_jobs: int = Field(
+    max_fine_tuning_jobs: int = Field(
         4, ge=1, description="Per tenant: jobs validating, queued or running at once; more get 429 (they share the "
         "gateway's worker threads and the trainer's queue with every tenant)."
     )

@@ -85,8 +85,6 @@ class SwarmBridge:
             self._error = error
         finally:
             self._started.set()
-            if self._to_trio is not None:  # calls that came as the loop ended run here: each finds it stopped
-                self._to_trio.deliver()
 
     async def _main(self) -> None:
         async with start_node(**self._node_args) as node:
@@ -160,6 +158,8 @@ class SwarmBridge:
         try:
             return await future
         except asyncio.CancelledError:
+            if discard is not None and future.done() and not future.cancelled() and future.exception() is None:
+                self._discard(discard, future.result())  # settled, then cancelled before this task resumed
             try:
                 self._token.run_sync_soon(scope.cancel)
             except trio.RunFinishedError:

@@ -135,7 +135,7 @@ def add_gateway_options(parser: argparse.ArgumentParser) -> None:
                help="SQLite database (tenants, keys, files, jobs), uploaded files, tenants' adapters, logs")
     add_option(parser, "--max-concurrent-requests", type=int, default=setting("max_concurrent_requests"),
                help="per tenant; more get 429")
-    add_option(parser, "--max-fine-tuning-jobs", type=int, default=setting("max_active_fine_tuning_jobs"),
+    add_option(parser, "--max-fine-tuning-jobs", type=int, default=setting("max_fine_tuning_jobs"),
                help="per tenant: fine-tuning jobs validating, queued or running at once; more get 429")
     add_option(parser, "--max-loaded-models", type=int, default=setting("max_loaded_models"),
                help="models whose tokenizer and head stay in memory; another loads on first use and evicts "
@@ -182,7 +182,7 @@ def gateway_settings(args: argparse.Namespace, models: dict[str, Any]) -> Settin
         data_dir=args.data_dir,
         api_key=args.api_key,
         max_concurrent_requests=args.max_concurrent_requests,
-        max_active_fine_tuning_jobs=args.max_fine_tuning_jobs,
+        max_fine_tuning_jobs=args.max_fine_tuning_jobs,
         max_upload_bytes=args.max_upload_mb * 2**20,
         fine_tune_learning_rate=args.fine_tune_learning_rate,
         speculative_tokens=args.speculative_tokens,

@@ -6,6 +6,7 @@ through a running bridge carry every end-to-end test.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -71,3 +72,37 @@ def test_a_result_that_comes_after_its_caller_was_cancelled_goes_to_discard():
     finally:
         bridge.stop()
     assert discarded == ["session"]
+
+
+def test_a_result_settled_just_before_its_caller_is_cancelled_goes_to_discard():
+    """The result reaches asyncio, and the caller is cancelled before it resumes (the future holds
+    the result, the task gets CancelledError): the result goes to `discard` too."""
+    bridge = SwarmBridge(initial_peers=[], rtt_probe_interval=None).start()
+    discarded: list[str] = []
+
+    async def main() -> None:
+        loop, caller = asyncio.get_running_loop(), {}
+
+        async def opens() -> str:  # in trio: the cancel is queued to follow the answer closely
+            loop.call_soon_threadsafe(lambda: loop.call_soon(caller["task"].cancel))
+            return "session"
+
+        async def discard(result: str) -> None:
+            discarded.append(result)
+
+        for _ in range(20):
+            caller["task"] = asyncio.ensure_future(bridge.run(opens, discard=discard))
+            with contextlib.suppress(asyncio.CancelledError):
+                await caller["task"]
+            if not caller["task"].cancelled():  # answered before the cancel: the caller has it
+                discarded.append("session")
+        for _ in range(200):
+            if len(discarded) == 20:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+    finally:
+        bridge.stop()
+    assert discarded == ["session"] * 20

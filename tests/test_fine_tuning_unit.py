@@ -406,7 +406,7 @@ def test_listing_pagination(client, stack):
 
 def test_a_tenants_active_jobs_are_bounded(stack, backend):
     """Each job's validation and training take the gateway's shared worker threads and the one
-    trainer: past `max_active_fine_tuning_jobs` (4) validating, queued or running, a tenant gets 429."""
+    trainer: past `max_fine_tuning_jobs` (4) validating, queued or running, a tenant gets 429."""
     backend.train_delay = 0.05
     tenant = openai.OpenAI(base_url=stack["base"] + "/v1", api_key=KeyStore(stack["data_dir"]).create_key("initech"),
                            max_retries=0, timeout=60)

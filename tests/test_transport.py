@@ -6,11 +6,13 @@ yet big frames flow. The paths for megabytes (swarm/transport/bulk.py): tests/te
 from __future__ import annotations
 
 import os
+import socket
 import types
 
 import pytest
 import trio
 from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux import yamux
 
 from swarm import protocol
@@ -205,7 +207,7 @@ def test_a_sender_cancelled_mid_write_finishes_it_then_hands_the_queue_on():
 
 
 def test_a_write_the_peer_does_not_take_closes_the_connection(monkeypatch):
-    """A peer that takes nothing for SEND_DEADLINE: the connection is closed and every frame in
+    """A peer that takes nothing within the deadline: the connection is closed and every frame in
     the write fails at once (its streams would otherwise wait on a connection that cannot go on)."""
     monkeypatch.setattr(tuning, "SEND_DEADLINE", 0.05)
 
@@ -515,16 +517,13 @@ def test_a_big_frame_crosses_in_whole_noise_messages(monkeypatch):
     assert len(sizes) <= len(payload) // (MAX_PLAINTEXT_LENGTH - 12) + 8, sorted(sizes)[:20]
 
 
-
 def test_a_writer_cancelled_while_the_peer_is_slow_to_read_leaves_the_connection_working():
     """Two real nodes, one connection. The receiver stops reading and the socket buffers are small,
     so an 8 MB frame's send blocks; its writer is cancelled there (its session's client went
     away). Another stream on the connection still works once the receiver reads again (cut short
     mid-send, the connection carried half a noise message, and every stream on it hung)."""
-    import socket
 
     def tcp_of(node, peer_id):
-        from libp2p.peer.id import ID
         connections = node.host.get_network().connections[ID.from_base58(peer_id)]
         layer = (connections[0] if isinstance(connections, list) else connections).muxed_conn.secured_conn
         for attribute in ("conn", "read_writer", "read_write_closer", "stream"):

@@ -245,7 +245,7 @@ def _usable(call: _Call) -> bool:
         return False
     try:
         return isinstance(json.loads(call.arguments), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
         return False
 
 

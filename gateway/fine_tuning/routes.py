@@ -38,6 +38,8 @@ from gateway.fine_tuning.service import FineTuning, FineTuningDep
 from gateway.state import GatewayDep, TenantDep
 from gateway.fine_tuning.uploads import LimitedUploadRoute, read_upload
 
+IMPORT_EXPANSION = 4  # an imported adapter's archive may unpack to this many times the upload limit
+
 router = APIRouter(route_class=LimitedUploadRoute)
 
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -73,7 +75,7 @@ async def create_job(
             raise file_not_found(file_id, param)
         if file.purpose != "fine-tune":
             raise InvalidRequest(f"File {file_id} has purpose '{file.purpose}', not 'fine-tune'.", param=param)
-    if (active := fine_tuning.jobs.active(tenant)) >= (limit := gateway.settings.max_active_fine_tuning_jobs):
+    if (active := fine_tuning.jobs.active(tenant)) >= (limit := gateway.settings.max_fine_tuning_jobs):
         raise RateLimited(f"This organization has {active} fine-tuning jobs validating, queued or running (limit "
                           f"{limit}); create more when one finishes or is cancelled.")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
@@ -159,9 +161,6 @@ async def export_adapter(model: str, fine_tuning: FineTuningDep, tenant: TenantD
     filename = re.sub(r"[^A-Za-z0-9_.-]", "_", found.id) + ".tar.gz"
     return Response(archive, media_type="application/gzip",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
-
-
-IMPORT_EXPANSION = 4  # an imported adapter's archive may unpack to this many times the upload limit
 
 
 @router.post("/v1/fine_tuning/models/import")

@@ -23,6 +23,7 @@ class TextStream:
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()):
         self._decode = decode
         self._stops = [s for s in stops if s]
+        self._prefixes = _StopPrefixes(self._stops)
         self._ids: list[int] = []
         self._window = 0  # where the decoding window starts: one emitted token back
         self._read = 0  # ids up to here are in _text
@@ -76,23 +77,58 @@ class TextStream:
         return min(found) if found else None
 
     def _held_back(self) -> int:
-        """Length of the longest text suffix that a later token could complete into a stop string
-        (a proper prefix of one). Per stop, the candidates are where its first character occurs in
-        the text's last len(s) - 1 characters, earliest (longest) first, found and compared at C
-        speed (a slice and a comparison per length cost a long stop string quadratic time per token)."""
-        held = 0
-        for stop in self._stops:
-            tail = self._text[max(0, len(self._text) - len(stop) + 1):] if len(stop) > 1 else ""
-            start = tail.find(stop[0])
-            while start >= 0 and len(tail) - start > held:
-                if stop.startswith(tail[start:]):
-                    held = len(tail) - start
-                    break
-                start = tail.find(stop[0], start + 1)
-        return held
+        """Length of the longest text suffix that a later token could complete into a stop string."""
+        return self._prefixes.held(self._text)
 
     def _emit_until(self, end: int) -> str:
         end = max(end, self._emitted)
         delta = self._text[self._emitted : end]
         self._emitted = end
         return delta
+
+
+class _StopPrefixes:
+    """Per stop string, the longest of its prefixes that the text ends with, advanced over the new
+    text only (Knuth-Morris-Pratt): a token costs what its characters cost. (Checking every prefix
+    length per token cost 2-4 ms a token for 16 stop strings of 1,000 characters, on the head's
+    thread, which every tenant shares.)"""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = list(stops)
+        self._fallbacks = [_prefix_function(stop) for stop in self._stops]
+        self._matched = [0] * len(self._stops)
+        self._text = ""  # the text the states describe
+
+    def held(self, text: str) -> int:
+        """The longest suffix of `text` that is a proper prefix of a stop string."""
+        if not self._stops:
+            return 0
+        if text.startswith(self._text):
+            new = text[len(self._text):]
+        else:  # the decoder rewrote earlier text: start again from the tail that can matter
+            self._matched = [0] * len(self._stops)
+            new = text[-max(map(len, self._stops)):]
+        self._text = text
+        held = 0
+        for index, (stop, fallback) in enumerate(zip(self._stops, self._fallbacks)):
+            matched = self._matched[index]
+            for char in new:
+                if matched == len(stop):
+                    matched = fallback[matched - 1]
+                while matched and stop[matched] != char:
+                    matched = fallback[matched - 1]
+                matched += stop[matched] == char
+            self._matched[index] = matched
+            held = max(held, matched if matched < len(stop) else fallback[matched - 1])
+        return held
+
+
+def _prefix_function(text: str) -> list[int]:
+    """For each i, the length of the longest proper prefix of text[:i + 1] that is also its suffix."""
+    lengths = [0] * len(text)
+    for i in range(1, len(text)):
+        length = lengths[i - 1]
+        while length and text[i] != text[length]:
+            length = lengths[length - 1]
+        lengths[i] = length + (text[i] == text[length])
+    return lengths

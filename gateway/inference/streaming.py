@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from pydantic import BaseModel
@@ -16,7 +17,7 @@ PING_SECONDS = 15  # keep-alive comments (`: ping`), which SSE clients ignore
 
 
 def sse_response(
-    chunks: AsyncIterator[BaseModel], close: Callable[[], Awaitable[None]], *, with_usage: bool
+    chunks: AsyncGenerator[BaseModel, None], close: Callable[[], Awaitable[None]], *, with_usage: bool
 ) -> EventSourceResponse:
     """Stream `chunks`, then `[DONE]`; `close` runs on every exit, disconnects included.
 
@@ -29,8 +30,9 @@ def sse_response(
     async def events() -> AsyncIterator[str]:
         try:
             try:
-                async for chunk in chunks:
-                    yield chunk.model_dump_json(exclude=None if with_usage else {"usage"})
+                async with aclosing(chunks):  # left early (a disconnect): its end runs now, not at collection
+                    async for chunk in chunks:
+                        yield chunk.model_dump_json(exclude=None if with_usage else {"usage"})
             except Exception as exc:
                 yield json.dumps(error_body(from_exception(exc)))
         finally:
@@ -41,7 +43,9 @@ def sse_response(
     return EventSourceResponse(events(), sep="\n", ping=PING_SECONDS, background=BackgroundTask(close))
 
 
-def sse_events(events: AsyncIterator[dict[str, Any]], close: Callable[[], Awaitable[None]]) -> EventSourceResponse:
+def sse_events(
+    events: AsyncGenerator[dict[str, Any], None], close: Callable[[], Awaitable[None]]
+) -> EventSourceResponse:
     """Stream typed events as the Responses API does: `event: <type>` and `data: {json}` with a
     `sequence_number` counted from 0; no `[DONE]`. An error after the stream started is an
     `error` event. `close` runs on every exit, disconnects included."""
@@ -50,9 +54,10 @@ def sse_events(events: AsyncIterator[dict[str, Any]], close: Callable[[], Awaita
         sequence = 0
         try:
             try:
-                async for event in events:
-                    yield {"event": event["type"], "data": json.dumps({**event, "sequence_number": sequence})}
-                    sequence += 1
+                async with aclosing(events):  # left early (a disconnect): its end runs now, not at collection
+                    async for event in events:
+                        yield {"event": event["type"], "data": json.dumps({**event, "sequence_number": sequence})}
+                        sequence += 1
             except Exception as exc:
                 detail = error_body(from_exception(exc))["error"]
                 body = {"type": "error", "code": detail.get("code"), "message": detail["message"],

@@ -189,7 +189,9 @@ def _free_first_locks(cls: type, *paths: str) -> None:
 # small: a batch's sessions, woken together, each write a push and a reply, and go out as one send
 # per connection instead of one each. 32 streams through `up` on an H100 (8B shapes): +11% tokens/s.
 GATHER_FRAMES_BELOW = 64 * 1024
-SEND_DEADLINE = 30.0  # seconds a connection's write may take once its frames are taken (`_send_whole`)
+# A connection's write, once its frames are taken (`_send_whole`), may take this long plus its size
+# at this rate: a slow link's megabytes are no stalled peer.
+SEND_DEADLINE, MIN_SEND_RATE = 30.0, 64 * 1024
 
 
 class _Pending:
@@ -266,11 +268,13 @@ async def _send_whole(self: Yamux, data: bytes) -> None:
     """The connection's write, shielded from its writer's cancellation: noise seals a message
     before the socket takes it, so a write cut short (a session's client gone, a step's time limit,
     while a prompt's megabytes wait on a slow link) left part of a numbered message on the wire,
-    and every stream on the connection hung. A peer that takes none of it for `SEND_DEADLINE`
-    seconds gets the connection closed instead: its streams fail at once. The writer's own
-    cancellation comes at its next checkpoint."""
+    and every stream on the connection hung. A write not done within `SEND_DEADLINE` seconds plus
+    its size at `MIN_SEND_RATE` closes the connection instead (a peer that stopped reading): its
+    streams fail at once. The writer's own cancellation, or a node's stop, waits for it; it comes
+    at the writer's next checkpoint."""
+    limit = SEND_DEADLINE + len(data) / MIN_SEND_RATE
     with trio.CancelScope(shield=True) as sending:
-        sending.deadline = trio.current_time() + SEND_DEADLINE
+        sending.deadline = trio.current_time() + limit
         await self.secured_conn.write(data)
     if sending.cancelled_caught:
         with trio.CancelScope(shield=True):
@@ -278,8 +282,7 @@ async def _send_whole(self: Yamux, data: bytes) -> None:
                 await self.secured_conn.close()
             except Exception:
                 logger.debug("closing a stalled connection failed", exc_info=True)
-        raise ConnectionClosedError(f"a write to the peer took over {SEND_DEADLINE:g} s: connection closed",
-                                    transport="tcp")
+        raise ConnectionClosedError(f"a write to the peer took over {limit:.0f} s: connection closed", transport="tcp")
 
 
 def _hand_on(writes: dict[str, Any]) -> None:
