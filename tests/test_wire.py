@@ -78,10 +78,11 @@ class BytesStream:
     """Reads from a byte string in small pieces, as a network stream would."""
 
     def __init__(self, data: bytes, piece: int = 7):
-        self.data, self.piece = data, piece
+        self.data, self.piece, self.offset = data, piece, 0
 
     async def read(self, n: int) -> bytes:
-        chunk, self.data = self.data[: min(n, self.piece)], self.data[min(n, self.piece):]
+        chunk = self.data[self.offset:self.offset + min(n, self.piece)]  # no copy of the rest per read
+        self.offset += len(chunk)
         return chunk
 
 
