@@ -17,8 +17,23 @@ from swarm.bridge import SwarmBridge
 pytestmark = pytest.mark.e2e  # a real libp2p host
 
 
-def test_calls_into_a_stopping_or_stopped_bridge_fail_rather_than_hang():
+@pytest.fixture
+def bridge():
     bridge = SwarmBridge(initial_peers=[], rtt_probe_interval=None).start()
+    yield bridge
+    bridge.stop()
+
+
+async def _until(done, seconds: float = 2.0) -> None:
+    """Await `done()` (checked every 10 ms) for up to `seconds`."""
+    for _ in range(int(seconds / 0.01)):
+        if done():
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_calls_into_a_stopping_or_stopped_bridge_fail_rather_than_hang(bridge):
+    """A call that hangs fails `wait_for`; one after the stop must raise ConnectionError."""
 
     async def main() -> tuple[list[str], list[str]]:
         loop = asyncio.get_running_loop()
@@ -42,10 +57,9 @@ def test_calls_into_a_stopping_or_stopped_bridge_fail_rather_than_hang():
     assert set(during) <= {"ran", "stopped"} and after == ["stopped"] * 3
 
 
-def test_a_result_that_comes_after_its_caller_was_cancelled_goes_to_discard():
+def test_a_result_that_comes_after_its_caller_was_cancelled_goes_to_discard(bridge):
     """The asyncio caller is cancelled while trio finishes the call (a session opening as its HTTP
     client leaves): the result goes to `discard` in trio, else nobody would ever close it."""
-    bridge = SwarmBridge(initial_peers=[], rtt_probe_interval=None).start()
     discarded: list[str] = []
 
     async def main() -> None:
@@ -62,22 +76,15 @@ def test_a_result_that_comes_after_its_caller_was_cancelled_goes_to_discard():
         caller["task"] = asyncio.ensure_future(bridge.run(opens, discard=discard))
         with pytest.raises(asyncio.CancelledError):
             await caller["task"]
-        for _ in range(200):
-            if discarded:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: discarded)
 
-    try:
-        asyncio.run(main())
-    finally:
-        bridge.stop()
+    asyncio.run(main())
     assert discarded == ["session"]
 
 
-def test_a_result_settled_just_before_its_caller_is_cancelled_goes_to_discard():
+def test_a_result_settled_just_before_its_caller_is_cancelled_goes_to_discard(bridge):
     """The result reaches asyncio, and the caller is cancelled before it resumes (the future holds
     the result, the task gets CancelledError): the result goes to `discard` too."""
-    bridge = SwarmBridge(initial_peers=[], rtt_probe_interval=None).start()
     discarded: list[str] = []
 
     async def main() -> None:
@@ -96,13 +103,7 @@ def test_a_result_settled_just_before_its_caller_is_cancelled_goes_to_discard():
                 await caller["task"]
             if not caller["task"].cancelled():  # answered before the cancel: the caller has it
                 discarded.append("session")
-        for _ in range(200):
-            if len(discarded) == 20:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: len(discarded) == 20)
 
-    try:
-        asyncio.run(main())
-    finally:
-        bridge.stop()
+    asyncio.run(main())
     assert discarded == ["session"] * 20
