@@ -177,9 +177,43 @@ class DecodeBatcher:
             return True
         return False
 
+    async def step_rows(self, rows: list[tuple[BlockSpan, torch.Tensor, Any, int, SpanLora | None]]) -> list[torch.Tensor | Exception]:
+        """The outputs, on the host, of one-token steps of several sessions that came together (a
+        step group: blockserver/step_groups.py), each (span, hidden, cache, position, adapter) as for
+        `step`: queued at once, so they need no gathering, and computed in batches with any other
+        queued steps as the slot frees; a row's error (its batch failed, its session closed) in its place."""
+        mine = [_Step(span, adapter, hidden, cache, position) for span, hidden, cache, position, adapter in rows]
+        for step in mine:
+            self._queue.add(step)
+        self._wake()
+        try:
+            for step in mine:
+                while step in self._queue and await self._slot_unless_taken(step):
+                    try:
+                        if step in self._queue:
+                            await self._run(self._take(step, self.max_rows))
+                    except Exception:
+                        pass  # every step of that batch carries the error
+                    finally:
+                        self.compute.release()
+        finally:
+            if left := [step for step in mine if step in self._queue]:  # cancelled: nobody computes them
+                self._queue.remove(left)
+        for step in mine:
+            await step.done.wait()
+        return [step.error or step.output for step in mine]  # type: ignore[misc]
+
     def forget(self, cache: Any) -> None:
-        """The session of `cache` closed: no step waits for it any more."""
+        """The session of `cache` closed: no step waits for it any more, and its queued step (a step
+        group's row: no task of the session awaits it) is not computed."""
         if self._last_step.pop(id(cache), None) is not None:
+            self._wake()
+        if (step := self._queue.sessions.get(id(cache))) is not None:
+            self._queue.remove([step])
+            if step.waiting is not None:
+                step.waiting.cancel()
+            step.error = RuntimeError("the session closed")
+            step.done.set()
             self._wake()
 
     def _forget_stopped(self, previous: float) -> None:

@@ -28,7 +28,7 @@ from blocks.lora import SpanLora
 from blocks.prefix_cache import BLOCK, Prefix, PrefixCache, chain_keys
 from blocks.span import BlockSpan
 from blockserver import incoming
-from blockserver.adapter_cache import UnknownAdapterError
+from blockserver.training import UnknownAdapterError
 from blockserver.batcher import DecodeBatcher
 from blockserver.drill import Drill
 from blockserver.limits import ServerLimits
@@ -60,6 +60,7 @@ class _LiveSession:
     cache_salt: str | None = None  # the client's: part of the namespace too (only equal salts share prompts)
     span: BlockSpan | None = None  # the blocks it computes, on the weights loaded when it opened
     loaded: BlockSpan | None = None  # the server's span then: after a move, drained
+    owner: str = ""  # its client's peer id: where a step group's answers for it go (blockserver/step_groups.py)
 
 
 class UnknownPrefixError(ProtocolError):
@@ -90,7 +91,7 @@ class InferenceService:
         self.metrics = metrics
         self.session_adapter = session_adapter  # the adapter an ``open`` frame names
         self.drill = drill  # --drill-corrupt: corrupts a fraction of outputs on purpose
-        self._live: dict[str, _LiveSession] = {}
+        self.live: dict[str, _LiveSession] = {}  # open sessions by id
         self.batcher = DecodeBatcher(compute, metrics, max_rows=limits.max_batch_rows, gather=limits.batch_gather,
                                      split=limits.batch_split, finish=functools.partial(drill, kind="decode"))
         # PUSH streams that sessions ended with cleanly, for later sessions pushing to the same servers
@@ -103,7 +104,7 @@ class InferenceService:
     async def drain(self, span: BlockSpan) -> None:
         """After a move: end the sessions still on the old `span` once the drain timeout has passed."""
         await trio.sleep(self.limits.drain_timeout)
-        for live in [live for live in self._live.values() if live.loaded is span]:
+        for live in [live for live in self.live.values() if live.loaded is span]:
             logger.info("session %s on the old span [%d, %d) ended by the move", live.id, span.start, span.end)
             live.cancel.cancel()
 
@@ -113,7 +114,7 @@ class InferenceService:
             await self.push_streams.expire()
             for session_id in self.caches.expire_idle():
                 logger.info("session %s expired after %.0f s idle", session_id, self.limits.idle_timeout)
-                if (live := self._live.get(session_id)) is not None:
+                if (live := self.live.get(session_id)) is not None:
                     live.cancel.cancel()
 
     # -- INFERENCE -------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ class InferenceService:
         half-written to it (the stream may carry the client's next session). A refusal is an
         error frame, and ends the stream."""
         try:
-            opening = incoming.open_request(request, self.limits, self.span, self.checkpoint, self._live)
+            opening = incoming.open_request(request, self.limits, self.span, self.checkpoint, self.live)
             # the session keeps these, whatever moves come later
             loaded, span = self.span, incoming.span_part(self.span, request)
             adapter = self.session_adapter(request)
@@ -165,7 +166,7 @@ class InferenceService:
                 pushes = SessionPushes(self.push_streams, self.metrics.streams_reused.labels("push").inc)
                 live = _LiveSession(opening.session, stream, opening.codec, inbox_send, pushes, adapter=adapter,
                                     span=span, loaded=loaded, adapter_digest=request.get("adapter"),
-                                    cache_salt=opening.cache_salt)
+                                    cache_salt=opening.cache_salt, owner=stream.muxed_conn.peer_id.to_base58())
                 await self._run_session(live, inbox, opening.push_to)
                 return live.closed and not live.stepping
             finally:
@@ -180,7 +181,7 @@ class InferenceService:
     async def _run_session(self, live: _LiveSession, inbox: trio.MemoryReceiveChannel,
                            push_to: dict[str, Any] | None) -> None:
         with live.cancel:
-            self._live[live.id] = live
+            self.live[live.id] = live
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_client_steps, live, nursery.cancel_scope)
@@ -189,7 +190,7 @@ class InferenceService:
                         nursery.start_soon(live.pushes.open_ahead, push_to["peer"], push_to.get("addrs"),
                                            self.limits.push_timeout)
             finally:
-                del self._live[live.id]
+                del self.live[live.id]
                 await live.pushes.end(clean=not live.stepping)  # kept for later sessions unless a push broke off
 
     async def _read_client_steps(self, live: _LiveSession, scope: trio.CancelScope) -> None:
@@ -218,7 +219,7 @@ class InferenceService:
             while True:
                 message = incoming.expect(await incoming.read(stream, self.limits, timeout), "step")
                 timeout = self.limits.idle_timeout
-                live = self._live.get(require(message, "session", str))
+                live = self.live.get(require(message, "session", str))
                 try:
                     if live is None:
                         if message.get("prefix"):  # the pusher waits to hear what we hold: nothing
@@ -275,16 +276,7 @@ class InferenceService:
         session = self.caches.get(live.id)
         span = live.span or self.span
         position = require(message, "position", int)
-        if position < 0:
-            raise ProtocolError(f"step at position {position}: positions start at 0")
-        truncations = message.get("truncations", 0)
-        if not isinstance(truncations, int) or truncations < 0:
-            raise ProtocolError("'truncations' must be a count >= 0")
-        if truncations > session.truncations:  # the client cut positions since our last step: roll back
-            if position > session.position:
-                raise ProtocolError(f"truncation to {position}, but the session holds {session.position} tokens")
-            session.truncate(position, truncations)
-        if position < session.position:
+        if not self.new_position(session, position, message.get("truncations", 0)):
             logger.debug("session %s: step at %d dropped, already at %d", live.id, position, session.position)
             return None
         tail = message.get("tail")  # the last hop returns only the positions its client samples from
@@ -317,7 +309,7 @@ class InferenceService:
             if prefix is not None:
                 await trio.to_thread.run_sync(self.prefixes.restore, span, session.cache, prefix, limiter=self.compute)
                 hidden, position = hidden[:, prefix.reused - named:], prefix.reused
-            output = await self._compute_chunked(live, span, hidden, session.cache, position)
+            output = await self.compute_chunked(live, span, hidden, session.cache, position)
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.steps.inc()
         self.metrics.tokens.inc(tokens * session.batch)
@@ -327,10 +319,24 @@ class InferenceService:
             return await self._prompt_output(live, span, message, output, prefix, may_name, tail)
         output = output if tail is None else output[:, -tail:]
         if not batched:  # a batch's outputs come on the host, drilled
-            output = await self._on_host(output, "prefill" if message["position"] == 0 else "decode")
+            output = await self.on_host(output, "prefill" if message["position"] == 0 else "decode")
         return Output(codec.encode(output, live.codec))
 
-    async def _on_host(self, output: torch.Tensor, kind: str = "prefill") -> torch.Tensor:
+    @staticmethod
+    def new_position(session: Any, position: int, truncations: Any) -> bool:
+        """Whether a step at `position` is new to `session`: False for one it holds already (a
+        replay's duplicate, dropped). A truncation count new to it rolls it back to `position` first."""
+        if position < 0:
+            raise ProtocolError(f"step at position {position}: positions start at 0")
+        if not isinstance(truncations, int) or isinstance(truncations, bool) or truncations < 0:
+            raise ProtocolError("'truncations' must be a count >= 0")
+        if truncations > session.truncations:  # the client cut positions since our last step: roll back
+            if position > session.position:
+                raise ProtocolError(f"truncation to {position}, but the session holds {session.position} tokens")
+            session.truncate(position, truncations)
+        return position >= session.position
+
+    async def on_host(self, output: torch.Tensor, kind: str = "prefill") -> torch.Tensor:
         """`output` copied to the host (waiting for the device: not on the event loop), and drilled."""
         if output.device.type != "cpu":
             output = await trio.to_thread.run_sync(output.cpu)
@@ -376,9 +382,9 @@ class InferenceService:
         output_keys: list[bytes] = []
         if tail is not None or not message.get("route"):
             start = 0 if tail is None else max(prefix.reused + computed.shape[1] - tail, 0)
-            result = Output(codec.encode(await self._on_host(prefix.output_from(computed, start)), live.codec))
+            result = Output(codec.encode(await self.on_host(prefix.output_from(computed, start)), live.codec))
         else:  # only what goes on comes to the host
-            wire = codec.encode(await self._on_host(prefix.output_from(computed, BLOCK * len(names))), live.codec)
+            wire = codec.encode(await self.on_host(prefix.output_from(computed, BLOCK * len(names))), live.codec)
             new = codec.token_blocks(wire, BLOCK, len(prefix.keys) - len(names))
             output_keys = (await trio.to_thread.run_sync(chain_keys, new, names[-1] if names else b""))
             unnamed = len(prefix.found) - len(names)  # found blocks stored without their outputs' keys
@@ -401,7 +407,7 @@ class InferenceService:
         result.store = store
         return result
 
-    async def _compute_chunked(self, live: _LiveSession, span: BlockSpan, hidden, cache, position: int) -> Any:
+    async def compute_chunked(self, live: _LiveSession, span: BlockSpan, hidden, cache, position: int) -> Any:
         """A step of several tokens (a prompt), `limits.prefill_chunk` tokens at a time, each chunk
         its own turn of the compute slot: one-token steps of other sessions waiting for it run
         between chunks, so a long prompt delays them by a chunk, not by the whole prompt."""

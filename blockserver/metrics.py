@@ -19,6 +19,9 @@ class ServerMetrics:
                                       registry=registry)
         self.batch_rows = Histogram("swarmgate_server_batch_rows", "Rows of one batched decode forward",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
+        self.group_rows = Histogram("swarmgate_server_group_rows",
+                                    "Sessions' decode steps computed, pushed on and answered together as one step group",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
         self.queued_steps = Gauge("swarmgate_server_queued_steps", "Decode steps waiting for the compute slot",
                                   registry=registry)
         self.prefix_tokens = Counter("swarmgate_server_prefix_cache_tokens",

@@ -1,8 +1,8 @@
 """A block server: serves one span of layers to the swarm over the wire protocol.
 
 Trio program. ``BlockServer`` hosts the node, the span and the session caches, registers one
-service per protocol (INFERENCE and PUSH: blockserver/inference.py, FORWARD: forward.py, TRAIN:
-training.py) and announces its record. Compute runs in a worker thread, one computation at a time
+service per protocol (INFERENCE and PUSH: blockserver/inference.py, STEPS: step_groups.py,
+FORWARD: forward.py, TRAIN: training.py) and announces its record. Compute runs in a worker thread, one computation at a time
 over all protocols, so the host keeps serving. Every handler sits behind a ``PeerGate``
 (blockserver/peers.py): one peer cannot take all the streams or sessions.
 
@@ -27,6 +27,7 @@ from blockserver.inference import InferenceService
 from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
 from blockserver.peers import PeerGate
+from blockserver.step_groups import StepGroupService
 from blockserver.throughput import ThroughputCache, span_throughput
 from blockserver.training import TrainingService
 from swarm import codec, protocol
@@ -75,6 +76,7 @@ class BlockServer:
             node, span, checkpoint=checkpoint, limits=limits, caches=self.caches, compute=self._compute,
             metrics=self.metrics, session_adapter=self.training.session_adapter, drill=self.drill,
         )
+        self.step_groups = StepGroupService(self.inference)
         self.forward = ForwardService(span, limits, self._compute, self.metrics, self.drill)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -85,6 +87,7 @@ class BlockServer:
         host, guard = self.node.host, self.peers.guard
         host.set_stream_handler(protocol.INFERENCE, guard("inference", self.inference.handle_inference))
         host.set_stream_handler(protocol.PUSH, guard("push", self.inference.handle_push))
+        host.set_stream_handler(protocol.STEPS, guard("steps", self.step_groups.handle))
         host.set_stream_handler(protocol.FORWARD, guard("forward", self.forward.handle))
         host.set_stream_handler(protocol.TRAIN, guard("train", self.training.handle))
         async with trio.open_nursery() as nursery:

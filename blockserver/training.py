@@ -39,7 +39,6 @@ from blocks.lora import LoraError, SpanLora
 from blocks.lora_weights import LoraWeights
 from blocks.span import BlockSpan
 from blockserver import incoming
-from blockserver.adapter_cache import AdapterCache, UnknownAdapterError
 from blockserver.drill import Drill
 from blockserver.limits import ServerLimits
 from blockserver.metrics import ServerMetrics
@@ -48,6 +47,47 @@ from swarm.node_options import fitted
 from swarm.protocol import ProtocolError, Stream, field as require
 
 logger = logging.getLogger(__name__)
+
+
+class UnknownAdapterError(LookupError):
+    """No adapter with this digest here (never uploaded, or evicted): upload it, then retry."""
+
+    def __str__(self) -> str:
+        return f"unknown adapter {self.args[0]!r}: upload this span's tensors, then retry"
+
+
+class AdapterCache:
+    """A server's LoRA adapters by content digest, least recently used evicted first: adapters are
+    small and many (one per tenant model, a new one per training step), so the recent ones are kept
+    within a byte budget; a client naming a forgotten one gets ``UnknownAdapterError`` and uploads
+    it again. Sessions keep a reference to theirs: eviction never changes a running session. Used
+    from the event loop only."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, SpanLora] = OrderedDict()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, digest: str, adapter: SpanLora) -> None:
+        if adapter.nbytes > self.max_bytes:
+            raise LoraError(f"adapter of {adapter.nbytes} bytes exceeds this server's cache of {self.max_bytes}")
+        self._entries[digest] = adapter
+        self._entries.move_to_end(digest)
+        while self.used_bytes > self.max_bytes:
+            self._entries.popitem(last=False)
+
+    def get(self, digest: str) -> SpanLora:
+        adapter = self._entries.get(digest)
+        if adapter is None:
+            raise UnknownAdapterError(digest)
+        self._entries.move_to_end(digest)
+        return adapter
 
 
 class KeptInputs:

@@ -95,6 +95,7 @@ class SwarmBridge:
                 if self._rtt_probe_interval is not None:
                     nursery.start_soon(node.probe_rtts, self._rtt_probe_interval)
                 nursery.start_soon(self.client.inference_streams.expire_forever)
+                await nursery.start(self.client.groups.run)
                 self._token = trio.lowlevel.current_trio_token()
                 self._to_trio = Mailbox(self._token.run_sync_soon)
                 self._started.set()

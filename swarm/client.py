@@ -31,6 +31,7 @@ from swarm.trust.bans import BanList
 from swarm.trust.verification import VerificationStats, judge
 from swarm.hops import Hop, RetriesExhausted, SessionConfig, SessionRequest
 from swarm.session import InferenceSession
+from swarm.step_groups import StepGroups
 from swarm.transport.stream_pool import StreamPool
 from swarm.uploads import AdapterUploads
 
@@ -78,6 +79,7 @@ class SwarmClient:
         self.push = push  # sessions' servers push along the chain (else this client relays each hop)
         self.uploads = AdapterUploads(node, timeout=step_timeout)
         self.prefixes = PrefixMemory()  # which prompt blocks servers hold: sessions name them (swarm/prompt_names.py)
+        self.groups = StepGroups(node, timeout=step_timeout)  # sessions' one-token steps together, while it runs
         # INFERENCE streams that ended sessions cleanly, for later sessions on the same servers
         self.inference_streams = StreamPool(lambda peer, addrs: node.open_stream(peer, protocol.INFERENCE, addrs),
                                             per_peer=IDLE_STREAMS_PER_SERVER, max_idle=STREAM_MAX_IDLE)
@@ -163,7 +165,7 @@ class SwarmClient:
     async def start(self, request: SessionRequest) -> InferenceSession:
         """Open a session over every block of `request.model`."""
         config = SessionConfig(self.step_timeout, self.max_retries, self.replace_wait, self.push, self.verify_fraction)
-        session = InferenceSession(self, request, config, self.prefixes)
+        session = InferenceSession(self, request, config, self.prefixes, self.groups)
         await session.open()
         return session
 

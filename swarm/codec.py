@@ -143,6 +143,44 @@ def token_blocks(message: dict[str, Any], tokens: int, count: int, *, skip: int 
             for i in range(skip, skip + count)]
 
 
+def rows_apart(codec: str, row_elements: int) -> bool:
+    """Whether rows of `row_elements` values encode apart under `codec`: joined or cut along the
+    first dimension (`join_rows`, `split_rows`), their maps are what encoding the whole or each
+    part gives (int8's scale blocks must not straddle two rows)."""
+    return codec != "int8" or row_elements % INT8_BLOCKSIZE == 0
+
+
+def join_rows(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tensor maps of one codec, dtype and row shape joined along their first dimension (where
+    `rows_apart`): the map of the concatenated tensor, without decoding anything."""
+    first = messages[0]
+    joined = {"codec": first["codec"], "dtype": first["dtype"],
+              "shape": [sum(message["shape"][0] for message in messages), *first["shape"][1:]],
+              "data": b"".join(message["data"] for message in messages)}
+    if "absmax" in first:
+        joined["absmax"] = b"".join(message["absmax"] for message in messages)
+    return joined
+
+
+def split_rows(message: Any, rows: list[int]) -> list[dict[str, Any]]:
+    """A tensor map cut along its first dimension into maps of `rows` rows each (where
+    `rows_apart`); the parts are decoded, and so checked, wherever they are used."""
+    shape, data = _field(message, "shape", list), _field(message, "data", bytes)
+    total, absmax = sum(rows), message.get("absmax", b"")
+    if not shape or shape[0] != total or not total or len(data) % total or not isinstance(absmax, bytes) \
+            or len(absmax) % total:
+        raise CodecError(f"a tensor of shape {shape} does not split into rows {rows}")
+    per_row, per_scales = len(data) // total, len(absmax) // total
+    parts, start = [], 0
+    for count in rows:
+        part = {**message, "shape": [count, *shape[1:]], "data": data[start * per_row:(start + count) * per_row]}
+        if "absmax" in message:
+            part["absmax"] = absmax[start * per_scales:(start + count) * per_scales]
+        parts.append(part)
+        start += count
+    return parts
+
+
 def _field(message: dict[str, Any], key: str, kind: type) -> Any:
     value = message.get(key)
     if not isinstance(value, kind):

@@ -304,8 +304,8 @@ async def start_node(
 ) -> AsyncIterator[SwarmNode]:
     """Run a node until the context exits: listen, join through ``initial_peers``, discover.
 
-    ``key_pair`` is the node's identity (swarm/keys.py), ``psk`` a private swarm's key
-    (swarm/keys.py); ``allow_peers``, when given, limits the servers this node routes through.
+    ``key_pair`` is the node's identity (swarm/trust/keys.py), ``psk`` a private swarm's key
+    (swarm/trust/keys.py); ``allow_peers``, when given, limits the servers this node routes through.
     """
     key_pair = key_pair or create_new_key_pair()
     host = new_host(key_pair=key_pair, psk=psk)

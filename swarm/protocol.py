@@ -16,6 +16,13 @@ Protocols (one libp2p stream each):
   (a replay's duplicate), so resending a step is always safe.
 - ``PUSH``: a server forwards its ``step`` output straight to the next server of the chain; each
   step names its session there, so the stream serves the pusher's later sessions too.
+- ``STEPS``: one-token steps of many sessions as one frame per hop (a client's decoding sessions
+  on the same chain): ``hello`` -> ``ready`` as it opens, then ``steps`` {rows [[session,
+  position, truncations, batch]], hidden (the rows joined), route [{peer, addrs, sessions}]}.
+  A server pushes its output on as one ``steps`` frame on its STEPS stream to the next server and
+  answers the rows' client with one ``outputs`` {sessions, positions, batches, hidden, pushed[,
+  errors]} on that client's STEPS stream to it (without one, an ``output`` per session on its
+  INFERENCE stream).
 - ``FORWARD``: one cache-less ``forward`` -> ``output`` over a full sequence.
 - ``RECORDS``: ask a peer for every server record it knows (fast start for a new node).
 - ``TRAIN``: LoRA on a span (blocks/training.py): ``upload`` -> ``stored``, ``forward`` ->
@@ -42,6 +49,7 @@ PUSH = TProtocol(f"/swarmgate/push/{PROTOCOL_VERSION}")
 FORWARD = TProtocol(f"/swarmgate/forward/{PROTOCOL_VERSION}")
 RECORDS = TProtocol(f"/swarmgate/records/{PROTOCOL_VERSION}")
 TRAIN = TProtocol(f"/swarmgate/train/{PROTOCOL_VERSION}")
+STEPS = TProtocol(f"/swarmgate/steps/{PROTOCOL_VERSION}")
 RECORDS_TOPIC = "swarmgate/records/1"
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024

@@ -28,7 +28,8 @@ count new to a server rolls its session back to the step's position (the same co
 A session sees its client only through ``ChainProvider`` (chains, load, backoff, opening hops)
 and a ``SessionConfig``; a ``SessionRequest`` says what the session asks of every server
 (swarm/hops.py). A one-row prompt may name its start by keys instead of sending it
-(swarm/prompt_names.py).
+(swarm/prompt_names.py); a one-token step may go with other sessions' in one frame per hop
+(swarm/step_groups.py), its answers and failures coming to the same loop as its own.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from swarm.hops import ChainProvider, Hop, RetriesExhausted, SessionConfig, Sess
 from swarm.prompt_names import PrefixMemory
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError
+from swarm.step_groups import GroupRow, GroupUnavailable, StepGroups
 from swarm.trust.checks import SpotChecks
 
 logger = logging.getLogger(__name__)
@@ -58,9 +60,10 @@ class InferenceSession:
     """A stateful generation session: ``step`` hidden states through every block, in order."""
 
     def __init__(self, chains: ChainProvider, request: SessionRequest, config: SessionConfig,
-                 prefixes: PrefixMemory | None = None) -> None:
+                 prefixes: PrefixMemory | None = None, groups: StepGroups | None = None) -> None:
         self._chains = chains
         self._prefixes = prefixes  # the client's: which prompt blocks servers hold (swarm/prompt_names.py)
+        self._groups = groups  # the client's: one-token steps sent with other sessions' (swarm/step_groups.py)
         self._prompt: tuple[list[bytes], dict[str, Any]] | None = None  # this step's keys and first fields
         self._config = config
         self.request = request
@@ -117,7 +120,7 @@ class InferenceSession:
         self._hops[0].inputs.append(record)
         try:
             self._prompt = await self._name_prompt(hidden, record)
-            output = await self._run_step()
+            output = await self._run_step(self._groupable(hidden))
         except BaseException as error:
             self._error = error  # the chain's state is unknown now: no further steps
             raise
@@ -137,6 +140,12 @@ class InferenceSession:
             return None
         keys = await prompt_names.prompt_keys(record, hidden.shape[1])
         return keys, prompt_names.named_fields(hidden, record, keys, self._prefixes.held(self._place(0), keys))
+
+    def _groupable(self, hidden: torch.Tensor) -> bool:
+        """A pushed one-token step, not spot-checked (a check needs each hop's answer), of joinable bytes."""
+        return (self._groups is not None and self._groups.running and hidden.shape[1] == 1 and self._prompt is None
+                and self._config.push and not self._config.verify_fraction and self._groups.takes(self._hops)
+                and codec.rows_apart(self.request.wire_codec, hidden.shape[0] * hidden.shape[2]))
 
     def _place(self, index: int) -> tuple[Any, ...]:
         """What a prefix cache's namespace is to this session's hop `index`: its span, adapter, codec and salt."""
@@ -165,21 +174,26 @@ class InferenceSession:
         self.position, self._truncations = position, self._truncations + 1
         await self._checks.truncated(keep, cut)
 
-    async def _run_step(self) -> dict[str, Any]:
+    async def _run_step(self, grouped: bool = False) -> dict[str, Any]:
         """Drive the current step to the end of the chain, replacing hops that fail on the way."""
         self._failed, self._slow, self._moved, self._failures, self._output = set(), set(), set(), 0, None
         self._events, events = trio.open_memory_channel[tuple[Hop, Any]](math.inf)
         failure: Exception | None = None
+        grouped_hops = list(self._hops) if grouped and self._groups is not None else []
+        for hop in self._hops:
+            hop.reader = None  # the last step's readers are done; a group's answers come without one
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    await self._drive(events)
+                    await self._drive(events, grouped)
                 except Exception as error:  # raised below as itself, not inside an exception group
                     failure = error
                     nursery.cancel_scope.cancel()
         finally:
             self._nursery = self._events = None
+            if grouped_hops and self._groups is not None:
+                self._groups.forget(grouped_hops)
         if failure is not None:
             raise failure
         assert self._output is not None
@@ -187,15 +201,25 @@ class InferenceSession:
             self._chains.succeeded(hop.record.peer_id)
         return self._output
 
-    async def _drive(self, events: trio.MemoryReceiveChannel) -> None:
-        steps = len(self._offsets)
-        for hop in self._hops:
-            self._start_reader(hop)
-        await self._send(self._hops[0], steps - 1, route=self._hops[1:] if self._config.push else (),
-                         fields=self._prompt and self._prompt[1])
+    async def _drive(self, events: trio.MemoryReceiveChannel, grouped: bool) -> None:
+        if grouped:  # every hop answers in the group's frames, or fails there (swarm/step_groups.py)
+            assert self._groups is not None and self._events is not None
+            send = self._events.send_nowait
+            self._groups.submit(GroupRow(list(self._hops), self._offsets[-1], self._truncations,
+                                         self._hops[0].inputs[-1], lambda hop, event: send((hop, event))))
+        else:
+            await self._send_alone()
         await self._collect(events)
         while await self._verify():
             await self._collect(events)  # the chain was rebuilt after a liar: drive the step again
+
+    async def _send_alone(self) -> None:
+        """The current step sent along the chain on this session's own streams (not in a group)."""
+        for hop in self._hops:
+            if hop.reader is None:
+                self._start_reader(hop)
+        await self._send(self._hops[0], len(self._offsets) - 1, route=self._hops[1:] if self._config.push else (),
+                         fields=self._prompt and self._prompt[1])
 
     async def _collect(self, events: trio.MemoryReceiveChannel) -> None:
         """Until every hop answered the current step, replacing those that fail."""
@@ -214,6 +238,9 @@ class InferenceSession:
             for hop, event in batch:
                 if hop not in self._hops or hop in failed:
                     continue  # from a hop replaced since, or failed already
+                if isinstance(event, GroupUnavailable):
+                    await self._send_alone()
+                    continue
                 try:
                     if isinstance(event, Exception):
                         raise event
@@ -276,14 +303,14 @@ class InferenceSession:
         if len(after.inputs) == step:
             after.inputs.append(record)
         if after.done <= step and frame.get("pushed") != after.session:
+            if after.reader is None:  # it was to answer in a group's frame: it answers on its stream now
+                self._start_reader(after)
             await self._send(after, step)
 
     async def _send(self, hop: Hop, step: int, route: Sequence[Hop] = (), fields: dict[str, Any] | None = None) -> None:
         """Send step `step` to `hop`, to be pushed on along `route` (with `fields` instead of its record).
-
         Only a step's first send has a route: while recovering, this client relays each output
-        itself, so no server spends its time dialling a peer that may have died too.
-        """
+        itself, so no server spends its time dialling a peer that may have died too."""
         current = step == len(self._offsets) - 1
         tail = self._tail if current else None  # an earlier step's outputs are replayed in full
         frame = {"type": "step", "position": self._offsets[step], **(fields or prompt_names.step_fields(hop.inputs[step])),
@@ -307,8 +334,7 @@ class InferenceSession:
         self._count_retry(error)
 
     def _note_moved(self, peer_id: str, error: BaseException) -> None:
-        """A server that serves other blocks than its record said: not a failure (it is alive and
-        will announce its new span), but its record is forgotten until then; still a retry."""
+        """A server serving other blocks than its record said: alive, no failure; its record is forgotten (a retry)."""
         self._moved.add(peer_id)
         self._chains.forget(peer_id)
         logger.info("server %s moved (%s); waiting for its new record", peer_id, error)
@@ -351,8 +377,7 @@ class InferenceSession:
             await self._send(new[0], step)
 
     def _find_unless_full(self, start: int, end: int, before: BaseException | None = None) -> list[ServerRecord] | None:
-        """`_find`; but with no chain left after a server said it is full (since `before`, the last
-        error then), that error at once: a full server answers now; waiting `replace_wait` would not help."""
+        """`_find`; with no chain left after a server said it is full (since `before`), that at once."""
         chain, last = self._find(start, end), self._last_error
         if chain is None and last is not before and isinstance(last, protocol.RemoteError) and last.code == protocol.BUSY:
             raise last
@@ -408,11 +433,9 @@ class InferenceSession:
 
     async def _open_all(self, chain: list[ServerRecord], hops: list[Hop | None],
                         errors: list[tuple[str, Exception]]) -> None:
-        """Open every hop of `chain` at once (one round trip over a slow network, not one per hop),
-        filling `hops` and `errors` in; the first failure stops the others (the chain is given up,
-        and only the server that failed counts as failed). Each server is told the next one, to
-        which it will push, so it opens that stream while the client is still opening (a push
-        stream costs round trips too)."""
+        """Open every hop of `chain` at once (one round trip, not one per hop), filling `hops` and
+        `errors` in; the first failure stops the others (only its server counts as failed). Each
+        server is told the next one, so it opens its push stream while the client is still opening."""
 
         async def open_hop(index: int, record: ServerRecord) -> None:
             push_to = chain[index + 1] if self._config.push and index + 1 < len(chain) else None
@@ -427,9 +450,8 @@ class InferenceSession:
                 nursery.start_soon(open_hop, index, record)
 
     async def _drop(self, hop: Hop, *, background: bool = True, clean: bool = False) -> None:
-        """Stop reading a hop and end its session (and its shadow's), so its server frees the
-        cache (in the background during a step: a dead server must not hold up the recovery);
-        `clean`: every step sent to it was answered, so its stream may serve another session."""
+        """Stop reading a hop and end its session (and its shadow's), in the background during a step
+        (a dead server must not hold up recovery); `clean`: all answered, its stream may be reused."""
         if hop.reader is not None:
             hop.reader.cancel()
         self._chains.release(hop.record.peer_id)

@@ -15,9 +15,9 @@ from typing import Any
 from gateway.serve import ServeOptions
 from gateway.settings import Settings, resolve_head
 from swarm.codec import CODECS
-from swarm.keys import load_or_create_identity
+from swarm.trust.keys import load_or_create_identity
 from swarm.node_options import NodeOptions
-from swarm.keys import read_swarm_key
+from swarm.trust.keys import read_swarm_key
 from swarm.trust.verification import PUBLIC_VERIFY_FRACTION
 
 ENV_PREFIX = "SWARMGATE_"

@@ -25,8 +25,8 @@ import yaml
 
 from blocks.head import ModelHead
 from swarm.bridge import SwarmBridge
-from swarm.keys import load_identity, load_or_create_identity, peer_id_of
-from swarm.keys import HEADER, format_swarm_key, parse_swarm_key, read_swarm_key, write_swarm_key
+from swarm.trust.keys import load_identity, load_or_create_identity, peer_id_of
+from swarm.trust.keys import HEADER, format_swarm_key, parse_swarm_key, read_swarm_key, write_swarm_key
 from swarm.records import ServerRecord
 from swarmgate import cli, launcher, options
 from swarmgate.launcher import start_process, start_server, stop_all

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from adapters import AdapterError, AdapterStore, LoraAdapter, create_adapter, import_adapter, lora_config
 from adapters import files as adapter_files
 from adapters.adapter import CONFIG_FILE, WEIGHTS_FILE
-from blockserver.adapter_cache import AdapterCache, UnknownAdapterError
+from blockserver.training import AdapterCache, UnknownAdapterError
 from blocks.checkpoint import load_config
 from blocks.head import ModelHead
 from blocks.lora import LoraError, SpanLora

@@ -33,7 +33,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 def target_address(listen: list[str], identity: str | None) -> str:
     """``/ip4/127.0.0.1/tcp/PORT/p2p/ID`` of the local server from its own settings."""
-    from swarm.keys import load_identity, peer_id_of
+    from swarm.trust.keys import load_identity, peer_id_of
 
     if not listen or identity is None:
         raise ValueError("give --address, or --listen and --identity of the server")
@@ -62,7 +62,7 @@ async def check(address: str, psk: str | None, timeout: float) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    from swarm.keys import read_swarm_key
+    from swarm.trust.keys import read_swarm_key
 
     try:
         address = args.address or target_address(args.listen, args.identity)

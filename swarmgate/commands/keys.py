@@ -42,7 +42,7 @@ def _add_swarm_key(kinds: argparse._SubParsersAction) -> None:
 
 
 def _swarm_key(args: argparse.Namespace) -> None:
-    from swarm.keys import format_swarm_key, new_swarm_key, write_swarm_key
+    from swarm.trust.keys import format_swarm_key, new_swarm_key, write_swarm_key
 
     if args.out is None:
         sys.stdout.write(format_swarm_key(new_swarm_key()))
@@ -60,7 +60,7 @@ def _add_peer_id(kinds: argparse._SubParsersAction) -> None:
 
 
 def _peer_id(args: argparse.Namespace) -> None:
-    from swarm.keys import load_or_create_identity, peer_id_of
+    from swarm.trust.keys import load_or_create_identity, peer_id_of
 
     try:
         print(peer_id_of(load_or_create_identity(args.identity)))
