@@ -226,14 +226,16 @@ class HttpUp:
         end = time.perf_counter()
         return (first or end) - started, end - started
 
-    def head_load(self) -> tuple[float, float]:
-        """The gateway's LM head rounds so far, and the generations' calls they served (/metrics)."""
+    def head_load(self) -> tuple[float, float, float, float]:
+        """The gateway's LM head rounds so far and the generations' calls they served; its step
+        groups and the sessions' steps they carried (/metrics)."""
         import httpx
 
         text = httpx.get(self.up.base_url.removesuffix("/v1") + "/metrics", timeout=30).text
         values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-                  if line.startswith(("swarmgate_head_rounds", "swarmgate_head_calls"))}
-        return values.get("swarmgate_head_rounds_total", 0.0), values.get("swarmgate_head_calls_total", 0.0)
+                  if line.startswith(("swarmgate_head_", "swarmgate_step_group"))}
+        return tuple(values.get(f"swarmgate_{name}_total", 0.0)  # type: ignore[return-value]
+                     for name in ("head_rounds", "head_calls", "step_groups", "step_group_rows"))
 
     def concurrent(self, text: str, max_tokens: int, streams: int) -> tuple[float, float]:
         """`streams` streamed chats at once (different prompts): (completion tokens/s, TTFT p50)."""
@@ -305,12 +307,13 @@ def http_times(path: Path, text: str, tokens: int, repeats: int, wire_codec: str
             one = up.concurrent(text, tokens, 1)[0]
             for n in streams:
                 up.concurrent(text, 4, n)  # untimed: the servers capture the graphs of n rows' buckets
-                rounds, calls = up.head_load()
+                before = up.head_load()
                 rate, ttft_p50 = up.concurrent(text, tokens, n)
-                rounds, calls = (after - before for after, before in zip(up.head_load(), (rounds, calls)))
+                rounds, calls, groups, rows = (after - was for after, was in zip(up.head_load(), before))
                 print(f"{wire_codec}, {n} concurrent streams: {rate:.1f} tokens/s in all ({rate / one:.2f}x one "
                       f"stream's {one:.1f}), TTFT p50 {ttft_p50 * 1e3:.0f} ms; the gateway's LM head served "
-                      f"{calls / max(rounds, 1):.1f} generations a round", flush=True)
+                      f"{calls / max(rounds, 1):.1f} generations a round, a step group carried "
+                      f"{rows / max(groups, 1):.1f} sessions' steps", flush=True)
         if prefix:
             alone, sharing = up.shared_prefix(prefix)
             print(f"{wire_codec}, a prompt sharing {prefix} tokens with the one before: TTFT {sharing * 1e3:.0f} ms "

@@ -113,7 +113,7 @@ class StepGroupService:
                 raise ProtocolError("a step group's rows are one token each, with a session per row on every later hop")
         except (ProtocolError, codec.CodecError) as error:
             service.metrics.errors.labels("bad_step").inc()
-            await self._answer_errors(sender, [(entry[0], entry[1], protocol.INVALID, str(error)) for entry in entries])
+            await self._answer_errors(sender, [(entry[0], entry[1], "error", str(error)) for entry in entries])
             return
         rows, errors = [], []
         for index, ((session_id, position, truncations, batch), part) in enumerate(zip(entries, hidden.split(batches))):
@@ -121,7 +121,7 @@ class StepGroupService:
                 if (row := self._begin(index, session_id, position, truncations, batch, part, message)) is not None:
                     rows.append(row)
             except (ProtocolError, ValueError, UnknownSessionError, SessionLimitError) as error:
-                code = protocol.BUSY if isinstance(error, SessionLimitError) else protocol.INVALID
+                code = protocol.BUSY if isinstance(error, SessionLimitError) else "error"
                 errors.append((session_id, position, code, str(error)))
         try:
             await self._compute_and_deliver(rows, route, message["hidden"]["codec"], errors)
@@ -139,8 +139,8 @@ class StepGroupService:
         if live is None:
             raise UnknownSessionError(f"no session {session_id} here")
         session = service.caches.get(session_id)
-        if live.stepping or session.batch != batch or live.codec != message["hidden"]["codec"]:
-            raise ProtocolError(f"session {session_id} takes no such step now (busy, or another batch or codec)")
+        if session.batch != batch or live.codec != message["hidden"]["codec"]:
+            raise ProtocolError(f"session {session_id} has another batch or codec")
         if not service.new_position(session, position, truncations):
             return None
         if position != session.position:

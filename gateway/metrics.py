@@ -45,6 +45,11 @@ class _SwarmCollector(Collector):
         state = self._swarm_state()
         yield CounterMetricFamily("swarmgate_replays", "Sessions rebuilt on another server after a failure",
                                   value=int(state.get("replays", 0)))
+        groups = state.get("step_groups", {})
+        yield CounterMetricFamily("swarmgate_step_groups", "Step groups sent: sessions' one-token steps in one frame "
+                                  "per hop", value=int(groups.get("groups", 0)))
+        yield CounterMetricFamily("swarmgate_step_group_rows", "Sessions' steps those step groups carried",
+                                  value=int(groups.get("rows", 0)))
         counts = state.get("verification", {})
         for name, documentation in VERIFICATION.items():
             yield CounterMetricFamily(f"swarmgate_verification_{name}", documentation, value=int(counts.get(name, 0)))

@@ -2,13 +2,16 @@
 
 Translates the swarm's failures into the backend's vocabulary: no chain covering the model ->
 ``BlocksUnavailable`` (503), every candidate server full -> ``SwarmBusy`` (429), every chain's
-servers failing while the session opens -> ``SwarmUnreachable`` (503). Fine-tuning's
+servers failing -> ``SwarmUnreachable`` (503); as a session opens and at any of its steps (a
+generation whose servers all died is a 503, not a 500). Fine-tuning's
 forward and backward go through ``swarm.training`` in float32 (codec ``none``): gradients are
 exact, and a training step's activations are few next to a generation's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +37,39 @@ class SwarmModel:
     checkpoint: str
 
 
+@contextmanager
+def _swarm_errors(served: SwarmModel, doing: str) -> Iterator[None]:
+    """The swarm's failures while `doing` something as the backend's errors."""
+    try:
+        yield
+    except NoChainError as error:
+        raise BlocksUnavailable(served.name, Coverage(served.num_blocks, tuple(error.missing))) from error
+    except RemoteError as error:
+        if error.code == BUSY:
+            raise SwarmBusy(f"the swarm has no capacity for this request now: {error}") from error
+        raise SwarmUnreachable(f"the swarm failed {doing}: {error}") from error
+    except (OSError, trio.TooSlowError, BaseLibp2pError, ProtocolError) as error:  # ConnectionError is an OSError
+        raise SwarmUnreachable(f"servers of model '{served.name}' failed {doing} ({error!r}); retry shortly") from error
+
+
+class _Session:
+    """A session whose steps fail with the backend's errors, as its opening does."""
+
+    def __init__(self, served: SwarmModel, session: InferenceSession) -> None:
+        self._served = served
+        self._session = session
+
+    async def step(self, hidden: torch.Tensor, tail: int | None = None) -> torch.Tensor:
+        with _swarm_errors(self._served, "during a step"):
+            return await self._session.step(hidden, tail)
+
+    async def truncate(self, position: int) -> None:
+        await self._session.truncate(position)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
 class SwarmBackend:
     def __init__(self, bridge: SwarmBridge, models: list[SwarmModel], *, wire_codec: str = "int8") -> None:
         configure_threads()  # $SWARMGATE_TORCH_THREADS for the head's compute, like the servers'
@@ -46,20 +82,11 @@ class SwarmBackend:
         cache_salt: str | None = None,
     ) -> InferenceSession:
         served = self.models[model]
-        try:
-            return await self.bridge.open_session(SessionRequest(
+        with _swarm_errors(served, "opening a session"):
+            return _Session(served, await self.bridge.open_session(SessionRequest(
                 model, served.num_blocks, batch=batch, max_length=max_length,
                 wire_codec=self.wire_codec, checkpoint=served.checkpoint, adapter=adapter, cache_salt=cache_salt,
-            ))
-        except NoChainError as error:
-            raise BlocksUnavailable(model, Coverage(served.num_blocks, tuple(error.missing))) from error
-        except RemoteError as error:
-            if error.code == BUSY:
-                raise SwarmBusy(f"the swarm has no capacity for this request now: {error}") from error
-            raise SwarmUnreachable(f"the swarm could not open a session: {error}") from error
-        except (OSError, trio.TooSlowError, BaseLibp2pError, ProtocolError) as error:  # ConnectionError is an OSError
-            raise SwarmUnreachable(f"servers of model '{model}' failed while opening a session ({error!r}); "
-                                   "retry shortly") from error
+            )))
 
     def differentiable_blocks(self, model: str, hidden: torch.Tensor, adapter: LoraWeights) -> torch.Tensor:
         served = self.models[model]
@@ -78,8 +105,8 @@ class SwarmBackend:
 
     def swarm_state(self) -> dict[str, Any]:
         """The swarm as this gateway sees it (``swarm.health.swarm_state``, with the round trips it
-        measured), plus its replays, its verification counts and the peers it banned."""
+        measured), plus its replays, its step groups, its verification counts and the peers it banned."""
         return swarm_state(self.bridge.servers(), rtt=self.bridge.rtts()) | {
-            "replays": self.bridge.replays(), "verification": self.bridge.verification(),
-            "banned": self.bridge.banned(),
+            "replays": self.bridge.replays(), "step_groups": self.bridge.step_groups(),
+            "verification": self.bridge.verification(), "banned": self.bridge.banned(),
         }

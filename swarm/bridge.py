@@ -220,6 +220,11 @@ class SwarmBridge:
         assert self.client is not None
         return self.client.replays
 
+    def step_groups(self) -> dict[str, int]:
+        """Step groups sent so far, and the sessions' steps they carried (swarm/step_groups.py)."""
+        assert self.client is not None
+        return {"groups": self.client.groups.frames, "rows": self.client.groups.rows}
+
 
 class BridgedSession:
     """An ``InferenceSession`` seen from asyncio."""

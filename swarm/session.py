@@ -481,14 +481,13 @@ class InferenceSession:
         return True
 
     async def close(self) -> None:
-        """Ending the hops' sessions frees every server's cache for this session.
-
-        Ended here, not in a step's nursery: ``close`` may run while a cancelled step's nursery
-        is still winding down (a client that disconnects mid-step), which takes no new tasks.
-        After a failed or cancelled step the hops' streams are closed, not reused: a reply may
-        still be on its way.
-        """
+        """Ending the hops' sessions frees every server's cache for this session. Ended here, not in
+        a step's nursery: ``close`` may run while a cancelled step's nursery is still winding down (a
+        client that disconnects mid-step), which takes no new tasks. After a failed or cancelled step
+        the hops' streams are closed, not reused: a reply may still be on its way."""
         hops, self._hops = self._hops, []
+        if hops and self._groups is not None:
+            self._groups.leave(hops[0].session)
         for hop in hops:
             await self._drop(hop, background=False, clean=self._error is None and hop.done == len(self._offsets))
 

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 Deliver = Callable[[Hop, Any], None]  # a step's event: the hop's output frame, or why it failed
 RETRY_WITHOUT = 60.0  # seconds before a server that had no STEPS stream for us is tried again
+GATHER = 0.003  # seconds a forming group may wait for the sessions of the last one on its chain
 
 
 class GroupUnavailable(Exception):
@@ -73,6 +74,8 @@ class StepGroups:
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)  # opening, then writing, per server
         self._expected: dict[tuple[str, str], _Expected] = {}  # (peer, hop session) -> who awaits its answer
         self._forming: dict[Hashable, list[GroupRow]] = {}
+        self._arrived: dict[Hashable, trio.Event] = {}  # set when a row joins the forming group
+        self._members: dict[Hashable, set[str]] = {}  # the sessions (first hops') of each chain's last group
         self._without: dict[str, float] = {}  # peers whose STEPS stream failed to open -> until when not tried
         self.frames = 0  # groups sent (tests, benchmarks)
         self.rows = 0  # sessions' steps they carried
@@ -113,6 +116,18 @@ class StepGroups:
             self._forming[key] = forming = []
             self._nursery.start_soon(self._flush, key)
         forming.append(row)
+        self._wake(key)
+
+    def leave(self, session: str) -> None:
+        """The session of first hop `session` ended: no group waits for it any more."""
+        for key, members in self._members.items():
+            if session in members:
+                members.discard(session)
+                self._wake(key)
+
+    def _wake(self, key: Hashable) -> None:
+        if (arrived := self._arrived.pop(key, None)) is not None:
+            arrived.set()
 
     def forget(self, hops: list[Hop]) -> None:
         """The step of these hops ended: late answers for them are dropped."""
@@ -120,8 +135,17 @@ class StepGroups:
             self._expected.pop((hop.record.peer_id, hop.session), None)
 
     async def _flush(self, key: Hashable) -> None:
+        """Send the group forming for `key` once the sessions of its chain's last group have joined
+        it (a gateway hands out a round's steps one generation after another, over milliseconds),
+        or after GATHER; a lone session's step goes at once."""
         await trio.lowlevel.checkpoint()  # sessions handed their steps in the same moment submit theirs first
+        expected = self._members.get(key, set())
+        with trio.move_on_after(GATHER):
+            while not expected <= {row.hops[0].session for row in self._forming[key]}:
+                await self._arrived.setdefault(key, trio.Event()).wait()
         rows = self._forming.pop(key)
+        self._arrived.pop(key, None)
+        self._members[key] = {row.hops[0].session for row in rows}
         hops = rows[0].hops
         frame = {"type": "steps", "rows": [[row.hops[0].session, row.position, row.truncations, row.batch] for row in rows],
                  "hidden": codec.join_rows([row.record for row in rows]),
