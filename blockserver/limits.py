@@ -18,6 +18,7 @@ class ServerLimits:
     max_batch_rows: int = 64  # rows of one continuous batch of decode steps (blockserver/batcher.py)
     batch_gather: float = 0.01  # seconds a decode step may wait for the sessions stepping in time with it
     batch_split: int = 1  # micro-batches a round of sessions in step is cut into (blockserver/batcher.py)
+    step_groups: bool = True  # take clients' step groups (STEPS, blockserver/step_groups.py)
     prefix_cache_tokens: int = 8192  # prompt blocks kept for reuse (blocks/prefix_cache.py); 0: none
     prefill_chunk: int = 512  # prompt tokens computed per turn of the compute slot; 0: a whole step at once
     idle_timeout: float = 120.0

@@ -87,7 +87,8 @@ class BlockServer:
         host, guard = self.node.host, self.peers.guard
         host.set_stream_handler(protocol.INFERENCE, guard("inference", self.inference.handle_inference))
         host.set_stream_handler(protocol.PUSH, guard("push", self.inference.handle_push))
-        host.set_stream_handler(protocol.STEPS, guard("steps", self.step_groups.handle))
+        if self.limits.step_groups:  # else a client's STEPS stream fails to open: its sessions step alone
+            host.set_stream_handler(protocol.STEPS, guard("steps", self.step_groups.handle))
         host.set_stream_handler(protocol.FORWARD, guard("forward", self.forward.handle))
         host.set_stream_handler(protocol.TRAIN, guard("train", self.training.handle))
         async with trio.open_nursery() as nursery:

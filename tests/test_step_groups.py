@@ -2,13 +2,16 @@
 the same chain go as one frame per hop, and each session gets exactly what it gets stepping
 alone, whatever its batch, position, truncations or adapter; rows a server cannot take, pushes that
 fail and servers that die are recovered per session. Block servers run in-process on real libp2p
-nodes in one trio loop (tests/test_gateway_e2e.py has the same through real processes and HTTP)."""
+nodes in one trio loop; the last test goes through `swarmgate up` and HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import torch
 import trio
@@ -20,6 +23,8 @@ from blockserver.server import BlockServer
 from swarm import codec, protocol
 from swarm.client import SwarmClient
 from swarm.node import start_node
+from swarmgate.launcher import start_up
+from tests.support import free_port
 
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-5  # a batched forward against one row's alone (tests/test_batching.py): rows batch differently by timing
@@ -234,3 +239,35 @@ def test_a_malformed_group_ends_its_stream_with_an_error(checkpoint):
     assert replies[0]["type"] == "ready"
     assert replies[1]["type"] == "error" and "each row must be" in replies[1]["message"], replies[1]
     assert replies[2]["type"] == "outputs" and replies[2]["errors"][0][:2] == ["nobody", 0], replies[2]
+
+
+def test_concurrent_completions_through_up_go_as_step_groups_and_equal_their_solo_runs(tiny_models, tmp_path):
+    """Through `swarmgate up` (2 server processes, step groups on, as a GPU server has them; a CPU
+    one does not by default), concurrent greedy completions over HTTP with the openai SDK, `n` = 2
+    among them, equal their solo answers, and the gateway's /metrics show groups that carried
+    several sessions' steps."""
+    prompts = ["Hello", "The quick brown fox", "Once upon a time", "1, 2, 3, 4", "To be or not to be"]
+    up = start_up(["--model", str(tiny_models["llama"]), "--servers", "2", "--port", str(free_port()),
+                   "--wire-codec", "none", "--data-dir", str(tmp_path)], env={"SWARMGATE_STEP_GROUPS": "on"},
+                  log=tmp_path / "up.log")
+    try:
+        client = openai.AsyncOpenAI(base_url=up.base_url, api_key=up.api_key, max_retries=0, timeout=120)
+
+        async def one(prompt: str) -> list[str]:
+            completion = await client.completions.create(model=up.model, prompt=prompt, max_tokens=16, temperature=0,
+                                                         n=2 if prompt == "Hello" else 1)
+            return [choice.text for choice in completion.choices]
+
+        async def run() -> tuple[list, list]:
+            alone = [await one(prompt) for prompt in prompts]
+            return alone, await asyncio.gather(*(one(prompt) for prompt in prompts * 2))
+
+        alone, together = asyncio.run(run())
+        metrics = {line.split(" ")[0]: float(line.split(" ")[1])
+                   for line in httpx.get(up.base_url.removesuffix("/v1") + "/metrics", timeout=10).text.splitlines()
+                   if line.startswith("swarmgate_step_group")}
+    finally:
+        up.stop()
+    assert together == alone * 2
+    groups, rows = metrics["swarmgate_step_groups_total"], metrics["swarmgate_step_group_rows_total"]
+    assert groups > 0 and rows > 1.5 * groups, metrics

@@ -55,6 +55,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                help="micro-batches a round of sessions decoding in step is cut into, so the chain's servers compute "
                     "at once instead of in turn; it counts the sessions the gather tracks, so --batch-gather-ms 0 turns it off "
                     "(0: auto, 2 on cpu where a step's cost grows with its rows, 1 on cuda)")
+    add_option(server, "--step-groups", choices=["auto", "on", "off"], default="auto",
+               help="take one-token steps of a client's sessions as one frame per hop (auto: on with cuda, where "
+                    "per-session frames bound many streams; off on cpu, where whole groups lose the micro-batches' "
+                    "overlap: README, \"Step groups\")")
     add_option(server, "--prefix-cache-tokens", type=int, default=LIMITS.prefix_cache_tokens,
                help="tokens of recent prompts' starts kept to skip recomputing them (0: off)")
     add_option(server, "--prefill-chunk", type=int, default=LIMITS.prefill_chunk,
@@ -122,6 +126,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_batch_rows=args.max_batch_rows,
         batch_gather=args.batch_gather_ms / 1000,
         batch_split=args.batch_split or (2 if args.device == "cpu" else 1),
+        step_groups=args.step_groups == "on" or (args.step_groups == "auto" and args.device != "cpu"),
         prefix_cache_tokens=args.prefix_cache_tokens,
         prefill_chunk=args.prefill_chunk,
         idle_timeout=args.session_idle_timeout,
