@@ -48,7 +48,7 @@ from swarm.hops import ChainProvider, Hop, RetriesExhausted, SessionConfig, Sess
 from swarm.prompt_names import PrefixMemory
 from swarm.records import ServerRecord
 from swarm.routing import NoChainError
-from swarm.step_groups import GroupRow, GroupUnavailable, StepGroups
+from swarm.step_groups import GroupRow, StepAlone, StepGroups
 from swarm.trust.checks import SpotChecks
 
 logger = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class InferenceSession:
             for hop, event in batch:
                 if hop not in self._hops or hop in failed:
                     continue  # from a hop replaced since, or failed already
-                if isinstance(event, GroupUnavailable):
+                if isinstance(event, StepAlone):
                     await self._send_alone()
                     continue
                 try:

@@ -6,7 +6,8 @@ per-session work, not the GPU, set the pace (README, "Where a token's time goes 
 streams"). Sessions whose one-token steps start in the same moment (a gateway's head round hands
 them out together) and whose chains run through the same servers are sent as one ``steps``
 frame: the first server computes the rows as one batch, pushes one frame on, and each server
-answers all the rows in one ``outputs`` frame on this client's STEPS stream to it.
+answers all the rows in one ``outputs`` frame on this client's STEPS stream to it. A step that no
+other session took with it goes alone, as it always did.
 
 Nothing else changes for a session: each row's outputs are recorded per hop as its own steps'
 are (split from the group's bytes, exactly what the server sent on), and anything unusual — an
@@ -35,9 +36,10 @@ RETRY_WITHOUT = 60.0  # seconds before a server that had no STEPS stream for us 
 GATHER = 0.003  # seconds a forming group may wait for the sessions of the last one on its chain
 
 
-class GroupUnavailable(Exception):
-    """A server of the row's chain takes no step groups (an older version, or its stream failed to
-    open): the session sends this step on its own. No server's failure."""
+class StepAlone(Exception):
+    """The session sends this step on its own streams: no other session stepped with it (a group of
+    one costs more than a step alone), or a server of its chain takes no step groups (an older
+    version, `--step-groups off`, or its stream failed to open). No server's failure."""
 
 
 @dataclass(eq=False)
@@ -146,6 +148,9 @@ class StepGroups:
         rows = self._forming.pop(key)
         self._arrived.pop(key, None)
         self._members[key] = {row.hops[0].session for row in rows}
+        if len(rows) == 1:
+            rows[0].deliver(rows[0].hops[0], StepAlone("no other session stepped with it"))
+            return
         hops = rows[0].hops
         frame = {"type": "steps", "rows": [[row.hops[0].session, row.position, row.truncations, row.batch] for row in rows],
                  "hidden": codec.join_rows([row.record for row in rows]),
@@ -158,7 +163,7 @@ class StepGroups:
         except Exception as error:
             logger.info("no step groups along %s: %r", [hop.record.peer_id for hop in hops], error)
             for row in rows:
-                row.deliver(row.hops[0], GroupUnavailable(repr(error)))
+                row.deliver(row.hops[0], StepAlone(repr(error)))
             return
         try:
             with protocol.time_limit(self._timeout):
