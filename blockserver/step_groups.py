@@ -52,21 +52,21 @@ class StepGroupService:
         self.inference = inference
         self._answers: dict[str, Stream] = {}  # a client's peer id -> its STEPS stream, where its rows are answered
         self._next: dict[str, Stream] = {}  # a next server's peer id -> our STEPS stream to it
-        self._opening: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._opening = trio.Lock()  # one STEPS stream per next server
         self._writing: weakref.WeakKeyDictionary[Stream, trio.Lock] = weakref.WeakKeyDictionary()
 
     async def handle(self, stream: Stream) -> None:
         """A client's or a previous server's STEPS stream: ``hello``, then groups until it ends."""
         peer = stream.muxed_conn.peer_id.to_base58()
-        limits = self.inference.limits
+        limits, answers = self.inference.limits, False
         try:
             hello = incoming.expect(await incoming.read(stream, limits, limits.read_timeout), "hello")
-            await self._write(stream, {"type": "ready"})
             answers = hello.get("answers") is True  # a client's: it reads its rows' answers here
             if answers:
                 self._answers[peer] = stream
+            await self._write(stream, {"type": "ready"})
             async with trio.open_nursery() as nursery:  # (errors caught inside: not as exception groups)
-                await self._groups(stream, nursery, stream if answers else None)
+                await self._groups(stream, nursery, peer if answers else None)
         except (ProtocolError, ValueError) as error:
             logger.info("steps stream from %s refused: %s", peer, error)
             await incoming.try_send(stream, protocol.error_frame(str(error)))
@@ -75,17 +75,21 @@ class StepGroupService:
         finally:
             if self._answers.get(peer) is stream:
                 del self._answers[peer]
-            await incoming.try_close(stream)
+            # a pusher reads nothing back: reset, so its next write fails rather than vanishing
+            await (incoming.try_close if answers else incoming.try_reset)(stream)
 
-    async def _groups(self, stream: Stream, nursery: trio.Nursery, sender: Stream | None) -> None:
-        """Each group read from `stream` computed in a task of its own, a few at a time; a malformed one ends them."""
+    async def _groups(self, stream: Stream, nursery: trio.Nursery, client: str | None) -> None:
+        """Each group read from `stream` computed in a task of its own, a few at a time; a malformed
+        one ends them. `client`: the peer whose rows these are (None: a pusher's; the frame names it)."""
         limits, in_flight = self.inference.limits, trio.Semaphore(GROUPS_IN_FLIGHT)
         try:
             while True:
                 message = incoming.expect(await incoming.read(stream, limits), "steps")
-                group = _rows(message, limits.max_sessions), _route(message)
+                group = _rows(message, limits.max_sessions, limits.max_batch), _route(message)
+                named = message.get("client")
                 await in_flight.acquire()
-                nursery.start_soon(self._run, message, *group, sender, in_flight)
+                nursery.start_soon(self._run, message, *group, client or (named if isinstance(named, str) else None),
+                                   in_flight)
         except EOFError:
             pass
         except (ProtocolError, ValueError) as error:
@@ -93,9 +97,9 @@ class StepGroupService:
             await incoming.try_send(stream, protocol.error_frame(str(error)))
 
     async def _run(self, message: dict[str, Any], entries: list[tuple[str, int, int, int]], route: list[dict[str, Any]],
-                   sender: Stream | None, in_flight: trio.Semaphore) -> None:
+                   client: str | None, in_flight: trio.Semaphore) -> None:
         try:
-            await self._group(message, entries, route, sender)
+            await self._group(message, entries, route, client)
         except Exception:  # a bug here must not end the stream's other groups
             logger.exception("step group failed")
             self.inference.metrics.errors.labels("compute").inc()
@@ -103,7 +107,7 @@ class StepGroupService:
             in_flight.release()
 
     async def _group(self, message: dict[str, Any], entries: list[tuple[str, int, int, int]], route: list[dict[str, Any]],
-                     sender: Stream | None) -> None:
+                     client: str | None) -> None:
         service = self.inference
         batches = [entry[3] for entry in entries]
         try:
@@ -113,7 +117,7 @@ class StepGroupService:
                 raise ProtocolError("a step group's rows are one token each, with a session per row on every later hop")
         except (ProtocolError, codec.CodecError) as error:
             service.metrics.errors.labels("bad_step").inc()
-            await self._answer_errors(sender, [(entry[0], entry[1], "error", str(error)) for entry in entries])
+            await self._answer_errors(client, [(entry[0], entry[1], "error", str(error)) for entry in entries])
             return
         rows, errors = [], []
         for index, ((session_id, position, truncations, batch), part) in enumerate(zip(entries, hidden.split(batches))):
@@ -123,13 +127,9 @@ class StepGroupService:
             except (ProtocolError, ValueError, UnknownSessionError, SessionLimitError) as error:
                 code = protocol.BUSY if isinstance(error, SessionLimitError) else "error"
                 errors.append((session_id, position, code, str(error)))
-        try:
-            await self._compute_and_deliver(rows, route, message["hidden"]["codec"], errors)
-        finally:
-            for row in rows:
-                row.live.stepping = False
+        await self._compute_and_deliver(rows, route, message["hidden"]["codec"], errors, client)
         if unowned := [error for error in errors if error[0] not in service.live]:
-            await self._answer_errors(sender, unowned)
+            await self._answer_errors(client, unowned)  # (a session ended here: its client replaces the hop at once)
 
     def _begin(self, index: int, session_id: str, position: int, truncations: int, batch: int, hidden: torch.Tensor,
                message: dict[str, Any]) -> _Row | None:
@@ -146,11 +146,10 @@ class StepGroupService:
         if position != session.position:
             raise ProtocolError(f"step at position {position}, but the session is at {session.position}")
         session.advance(1)
-        live.stepping = True
         return _Row(index, live, live.span or service.span, session.cache, position, truncations, hidden)
 
     async def _compute_and_deliver(self, rows: list[_Row], route: list[dict[str, Any]], wire_codec: str,
-                                   errors: list[tuple[str, int, str, str]]) -> None:
+                                   errors: list[tuple[str, int, str, str]], client: str | None) -> None:
         """The rows in the batcher's `split` micro-batches (on a CPU: the next server computes one
         while this one computes the next, as for steps of their own), each pushed on and answered
         as soon as it is computed; the rows' errors go with the first."""
@@ -160,10 +159,11 @@ class StepGroupService:
                 started, chunk = time.perf_counter(), rows[start:start + size]
                 outputs = await self._compute(chunk)
                 nursery.start_soon(self._deliver, chunk, outputs, route, wire_codec, [] if start else errors,
-                                   time.perf_counter() - started)
+                                   time.perf_counter() - started, client)
 
     async def _deliver(self, rows: list[_Row], outputs: list[torch.Tensor | Exception], route: list[dict[str, Any]],
-                       wire_codec: str, errors: list[tuple[str, int, str, str]], seconds: float) -> None:
+                       wire_codec: str, errors: list[tuple[str, int, str, str]], seconds: float,
+                       client: str | None) -> None:
         """Computed rows pushed on as one group, then answered to their clients with `errors`, one
         frame per client."""
         service, errors = self.inference, list(errors)
@@ -178,7 +178,7 @@ class StepGroupService:
             service.metrics.tokens.inc(sum(row.hidden.shape[0] for row in done))
             service.metrics.group_rows.observe(len(done))
         output = codec.encode(torch.cat([o for o in outputs if not isinstance(o, Exception)]), wire_codec) if done else None
-        pushed = bool(route) and output is not None and await self._push(done, route, output)
+        pushed = bool(route) and output is not None and await self._push(done, route, output, client)
         by_owner: defaultdict[str, list[int]] = defaultdict(list)
         for index, row in enumerate(done):
             by_owner[row.live.owner].append(index)
@@ -192,14 +192,17 @@ class StepGroupService:
     async def _compute(self, rows: list[_Row]) -> list[torch.Tensor | Exception]:
         """Each row's output on the host: those that batch through the batcher together, others alone."""
         service = self.inference
-        batched = [row for row in rows if row.span.batches(row.cache)]
-        outputs: dict[int, torch.Tensor | Exception] = {}
-        if batched:
+        closed = RuntimeError("the session closed")
+        outputs: dict[int, torch.Tensor | Exception] = {id(row): closed for row in rows if not self._open(row)}
+        batched = [row for row in rows if id(row) not in outputs and row.span.batches(row.cache)]
+        if batched:  # queued with no await since the check: a session closing later is dropped by `forget`
             results = await service.batcher.step_rows(
                 [(row.span, row.hidden, row.cache, row.position, row.live.adapter) for row in batched])
             outputs.update(zip(map(id, batched), results))
         for row in rows:
-            if id(row) not in outputs:
+            if id(row) not in outputs and not self._open(row):
+                outputs[id(row)] = closed
+            elif id(row) not in outputs:
                 try:
                     computed = await service.compute_chunked(row.live, row.span, row.hidden, row.cache, row.position)
                     outputs[id(row)] = await service.on_host(computed, "decode")
@@ -207,13 +210,20 @@ class StepGroupService:
                     outputs[id(row)] = error
         return [outputs[id(row)] for row in rows]
 
-    async def _push(self, rows: list[_Row], route: list[dict[str, Any]], output: dict[str, Any]) -> bool:
+    def _open(self, row: _Row) -> bool:
+        """Whether the row's session is still open (its cache, and its pool rows, still its own)."""
+        return self.inference.live.get(row.live.id) is row.live
+
+    async def _push(self, rows: list[_Row], route: list[dict[str, Any]], output: dict[str, Any],
+                    client: str | None) -> bool:
         """The rows' output on to the next server as one group; False where that failed (the rows'
         clients then send each step on themselves)."""
         service, hop = self.inference, route[0]
         frame = {"type": "steps", "hidden": output,
                  "rows": [[hop["sessions"][row.index], row.position, row.truncations, row.hidden.shape[0]] for row in rows],
                  "route": [{**later, "sessions": [later["sessions"][row.index] for row in rows]} for later in route[1:]]}
+        if client is not None:
+            frame["client"] = client  # where errors for rows of sessions not there go
         try:
             with protocol.time_limit(service.limits.push_timeout):
                 stream = await self._next_stream(hop["peer"], hop.get("addrs"))
@@ -227,7 +237,7 @@ class StepGroupService:
             return False
 
     async def _next_stream(self, peer: str, addrs: Any) -> Stream:
-        async with self._opening[peer]:
+        async with self._opening:
             if (stream := self._next.get(peer)) is None:
                 addrs = [a for a in addrs if isinstance(a, str)][:8] if isinstance(addrs, list) else []
                 stream = await self.inference.node.open_stream(peer, protocol.STEPS, addrs)
@@ -253,7 +263,7 @@ class StepGroupService:
                 frame["hidden"] = hidden
             if errors:
                 frame["errors"] = [list(error) for error in errors]
-            await self._try_write(stream, frame)
+            await self._try_write(owner, stream, frame)
             return
         parts = codec.split_rows(hidden, [row.hidden.shape[0] for row in rows]) if hidden is not None else []
         for row, part in zip(rows, parts):
@@ -262,13 +272,15 @@ class StepGroupService:
                 reply["pushed"] = route[0]["sessions"][row.index]
             await incoming.try_send(row.live.client, reply)
         for session_id, _, code, text in errors:
-            await incoming.try_send(self.inference.live[session_id].client, protocol.error_frame(text, code))
+            if (live := self.inference.live.get(session_id)) is not None:
+                await incoming.try_send(live.client, protocol.error_frame(text, code))
 
-    async def _answer_errors(self, sender: Stream | None, errors: list[tuple[str, int, str, str]]) -> None:
-        """Errors for rows of no session here go back to the client that sent them (from a pusher: dropped)."""
-        if sender is not None and errors:
-            await self._try_write(sender, {"type": "outputs", "sessions": [], "positions": [], "batches": [],
-                                           "errors": [list(error) for error in errors]})
+    async def _answer_errors(self, client: str | None, errors: list[tuple[str, int, str, str]]) -> None:
+        """Errors for rows of no session here, to the client whose rows they are (its sessions replace
+        the hop at once, rather than after a step's timeout)."""
+        if client is not None and errors and (stream := self._answers.get(client)) is not None:
+            await self._try_write(client, stream, {"type": "outputs", "sessions": [], "positions": [], "batches": [],
+                                                   "errors": [list(error) for error in errors]})
 
     def _lock(self, stream: Stream) -> trio.Lock:
         if (lock := self._writing.get(stream)) is None:
@@ -279,21 +291,30 @@ class StepGroupService:
         async with self._lock(stream):  # groups finish in any order; frames must not interleave
             await protocol.write_frame(stream, frame)
 
-    async def _try_write(self, stream: Stream, frame: dict[str, Any]) -> None:
-        try:
-            await self._write(stream, frame)
-        except Exception:
-            pass  # the client is gone: its sessions end with their own streams
+    async def _try_write(self, client: str, stream: Stream, frame: dict[str, Any]) -> None:
+        """An answer to `client`; one it does not take within the push timeout (it stopped reading)
+        ends its STEPS stream, so it holds up no other client's groups."""
+        with trio.move_on_after(self.inference.limits.push_timeout) as late:
+            try:
+                await self._write(stream, frame)
+            except Exception:
+                pass  # the client is gone: its sessions end with their own streams
+        if late.cancelled_caught:
+            if self._answers.get(client) is stream:
+                del self._answers[client]
+            await incoming.try_reset(stream)
 
 
-def _rows(message: dict[str, Any], max_rows: int) -> list[tuple[str, int, int, int]]:
+def _rows(message: dict[str, Any], max_rows: int, max_batch: int) -> list[tuple[str, int, int, int]]:
     rows = message.get("rows")
     if not isinstance(rows, list) or not 0 < len(rows) <= max_rows:
         raise ProtocolError(f"'rows' must list 1 to {max_rows} steps")
     for row in rows:
         if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
-                and all(type(value) is int for value in row[1:]) and row[3] > 0):
-            raise ProtocolError("each row must be [session, position, truncations, batch]")
+                and all(type(value) is int for value in row[1:]) and 0 < row[3] <= max_batch):
+            raise ProtocolError(f"each row must be [session, position, truncations, batch of 1 to {max_batch}]")
+    if len({row[0] for row in rows}) < len(rows):
+        raise ProtocolError("a session steps once per group")
     return [tuple(row) for row in rows]  # type: ignore[misc]
 
 

@@ -187,6 +187,9 @@ class InferenceSession:
                 self._nursery = nursery
                 try:
                     await self._drive(events, grouped)
+                    for hop in self._hops:  # a hop answered in a group after it was sent the step itself
+                        if hop.reader is not None:
+                            hop.reader.cancel()
                 except Exception as error:  # raised below as itself, not inside an exception group
                     failure = error
                     nursery.cancel_scope.cancel()
@@ -384,8 +387,7 @@ class InferenceSession:
         return chain
 
     def _find(self, start: int, end: int) -> list[ServerRecord] | None:
-        """A chain avoiding this step's failed and slow peers; failing that, a slow peer again (a
-        timeout under load is not a crash, and a slow server beats none); else None."""
+        """A chain avoiding this step's failed and slow peers; else a slow one again (not a crash); else None."""
         for avoid in (self._failed | self._slow, self._failed) if self._slow else (self._failed,):
             try:
                 return self._chains.choose(self.request.model, start, end, avoid=avoid)

@@ -27,7 +27,7 @@ import trio
 
 from swarm import codec, protocol
 from swarm.hops import Hop
-from swarm.node import SwarmNode
+from swarm.node import CONNECT_TIMEOUT, SwarmNode
 
 logger = logging.getLogger(__name__)
 
@@ -165,12 +165,15 @@ class StepGroups:
             for row in rows:
                 row.deliver(row.hops[0], StepAlone(repr(error)))
             return
+        peer = hops[0].record.peer_id
         try:
             with protocol.time_limit(self._timeout):
                 stream = await self._stream(hops[0])
-                async with self._locks[hops[0].record.peer_id]:
+                async with self._locks[peer]:
                     await protocol.write_frame(stream, frame)
         except Exception as error:
+            if (broken := self._streams.pop(peer, None)) is not None:  # maybe half a frame on it
+                await protocol.close_quietly(broken)
             for row in rows:
                 row.deliver(row.hops[0], error)  # the session replaces its first hop
             return
@@ -182,11 +185,11 @@ class StepGroups:
         async with self._locks[peer]:
             if (stream := self._streams.get(peer)) is None:
                 try:
-                    with protocol.time_limit(self._timeout):
+                    with protocol.time_limit(min(self._timeout, CONNECT_TIMEOUT)):
                         stream = await self._node.open_stream(peer, protocol.STEPS, hop.record.addrs)
                         try:
                             await protocol.request(stream, {"type": "hello", "answers": True}, "ready",
-                                                   keep_open=True, timeout=self._timeout)
+                                                   keep_open=True, timeout=CONNECT_TIMEOUT)
                         except BaseException:
                             await protocol.close_quietly(stream)
                             raise
@@ -211,10 +214,10 @@ class StepGroups:
         finally:
             if self._streams.get(peer) is stream:
                 del self._streams[peer]
-            await protocol.close_quietly(stream)
-        for (to, _), expected in list(self._expected.items()):
-            if to == peer:
+            awaiting = [expected for (to, _), expected in self._expected.items() if to == peer]  # on this stream
+            for expected in awaiting:
                 expected.deliver(expected.hop, failure)
+            await protocol.close_quietly(stream)
 
     def _dispatch(self, peer: str, frame: dict[str, Any]) -> None:
         frame = protocol.expect(frame, "outputs")
