@@ -205,12 +205,11 @@ class InferenceSession:
         return self._output
 
     async def _drive(self, events: trio.MemoryReceiveChannel, grouped: bool) -> None:
-        if grouped:  # every hop answers in the group's frames, or fails there (swarm/step_groups.py)
-            assert self._groups is not None and self._events is not None
-            send = self._events.send_nowait
-            self._groups.submit(GroupRow(list(self._hops), self._offsets[-1], self._truncations,
-                                         self._hops[0].inputs[-1], lambda hop, event: send((hop, event))))
-        else:
+        assert self._events is not None
+        send = self._events.send_nowait  # in a group, every hop answers in its frames or fails there
+        if not (grouped and self._groups is not None and self._groups.submit(GroupRow(
+                list(self._hops), self._offsets[-1], self._truncations, self._hops[0].inputs[-1],
+                lambda hop, event: send((hop, event))))):
             await self._send_alone()
         await self._collect(events)
         while await self._verify():

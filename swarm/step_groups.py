@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 Deliver = Callable[[Hop, Any], None]  # a step's event: the hop's output frame, or why it failed
 RETRY_WITHOUT = 60.0  # seconds before a server that had no STEPS stream for us is tried again
 GATHER = 0.003  # seconds a forming group may wait for the sessions of the last one on its chain
+RECENT = 1.0  # seconds: a session that stepped this recently on a chain counts as stepping there
 
 
 class StepAlone(Exception):
@@ -78,6 +79,7 @@ class StepGroups:
         self._forming: dict[Hashable, list[GroupRow]] = {}
         self._arrived: dict[Hashable, trio.Event] = {}  # set when a row joins the forming group
         self._members: dict[Hashable, set[str]] = {}  # the sessions (first hops') of each chain's last group
+        self._recent: dict[Hashable, dict[str, float]] = {}  # per chain: sessions (first hops') -> when they stepped
         self._without: dict[str, float] = {}  # peers whose STEPS stream failed to open -> until when not tried
         self.frames = 0  # groups sent (tests, benchmarks)
         self.rows = 0  # sessions' steps they carried
@@ -105,23 +107,33 @@ class StepGroups:
         now = trio.current_time()
         return not any(self._without.get(hop.record.peer_id, now) > now for hop in hops)
 
-    def submit(self, row: GroupRow) -> None:
+    def submit(self, row: GroupRow) -> bool:
         """Send `row` with the other rows submitted in the same moment for the same servers; its
-        answers (or failures) reach `row.deliver` until ``forget``."""
+        answers (or failures) reach `row.deliver` until ``forget``. False, and nothing sent, where
+        no other session stepped on its chain lately: a lone stream's steps go alone, at once."""
         assert self._nursery is not None, "step groups are not running"
+        key = (tuple(hop.record.peer_id for hop in row.hops), row.record["codec"], row.record["dtype"],
+               tuple(row.record["shape"][1:]))
+        now, recent = trio.current_time(), self._recent.setdefault(key, {})
+        recent[row.hops[0].session] = now
+        for session in [session for session, when in recent.items() if now - when > RECENT]:
+            del recent[session]
+        if len(recent) < 2 and key not in self._forming:
+            return False
         for index, hop in enumerate(row.hops):
             pushed_to = row.hops[index + 1].session if index + 1 < len(row.hops) else None
             self._expected[hop.record.peer_id, hop.session] = _Expected(hop, row.batch, pushed_to, row.deliver)
-        key = (tuple(hop.record.peer_id for hop in row.hops), row.record["codec"], row.record["dtype"],
-               tuple(row.record["shape"][1:]))
         if (forming := self._forming.get(key)) is None:
             self._forming[key] = forming = []
             self._nursery.start_soon(self._flush, key)
         forming.append(row)
         self._wake(key)
+        return True
 
     def leave(self, session: str) -> None:
         """The session of first hop `session` ended: no group waits for it any more."""
+        for recent in self._recent.values():
+            recent.pop(session, None)
         for key, members in self._members.items():
             if session in members:
                 members.discard(session)
