@@ -6,17 +6,23 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Collection, Iterator, Sequence
 
 import httpx
 import torch
+import trio
 from transformers import AutoModelForCausalLM
 
 from blocks.head import ModelHead
+from blocks.span import BlockSpan
+from blockserver.limits import ServerLimits
+from blockserver.server import BlockServer
 from swarm import protocol
 from swarm.bridge import SwarmBridge
+from swarm.node import start_node
 from swarmgate.launcher import ServerProcess, start_swarm, stop_all
 from tests.support import free_port, wait_until
 
@@ -120,3 +126,17 @@ def swarm_greedy(
         return torch.cat(tokens, dim=1).tolist(), first
 
     return bridge.call(generate)
+
+
+@asynccontextmanager
+async def in_process_server(path: Path, start: int, end: int,
+                            limits: ServerLimits = ServerLimits()) -> AsyncIterator[BlockServer]:
+    """A block server of blocks [start, end) on a real libp2p node in the caller's trio loop (for
+    exact orderings; ``start_swarm`` starts real processes), stopped on exit."""
+    async with start_node() as node:
+        server = BlockServer(node, BlockSpan(path, start, end), model="llama", checkpoint="ck", limits=limits,
+                             fixed_throughput=1.0, announce_interval=0.5)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            yield server
+            nursery.cancel_scope.cancel()

@@ -16,15 +16,14 @@ import pytest
 import torch
 import trio
 
-from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import build_checkpoint
 from blockserver.limits import ServerLimits
-from blockserver.server import BlockServer
 from swarm import codec, protocol
 from swarm.client import SwarmClient
 from swarm.node import start_node
 from swarmgate.launcher import start_up
 from tests.support import free_port
+from tests.swarm_harness import in_process_server
 
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-5  # a batched forward against one row's alone (tests/test_batching.py): rows batch differently by timing
@@ -33,17 +32,6 @@ TOLERANCE = 1e-5  # a batched forward against one row's alone (tests/test_batchi
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("groups") / "llama", family="llama", num_kv_heads=2)
-
-
-@asynccontextmanager
-async def _server(path: Path, start: int, end: int, limits: ServerLimits = ServerLimits()):
-    async with start_node() as node:
-        server = BlockServer(node, BlockSpan(path, start, end), model="llama", checkpoint="ck", limits=limits,
-                             fixed_throughput=1.0, announce_interval=0.5)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            yield server
-            nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
@@ -69,7 +57,7 @@ async def _servers(path: Path, splits: list[tuple[int, int]], limits: ServerLimi
     if not splits:
         yield []
         return
-    async with _server(path, *splits[0], limits) as first, _servers(path, splits[1:], limits) as rest:
+    async with in_process_server(path, *splits[0], limits) as first, _servers(path, splits[1:], limits) as rest:
         yield [first, *rest]
 
 
@@ -134,7 +122,8 @@ def test_a_chain_through_a_server_without_step_groups_steps_alone(checkpoint):
     seen: dict[str, int] = {}
 
     async def main() -> None:
-        async with _server(checkpoint, 0, 2) as first, _server(checkpoint, 2, 4, ServerLimits(max_peer_streams=0)) as second, \
+        async with in_process_server(checkpoint, 0, 2) as first, \
+                in_process_server(checkpoint, 2, 4, ServerLimits(max_peer_streams=0)) as second, \
                 start_node() as node:
             for server in (first, second):
                 await node.connect(server.node.multiaddrs()[0])
@@ -155,7 +144,7 @@ def test_a_chain_through_a_server_without_step_groups_steps_alone(checkpoint):
 async def _stoppable_server(path: Path, start: int, end: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """A server that stops (its node closes, so do its connections) when the scope it reports is cancelled."""
     with trio.CancelScope() as scope:
-        async with _server(path, start, end) as server:
+        async with in_process_server(path, start, end) as server:
             task_status.started((server, scope))
             await trio.sleep_forever()
 
@@ -222,7 +211,7 @@ def test_a_malformed_group_ends_its_stream_with_an_error(checkpoint):
     replies: list[dict] = []
 
     async def main() -> None:
-        async with _server(checkpoint, 0, 4) as server, start_node() as node:
+        async with in_process_server(checkpoint, 0, 4) as server, start_node() as node:
             await node.connect(server.node.multiaddrs()[0])
             stream = await node.open_stream(server.node.peer_id, protocol.STEPS)
             replies.append(await protocol.request(stream, {"type": "hello", "answers": True}, "ready", keep_open=True,

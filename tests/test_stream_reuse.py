@@ -7,35 +7,21 @@ for exact orderings (tests/test_swarm_e2e.py has the same through real processes
 from __future__ import annotations
 
 import secrets
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import torch
 import trio
 
-from blocks.span import BlockSpan
 from blocks.tiny_checkpoints import build_checkpoint
 from blockserver.limits import ServerLimits
 from blockserver.pushes import Output, SessionPushes
-from blockserver.server import BlockServer
 from swarm import codec, protocol
 from swarm.client import SwarmClient
 from swarm.hops import SessionRequest
 from swarm.records import ServerRecord
 from swarm.node import start_node
 from swarm.transport.stream_pool import StreamPool
-
-
-@asynccontextmanager
-async def _server(path: Path, start: int, end: int, limits: ServerLimits = ServerLimits()):
-    async with start_node() as node:
-        server = BlockServer(node, BlockSpan(path, start, end), model="llama", checkpoint="ck", limits=limits,
-                             fixed_throughput=1.0, announce_interval=0.5)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            yield server
-            nursery.cancel_scope.cancel()
+from tests.swarm_harness import in_process_server
 
 
 def _hidden(tokens: int) -> dict:
@@ -59,7 +45,8 @@ def test_a_push_stream_its_next_server_ended_is_not_used_by_later_sessions(tmp_p
     answered: list[str | None] = []
 
     async def main() -> None:
-        async with _server(path, 0, 2) as a, _server(path, 2, 4, ServerLimits(max_frame_bytes=4096)) as b, \
+        async with in_process_server(path, 0, 2) as a, \
+                in_process_server(path, 2, 4, ServerLimits(max_frame_bytes=4096)) as b, \
                 start_node() as client:
             await client.connect(a.node.multiaddrs()[0])
             await client.connect(b.node.multiaddrs()[0])
@@ -96,7 +83,7 @@ def test_the_clients_idle_streams_are_closed_once_too_old_even_if_never_taken_ag
     idle: list[int] = []
 
     async def main() -> None:
-        async with _server(path, 0, 4, ServerLimits(idle_timeout=1.0)) as a, start_node() as node:
+        async with in_process_server(path, 0, 4, ServerLimits(idle_timeout=1.0)) as a, start_node() as node:
             await node.connect(a.node.multiaddrs()[0])
             client = SwarmClient(node, step_timeout=10)
             with trio.fail_after(20):
@@ -124,7 +111,8 @@ def test_a_refused_push_does_not_slow_later_sessions_through_the_swarm_client(tm
     result: dict[str, float] = {}
 
     async def main() -> None:
-        async with _server(path, 0, 2) as a, _server(path, 2, 4, ServerLimits(max_frame_bytes=4096)) as b, \
+        async with in_process_server(path, 0, 2) as a, \
+                in_process_server(path, 2, 4, ServerLimits(max_frame_bytes=4096)) as b, \
                 start_node() as node:
             await node.connect(a.node.multiaddrs()[0])
             await node.connect(b.node.multiaddrs()[0])
