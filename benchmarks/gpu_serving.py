@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -237,6 +238,22 @@ class HttpUp:
         return tuple(values.get(f"swarmgate_{name}_total", 0.0)  # type: ignore[return-value]
                      for name in ("head_rounds", "head_calls", "step_groups", "step_group_rows"))
 
+    def cpu_seconds(self) -> list[float]:
+        """CPU seconds so far of the gateway (the ``up`` process) and of each of its servers (Linux /proc)."""
+        def stat(pid: str) -> list[str]:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+        children = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and stat(entry.name)[1] == str(self.process.pid):
+                    children.append(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile
+        pids = [str(pid) for pid in [self.process.pid, *sorted(children)]]
+        tick = os.sysconf("SC_CLK_TCK")
+        return [(int(fields[11]) + int(fields[12])) / tick for fields in map(stat, pids)]
+
     def concurrent(self, text: str, max_tokens: int, streams: int) -> tuple[float, float]:
         """`streams` streamed chats at once (different prompts): (completion tokens/s, TTFT p50)."""
         started = time.perf_counter()
@@ -307,13 +324,16 @@ def http_times(path: Path, text: str, tokens: int, repeats: int, wire_codec: str
             one = up.concurrent(text, tokens, 1)[0]
             for n in streams:
                 up.concurrent(text, 4, n)  # untimed: the servers capture the graphs of n rows' buckets
-                before = up.head_load()
+                before, cpu_before = up.head_load(), up.cpu_seconds()
                 rate, ttft_p50 = up.concurrent(text, tokens, n)
                 rounds, calls, groups, rows = (after - was for after, was in zip(up.head_load(), before))
+                cpu = " / ".join(f"{(after - was) / (n * tokens) * 1e3:.2f}" for after, was
+                                 in zip(up.cpu_seconds(), cpu_before))
                 print(f"{wire_codec}, {n} concurrent streams: {rate:.1f} tokens/s in all ({rate / one:.2f}x one "
                       f"stream's {one:.1f}), TTFT p50 {ttft_p50 * 1e3:.0f} ms; the gateway's LM head served "
                       f"{calls / max(rounds, 1):.1f} generations a round, a step group carried "
-                      f"{rows / max(groups, 1):.1f} sessions' steps", flush=True)
+                      f"{rows / max(groups, 1):.1f} sessions' steps; CPU ms per token, gateway / servers: {cpu}",
+                      flush=True)
         if prefix:
             alone, sharing = up.shared_prefix(prefix)
             print(f"{wire_codec}, a prompt sharing {prefix} tokens with the one before: TTFT {sharing * 1e3:.0f} ms "

@@ -388,3 +388,83 @@ def test_a_generation_closed_early_stops_counting(tiny_models):
 
     assert asyncio.run(main()) == [1, 1, 1]
     assert rounds._members == 0
+
+
+def test_a_rounds_launches_reach_the_loop_before_any_of_its_answers():
+    """`launch(result, hidden states)` runs on the awaiting loop for every work of the round that
+    has hidden states, before any of the round's generations resumes (so each can start its next
+    swarm step there, together); a work without hidden states (done) launches nothing."""
+    started, release = threading.Event(), threading.Event()
+    rounds = HeadRounds(_gated_head(started, release), embed=lambda ids: EMBEDDING[ids])
+    inputs = [torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    events: list[tuple[str, int, Any]] = []
+
+    def advance(index: int):
+        def then(logits, ids):
+            return index, None if index == 5 else torch.tensor(ids).unsqueeze(1)
+        return then
+
+    async def generation(index: int, hidden: torch.Tensor) -> None:
+        result, embedded = await rounds.sample(hidden, advance(index), greedy=True, embeds=True,
+                                               launch=lambda result, hidden: events.append(("launch", result, hidden)))
+        events.append(("resumed", result, embedded))
+
+    async def main():
+        blocker = asyncio.create_task(rounds.sample(torch.randn(1, 1, 8), lambda logits: None))
+        await asyncio.to_thread(started.wait, 5)  # the six pile up for one round
+        tasks = [asyncio.create_task(generation(i, hidden)) for i, hidden in enumerate(inputs)]
+        await asyncio.sleep(0.05)
+        release.set()
+        await blocker
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert [kind for kind, _, _ in events] == ["launch"] * 5 + ["resumed"] * 6
+    launched = {index: hidden for _, index, hidden in events[:5]}
+    for _, index, embedded in events[5:]:
+        assert (embedded is None) if index == 5 else embedded is launched[index]
+
+
+def test_a_generation_starts_its_next_step_before_its_chunk_is_consumed_and_ends_it_when_left(tiny_models):
+    """The round starts each generation's next swarm step (the swarm computes while the chunk is
+    written); a client that leaves cancels that step before the session closes, and the tokens
+    equal those of a generation never left."""
+    path = tiny_models["llama"]
+    head = ModelHead(path)
+    model = ServedModel.load("tiny", path, lambda _: head)
+    job = GenerationJob(model=model, prompt_ids=model.tokenizer("Hello there")["input_ids"], n=1, max_tokens=8,
+                        params=SamplingParams(temperature=0, ignore_eos=True))
+    backend = LocalBackend(path, "tiny")
+    backend.step_delay = 0.01
+
+    async def main() -> tuple[list[int], list[int], list[bool]]:
+        generation = Generation(job, backend)
+        await generation.open()
+        session, steps_seen, tokens, cancelled = backend.sessions[-1], [], [], []
+        try:
+            async with contextlib.aclosing(generation.steps()) as steps:
+                async for deltas in steps:
+                    tokens.extend(token.token_id for token in deltas[0].tokens)
+                    await asyncio.sleep(0)  # the launched step has started by now
+                    steps_seen.append(session.steps)
+                    if len(tokens) == 4:
+                        launched = generation._next_step
+                        break
+        finally:
+            await generation.close()
+        cancelled.append(launched is not None and launched.cancelled())
+        return tokens, steps_seen, cancelled
+
+    tokens, steps_seen, cancelled = asyncio.run(main())
+    assert steps_seen == [2, 3, 4, 5]  # the prompt's step, then each token's next step already under way
+    assert cancelled == [True]
+
+    async def whole() -> list[int]:
+        generation = Generation(job, LocalBackend(path, "tiny"))
+        await generation.open()
+        try:
+            return [token.token_id for result in await generation.collect() for token in result.tokens]
+        finally:
+            await generation.close()
+
+    assert asyncio.run(whole())[:4] == tokens

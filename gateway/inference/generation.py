@@ -148,6 +148,7 @@ class Generation:
         self._completion_tokens = [0] * job.n
         self._contexts = [list(job.prompt_ids) for _ in range(job.n)]  # what drafts are looked up in
         self._position = 0  # tokens the servers' caches hold
+        self._next_step: asyncio.Future[torch.Tensor] | None = None  # launched by the head's round (_launch)
 
     async def open(self) -> None:
         """Reserve the swarm chain; `SwarmBusy`/`BlocksUnavailable` surface here, before any output."""
@@ -186,26 +187,46 @@ class Generation:
         with rounds.join() as member:  # decoding: a CPU head's rounds may wait for it (head_rounds.py)
             hidden = await rounds.call(lambda: self.job.model.head.embed(torch.cat([prompt, drafts], dim=1)))
             guided = self._sampler.matchers is not None
-            while hidden is not None:
-                tail = drafts.shape[1] + 1  # the positions sampled from: the last fed token's and the drafts'
-                if guided:  # the next masks are filled in a thread while the swarm computes
-                    masks = asyncio.get_running_loop().run_in_executor(None, self._sampler.prepare)
-                    output = await self._session.step(hidden, tail)
-                    await masks
-                else:
-                    output = await self._session.step(hidden, tail)
-                self._position += hidden.shape[1]
-                first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
-                (per_token, drafts, kept), hidden = await rounds.sample(
-                    output[:, first:first + 1], partial(self._advance, output, drafts), member,
-                    greedy=self._sampler.plain, suppress=self._sampler.suppressed(), embeds=True)
-                if kept < self._position:  # positions fed rejected drafts
-                    await self._session.truncate(kept)
-                    self._position = kept
-                self.first_token_at = self.first_token_at or time.monotonic()
-                for deltas in per_token:
-                    if deltas:
-                        yield deltas
+            try:
+                while hidden is not None:
+                    launched, self._next_step = self._next_step, None
+                    step = launched if launched is not None else self._session.step(hidden, drafts.shape[1] + 1)
+                    if guided:  # the next masks are filled in a thread while the swarm computes
+                        masks = asyncio.get_running_loop().run_in_executor(None, self._sampler.prepare)
+                        output = await step
+                        await masks
+                    else:
+                        output = await step
+                    self._position += hidden.shape[1]
+                    first = output.shape[1] - drafts.shape[1] - 1  # the position that predicts the first new token
+                    (per_token, drafts, kept), hidden = await rounds.sample(
+                        output[:, first:first + 1], partial(self._advance, output, drafts), member,
+                        greedy=self._sampler.plain, suppress=self._sampler.suppressed(), embeds=True,
+                        launch=self._launch)
+                    if kept < self._position:  # positions fed rejected drafts
+                        await self._session.truncate(kept)
+                        self._position = kept
+                    self.first_token_at = self.first_token_at or time.monotonic()
+                    for deltas in per_token:
+                        if deltas:
+                            yield deltas
+            finally:
+                if (launched := self._next_step) is not None:  # left (cancelled, closed) with a step under way
+                    self._next_step = None
+                    launched.cancel()
+                    with anyio.CancelScope(shield=True):  # the step's end reaches the swarm before the session's close
+                        await asyncio.wait([launched])
+                    if not launched.cancelled():
+                        launched.exception()  # retrieved: nobody awaits it
+
+    def _launch(self, result: tuple[Any, torch.Tensor, int], hidden: torch.Tensor) -> None:
+        """(Event loop, as the head's round answers.) Start the next swarm step now, before any of
+        the round's generations resumes to write its chunks: the swarm computes while they do, and
+        the round's steps reach the swarm together (one step group). Not after rejected drafts: the
+        session is truncated first."""
+        _, drafts, kept = result
+        if self._session is not None and not self._closed and kept >= self._position:
+            self._next_step = asyncio.ensure_future(self._session.step(hidden, drafts.shape[1] + 1))
 
     async def collect(self) -> list[ChoiceResult]:
         """Run to the end and return the whole choices."""

@@ -74,6 +74,8 @@ class _Work(Generic[T]):
     greedy: bool = False  # then() also gets its rows' argmax token ids, computed with the round's others
     suppress: torch.Tensor | None = None  # ids those argmax skip (a sampler's EOS under min_tokens)
     embeds: bool = False  # then() returns (result, ids or None); the work's result is (result, their embedding)
+    launch: Callable[[Any, torch.Tensor], None] | None = None  # launch(result, embedding) ahead of the round's answers
+    answers: Mailbox | None = None  # to the awaiting loop
     future: Future[T] = field(default_factory=Future)
 
 
@@ -108,26 +110,32 @@ class HeadRounds:
                     self._arrived.notify()  # a round waiting for it waits no longer
 
     async def sample(self, hidden: torch.Tensor, then: Callable[..., Any], member: Member | None = None, *,
-                     greedy: bool = False, suppress: torch.Tensor | None = None, embeds: bool = False) -> Any:
+                     greedy: bool = False, suppress: torch.Tensor | None = None, embeds: bool = False,
+                     launch: Callable[[Any, torch.Tensor], None] | None = None) -> Any:
         """`then(logits(hidden))` on the head's thread, hidden [rows, tokens, h]; the logits are
         computed in one call with the round's other rows of the same shape. `greedy`: then(logits,
         ids), ids the argmax of each row's last logits (a list of ints), computed in one call with
         the other rows of its head call, never one of `suppress`. `embeds`: then() returns (result, ids [rows, k] or None),
         and this returns (result, the ids' hidden states on the host, or None), embedded in one
-        call with the round's other ids of width k."""
+        call with the round's other ids of width k. `launch(result, hidden states)`: called on
+        this loop before the round's answers resume any generation (where there are hidden
+        states), e.g. to start the next swarm step of every generation of the round at once."""
         if embeds and self._embed is None:
             raise ValueError("these rounds have no embedding")
         if member is not None and not member.decoding:
             with self._lock:
                 member.decoding = True
                 self._members += 1
-        return await self._submit(_Work(then, hidden, greedy, suppress if greedy else None, embeds))
+        return await self._submit(_Work(then, hidden, greedy, suppress if greedy else None, embeds,
+                                        launch if embeds else None))
 
     async def call(self, fn: Callable[[], T]) -> T:
         """`fn()` on the head's thread, in turn with the rounds (e.g. a prompt's embedding)."""
         return await self._submit(_Work(fn))
 
     async def _submit(self, work: _Work[T]) -> T:
+        loop = asyncio.get_running_loop()
+        work.answers = self._answers.to(loop)
         with self._lock:
             self._waiting.append(work)
             start, self._running = not self._running, True
@@ -138,9 +146,8 @@ class HeadRounds:
             except BaseException:  # e.g. the interpreter is shutting down
                 self._fail_waiting(RuntimeError("the gateway's head thread is gone"))
                 raise
-        loop = asyncio.get_running_loop()
         waiter: asyncio.Future[T] = loop.create_future()
-        work.future.add_done_callback(functools.partial(_answer, self._answers.to(loop), waiter))
+        work.future.add_done_callback(functools.partial(_answer, work.answers, waiter))
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -206,12 +213,13 @@ class HeadRounds:
         """One embedding call and one copy to the host per width of ids, but for ids that are the
         argmax the round embedded ahead; a failure goes to every work of its call. The hidden
         states go to the swarm's wire next: the host is where they are used."""
+        done: list[tuple[_Work[Any], Any, torch.Tensor | None]] = []
         groups: dict[int, list[tuple[_Work[Any], Any, torch.Tensor]]] = {}
         for work, result, ids, (argmax, embedded) in staged:
             if ids is None:
-                work.future.set_result((result, None))
+                done.append((work, result, None))
             elif embedded is not None and ids.shape[1] == 1 and ids[:, 0].tolist() == argmax:
-                work.future.set_result((result, embedded))
+                done.append((work, result, embedded))
             else:
                 groups.setdefault(ids.shape[1], []).append((work, result, ids))
         for group in groups.values():
@@ -225,7 +233,16 @@ class HeadRounds:
                 if isinstance(part, BaseException):
                     work.future.set_exception(part)
                 else:
-                    work.future.set_result((result, part))
+                    done.append((work, result, part))
+        for work, result, hidden in done:  # every launch reaches its loop before any answer does
+            if work.launch is not None and hidden is not None:
+                assert work.answers is not None
+                try:
+                    work.answers.send(functools.partial(work.launch, result, hidden))
+                except RuntimeError:
+                    pass  # the loop is closed: nobody awaits this any more
+        for work, result, hidden in done:
+            work.future.set_result((result, hidden))
 
     def _fail_waiting(self, error: BaseException) -> None:
         with self._lock:
