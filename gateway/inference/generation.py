@@ -3,8 +3,11 @@
 Choices are the rows of one batch in one swarm session, so they share the prompt's prefill.
 All head compute (embeddings, LM head, sampling, detokenization) runs on the head's thread, in
 rounds shared by the generations that reach it together (gateway/inference/head_rounds.py: one
-LM head call per round), so the event loop keeps serving other requests and streams. `steps()`
-yields the same per-step deltas to the streaming and the non-streaming path.
+LM head call per round), so the event loop keeps serving other requests and streams. A round
+starts its generations' next swarm steps (`_launch`) before any of them resumes to hand out its
+deltas: the swarm computes while the chunks are written, and the round's steps reach the swarm
+in one moment, as one step group (swarm/step_groups.py). `steps()` yields the same per-step
+deltas to the streaming and the non-streaming path.
 
 Guided rows (a `Guide` on the job) are masked by their grammar in the sampler; each step their
 next masks are filled in a worker thread while the swarm computes the step, off the critical
