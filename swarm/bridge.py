@@ -55,6 +55,7 @@ class SwarmBridge:
         self._token: trio.lowlevel.TrioToken | None = None
         self._to_trio: Mailbox | None = None
         self._to_asyncio = LoopMailbox()
+        self._replies: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}  # this trio batch's, per loop
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self.client: SwarmClient | None = None
@@ -119,7 +120,6 @@ class SwarmBridge:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         scope = trio.CancelScope()
-        replies = self._to_asyncio.to(loop)
 
         def settle(result: Any = None, error: BaseException | None = None) -> None:
             if not future.done():
@@ -128,10 +128,7 @@ class SwarmBridge:
                 self._discard(discard, result)
 
         def reply(result: Any, error: BaseException | None) -> None:  # from the trio thread
-            try:
-                replies.send(lambda: settle(result, error))
-            except RuntimeError:
-                pass  # the asyncio loop is closed: nobody awaits this any more
+            self._reply(loop, lambda: settle(result, error))
 
         async def task() -> None:
             # Unless fn finishes: cancelled by asyncio (harmless) or the bridge is stopping.
@@ -166,6 +163,29 @@ class SwarmBridge:
             except trio.RunFinishedError:
                 pass  # stopped: nothing runs there to cancel
             raise
+
+    def _reply(self, loop: asyncio.AbstractEventLoop, settle: Callable[[], None]) -> None:
+        """(Trio thread.) `settle` on `loop` soon, with the other replies of this trio batch in one
+        call: a step group's sessions finish in the same batch, and one wakeup of the event loop
+        (a syscall, a hand-over of the GIL) then settles them all instead of one each."""
+        pending = self._replies.setdefault(loop, [])
+        pending.append(settle)
+        if len(pending) == 1:
+            try:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._send_replies, loop)  # runs after this batch's tasks
+            except RuntimeError:  # the bridge is stopping: its nursery takes no new tasks
+                self._send_replies_now(loop)
+
+    async def _send_replies(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._send_replies_now(loop)
+
+    def _send_replies_now(self, loop: asyncio.AbstractEventLoop) -> None:
+        settles = self._replies.pop(loop, [])
+        try:
+            self._to_asyncio.to(loop).send(lambda: _settle_all(settles))
+        except RuntimeError:
+            pass  # the asyncio loop is closed: nobody awaits these any more
 
     def _discard(self, discard: Callable[[Any], Awaitable[object]], result: Any) -> None:
         """`discard(result)` in trio, soon; its failure is logged (the bridge is stopping: skipped)."""
@@ -224,6 +244,14 @@ class SwarmBridge:
         """Step groups sent so far, and the sessions' steps they carried (swarm/step_groups.py)."""
         assert self.client is not None
         return {"groups": self.client.groups.frames, "rows": self.client.groups.rows}
+
+
+def _settle_all(settles: list[Callable[[], None]]) -> None:
+    for settle in settles:
+        try:
+            settle()
+        except Exception:  # one caller's failure is its own
+            logger.exception("settling a swarm call's result failed")
 
 
 class BridgedSession:
