@@ -392,8 +392,9 @@ def test_a_generation_closed_early_stops_counting(tiny_models):
 
 def test_a_rounds_launches_reach_the_loop_before_any_of_its_answers():
     """`launch(result, hidden states)` runs on the awaiting loop for every work of the round that
-    has hidden states, before any of the round's generations resumes (so each can start its next
-    swarm step there, together); a work without hidden states (done) launches nothing."""
+    has hidden states, with what its `sample` then returns, before any of the round's generations
+    resumes (so each can start its next swarm step there, together); a work without hidden states
+    (done) launches nothing."""
     started, release = threading.Event(), threading.Event()
     rounds = HeadRounds(_gated_head(started, release), embed=lambda ids: EMBEDDING[ids])
     inputs = [torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
@@ -441,6 +442,7 @@ def test_a_generation_starts_its_next_step_before_its_chunk_is_consumed_and_ends
         generation = Generation(job, backend)
         await generation.open()
         session, steps_seen, tokens, cancelled = backend.sessions[-1], [], [], []
+        launched = None
         try:
             async with contextlib.aclosing(generation.steps()) as steps:
                 async for deltas in steps:
@@ -468,3 +470,37 @@ def test_a_generation_starts_its_next_step_before_its_chunk_is_consumed_and_ends
             await generation.close()
 
     assert asyncio.run(whole())[:4] == tokens
+
+
+def test_a_generation_closed_while_its_steps_wait_at_a_yield_ends_its_launched_step_first(tiny_models):
+    """`close()` without leaving `steps()` first (its consumer holds a chunk): the step the round
+    launched is cancelled and over before the session closes."""
+    path = tiny_models["llama"]
+    head = ModelHead(path)
+    model = ServedModel.load("tiny", path, lambda _: head)
+    job = GenerationJob(model=model, prompt_ids=model.tokenizer("Hello there")["input_ids"], n=1, max_tokens=8,
+                        params=SamplingParams(temperature=0, ignore_eos=True))
+    backend = LocalBackend(path, "tiny")
+    backend.step_delay = 0.05
+
+    async def main() -> tuple[bool, bool]:
+        generation = Generation(job, backend)
+        await generation.open()
+        session = backend.sessions[-1]
+        steps = generation.steps()
+        await steps.__anext__()  # the first token's chunk; its next step is under way
+        launched = generation._next_step
+        assert launched is not None and not launched.done()
+        seen_at_close = []
+        close = session.close
+
+        async def recording_close() -> None:
+            seen_at_close.append(launched.done())
+            await close()
+
+        session.close = recording_close
+        await generation.close()
+        await steps.aclose()
+        return seen_at_close == [True], launched.cancelled()
+
+    assert asyncio.run(main()) == (True, True)

@@ -169,7 +169,10 @@ class Generation:
         try:
             if session is not None:
                 with anyio.CancelScope(shield=True):
-                    await session.close()
+                    try:
+                        await self._end_launched()  # e.g. closed while its steps() waits at a yield
+                    finally:
+                        await session.close()
         except Exception:
             log.warning("closing the inference session failed", exc_info=True)
         finally:
@@ -214,13 +217,26 @@ class Generation:
                         if deltas:
                             yield deltas
             finally:
-                if (launched := self._next_step) is not None:  # left (cancelled, closed) with a step under way
-                    self._next_step = None
-                    launched.cancel()
-                    with anyio.CancelScope(shield=True):  # the step's end reaches the swarm before the session's close
-                        await asyncio.wait([launched])
-                    if not launched.cancelled():
-                        launched.exception()  # retrieved: nobody awaits it
+                await self._end_launched()  # left (cancelled, closed) with a step under way
+
+    async def _end_launched(self) -> None:
+        """Cancel a launched step nobody awaits and wait, through further cancellations, until it
+        ended: its cancellation reaches the swarm before the session's close does (a close that
+        meets a step still unwinding there is handled by the session)."""
+        launched, self._next_step = self._next_step, None
+        if launched is None:
+            return
+        launched.cancel()
+        interrupted = False
+        while not launched.done():
+            try:
+                await asyncio.wait([launched])
+            except asyncio.CancelledError:
+                interrupted = True  # honoured once the step ended
+        if not launched.cancelled():
+            launched.exception()  # retrieved: nobody awaits it
+        if interrupted:
+            raise asyncio.CancelledError
 
     def _launch(self, result: tuple[Any, torch.Tensor, int], hidden: torch.Tensor) -> None:
         """(Event loop, as the head's round answers.) Start the next swarm step now, before any of

@@ -234,7 +234,7 @@ class HeadRounds:
                     work.future.set_exception(part)
                 else:
                     done.append((work, result, part))
-        for work, result, hidden in done:  # every launch reaches its loop before any answer does
+        for work, result, hidden in done:  # launches reach their loops before these works' answers
             if work.launch is not None and hidden is not None:
                 assert work.answers is not None
                 try:
