@@ -13,7 +13,8 @@ for a ``--prompt``-token prompt and ``--tokens`` greedy tokens:
 4. the product: ``swarmgate up --device cuda --servers 2`` (two server processes on the one GPU,
    the gateway's head on it too), streamed greedy completions over HTTP with the ``openai`` SDK,
    per ``--http-codecs``; then, with ``--streams``, N concurrent streamed chats (aggregate
-   completion tokens/s, the ratio to one stream's, TTFT p50), and the TTFT of a prompt sharing
+   completion tokens/s, the ratio to one stream's, TTFT p50, generations per LM-head round,
+   sessions per step group, and the CPU ms per token of the gateway and of each server), and the TTFT of a prompt sharing
    its first ``--prefix`` tokens with the one before it (the servers' prefix cache) against the first's.
 
 Decode time per token is (T(N+1 tokens) - T(1 token)) / N for every path, so prefill and set-up
