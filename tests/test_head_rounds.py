@@ -431,10 +431,7 @@ def test_a_generation_starts_its_next_step_before_its_chunk_is_consumed_and_ends
     written); a client that leaves cancels that step before the session closes, and the tokens
     equal those of a generation never left."""
     path = tiny_models["llama"]
-    head = ModelHead(path)
-    model = ServedModel.load("tiny", path, lambda _: head)
-    job = GenerationJob(model=model, prompt_ids=model.tokenizer("Hello there")["input_ids"], n=1, max_tokens=8,
-                        params=SamplingParams(temperature=0, ignore_eos=True))
+    job = _greedy_job(path, max_tokens=8)
     backend = LocalBackend(path, "tiny")
     backend.step_delay = 0.01
 
@@ -476,10 +473,7 @@ def test_a_generation_closed_while_its_steps_wait_at_a_yield_ends_its_launched_s
     """`close()` without leaving `steps()` first (its consumer holds a chunk): the step the round
     launched is cancelled and over before the session closes."""
     path = tiny_models["llama"]
-    head = ModelHead(path)
-    model = ServedModel.load("tiny", path, lambda _: head)
-    job = GenerationJob(model=model, prompt_ids=model.tokenizer("Hello there")["input_ids"], n=1, max_tokens=8,
-                        params=SamplingParams(temperature=0, ignore_eos=True))
+    job = _greedy_job(path, max_tokens=8)
     backend = LocalBackend(path, "tiny")
     backend.step_delay = 0.05
 
@@ -504,3 +498,11 @@ def test_a_generation_closed_while_its_steps_wait_at_a_yield_ends_its_launched_s
         return seen_at_close == [True], launched.cancelled()
 
     assert asyncio.run(main()) == (True, True)
+
+
+def _greedy_job(path, max_tokens: int) -> GenerationJob:
+    """A greedy job of one row on the tiny checkpoint at `path`, EOS ignored."""
+    head = ModelHead(path)
+    model = ServedModel.load("tiny", path, lambda _: head)
+    return GenerationJob(model=model, prompt_ids=model.tokenizer("Hello there")["input_ids"], n=1,
+                         max_tokens=max_tokens, params=SamplingParams(temperature=0, ignore_eos=True))
